@@ -1,0 +1,128 @@
+//! Criterion benches for every step of the hot path: decode, decide,
+//! deny-list lookup (1 M entries), idempotency fingerprint and key, and a
+//! journal group commit on a real RocksDB in both durability modes.
+//!
+//! `cargo bench --bench hot_path` (figures in README.md, "Performance").
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use onecard::authz::{decide, DenySet, Event, Policy};
+use onecard::config::Durability;
+use onecard::idempotency;
+use onecard::journal::{Commit, Journal, Op};
+use onecard::model::{Card, CardNo, CardStatus, Concession, Function, Scenario};
+use onecard::state::denylist::DenyEntry;
+use onecard::state::{Cf, DenyList, Store};
+use onecard::wire::parse_authorize;
+
+const BODY: &[u8] = br#"{"event_id":"bus-0042-000000123","kind":"tap","card_no":"500118A12345678","scenario":"transit","amount_fen":200,"site":"line-12","occurred_at":"2026-11-28T07:45:12Z"}"#;
+const DENY_ENTRIES: u64 = 1_000_000;
+
+fn deny_list(n: u64) -> DenyList {
+    let list = DenyList::new();
+    for i in 0..n {
+        let card = CardNo::parse(&format!("500118{i:010}")).unwrap();
+        list.insert_unversioned(
+            card,
+            DenyEntry {
+                reason: "lost".into(),
+                version: 1,
+                added_at_ms: 0,
+            },
+        );
+    }
+    list
+}
+
+fn bench_decode(c: &mut Criterion) {
+    c.bench_function("decode/authorize_body", |b| {
+        b.iter(|| parse_authorize(black_box(BODY)).unwrap())
+    });
+    let req = parse_authorize(BODY).unwrap();
+    c.bench_function("idempotency/fingerprint_and_key", |b| {
+        b.iter(|| {
+            let fp = black_box(&req).fingerprint();
+            let k = idempotency::key(black_box("term-00001"), &req.event_id);
+            (fp, k)
+        })
+    });
+}
+
+fn bench_decide(c: &mut Criterion) {
+    let deny = deny_list(DENY_ENTRIES);
+    let policy = Policy::with_defaults(100_000, 480);
+    let card_no = CardNo::parse("500118A12345678").unwrap();
+    let card = Card::new(
+        CardStatus::Active,
+        &[Function::Transit, Function::Financial],
+        &[Concession::Student],
+    );
+    let event = Event {
+        card_no: &card_no,
+        scenario: Scenario::Transit,
+        amount_fen: 200,
+    };
+    c.bench_function("decide/approve_with_1M_denylist", |b| {
+        b.iter(|| {
+            decide(
+                black_box(event),
+                black_box(Some(&card)),
+                &deny,
+                &policy,
+                black_box(1_795_851_912),
+            )
+        })
+    });
+    let hit = CardNo::parse("5001180000424242").unwrap();
+    let miss = CardNo::parse("500118A99999999").unwrap();
+    c.bench_function("denylist/lookup_hit_1M", |b| {
+        b.iter(|| deny.contains(black_box(&hit)))
+    });
+    c.bench_function("denylist/lookup_miss_1M", |b| {
+        b.iter(|| deny.contains(black_box(&miss)))
+    });
+}
+
+fn bench_journal(c: &mut Criterion) {
+    let mut group = c.benchmark_group("journal/group_commit");
+    group.measurement_time(Duration::from_secs(5));
+    group.sample_size(20);
+    for (durability, name) in [(Durability::Async, "async"), (Durability::Sync, "sync")] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let journal = Journal::start(store, durability, 2_048, 16_384).unwrap();
+        let record = vec![b'x'; 300];
+        let answer = vec![b'y'; 120];
+        for batch in [1usize, 64, 512] {
+            group.throughput(Throughput::Elements(batch as u64));
+            let mut n = 0u64;
+            group.bench_with_input(BenchmarkId::new(name, batch), &batch, |b, &batch| {
+                b.iter(|| {
+                    let pending: Vec<_> = (0..batch)
+                        .map(|_| {
+                            n += 1;
+                            let ops =
+                                vec![Op::Put(Cf::Idem, n.to_be_bytes().to_vec(), answer.clone())];
+                            journal
+                                .submit(Commit {
+                                    record: Some(record.clone()),
+                                    ops,
+                                })
+                                .unwrap()
+                        })
+                        .collect();
+                    for p in pending {
+                        p.blocking_recv().unwrap().unwrap();
+                    }
+                })
+            });
+        }
+        journal.close();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_decide, bench_journal);
+criterion_main!(benches);

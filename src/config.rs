@@ -1,0 +1,446 @@
+//! The gateway's configuration: one typed struct read from TOML.
+//!
+//! Every key has a default constant below and a line in `config/README.md`;
+//! unknown keys are rejected with a message naming the key, so a typo in a
+//! limit never silently falls back to a default. Relative paths are taken
+//! relative to the working directory the gateway was started in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::authz::{Policy, ScenarioRule};
+use crate::model::{Function, Scenario};
+
+pub const DATA_DIR_DEFAULT: &str = "./data";
+pub const TERMINAL_ADDR_DEFAULT: &str = "0.0.0.0:8443";
+pub const ADMIN_ADDR_DEFAULT: &str = "127.0.0.1:9090";
+pub const CONNECTIONS_MAX_DEFAULT: usize = 20_000;
+pub const REQUESTS_IN_FLIGHT_MAX_DEFAULT: usize = 4_096;
+pub const BODY_BYTES_MAX_DEFAULT: usize = 16 * 1024;
+pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
+pub const TERMINAL_RATE_PER_S_DEFAULT: u32 = 50;
+pub const TERMINAL_BURST_DEFAULT: u32 = 100;
+pub const TERMINALS_TRACKED_MAX_DEFAULT: usize = 200_000;
+pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 10_000;
+pub const JOURNAL_BATCH_EVENTS_MAX_DEFAULT: usize = 2_048;
+pub const JOURNAL_QUEUE_EVENTS_MAX_DEFAULT: usize = 16_384;
+pub const IDEMPOTENCY_RETENTION_S_DEFAULT: u64 = 72 * 3600;
+pub const IDEMPOTENCY_CLEANUP_INTERVAL_S_DEFAULT: u64 = 60;
+pub const DAY_OFFSET_MINUTES_DEFAULT: i32 = 8 * 60;
+pub const CARD_DAILY_SPEND_MAX_FEN_DEFAULT: i64 = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where RocksDB (and development certificates) live.
+    pub data_dir: PathBuf,
+    pub terminal: TerminalConfig,
+    pub admin: AdminConfig,
+    pub limits: LimitsConfig,
+    pub journal: JournalConfig,
+    pub idempotency: IdempotencyConfig,
+    pub policy: PolicyConfig,
+    pub scenarios: ScenariosConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(DATA_DIR_DEFAULT),
+            terminal: TerminalConfig::default(),
+            admin: AdminConfig::default(),
+            limits: LimitsConfig::default(),
+            journal: JournalConfig::default(),
+            idempotency: IdempotencyConfig::default(),
+            policy: PolicyConfig::default(),
+            scenarios: ScenariosConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TerminalConfig {
+    pub addr: SocketAddr,
+    /// Server certificate chain (PEM). Empty: `<data_dir>/certs/server.pem`.
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM). Empty: `<data_dir>/certs/server.key`.
+    pub key: Option<PathBuf>,
+    /// The terminal CA that client certificates must chain to (PEM).
+    /// Empty: `<data_dir>/certs/terminal-ca.pem`.
+    pub client_ca: Option<PathBuf>,
+    /// Create a development CA, server certificate and terminal certificates
+    /// under `<data_dir>/certs` on start when they are missing.
+    pub dev_certs: bool,
+    /// How many terminal certificates `dev_certs` creates.
+    pub dev_terminals: u32,
+    /// A plaintext listener for benchmarks; must be a loopback address.
+    pub plaintext_addr: Option<SocketAddr>,
+}
+
+impl Default for TerminalConfig {
+    fn default() -> Self {
+        TerminalConfig {
+            addr: TERMINAL_ADDR_DEFAULT
+                .parse()
+                .expect("valid default address"),
+            cert: None,
+            key: None,
+            client_ca: None,
+            dev_certs: false,
+            dev_terminals: 8,
+            plaintext_addr: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// Bearer token for `/admin/**`. Prefer the `ONECARD_ADMIN_TOKEN`
+    /// environment variable over writing it here.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            addr: ADMIN_ADDR_DEFAULT.parse().expect("valid default address"),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub connections_max: usize,
+    pub requests_in_flight_max: usize,
+    pub body_bytes_max: usize,
+    pub header_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub terminal_rate_per_s: u32,
+    pub terminal_burst: u32,
+    pub terminals_tracked_max: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX_DEFAULT,
+            body_bytes_max: BODY_BYTES_MAX_DEFAULT,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS_DEFAULT,
+            idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
+            terminal_rate_per_s: TERMINAL_RATE_PER_S_DEFAULT,
+            terminal_burst: TERMINAL_BURST_DEFAULT,
+            terminals_tracked_max: TERMINALS_TRACKED_MAX_DEFAULT,
+            shutdown_grace_ms: SHUTDOWN_GRACE_MS_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Every acknowledged decision is on disk: the WAL is fdatasync'ed before
+    /// any answer in the group is sent. Survives power loss.
+    Sync,
+    /// The WAL is written to the OS but not synced: survives a crash of the
+    /// process, not of the machine.
+    Async,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub durability: Durability,
+    pub batch_events_max: usize,
+    pub queue_events_max: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            durability: Durability::Sync,
+            batch_events_max: JOURNAL_BATCH_EVENTS_MAX_DEFAULT,
+            queue_events_max: JOURNAL_QUEUE_EVENTS_MAX_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    pub retention_s: u64,
+    pub cleanup_interval_s: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig {
+            retention_s: IDEMPOTENCY_RETENTION_S_DEFAULT,
+            cleanup_interval_s: IDEMPOTENCY_CLEANUP_INTERVAL_S_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The offset from UTC of the local day that daily caps count in
+    /// (China Standard Time, +08:00, by default).
+    pub day_offset_minutes: i32,
+    /// What one card may spend per local day over all charging scenarios.
+    pub card_daily_spend_max_fen: i64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            day_offset_minutes: DAY_OFFSET_MINUTES_DEFAULT,
+            card_daily_spend_max_fen: CARD_DAILY_SPEND_MAX_FEN_DEFAULT,
+        }
+    }
+}
+
+/// One table per scenario; keys left out keep that scenario's default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScenariosConfig {
+    pub transit: ScenarioToml,
+    pub medical: ScenarioToml,
+    pub culture: ScenarioToml,
+    pub access: ScenarioToml,
+    pub payment: ScenarioToml,
+    pub identity: ScenarioToml,
+    pub health: ScenarioToml,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScenarioToml {
+    /// The card function the scenario needs, or `"none"`.
+    pub function: Option<String>,
+    /// Whether the scenario moves money (then `amount_fen` is required and
+    /// counts against the daily cap).
+    pub charges: Option<bool>,
+    /// The largest single amount approved.
+    pub amount_max_fen: Option<i64>,
+}
+
+/// Built-in rules: which function each scenario needs and whether it charges.
+pub fn scenario_default(s: Scenario) -> ScenarioRule {
+    let (function, charges, amount_max_fen) = match s {
+        Scenario::Transit => (Some(Function::Transit), true, 2_000),
+        Scenario::Medical => (Some(Function::Medical), true, 500_000),
+        Scenario::Payment => (Some(Function::Financial), true, 200_000),
+        Scenario::Culture => (None, true, 20_000),
+        Scenario::Access => (None, false, 0),
+        Scenario::Identity => (None, false, 0),
+        Scenario::Health => (None, false, 0),
+    };
+    ScenarioRule {
+        function,
+        charges,
+        amount_max_fen,
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if let Some(addr) = self.terminal.plaintext_addr {
+            if !addr.ip().is_loopback() {
+                return bad(
+                    "terminal.plaintext_addr must be a loopback address (127.0.0.0/8 or ::1)",
+                );
+            }
+        }
+        let l = &self.limits;
+        if l.connections_max == 0 || l.requests_in_flight_max == 0 || l.body_bytes_max == 0 {
+            return bad("limits.connections_max, requests_in_flight_max and body_bytes_max must be at least 1");
+        }
+        if l.body_bytes_max > 1024 * 1024 {
+            return bad("limits.body_bytes_max must be at most 1048576");
+        }
+        if l.terminal_rate_per_s == 0 || l.terminal_burst == 0 {
+            return bad("limits.terminal_rate_per_s and terminal_burst must be at least 1");
+        }
+        if l.header_read_timeout_ms == 0 || l.idle_timeout_ms == 0 {
+            return bad("limits.header_read_timeout_ms and idle_timeout_ms must be at least 1");
+        }
+        if self.journal.batch_events_max == 0 || self.journal.queue_events_max == 0 {
+            return bad("journal.batch_events_max and queue_events_max must be at least 1");
+        }
+        if self.idempotency.retention_s == 0 || self.idempotency.cleanup_interval_s == 0 {
+            return bad("idempotency.retention_s and cleanup_interval_s must be at least 1");
+        }
+        if self.policy.card_daily_spend_max_fen < 0 {
+            return bad("policy.card_daily_spend_max_fen must not be negative");
+        }
+        if !(-14 * 60..=14 * 60).contains(&self.policy.day_offset_minutes) {
+            return bad("policy.day_offset_minutes must be within -840..=840");
+        }
+        self.policy()?;
+        Ok(())
+    }
+
+    /// The decision core's view of the config.
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        let s = &self.scenarios;
+        let tables = [
+            (Scenario::Transit, &s.transit),
+            (Scenario::Medical, &s.medical),
+            (Scenario::Culture, &s.culture),
+            (Scenario::Access, &s.access),
+            (Scenario::Payment, &s.payment),
+            (Scenario::Identity, &s.identity),
+            (Scenario::Health, &s.health),
+        ];
+        let mut policy = Policy::with_defaults(
+            self.policy.card_daily_spend_max_fen,
+            self.policy.day_offset_minutes,
+        );
+        for (scenario, table) in tables {
+            let mut rule = scenario_default(scenario);
+            if let Some(f) = &table.function {
+                rule.function = match f.as_str() {
+                    "none" | "" => None,
+                    name => Some(Function::parse(name).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "scenarios.{scenario}.function: unknown function `{name}`; expected none or one of {}",
+                            Function::expected()
+                        ))
+                    })?),
+                };
+            }
+            if let Some(c) = table.charges {
+                rule.charges = c;
+            }
+            if let Some(m) = table.amount_max_fen {
+                if m < 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "scenarios.{scenario}.amount_max_fen must not be negative"
+                    )));
+                }
+                rule.amount_max_fen = m;
+            }
+            policy.set_rule(scenario, rule);
+        }
+        Ok(policy)
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.data_dir.join("certs")
+    }
+    pub fn server_cert_path(&self) -> PathBuf {
+        self.terminal
+            .cert
+            .clone()
+            .unwrap_or_else(|| self.certs_dir().join(crate::certs::SERVER_CERT))
+    }
+    pub fn server_key_path(&self) -> PathBuf {
+        self.terminal
+            .key
+            .clone()
+            .unwrap_or_else(|| self.certs_dir().join(crate::certs::SERVER_KEY))
+    }
+    pub fn client_ca_path(&self) -> PathBuf {
+        self.terminal
+            .client_ca
+            .clone()
+            .unwrap_or_else(|| self.certs_dir().join(crate::certs::CA_CERT))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.journal.durability, Durability::Sync);
+        assert_eq!(c.limits.body_bytes_max, BODY_BYTES_MAX_DEFAULT);
+        let p = c.policy().unwrap();
+        assert_eq!(
+            p.rule(Scenario::Payment).function,
+            Some(Function::Financial)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("[limits]\nbody_bytes_mux = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("body_bytes_mux"), "{e}");
+        let e = Config::parse("colour = 1\n").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = Config::parse("[scenarios.ferry]\ncharges = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ferry"), "{e}");
+    }
+
+    #[test]
+    fn partial_scenario_tables_keep_their_defaults() {
+        let c = Config::parse("[scenarios.transit]\namount_max_fen = 500\n").unwrap();
+        let rule = c.policy().unwrap().rule(Scenario::Transit);
+        assert_eq!(rule.amount_max_fen, 500);
+        assert_eq!(rule.function, Some(Function::Transit));
+        assert!(rule.charges);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::parse("[terminal]\nplaintext_addr = \"0.0.0.0:8080\"\n").is_err());
+        assert!(Config::parse("[scenarios.medical]\nfunction = \"teleport\"\n").is_err());
+        assert!(Config::parse("[journal]\ndurability = \"maybe\"\n").is_err());
+        assert!(Config::parse("[limits]\nbody_bytes_max = 0\n").is_err());
+    }
+}

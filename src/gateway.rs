@@ -1,0 +1,330 @@
+//! The gateway's state and the life of one authorization.
+//!
+//! [`Gateway::authorize`] runs the phases of DESIGN.md in order, each with
+//! one job: decode and validate → idempotency → credential → decide (pure,
+//! under the card's lock) → commit (group commit, durable) → answer.
+//! Admission happens before, in the ingress, so that a refused request costs
+//! no parsing. Nothing here knows about HTTP or TLS.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::admission::Admission;
+use crate::authz::{self, Event, Policy};
+use crate::config::Config;
+use crate::idempotency::{self, Idempotency, Lookup};
+use crate::journal::{Commit, DecisionRecord, Journal, JournalError, Op};
+use crate::model::{Card, CardNo};
+use crate::state::store::meta;
+use crate::state::{cards, CardTable, Cf, DenyList, Store, StoreError};
+use crate::wire::{self, ApiError, AuthorizeAnswer, ErrorKind};
+use crate::{clock, credential};
+
+/// Unique authorization ids: the boot number (persisted, bumped at every
+/// start) and a counter within the boot, as 20 hex digits. Unique across
+/// restarts without a write per request.
+pub struct AuthIds {
+    boot: u64,
+    next: AtomicU64,
+}
+
+impl AuthIds {
+    pub fn new(boot: u64) -> AuthIds {
+        AuthIds {
+            boot,
+            next: AtomicU64::new(1),
+        }
+    }
+    pub fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}{:012x}", self.boot & 0xffff_ffff, n)
+    }
+}
+
+pub struct Gateway {
+    pub config: Config,
+    pub policy: Policy,
+    pub store: Store,
+    pub journal: Arc<Journal>,
+    pub cards: CardTable,
+    pub deny: DenyList,
+    pub idem: Idempotency,
+    pub admission: Arc<Admission>,
+    auth_ids: AuthIds,
+    ready: AtomicBool,
+}
+
+/// A storage failure seen by a client: the gateway cannot record decisions.
+fn storage_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "storage read failed");
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "the gateway cannot read its store; retry shortly",
+    )
+}
+
+pub fn journal_error(e: JournalError) -> ApiError {
+    let message = match e {
+        JournalError::Busy => "the journal queue is full; retry shortly",
+        JournalError::Closed => "the gateway is shutting down; retry on another node or shortly",
+        JournalError::Failed => {
+            "the gateway cannot record decisions (storage failure); retry on another node"
+        }
+    };
+    ApiError::new(ErrorKind::Unavailable, message)
+}
+
+impl Gateway {
+    /// Opens the store, rebuilds memory from it and starts the journal writer.
+    pub fn open(config: Config) -> Result<Gateway, StoreError> {
+        let policy = config.policy().expect("config was validated");
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Corrupt {
+            cf: "data_dir",
+            detail: e.to_string(),
+        })?;
+        let store = Store::open(&config.data_dir.join("db"))?;
+        let boot = store.get_u64(Cf::Meta, meta::BOOT)?.unwrap_or(0) + 1;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        store
+            .db()
+            .put_cf_opt(store.cf(Cf::Meta), meta::BOOT, boot.to_be_bytes(), &wo)?;
+        let cards = CardTable::load(&store)?;
+        let deny = DenyList::load(&store)?;
+        let journal = Arc::new(Journal::start(
+            store.clone(),
+            config.journal.durability,
+            config.journal.batch_events_max,
+            config.journal.queue_events_max,
+        )?);
+        let idem = Idempotency::new(store.clone(), config.idempotency.retention_s);
+        let admission = Admission::new(&config.limits);
+        tracing::info!(
+            cards = cards.len(),
+            denylist.entries = deny.len(),
+            denylist.version = deny.version(),
+            journal.last_seq = journal.last_seq(),
+            boot,
+            "state rebuilt from RocksDB"
+        );
+        Ok(Gateway {
+            config,
+            policy,
+            store,
+            journal,
+            cards,
+            deny,
+            idem,
+            admission,
+            auth_ids: AuthIds::new(boot),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Why the gateway should not take traffic, if it should not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("starting or shutting down");
+        }
+        if !self.journal.is_healthy() {
+            return Some("the journal cannot write");
+        }
+        None
+    }
+
+    /// Decides one authorization request of `terminal` and returns the
+    /// answer body, which is durable (per `journal.durability`) when this
+    /// returns.
+    pub async fn authorize(
+        &self,
+        terminal: &str,
+        body: &[u8],
+        now_ms: i64,
+    ) -> Result<Vec<u8>, ApiError> {
+        let started = Instant::now();
+        let req = wire::parse_authorize(body)?;
+        let rule = self.policy.rule(req.scenario);
+        let amount_fen = match (rule.charges, req.amount_fen) {
+            (true, None) => {
+                return Err(ApiError::invalid(format!(
+                    "missing field `amount_fen` (required for scenario {})",
+                    req.scenario
+                )))
+            }
+            (false, Some(a)) if a > 0 => {
+                return Err(ApiError::invalid(format!(
+                    "`amount_fen` must be 0 or absent for scenario {}, which does not charge",
+                    req.scenario
+                )))
+            }
+            (_, a) => a.unwrap_or(0),
+        };
+        let card_no = credential::resolve(&req.credential)?;
+
+        let fingerprint = req.fingerprint();
+        let guard = match self
+            .idem
+            .begin(
+                idempotency::key(terminal, &req.event_id),
+                &fingerprint,
+                now_ms,
+            )
+            .await
+            .map_err(storage_error)?
+        {
+            Lookup::Replay(body) => {
+                metrics::counter!("onecard_idempotent_replays_total").increment(1);
+                return Ok(body);
+            }
+            Lookup::Conflict => {
+                return Err(ApiError::new(
+                    ErrorKind::IdempotencyConflict,
+                    format!(
+                        "event_id {} was already used by this terminal with a different body",
+                        req.event_id
+                    ),
+                ))
+            }
+            Lookup::Fresh(guard) => guard,
+        };
+
+        let auth_id = self.auth_ids.next();
+        let (pending, decision, answer) = {
+            // Decide and queue the write under the card's lock: the next tap
+            // of this card sees this one's counters, and the journal gets the
+            // two in the same order.
+            let _card_lock = self.cards.lock(card_no);
+            let snapshot = self.cards.get(card_no);
+            let decide_started = Instant::now();
+            let event = Event {
+                card_no,
+                scenario: req.scenario,
+                amount_fen,
+            };
+            let outcome = authz::decide(
+                event,
+                snapshot.as_ref(),
+                &self.deny,
+                &self.policy,
+                now_ms.div_euclid(1000),
+            );
+            metrics::histogram!("onecard_decide_latency_seconds")
+                .record(decide_started.elapsed().as_secs_f64());
+            let d = outcome.decision;
+            let answer = AuthorizeAnswer {
+                event_id: &req.event_id,
+                auth_id: &auth_id,
+                decision: if d.is_approve() { "approve" } else { "decline" },
+                reason: d.reason().code(),
+                amount_fen: d.amount_fen(),
+            }
+            .to_vec();
+            let record = DecisionRecord {
+                at_ms: now_ms,
+                terminal: terminal.to_owned(),
+                event_id: req.event_id.clone(),
+                auth_id: auth_id.clone(),
+                kind: req.kind(),
+                card_no: card_no.as_str().to_owned(),
+                scenario: req.scenario,
+                amount_fen: req.amount_fen,
+                decision: if d.is_approve() { "approve" } else { "decline" }.to_owned(),
+                reason: d.reason(),
+                charged_fen: d.amount_fen(),
+                site: req.site.clone(),
+                occurred_at: req.occurred_at.clone(),
+            };
+            let mut ops = Vec::with_capacity(2);
+            ops.push(Op::Put(
+                Cf::Idem,
+                guard.key().to_vec(),
+                idempotency::encode(&fingerprint, now_ms, &auth_id, &answer),
+            ));
+            if let Some(after) = outcome.card_after {
+                ops.push(Op::Put(
+                    Cf::Cards,
+                    card_no.as_str().as_bytes().to_vec(),
+                    cards::encode(&after),
+                ));
+            }
+            let record = serde_json::to_vec(&record).expect("a decision record always serializes");
+            let pending = self
+                .journal
+                .submit(Commit {
+                    record: Some(record),
+                    ops,
+                })
+                .map_err(journal_error)?;
+            if let Some(after) = outcome.card_after {
+                self.cards.set(card_no.clone(), after);
+            }
+            (pending, d, answer)
+        };
+        pending
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+            .map_err(journal_error)?;
+        drop(guard);
+
+        metrics::counter!(
+            "onecard_decisions_total",
+            "scenario" => req.scenario.as_str(),
+            "decision" => if decision.is_approve() { "approve" } else { "decline" },
+            "reason" => decision.reason().code()
+        )
+        .increment(1);
+        metrics::histogram!("onecard_authorize_latency_seconds", "scenario" => req.scenario.as_str())
+            .record(started.elapsed().as_secs_f64());
+        if !decision.is_approve() {
+            tracing::debug!(card = %card_no, reason = decision.reason().code(), "declined");
+        }
+        Ok(answer)
+    }
+
+    /// Creates or replaces a card's status, functions and concessions. Its
+    /// spending counters are kept, so that re-registering a card cannot
+    /// reset a daily cap. Durable when this returns.
+    pub async fn put_card(&self, card_no: &CardNo, new: Card) -> Result<Card, ApiError> {
+        let (pending, stored) = {
+            let _card_lock = self.cards.lock(card_no);
+            let stored = match self.cards.get(card_no) {
+                Some(old) => Card {
+                    spent_day: old.spent_day,
+                    spent_fen: old.spent_fen,
+                    ..new
+                },
+                None => new,
+            };
+            let op = Op::Put(
+                Cf::Cards,
+                card_no.as_str().as_bytes().to_vec(),
+                cards::encode(&stored),
+            );
+            let pending = self
+                .journal
+                .submit(Commit {
+                    record: None,
+                    ops: vec![op],
+                })
+                .map_err(journal_error)?;
+            self.cards.set(card_no.clone(), stored);
+            (pending, stored)
+        };
+        pending
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+            .map_err(journal_error)?;
+        metrics::gauge!("onecard_cards").set(self.cards.len() as f64);
+        tracing::info!(card = %card_no, status = %stored.status, "card stored");
+        Ok(stored)
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        clock::now_ms()
+    }
+}

@@ -1,0 +1,273 @@
+//! Idempotency: (terminal id, event_id) → the first answer, byte for byte.
+//!
+//! The record is written by the journal writer in the same batch as the
+//! decision it answers, so an answer that reached a terminal is always
+//! replayable after a crash. Two copies of one request that arrive together
+//! are serialized by an in-flight table: the second waits for the first to
+//! finish and then reads what it stored. Records are kept for
+//! `idempotency.retention_s` and then removed by [`run_cleanup`], which walks
+//! the journal in sequence order behind a durable cursor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use crate::journal::{DecisionRecord, Expired, Journal};
+use crate::state::store::{decode_u64, meta};
+use crate::state::{Cf, Store, StoreError};
+
+const FORMAT_V1: u8 = 1;
+/// How many journal records one clean-up step examines.
+pub const CLEANUP_STEP_RECORDS_MAX: usize = 4_096;
+
+/// The key of an idempotency record. A terminal id never contains a NUL
+/// byte (it comes from a certificate name or a validated header), so the
+/// pair is unambiguous.
+pub fn key(terminal: &str, event_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(terminal.len() + 1 + event_id.len());
+    k.extend_from_slice(terminal.as_bytes());
+    k.push(0);
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
+/// Encodes a stored answer: format, fingerprint, creation time, auth_id, body.
+pub fn encode(fingerprint: &[u8; 32], created_ms: i64, auth_id: &str, body: &[u8]) -> Vec<u8> {
+    let auth = auth_id.as_bytes();
+    assert!(auth.len() <= usize::from(u8::MAX), "auth ids are short");
+    let mut v = Vec::with_capacity(1 + 32 + 8 + 1 + auth.len() + body.len());
+    v.push(FORMAT_V1);
+    v.extend_from_slice(fingerprint);
+    v.extend_from_slice(&created_ms.to_be_bytes());
+    v.push(auth.len() as u8);
+    v.extend_from_slice(auth);
+    v.extend_from_slice(body);
+    v
+}
+
+/// A decoded stored answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stored<'a> {
+    pub fingerprint: &'a [u8],
+    pub created_ms: i64,
+    pub auth_id: &'a str,
+    pub body: &'a [u8],
+}
+
+pub fn decode(v: &[u8]) -> Option<Stored<'_>> {
+    if v.len() < 42 || v[0] != FORMAT_V1 {
+        return None;
+    }
+    let created_ms = i64::from_be_bytes(v[33..41].try_into().ok()?);
+    let n = usize::from(v[41]);
+    let auth_id = std::str::from_utf8(v.get(42..42 + n)?).ok()?;
+    Some(Stored {
+        fingerprint: &v[1..33],
+        created_ms,
+        auth_id,
+        body: &v[42 + n..],
+    })
+}
+
+pub fn stored_auth_id(v: &[u8]) -> Option<&str> {
+    decode(v).map(|s| s.auth_id)
+}
+
+/// What the idempotency check found.
+pub enum Lookup {
+    /// Never seen (or expired): decide it. Hold the guard until the answer
+    /// is durable, so a concurrent copy waits for it.
+    Fresh(InFlight),
+    /// Seen with the same content: send this body again.
+    Replay(Vec<u8>),
+    /// Seen with other content.
+    Conflict,
+}
+
+pub struct Idempotency {
+    store: Store,
+    inflight: Arc<DashMap<Vec<u8>, watch::Receiver<()>>>,
+    retention_ms: i64,
+}
+
+/// Marks a key as being decided; dropping it lets waiting copies proceed.
+pub struct InFlight {
+    inflight: Arc<DashMap<Vec<u8>, watch::Receiver<()>>>,
+    key: Vec<u8>,
+    _done: watch::Sender<()>,
+}
+
+impl InFlight {
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Removed before the sender drops, so a woken waiter finds the slot free.
+        self.inflight.remove(&self.key);
+    }
+}
+
+impl Idempotency {
+    pub fn new(store: Store, retention_s: u64) -> Idempotency {
+        Idempotency {
+            store,
+            inflight: Arc::new(DashMap::new()),
+            retention_ms: (retention_s as i64).saturating_mul(1000),
+        }
+    }
+
+    pub async fn begin(
+        &self,
+        key: Vec<u8>,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Lookup, StoreError> {
+        loop {
+            let (done, waiter) = watch::channel(());
+            let busy = match self.inflight.entry(key.clone()) {
+                Entry::Occupied(e) => Some(e.get().clone()),
+                Entry::Vacant(e) => {
+                    e.insert(waiter);
+                    None
+                }
+            };
+            if let Some(mut other) = busy {
+                // The first copy ends by dropping its sender; either way, look again.
+                let _ = other.changed().await;
+                continue;
+            }
+            let guard = InFlight {
+                inflight: self.inflight.clone(),
+                key,
+                _done: done,
+            };
+            let Some(value) = self.store.get(Cf::Idem, guard.key())? else {
+                return Ok(Lookup::Fresh(guard));
+            };
+            let stored = decode(&value).ok_or(StoreError::Corrupt {
+                cf: "idem",
+                detail: "bad record".into(),
+            })?;
+            if stored.created_ms.saturating_add(self.retention_ms) < now_ms {
+                return Ok(Lookup::Fresh(guard));
+            }
+            if stored.fingerprint == fingerprint {
+                return Ok(Lookup::Replay(stored.body.to_vec()));
+            }
+            return Ok(Lookup::Conflict);
+        }
+    }
+}
+
+/// One clean-up step: examines up to [`CLEANUP_STEP_RECORDS_MAX`] journal
+/// records after the cursor and removes the idempotency records of those
+/// older than the retention. Returns how many journal records it passed.
+pub async fn cleanup_step(
+    store: &Store,
+    journal: &Journal,
+    retention_s: u64,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let cutoff_ms = now_ms - (retention_s as i64).saturating_mul(1000);
+    let cursor = store
+        .get_u64(Cf::Meta, meta::IDEM_CLEANUP_SEQ)?
+        .unwrap_or(0);
+    let mut expired = Vec::new();
+    let mut last = cursor;
+    let mut corrupt = None;
+    store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
+        let Some(seq) = decode_u64(k) else {
+            corrupt = Some("journal key is not a u64");
+            return false;
+        };
+        let Ok(record) = serde_json::from_slice::<DecisionRecord>(v) else {
+            corrupt = Some("journal record does not decode");
+            return false;
+        };
+        if record.at_ms >= cutoff_ms {
+            return false;
+        }
+        expired.push(Expired {
+            idem_key: key(&record.terminal, &record.event_id),
+            auth_id: record.auth_id,
+        });
+        last = seq;
+        expired.len() < CLEANUP_STEP_RECORDS_MAX
+    })?;
+    if let Some(detail) = corrupt {
+        return Err(StoreError::Corrupt {
+            cf: "journal",
+            detail: detail.into(),
+        });
+    }
+    let passed = expired.len();
+    if passed > 0 {
+        journal
+            .cleanup(expired, last)
+            .await
+            .map_err(|e| StoreError::Corrupt {
+                cf: "idem",
+                detail: e.to_string(),
+            })?;
+    }
+    Ok(passed)
+}
+
+/// Runs clean-up steps every `interval` until `stop` fires.
+pub async fn run_cleanup(
+    store: Store,
+    journal: Arc<Journal>,
+    retention_s: u64,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        loop {
+            match cleanup_step(&store, &journal, retention_s, crate::clock::now_ms()).await {
+                Ok(n) if n == CLEANUP_STEP_RECORDS_MAX => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency clean-up step failed; will retry");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_answers_round_trip() {
+        let fp = [7u8; 32];
+        let v = encode(
+            &fp,
+            1_795_851_912_000,
+            "0000000100000000002a",
+            br#"{"ok":1}"#,
+        );
+        let s = decode(&v).unwrap();
+        assert_eq!(s.fingerprint, &fp);
+        assert_eq!(s.created_ms, 1_795_851_912_000);
+        assert_eq!(s.auth_id, "0000000100000000002a");
+        assert_eq!(s.body, br#"{"ok":1}"#);
+        assert_eq!(decode(&v[..20]), None);
+    }
+
+    #[test]
+    fn keys_separate_terminal_and_event() {
+        assert_ne!(key("ab", "c"), key("a", "bc"));
+    }
+}

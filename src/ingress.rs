@@ -1,0 +1,538 @@
+//! Ingress: sockets, TLS, HTTP, and the terminal routes.
+//!
+//! Owns the accept loops and the life of each connection: TLS handshake
+//! (bounded by the header-read timeout), HTTP/1.1 or HTTP/2, an idle
+//! timeout, and graceful shutdown. It turns HTTP into calls on
+//! [`Gateway`] and answers back; it never decides anything itself.
+//!
+//! The terminal id comes from the client certificate's subject common name
+//! on the TLS listener, and from `X-Terminal-Id` on the loopback-only
+//! plaintext listener that exists for benchmarks.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+
+use crate::gateway::Gateway;
+use crate::wire::{ApiError, ErrorKind};
+
+pub type Body = Full<Bytes>;
+
+/// HTTP/2 streams one terminal connection may have open at once.
+pub const H2_STREAMS_MAX: u32 = 64;
+/// Terminal ids: at most this many characters.
+pub const TERMINAL_ID_LEN_MAX: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no {what} found in the PEM file")]
+    Empty { path: String, what: &'static str },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+pub fn load_certs(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsSetupError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| TlsSetupError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsSetupError::Io {
+            path: p.clone(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::Empty {
+            path: p,
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsSetupError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| TlsSetupError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    rustls_pemfile::private_key(&mut std::io::BufReader::new(file))
+        .map_err(|source| TlsSetupError::Io {
+            path: p.clone(),
+            source,
+        })?
+        .ok_or(TlsSetupError::Empty {
+            path: p,
+            what: "private key",
+        })
+}
+
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The terminal listener's TLS config: client certificates required and
+/// verified against the terminal CA; ALPN offers h2 and http/1.1.
+pub fn server_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<rustls::ServerConfig, TlsSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(client_ca)? {
+        roots.add(ca)?;
+    }
+    let provider = crypto_provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A terminal id is 1–64 of `A-Za-z0-9._:-`: it becomes part of storage
+/// keys, so it must never contain a separator byte.
+pub fn valid_terminal_id(s: &str) -> bool {
+    (1..=TERMINAL_ID_LEN_MAX).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The terminal id in a verified client certificate: its subject CN.
+pub fn terminal_id_from_cert(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    valid_terminal_id(cn).then(|| cn.to_owned())
+}
+
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = json_response(e.kind.status(), e.body());
+    if let Some(s) = e.kind.retry_after_s() {
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+/// A closed set of status labels for metrics.
+pub fn status_label(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200 => "200",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// Checks the content type and reads the body within the size limit and
+/// the header-read timeout (a body that trickles in is a slow-loris too).
+pub async fn read_json_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let ct = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            ErrorKind::UnsupportedMediaType,
+            "Content-Type must be application/json",
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let collect = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(timeout, collect).await {
+        Err(_) => Err(ApiError::invalid(format!(
+            "the body was not received within {} ms",
+            timeout.as_millis()
+        ))),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(ApiError::invalid("the body could not be read")),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Where a terminal's identity comes from on a listener.
+#[derive(Clone)]
+pub enum TerminalIdentity {
+    /// Verified client certificate (TLS listener).
+    Certificate(Arc<str>),
+    /// `X-Terminal-Id` header (plaintext loopback listener).
+    Header,
+}
+
+const ROUTE_AUTHORIZE: &str = "/v1/authorize";
+
+/// Serves one request on the terminal listener.
+pub async fn terminal_request(
+    gw: Arc<Gateway>,
+    identity: TerminalIdentity,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let route = if req.uri().path() == ROUTE_AUTHORIZE {
+        ROUTE_AUTHORIZE
+    } else {
+        "other"
+    };
+    let response = match (req.method(), route) {
+        (&Method::POST, ROUTE_AUTHORIZE) => match authorize(&gw, identity, req).await {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(e) => error_response(&e),
+        },
+        (_, ROUTE_AUTHORIZE) => {
+            let mut r = error_response(&ApiError::new(
+                ErrorKind::NotFound,
+                "/v1/authorize takes only POST",
+            ));
+            r.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
+        _ => error_response(&ApiError::new(
+            ErrorKind::NotFound,
+            "no such route on the terminal listener; see API.md",
+        )),
+    };
+    metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => route, "status" => status_label(response.status())).increment(1);
+    response
+}
+
+async fn authorize(
+    gw: &Gateway,
+    identity: TerminalIdentity,
+    req: Request<Incoming>,
+) -> Result<Vec<u8>, ApiError> {
+    let terminal: Arc<str> = match identity {
+        TerminalIdentity::Certificate(id) => id,
+        TerminalIdentity::Header => {
+            let id = req
+                .headers()
+                .get("x-terminal-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !valid_terminal_id(id) {
+                return Err(ApiError::new(
+                    ErrorKind::Unauthenticated,
+                    "the plaintext listener needs an X-Terminal-Id header of 1 to 64 characters of A-Za-z0-9._:-",
+                ));
+            }
+            id.into()
+        }
+    };
+    let limits = &gw.config.limits;
+    let _permit = gw.admission.request(&terminal, Instant::now())?;
+    let body = read_json_body(
+        req,
+        limits.body_bytes_max,
+        Duration::from_millis(limits.header_read_timeout_ms),
+    )
+    .await?;
+    gw.authorize(&terminal, &body, gw.now_ms()).await
+}
+
+/// Activity of one connection, for the idle timeout.
+pub struct ConnActivity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl ConnActivity {
+    pub fn new() -> Arc<ConnActivity> {
+        Arc::new(ConnActivity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Wraps a request future so the connection counts as busy while it runs.
+    pub async fn track<F: Future>(&self, f: F) -> F::Output {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        let out = f.await;
+        self.touch();
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        out
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        Some(self.started.elapsed().saturating_sub(last))
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, the connection
+/// has been idle for `idle_timeout`, or `stop` fires (then it finishes the
+/// requests in flight and closes).
+pub async fn serve_connection<I, F, Fut>(
+    io: I,
+    handler: F,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let activity = ConnActivity::new();
+    let handler = Arc::new(handler);
+    let a = activity.clone();
+    let svc = service_fn(move |req| {
+        let handler = handler.clone();
+        let a = a.clone();
+        async move { Ok::<_, Infallible>(a.track(handler(req)).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_STREAMS_MAX)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let check = (idle_timeout / 4).max(Duration::from_millis(50));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = tokio::time::sleep(check), if !closing => {
+                if activity.idle_for().is_some_and(|d| d >= idle_timeout) {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// Accepts TLS terminal connections until `stop` fires.
+pub async fn run_tls_listener(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    stop: watch::Receiver<bool>,
+) {
+    accept_loop(
+        listener,
+        stop.clone(),
+        "terminal",
+        gw.clone(),
+        move |stream, gw, permit| {
+            let acceptor = acceptor.clone();
+            let stop = stop.clone();
+            async move {
+                let limits = gw.config.limits.clone();
+                let handshake_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+                let tls =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            metrics::counter!("onecard_tls_handshake_failures_total").increment(1);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::counter!("onecard_tls_handshake_failures_total").increment(1);
+                            return;
+                        }
+                    };
+                let id = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| terminal_id_from_cert(c));
+                let Some(id) = id else {
+                    metrics::counter!("onecard_tls_handshake_failures_total").increment(1);
+                    tracing::warn!(
+                        "client certificate has no usable terminal id (subject CN); closing"
+                    );
+                    return;
+                };
+                let identity = TerminalIdentity::Certificate(id.into());
+                let handler = move |req| terminal_request(gw.clone(), identity.clone(), req);
+                serve_connection(
+                    tls,
+                    handler,
+                    handshake_timeout,
+                    Duration::from_millis(limits.idle_timeout_ms),
+                    stop,
+                )
+                .await;
+                drop(permit);
+            }
+        },
+    )
+    .await;
+}
+
+/// Accepts plaintext terminal connections (loopback only) until `stop` fires.
+pub async fn run_plain_listener(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) {
+    accept_loop(
+        listener,
+        stop.clone(),
+        "plaintext",
+        gw.clone(),
+        move |stream, gw, permit| {
+            let stop = stop.clone();
+            async move {
+                let limits = gw.config.limits.clone();
+                let handler =
+                    move |req| terminal_request(gw.clone(), TerminalIdentity::Header, req);
+                serve_connection(
+                    stream,
+                    handler,
+                    Duration::from_millis(limits.header_read_timeout_ms),
+                    Duration::from_millis(limits.idle_timeout_ms),
+                    stop,
+                )
+                .await;
+                drop(permit);
+            }
+        },
+    )
+    .await;
+}
+
+/// The accept loop shared by every listener: connection cap, `TCP_NODELAY`,
+/// one task per connection.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    name: &'static str,
+    gw: Arc<Gateway>,
+    on_conn: F,
+) where
+    F: Fn(TcpStream, Arc<Gateway>, crate::admission::ConnectionPermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let (stream, _peer): (TcpStream, SocketAddr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly
+                // rather than spin.
+                tracing::warn!(error = %e, listener = name, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Some(permit) = gw.admission.connection(name) else {
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(on_conn(stream, gw.clone(), permit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_ids() {
+        assert!(valid_terminal_id("term-00001"));
+        assert!(valid_terminal_id("bus.0042:a_b"));
+        assert!(!valid_terminal_id(""));
+        assert!(!valid_terminal_id("a b"));
+        assert!(!valid_terminal_id("a\0b"));
+        assert!(!valid_terminal_id(&"x".repeat(65)));
+    }
+}

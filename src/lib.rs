@@ -1,0 +1,38 @@
+//! OneCard Gateway: authorizes taps and scans of the resident-services card
+//! in microseconds and records every decision durably.
+//!
+//! How the modules fit (the life of one tap, DESIGN.md):
+//!
+//! - [`ingress`] accepts mTLS connections (HTTP/1.1 or HTTP/2), takes the
+//!   terminal id from the client certificate, applies [`admission`] limits
+//!   and reads a bounded body;
+//! - [`gateway`] runs the phases: [`wire`] decodes and validates,
+//!   [`idempotency`] replays a repeated (terminal, event_id), [`credential`]
+//!   resolves the card, [`authz`] decides (pure, no I/O), and [`journal`]
+//!   group-commits the record durably before the answer goes out;
+//! - [`state`] holds cards and the deny list in memory (lock-free reads) and
+//!   in RocksDB; [`admin`] changes them and serves `/metrics`, `/healthz`,
+//!   `/readyz`;
+//! - [`server`] starts and stops it all; [`config`] is the one typed config;
+//!   [`certs`], [`client`] and [`demo`] serve development, tests and the
+//!   load generator.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admission;
+pub mod authz;
+pub mod certs;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod credential;
+pub mod demo;
+pub mod gateway;
+pub mod idempotency;
+pub mod ingress;
+pub mod journal;
+pub mod model;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod wire;

@@ -1,0 +1,168 @@
+//! `onecard`: the gateway binary. Thin by design: it parses the command
+//! line, reads the config and calls into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use onecard::config::Config;
+use onecard::{certs, demo, server, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "onecard",
+    version,
+    about = "OneCard Gateway: authorizes resident-card taps and scans, journaled durably"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or SIGINT.
+    Serve {
+        /// TOML config file (see config/README.md); defaults apply without one.
+        #[arg(long, env = "ONECARD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long, env = "ONECARD_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Overrides `terminal.addr`.
+        #[arg(long, env = "ONECARD_TERMINAL_ADDR")]
+        terminal_addr: Option<SocketAddr>,
+        /// Overrides `admin.addr`.
+        #[arg(long, env = "ONECARD_ADMIN_ADDR")]
+        admin_addr: Option<SocketAddr>,
+        /// Overrides `terminal.plaintext_addr` (loopback only).
+        #[arg(long, env = "ONECARD_PLAINTEXT_ADDR")]
+        plaintext_addr: Option<SocketAddr>,
+        /// Overrides `journal.durability` (`sync` or `async`).
+        #[arg(long, env = "ONECARD_DURABILITY")]
+        durability: Option<String>,
+        /// After start, set up demo cards and tap them over mTLS, printing
+        /// each decision and its latency; then keep serving.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Write a development terminal CA, a server certificate for
+    /// localhost/127.0.0.1 and N terminal certificates.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        terminals: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    telemetry::init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Certs { out, terminals } => {
+            let w = certs::generate(&out, terminals)?;
+            println!("terminal CA certificate:  {}", w.ca_cert.display());
+            println!("terminal CA private key:  {}", w.ca_key.display());
+            println!(
+                "server certificate:       {} (localhost, 127.0.0.1, ::1)",
+                w.server_cert.display()
+            );
+            println!("server private key:       {}", w.server_key.display());
+            if let (Some(first), Some(last)) = (w.terminals.first(), w.terminals.last()) {
+                println!(
+                    "terminal certificates:    {} ({} .. {}, identity = subject CN)",
+                    out.join(certs::TERMINALS_DIR).display(),
+                    first.0,
+                    last.0
+                );
+            }
+            Ok(())
+        }
+        Command::Serve {
+            config,
+            data_dir,
+            terminal_addr,
+            admin_addr,
+            plaintext_addr,
+            durability,
+            demo,
+        } => {
+            let mut c = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            if let Some(d) = data_dir {
+                c.data_dir = d;
+            }
+            if let Some(a) = terminal_addr {
+                c.terminal.addr = a;
+            }
+            if let Some(a) = admin_addr {
+                c.admin.addr = a;
+            }
+            if let Some(a) = plaintext_addr {
+                c.terminal.plaintext_addr = Some(a);
+            }
+            if let Some(d) = durability {
+                c.journal.durability = match d.as_str() {
+                    "sync" => onecard::config::Durability::Sync,
+                    "async" => onecard::config::Durability::Async,
+                    other => anyhow::bail!("--durability must be sync or async, not {other:?}"),
+                };
+            }
+            if let Ok(t) = std::env::var("ONECARD_ADMIN_TOKEN") {
+                c.admin.token = Some(t);
+            }
+            c.validate()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(c, demo))
+        }
+    }
+}
+
+async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
+    let certs_dir = config.certs_dir();
+    let token = config.admin.token.clone().unwrap_or_default();
+    let running = server::start(config)
+        .await
+        .context("starting the gateway")?;
+    let addrs = running.addrs;
+    println!(
+        "onecard: terminal listener (mTLS, h1/h2) on {}",
+        addrs.terminal
+    );
+    if let Some(p) = addrs.plaintext {
+        println!("onecard: plaintext benchmark listener on {p}");
+    }
+    println!(
+        "onecard: admin listener on {} (/metrics, /healthz, /readyz, /admin/v1/...)",
+        addrs.admin
+    );
+    if run_demo {
+        if let Err(e) = demo::run(addrs.admin, addrs.terminal, &certs_dir, &token).await {
+            eprintln!("demo failed: {e:#}");
+        }
+        println!(
+            "onecard: demo done; still serving. Ctrl-C (SIGINT) or SIGTERM stops the gateway."
+        );
+    }
+    wait_for_signal().await;
+    println!("onecard: shutting down: finishing requests in flight, flushing the journal");
+    running.shutdown().await;
+    println!("onecard: stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,369 @@
+//! The gateway's vocabulary: card numbers, scenarios, card state, reasons.
+//!
+//! Everything here is plain data with validation at construction, so that the
+//! rest of the code can take a `CardNo` or a `Scenario` and know it is well
+//! formed. This module does no I/O. The one rule it enforces everywhere: a
+//! card number is shown to humans only through [`CardNo::masked`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Card numbers are at most this long (API.md).
+pub const CARD_NO_LEN_MAX: usize = 32;
+/// Card numbers are at least this long (API.md).
+pub const CARD_NO_LEN_MIN: usize = 8;
+
+/// A validated card number: 8 to 32 of `0-9A-Z`, the first six are digits
+/// (the issuing region). Its `Debug` and `Display` are masked so that it can
+/// never reach a log line in the clear by accident.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CardNo(Box<str>);
+
+/// Why a string is not a card number. The messages never contain the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CardNoError {
+    #[error("must be 8 to 32 characters long")]
+    Length,
+    #[error("must contain only the characters 0-9 and A-Z")]
+    Charset,
+    #[error("must start with the six digits of the issuing region")]
+    Region,
+}
+
+impl CardNo {
+    pub fn parse(s: &str) -> Result<CardNo, CardNoError> {
+        let b = s.as_bytes();
+        if b.len() < CARD_NO_LEN_MIN || b.len() > CARD_NO_LEN_MAX {
+            return Err(CardNoError::Length);
+        }
+        if !b
+            .iter()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
+        {
+            return Err(CardNoError::Charset);
+        }
+        if !b[..6].iter().all(|c| c.is_ascii_digit()) {
+            return Err(CardNoError::Region);
+        }
+        Ok(CardNo(s.into()))
+    }
+
+    /// The number in the clear: for storage keys and the admin API only.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The issuing region: the first six digits.
+    pub fn region(&self) -> &str {
+        &self.0[..6]
+    }
+
+    /// First six and last four characters kept, the rest replaced by `*`.
+    pub fn masked(&self) -> String {
+        mask_card_no(&self.0)
+    }
+}
+
+/// Masks any card-number-like string (first 6 and last 4 kept). Strings of
+/// ten characters or fewer are masked whole except the first two, so that a
+/// short, invalid number is not revealed either.
+pub fn mask_card_no(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= 10 {
+        let keep: String = s.chars().take(2).collect();
+        return format!("{keep}{}", "*".repeat(n.saturating_sub(2)));
+    }
+    let head: String = s.chars().take(6).collect();
+    let tail: String = s.chars().skip(n - 4).collect();
+    format!("{head}{}{tail}", "*".repeat(n - 10))
+}
+
+impl fmt::Debug for CardNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CardNo({})", self.masked())
+    }
+}
+
+impl fmt::Display for CardNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(s: &str) -> Option<$name> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+
+            /// The accepted spellings, for error messages.
+            pub fn expected() -> String {
+                let all: &[&str] = &[$($text),+];
+                all.join(", ")
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Where a card is used; each scenario has its own rules in the config.
+    Scenario {
+        Transit = "transit",
+        Medical = "medical",
+        Culture = "culture",
+        Access = "access",
+        Payment = "payment",
+        Identity = "identity",
+        Health = "health",
+    }
+);
+
+string_enum!(
+    /// A function loaded on a card: a scenario may require one.
+    Function {
+        Transit = "transit",
+        Medical = "medical",
+        Financial = "financial",
+        Culture = "culture",
+        Access = "access",
+        Identity = "identity",
+        Health = "health",
+    }
+);
+
+string_enum!(
+    /// A concession the card holder is entitled to (used by fare rules).
+    Concession {
+        Elderly = "elderly",
+        Disabled = "disabled",
+        Student = "student",
+        Veteran = "veteran",
+        LowIncome = "low_income",
+    }
+);
+
+string_enum!(
+    /// A card's life-cycle status.
+    CardStatus {
+        Active = "active",
+        Lost = "lost",
+        Frozen = "frozen",
+        Cancelled = "cancelled",
+    }
+);
+
+string_enum!(
+    /// The event kind: a contactless tap or a QR scan.
+    EventKind {
+        Tap = "tap",
+        Scan = "scan",
+    }
+);
+
+/// A small set of enum values stored as bits, so that a card snapshot is
+/// `Copy` and the hot path never allocates to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BitSet(u16);
+
+impl BitSet {
+    pub fn contains(self, bit: usize) -> bool {
+        self.0 & (1 << bit) != 0
+    }
+    pub fn insert(&mut self, bit: usize) {
+        self.0 |= 1 << bit;
+    }
+}
+
+macro_rules! bit_index {
+    ($name:ident) => {
+        impl $name {
+            pub fn bit(self) -> usize {
+                $name::ALL.iter().position(|v| *v == self).unwrap_or(0)
+            }
+        }
+    };
+}
+bit_index!(Function);
+bit_index!(Concession);
+
+/// A card as the decision core sees it: status, functions, concessions and
+/// the counters that limits are checked against. `Copy` on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Card {
+    pub status: CardStatus,
+    pub functions: BitSet,
+    pub concessions: BitSet,
+    /// The local calendar day (days since 1970-01-01 in the configured
+    /// offset) that `spent_fen` counts for.
+    pub spent_day: i32,
+    /// Fen approved on `spent_day`, over all charging scenarios.
+    pub spent_fen: i64,
+}
+
+impl Card {
+    pub fn new(status: CardStatus, functions: &[Function], concessions: &[Concession]) -> Card {
+        let mut f = BitSet::default();
+        for x in functions {
+            f.insert(x.bit());
+        }
+        let mut c = BitSet::default();
+        for x in concessions {
+            c.insert(x.bit());
+        }
+        Card {
+            status,
+            functions: f,
+            concessions: c,
+            spent_day: 0,
+            spent_fen: 0,
+        }
+    }
+
+    pub fn has_function(&self, f: Function) -> bool {
+        self.functions.contains(f.bit())
+    }
+
+    pub fn function_list(&self) -> Vec<Function> {
+        Function::ALL
+            .iter()
+            .copied()
+            .filter(|f| self.has_function(*f))
+            .collect()
+    }
+
+    pub fn concession_list(&self) -> Vec<Concession> {
+        Concession::ALL
+            .iter()
+            .copied()
+            .filter(|c| self.concessions.contains(c.bit()))
+            .collect()
+    }
+
+    /// What has been spent on `day`: counters of an earlier day count as zero.
+    pub fn spent_on(&self, day: i32) -> i64 {
+        if self.spent_day == day {
+            self.spent_fen
+        } else {
+            0
+        }
+    }
+}
+
+/// Why a decision came out as it did. `Ok` is the only approving reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Reason {
+    Ok,
+    CardNotFound,
+    Denylisted,
+    CardLost,
+    CardFrozen,
+    CardCancelled,
+    FunctionNotEnabled,
+    QrInvalid,
+    QrExpired,
+    QrReplayed,
+    LimitExceeded,
+}
+
+impl Reason {
+    pub const ALL: &'static [Reason] = &[
+        Reason::Ok,
+        Reason::CardNotFound,
+        Reason::Denylisted,
+        Reason::CardLost,
+        Reason::CardFrozen,
+        Reason::CardCancelled,
+        Reason::FunctionNotEnabled,
+        Reason::QrInvalid,
+        Reason::QrExpired,
+        Reason::QrReplayed,
+        Reason::LimitExceeded,
+    ];
+
+    /// The stable wire code (API.md).
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Ok => "OK",
+            Reason::CardNotFound => "CARD_NOT_FOUND",
+            Reason::Denylisted => "DENYLISTED",
+            Reason::CardLost => "CARD_LOST",
+            Reason::CardFrozen => "CARD_FROZEN",
+            Reason::CardCancelled => "CARD_CANCELLED",
+            Reason::FunctionNotEnabled => "FUNCTION_NOT_ENABLED",
+            Reason::QrInvalid => "QR_INVALID",
+            Reason::QrExpired => "QR_EXPIRED",
+            Reason::QrReplayed => "QR_REPLAYED",
+            Reason::LimitExceeded => "LIMIT_EXCEEDED",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_numbers_are_validated() {
+        let cases: &[(&str, Result<(), CardNoError>)] = &[
+            ("500118A12345678", Ok(())),
+            ("50011812", Ok(())),
+            ("5001181", Err(CardNoError::Length)),
+            (&"5".repeat(33), Err(CardNoError::Length)),
+            ("500118a12345678", Err(CardNoError::Charset)),
+            ("500118-12345678", Err(CardNoError::Charset)),
+            ("50011A812345678", Err(CardNoError::Region)),
+        ];
+        for (input, want) in cases {
+            assert_eq!(CardNo::parse(input).map(|_| ()), *want, "input {input}");
+        }
+    }
+
+    #[test]
+    fn masking_keeps_first_six_and_last_four() {
+        assert_eq!(mask_card_no("500118A12345678"), "500118*****5678");
+        assert_eq!(
+            CardNo::parse("500118A12345678").unwrap().to_string(),
+            "500118*****5678"
+        );
+        assert_eq!(
+            format!("{:?}", CardNo::parse("500118A12345678").unwrap()),
+            "CardNo(500118*****5678)"
+        );
+        assert_eq!(mask_card_no("50011812"), "50******");
+    }
+
+    #[test]
+    fn card_bits_round_trip() {
+        let card = Card::new(
+            CardStatus::Active,
+            &[Function::Transit, Function::Financial],
+            &[Concession::Student],
+        );
+        assert_eq!(
+            card.function_list(),
+            vec![Function::Transit, Function::Financial]
+        );
+        assert_eq!(card.concession_list(), vec![Concession::Student]);
+        assert!(!card.has_function(Function::Medical));
+    }
+}

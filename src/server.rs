@@ -1,0 +1,222 @@
+//! Start and stop: binds the listeners, spawns the accept loops and the
+//! clean-up task, and shuts everything down in order (stop accepting,
+//! finish requests in flight, flush the journal, close RocksDB).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::Admin;
+use crate::certs::{self, CertError};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::ingress::{self, TlsSetupError};
+use crate::state::StoreError;
+use crate::{idempotency, telemetry};
+
+/// Written into the data directory once every listener is bound, so that
+/// scripts and tests started with port 0 can find the gateway.
+pub const LISTENERS_FILE: &str = "listeners.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addrs {
+    pub terminal: SocketAddr,
+    pub plaintext: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct Running {
+    pub addrs: Addrs,
+    gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+fn local(l: &TcpListener) -> SocketAddr {
+    l.local_addr().expect("a bound listener has an address")
+}
+
+/// Starts a gateway and returns once it is ready to take traffic.
+pub async fn start(config: Config) -> Result<Running, ServerError> {
+    let prometheus = telemetry::prometheus();
+    if config.terminal.dev_certs
+        && certs::ensure(&config.certs_dir(), config.terminal.dev_terminals)?
+    {
+        tracing::info!(dir = %config.certs_dir().display(), terminals = config.terminal.dev_terminals, "created development certificates");
+    }
+    let tls = ingress::server_tls(
+        &config.server_cert_path(),
+        &config.server_key_path(),
+        &config.client_ca_path(),
+    )?;
+    let listeners_file = config.data_dir.join(LISTENERS_FILE);
+    let _ = std::fs::remove_file(&listeners_file);
+
+    let token = config.admin.token.clone();
+    // Opening RocksDB and rebuilding memory blocks; it happens once, before
+    // any listener exists, so nothing else waits on this thread.
+    let gateway = Arc::new(Gateway::open(config)?);
+    let config = &gateway.config;
+    let terminal = bind(config.terminal.addr).await?;
+    let admin = bind(config.admin.addr).await?;
+    let plain = match config.terminal.plaintext_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let addrs = Addrs {
+        terminal: local(&terminal),
+        plaintext: plain.as_ref().map(local),
+        admin: local(&admin),
+    };
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    tasks.push(tokio::spawn(ingress::run_tls_listener(
+        gateway.clone(),
+        terminal,
+        acceptor,
+        stop_rx.clone(),
+    )));
+    if let Some(plain) = plain {
+        tracing::warn!(addr = %addrs.plaintext.expect("bound"), "plaintext terminal listener enabled (loopback only, for benchmarks); terminal ids come from X-Terminal-Id");
+        tasks.push(tokio::spawn(ingress::run_plain_listener(
+            gateway.clone(),
+            plain,
+            stop_rx.clone(),
+        )));
+    }
+    if token.as_deref().unwrap_or("").is_empty() {
+        tracing::warn!("no admin token configured (admin.token or ONECARD_ADMIN_TOKEN): the admin API answers 401");
+    }
+    let admin_state = Arc::new(Admin {
+        gateway: gateway.clone(),
+        token,
+        prometheus: prometheus.clone(),
+    });
+    let limits = config.limits.clone();
+    let stop_admin = stop_rx.clone();
+    tasks.push(tokio::spawn(ingress::accept_loop(
+        admin,
+        stop_rx.clone(),
+        "admin",
+        gateway.clone(),
+        move |stream, _gw, permit| {
+            let admin_state = admin_state.clone();
+            let stop = stop_admin.clone();
+            let limits = limits.clone();
+            async move {
+                let handler = move |req| admin_state.clone().handle(req);
+                ingress::serve_connection(
+                    stream,
+                    handler,
+                    Duration::from_millis(limits.header_read_timeout_ms),
+                    Duration::from_millis(limits.idle_timeout_ms),
+                    stop,
+                )
+                .await;
+                drop(permit);
+            }
+        },
+    )));
+    tasks.push(tokio::spawn(idempotency::run_cleanup(
+        gateway.store.clone(),
+        gateway.journal.clone(),
+        config.idempotency.retention_s,
+        Duration::from_secs(config.idempotency.cleanup_interval_s),
+        stop_rx.clone(),
+    )));
+    let upkeep = prometheus.clone();
+    let mut stop_upkeep = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                _ = stop_upkeep.changed() => return,
+            }
+        }
+    }));
+
+    let json = serde_json::to_vec_pretty(&addrs).expect("addresses serialize");
+    std::fs::write(&listeners_file, json).map_err(|source| ServerError::Io {
+        path: listeners_file.clone(),
+        source,
+    })?;
+    gateway.set_ready(true);
+    tracing::info!(terminal = %addrs.terminal, admin = %addrs.admin, durability = ?config.journal.durability, "gateway ready");
+    Ok(Running {
+        addrs,
+        gateway,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to
+    /// `limits.shutdown_grace_ms`), then flushes and closes the journal.
+    pub async fn shutdown(self) {
+        let gw = self.gateway;
+        gw.set_ready(false);
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let deadline = Instant::now() + Duration::from_millis(gw.config.limits.shutdown_grace_ms);
+        while gw.admission.connections_open() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = gw.admission.connections_open();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "shutdown grace period over; closing with connections still open"
+            );
+        }
+        let journal = gw.journal.clone();
+        // Joins the writer thread after it has drained its queue: brief, and
+        // nothing else is running any more.
+        journal.close();
+        tracing::info!(
+            journal.last_seq = gw.journal.last_seq(),
+            "journal flushed and closed"
+        );
+    }
+}

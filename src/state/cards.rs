@@ -1,0 +1,129 @@
+//! Cards in memory: a lock-free map for reads, striped locks for writers.
+
+use std::hash::BuildHasher;
+
+use parking_lot::{Mutex, MutexGuard};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Card, CardNo, CardStatus, Concession, Function};
+use crate::state::{Cf, Store, StoreError};
+
+/// Writers to one card take one of this many locks, chosen by hash. Enough
+/// that two busy cards rarely share one; few enough to cost nothing.
+pub const CARD_LOCK_STRIPES: usize = 4_096;
+
+/// A card as stored in RocksDB and shown by the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardRecord {
+    pub status: CardStatus,
+    pub functions: Vec<Function>,
+    pub concessions: Vec<Concession>,
+    pub spent_day: i32,
+    pub spent_fen: i64,
+}
+
+impl From<&Card> for CardRecord {
+    fn from(c: &Card) -> CardRecord {
+        CardRecord {
+            status: c.status,
+            functions: c.function_list(),
+            concessions: c.concession_list(),
+            spent_day: c.spent_day,
+            spent_fen: c.spent_fen,
+        }
+    }
+}
+
+impl From<&CardRecord> for Card {
+    fn from(r: &CardRecord) -> Card {
+        Card {
+            spent_day: r.spent_day,
+            spent_fen: r.spent_fen,
+            ..Card::new(r.status, &r.functions, &r.concessions)
+        }
+    }
+}
+
+pub fn encode(card: &Card) -> Vec<u8> {
+    serde_json::to_vec(&CardRecord::from(card)).expect("a card record always serializes")
+}
+
+pub struct CardTable {
+    map: papaya::HashMap<CardNo, Card, foldhash::fast::RandomState>,
+    stripes: Box<[Mutex<()>]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl CardTable {
+    pub fn new() -> CardTable {
+        CardTable {
+            map: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            stripes: (0..CARD_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    /// Rebuilds the table from the `cards` column family.
+    pub fn load(store: &Store) -> Result<CardTable, StoreError> {
+        let table = CardTable::new();
+        let mut bad = None;
+        {
+            let map = table.map.pin();
+            store.scan(Cf::Cards, &[], |k, v| {
+                let card_no = std::str::from_utf8(k)
+                    .ok()
+                    .and_then(|s| CardNo::parse(s).ok());
+                let record = serde_json::from_slice::<CardRecord>(v).ok();
+                match (card_no, record) {
+                    (Some(n), Some(r)) => {
+                        map.insert(n, Card::from(&r));
+                        true
+                    }
+                    _ => {
+                        bad = Some("a card record does not decode");
+                        false
+                    }
+                }
+            })?;
+        }
+        if let Some(detail) = bad {
+            return Err(StoreError::Corrupt {
+                cf: "cards",
+                detail: detail.into(),
+            });
+        }
+        metrics::gauge!("onecard_cards").set(table.len() as f64);
+        Ok(table)
+    }
+
+    pub fn get(&self, card: &CardNo) -> Option<Card> {
+        self.map.pin().get(card).copied()
+    }
+
+    /// Sets a card in memory. Call only while holding [`CardTable::lock`]
+    /// for it, after its write has been queued to the journal.
+    pub fn set(&self, card_no: CardNo, card: Card) {
+        self.map.pin().insert(card_no, card);
+    }
+
+    /// The lock that serializes every change to this card.
+    pub fn lock(&self, card: &CardNo) -> MutexGuard<'_, ()> {
+        let i = (self.hasher.hash_one(card.as_str()) as usize) % self.stripes.len();
+        self.stripes[i].lock()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for CardTable {
+    fn default() -> Self {
+        CardTable::new()
+    }
+}

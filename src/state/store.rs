@@ -1,0 +1,153 @@
+//! The RocksDB database: column families, keys and the encodings of values.
+//!
+//! Only this module and the journal writer touch RocksDB handles. Every
+//! write that must be durable goes through the journal writer
+//! ([`crate::journal`]) so that it shares the group commit's synced batch.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options,
+    DB,
+};
+
+/// The column families (DESIGN.md, "Storage").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cf {
+    /// card_no → card record (JSON).
+    Cards,
+    /// card_no → deny entry (JSON).
+    Denylist,
+    /// version (u64 BE) → deny-list change (JSON), for deltas to validators.
+    DenylistLog,
+    /// sequence (u64 BE) → decision record (JSON).
+    Journal,
+    /// terminal 0x00 event_id → stored answer.
+    Idem,
+    /// named counters and cursors.
+    Meta,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 6] = [
+        Cf::Cards,
+        Cf::Denylist,
+        Cf::DenylistLog,
+        Cf::Journal,
+        Cf::Idem,
+        Cf::Meta,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Cards => "cards",
+            Cf::Denylist => "denylist",
+            Cf::DenylistLog => "denylist_log",
+            Cf::Journal => "journal",
+            Cf::Idem => "idem",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// Keys in [`Cf::Meta`].
+pub mod meta {
+    pub const DENYLIST_VERSION: &[u8] = b"denylist_version";
+    pub const BOOT: &[u8] = b"boot";
+    pub const IDEM_CLEANUP_SEQ: &[u8] = b"idem_cleanup_seq";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record in {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+}
+
+/// The open database, shared by the journal writer and readers.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(DBCompressionType::Lz4);
+        opts.set_max_background_jobs(2);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::Lz4);
+            if matches!(cf, Cf::Idem | Cf::Cards | Cf::Denylist) {
+                // Point lookups, mostly of keys that are absent (new event
+                // ids): a bloom filter answers those without a disk read.
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                o.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    pub fn get_u64(&self, cf: Cf, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.get(cf, key)? {
+            None => Ok(None),
+            Some(v) => decode_u64(&v).map(Some).ok_or(StoreError::Corrupt {
+                cf: cf.name(),
+                detail: "not a u64".into(),
+            }),
+        }
+    }
+
+    /// Calls `f` for each record of `cf` from `start` on, in key order, until
+    /// it returns `false`.
+    pub fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last key of `cf`, if any.
+    pub fn last_key(&self, cf: Cf) -> Result<Option<Box<[u8]>>, StoreError> {
+        match self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
+            None => Ok(None),
+            Some(item) => Ok(Some(item?.0)),
+        }
+    }
+}
+
+pub fn decode_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}

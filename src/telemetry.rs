@@ -1,0 +1,122 @@
+//! Telemetry: the Prometheus recorder behind the `metrics` facade, and the
+//! `tracing` subscriber for binaries.
+//!
+//! Metric names are listed in `ARCHITECTURE.md`. Labels take only values
+//! from closed sets (routes, scenarios, reasons, status codes): never a card
+//! number, terminal id or event id, which would leak personal data and grow
+//! without bound.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets in seconds: 25 µs to 2.5 s, dense where the hot path lives.
+pub const LATENCY_BUCKETS_S: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Group-commit sizes.
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder on first use and returns its handle.
+/// Several gateways in one process (tests) share it.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_events".into()), BATCH_BUCKETS)
+                })
+                .expect("bucket lists are not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first, in which
+            // case metrics go there and this handle renders nothing.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "onecard_http_requests_total",
+        "HTTP requests by listener, route and status code"
+    );
+    describe_counter!(
+        "onecard_decisions_total",
+        "Authorization decisions by scenario, decision and reason"
+    );
+    describe_histogram!(
+        "onecard_authorize_latency_seconds",
+        Unit::Seconds,
+        "Time from request received to answer ready, per scenario (includes the journal commit)"
+    );
+    describe_histogram!(
+        "onecard_decide_latency_seconds",
+        Unit::Seconds,
+        "Time spent in the pure decision function"
+    );
+    describe_histogram!(
+        "onecard_journal_commit_seconds",
+        Unit::Seconds,
+        "Time to write one group-commit batch (fdatasync included in sync mode)"
+    );
+    describe_histogram!(
+        "onecard_journal_batch_events",
+        Unit::Count,
+        "Commits packed into one group-commit batch"
+    );
+    describe_counter!(
+        "onecard_journal_records_total",
+        "Decision records written to the journal"
+    );
+    describe_counter!(
+        "onecard_journal_failures_total",
+        "Journal write failures (the gateway refuses writes after one)"
+    );
+    describe_gauge!(
+        "onecard_journal_last_seq",
+        "Sequence number of the last journaled decision"
+    );
+    describe_gauge!("onecard_requests_in_flight", "Requests being served");
+    describe_gauge!("onecard_connections_open", "Open connections by listener");
+    describe_counter!(
+        "onecard_admission_rejected_total",
+        "Requests or connections refused by a limit"
+    );
+    describe_counter!(
+        "onecard_idempotent_replays_total",
+        "Answers replayed for a repeated (terminal, event_id)"
+    );
+    describe_counter!(
+        "onecard_idempotency_expired_total",
+        "Idempotency records removed after their retention"
+    );
+    describe_counter!(
+        "onecard_tls_handshake_failures_total",
+        "TLS handshakes that failed (no or bad client certificate, timeouts)"
+    );
+    describe_gauge!("onecard_denylist_version", "Current deny-list version");
+    describe_gauge!("onecard_denylist_entries", "Cards on the deny list");
+    describe_gauge!("onecard_cards", "Cards known to the gateway");
+}
+
+/// Structured logs to stderr; `RUST_LOG` overrides the default level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,rustls=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

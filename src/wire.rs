@@ -1,0 +1,508 @@
+//! The wire contract (API.md): request decoding and validation, answers, and
+//! the error body every non-200 answer carries.
+//!
+//! Decoding is strict and hand-validated on purpose: serde's own messages
+//! quote the offending value, and a quoted card number in an error body would
+//! leak it. Every message here names the field and the rule, never the value.
+
+use std::fmt::Write as _;
+
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::model::{CardNo, EventKind, Scenario};
+
+/// `event_id`: at most this many characters (API.md).
+pub const EVENT_ID_LEN_MAX: usize = 64;
+/// `site`: at most this many characters (API.md).
+pub const SITE_LEN_MAX: usize = 64;
+/// `qr`: at most this many bytes; a dynamic code is far shorter.
+pub const QR_LEN_MAX: usize = 2_048;
+/// `occurred_at`: at most this many bytes.
+pub const TIME_LEN_MAX: usize = 40;
+/// The largest amount the wire accepts: ten million yuan.
+pub const AMOUNT_FEN_MAX: i64 = 1_000_000_000;
+
+/// A client-visible failure: an HTTP status, a stable code and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} {}: {message}", kind.status(), kind.code())]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidRequest,
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    IdempotencyConflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    RateLimited,
+    Unavailable,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::IdempotencyConflict => StatusCode::CONFLICT,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidRequest => "INVALID_REQUEST",
+            ErrorKind::Unauthenticated => "UNAUTHENTICATED",
+            ErrorKind::Forbidden => "FORBIDDEN",
+            ErrorKind::NotFound => "NOT_FOUND",
+            ErrorKind::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
+            ErrorKind::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorKind::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ErrorKind::RateLimited => "RATE_LIMITED",
+            ErrorKind::Unavailable => "UNAVAILABLE",
+        }
+    }
+
+    /// `429` and `503` tell the client when to come back (API.md).
+    pub fn retry_after_s(self) -> Option<u32> {
+        match self {
+            ErrorKind::RateLimited | ErrorKind::Unavailable => Some(1),
+            _ => None,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::InvalidRequest, message)
+    }
+
+    /// `{"error": {"code": "...", "message": "..."}}`
+    pub fn body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            error: Inner<'a>,
+        }
+        serde_json::to_vec(&Outer {
+            error: Inner {
+                code: self.kind.code(),
+                message: &self.message,
+            },
+        })
+        .expect("serializing a struct of strings cannot fail")
+    }
+}
+
+/// The credential an event carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    Tap(CardNo),
+    Scan(String),
+}
+
+/// A validated `POST /v1/authorize` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    pub event_id: String,
+    pub credential: Credential,
+    pub scenario: Scenario,
+    pub amount_fen: Option<i64>,
+    pub site: Option<String>,
+    /// As sent, validated as RFC 3339.
+    pub occurred_at: Option<String>,
+}
+
+impl AuthorizeRequest {
+    pub fn kind(&self) -> EventKind {
+        match self.credential {
+            Credential::Tap(_) => EventKind::Tap,
+            Credential::Scan(_) => EventKind::Scan,
+        }
+    }
+
+    /// A digest of the request's meaning, not of its bytes: a retry that a
+    /// terminal re-serializes with other spacing or key order is still the
+    /// same request. Fields are joined with a separator that validation
+    /// keeps out of every field.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut field = |s: &str| {
+            h.update(s.as_bytes());
+            h.update([0x1f]);
+        };
+        field(&self.event_id);
+        match &self.credential {
+            Credential::Tap(c) => {
+                field("tap");
+                field(c.as_str());
+            }
+            Credential::Scan(q) => {
+                field("scan");
+                field(q);
+            }
+        }
+        field(self.scenario.as_str());
+        let mut amount = String::new();
+        if let Some(a) = self.amount_fen {
+            let _ = write!(amount, "{a}");
+        }
+        field(&amount);
+        field(self.site.as_deref().unwrap_or("\u{0}"));
+        field(self.occurred_at.as_deref().unwrap_or("\u{0}"));
+        h.finalize().into()
+    }
+}
+
+const AUTHORIZE_FIELDS: &[&str] = &[
+    "event_id",
+    "kind",
+    "card_no",
+    "qr",
+    "scenario",
+    "amount_fen",
+    "site",
+    "occurred_at",
+];
+
+/// Names an unknown field only when it looks like a field name, so that a
+/// body keyed by a card number does not have it echoed back.
+pub fn describe_unknown_field(name: &str) -> String {
+    let plain = name.len() <= 32 && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    if plain {
+        format!("unknown field `{name}`")
+    } else {
+        "unknown field (name not shown)".to_owned()
+    }
+}
+
+/// Parses a JSON object body; the error names only syntax, never content.
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(format!(
+            "body is not valid JSON ({} at line {} column {})",
+            json_error_class(&e),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::invalid("body must be a JSON object")),
+    }
+}
+
+fn json_error_class(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Eof => "unexpected end of input",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Data => "invalid data",
+    }
+}
+
+pub fn reject_unknown(m: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::invalid(format!(
+            "{}; allowed fields: {}",
+            describe_unknown_field(k),
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(field) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(format!("`{field}` must be a string"))),
+    }
+}
+
+pub fn req_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+    opt_str(m, field)?.ok_or_else(|| ApiError::invalid(format!("missing field `{field}`")))
+}
+
+pub fn card_no_field(field: &str, s: &str) -> Result<CardNo, ApiError> {
+    CardNo::parse(s).map_err(|e| ApiError::invalid(format!("`{field}` {e}")))
+}
+
+fn valid_event_id(s: &str) -> bool {
+    (1..=EVENT_ID_LEN_MAX).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Decodes and validates an authorize body.
+pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
+    let m = parse_object(body)?;
+    reject_unknown(&m, AUTHORIZE_FIELDS)?;
+
+    let event_id = req_str(&m, "event_id")?;
+    if !valid_event_id(event_id) {
+        return Err(ApiError::invalid(format!(
+            "`event_id` must be 1 to {EVENT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
+        )));
+    }
+    let kind = req_str(&m, "kind")?;
+    let kind = EventKind::parse(kind).ok_or_else(|| {
+        ApiError::invalid(format!("`kind` must be one of {}", EventKind::expected()))
+    })?;
+    let scenario = req_str(&m, "scenario")?;
+    let scenario = Scenario::parse(scenario).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "`scenario` must be one of {}",
+            Scenario::expected()
+        ))
+    })?;
+
+    let credential = match kind {
+        EventKind::Tap => {
+            if m.contains_key("qr") {
+                return Err(ApiError::invalid(
+                    "`qr` is only allowed with kind scan; a tap carries `card_no`",
+                ));
+            }
+            let card = opt_str(&m, "card_no")?.ok_or_else(|| {
+                ApiError::invalid("missing field `card_no` (required with kind tap)")
+            })?;
+            Credential::Tap(card_no_field("card_no", card)?)
+        }
+        EventKind::Scan => {
+            if m.contains_key("card_no") {
+                return Err(ApiError::invalid(
+                    "`card_no` is not allowed with kind scan; a scan carries `qr`",
+                ));
+            }
+            let qr = opt_str(&m, "qr")?
+                .ok_or_else(|| ApiError::invalid("missing field `qr` (required with kind scan)"))?;
+            if qr.is_empty() || qr.len() > QR_LEN_MAX {
+                return Err(ApiError::invalid(format!(
+                    "`qr` must be 1 to {QR_LEN_MAX} bytes"
+                )));
+            }
+            Credential::Scan(qr.to_owned())
+        }
+    };
+
+    let amount_fen = match m.get("amount_fen") {
+        None => None,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(a) if a < 0 => return Err(ApiError::invalid("`amount_fen` must not be negative")),
+            Some(a) if a > AMOUNT_FEN_MAX => {
+                return Err(ApiError::invalid(format!(
+                    "`amount_fen` must be at most {AMOUNT_FEN_MAX}"
+                )))
+            }
+            Some(a) => Some(a),
+            None if n.as_f64().is_some_and(|f| f > AMOUNT_FEN_MAX as f64) => {
+                return Err(ApiError::invalid(format!(
+                    "`amount_fen` must be at most {AMOUNT_FEN_MAX}"
+                )))
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "`amount_fen` must be a whole number of fen",
+                ))
+            }
+        },
+        Some(_) => return Err(ApiError::invalid("`amount_fen` must be an integer (fen)")),
+    };
+
+    let site = match opt_str(&m, "site")? {
+        None => None,
+        Some(s) => {
+            let n = s.chars().count();
+            if n == 0 || n > SITE_LEN_MAX || s.chars().any(char::is_control) {
+                return Err(ApiError::invalid(format!(
+                    "`site` must be 1 to {SITE_LEN_MAX} characters without control characters"
+                )));
+            }
+            Some(s.to_owned())
+        }
+    };
+
+    let occurred_at = match opt_str(&m, "occurred_at")? {
+        None => None,
+        Some(s) => {
+            let ok = s.len() <= TIME_LEN_MAX
+                && time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .is_ok();
+            if !ok {
+                return Err(ApiError::invalid(
+                    "`occurred_at` must be an RFC 3339 time such as 2026-11-28T07:45:12Z",
+                ));
+            }
+            Some(s.to_owned())
+        }
+    };
+
+    Ok(AuthorizeRequest {
+        event_id: event_id.to_owned(),
+        credential,
+        scenario,
+        amount_fen,
+        site,
+        occurred_at,
+    })
+}
+
+/// The `200` answer to an authorization (API.md), plus `message` for
+/// declines: a short sentence a counter clerk can read out.
+#[derive(Debug, Serialize)]
+pub struct AuthorizeAnswer<'a> {
+    pub event_id: &'a str,
+    pub auth_id: &'a str,
+    pub decision: &'static str,
+    pub reason: &'static str,
+    pub amount_fen: i64,
+}
+
+impl AuthorizeAnswer<'_> {
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializing a struct of strings and integers cannot fail")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"event_id":"bus-0042-000000123","kind":"tap","card_no":"500118A12345678","scenario":"transit","amount_fen":200,"site":"line-12","occurred_at":"2026-11-28T07:45:12Z"}"#;
+
+    fn with(field: &str, value: &str) -> String {
+        let mut v: Value = serde_json::from_str(GOOD).unwrap();
+        if value == "<remove>" {
+            v.as_object_mut().unwrap().remove(field);
+        } else {
+            v[field] = serde_json::from_str(value).unwrap();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn good_body_decodes() {
+        let r = parse_authorize(GOOD.as_bytes()).unwrap();
+        assert_eq!(r.event_id, "bus-0042-000000123");
+        assert_eq!(r.scenario, Scenario::Transit);
+        assert_eq!(r.amount_fen, Some(200));
+        assert_eq!(r.kind(), EventKind::Tap);
+    }
+
+    #[test]
+    fn bad_bodies_are_named_without_echoing_values() {
+        let cases: &[(String, &str)] = &[
+            ("{".into(), "not valid JSON"),
+            ("[1]".into(), "JSON object"),
+            (with("colour", "\"red\""), "unknown field `colour`"),
+            (
+                with("500118A12345678", "1"),
+                "unknown field (name not shown)",
+            ),
+            (with("event_id", "<remove>"), "missing field `event_id`"),
+            (with("event_id", "\"\""), "`event_id` must be 1 to 64"),
+            (
+                with("event_id", &format!("\"{}\"", "e".repeat(65))),
+                "`event_id` must be 1 to 64",
+            ),
+            (
+                with("event_id", "\"has space\""),
+                "`event_id` must be 1 to 64",
+            ),
+            (with("kind", "\"wave\""), "`kind` must be one of tap, scan"),
+            (
+                with("card_no", "500118123456789"),
+                "`card_no` must be a string",
+            ),
+            (
+                with("card_no", "\"500118a1234\""),
+                "`card_no` must contain only",
+            ),
+            (with("card_no", "\"5001\""), "`card_no` must be 8 to 32"),
+            (with("card_no", "<remove>"), "missing field `card_no`"),
+            (
+                with("qr", "\"OC1.x\""),
+                "`qr` is only allowed with kind scan",
+            ),
+            (with("scenario", "\"ferry\""), "`scenario` must be one of"),
+            (
+                with("amount_fen", "-1"),
+                "`amount_fen` must not be negative",
+            ),
+            (with("amount_fen", "1.5"), "whole number"),
+            (
+                with("amount_fen", "\"200\""),
+                "`amount_fen` must be an integer",
+            ),
+            (with("amount_fen", "99999999999999999999"), "at most"),
+            (with("amount_fen", "18446744073709551615"), "at most"),
+            (with("site", "\"\""), "`site` must be 1 to 64"),
+            (with("site", "\"a\\nb\""), "`site` must be 1 to 64"),
+            (
+                with("occurred_at", "\"yesterday\""),
+                "`occurred_at` must be an RFC 3339",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = parse_authorize(body.as_bytes()).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::InvalidRequest, "{body}");
+            assert!(
+                err.message.contains(want),
+                "body {body}: message {:?} lacks {want:?}",
+                err.message
+            );
+            assert!(
+                !err.message.contains("12345678"),
+                "message echoes a card number: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_spacing_and_order_but_not_content() {
+        let a = parse_authorize(GOOD.as_bytes()).unwrap();
+        let v: Value = serde_json::from_str(GOOD).unwrap();
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        let b = parse_authorize(pretty.as_bytes()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let c = parse_authorize(with("amount_fen", "201").as_bytes()).unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        let d = parse_authorize(with("site", "<remove>").as_bytes()).unwrap();
+        assert_ne!(a.fingerprint(), d.fingerprint());
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let e = ApiError::new(ErrorKind::RateLimited, "slow down");
+        assert_eq!(
+            e.body(),
+            br#"{"error":{"code":"RATE_LIMITED","message":"slow down"}}"#
+        );
+        assert_eq!(e.kind.retry_after_s(), Some(1));
+        assert_eq!(e.kind.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+}

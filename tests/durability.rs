@@ -1,0 +1,205 @@
+//! Durability, black-box: the real `onecard` binary is killed with SIGKILL
+//! while terminals send authorizations; after a restart every approval a
+//! terminal received is replayed with the same `auth_id`, and the journal
+//! holds each sequence number once, without gaps.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{connect_terminal, tap, TOKEN};
+use http::{Method, StatusCode};
+use onecard::client::{self, Protocol};
+use onecard::server::{Addrs, LISTENERS_FILE};
+use onecard::state::{Cf, Store};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+const CARDS: usize = 16;
+const KILL_AFTER_APPROVALS: usize = 150;
+const CLIENTS: u32 = 3;
+
+fn spawn_gateway(dir: &Path) -> Child {
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {CLIENTS}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n",
+            dir.join("data")
+        ),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(dir.join("data").join(LISTENERS_FILE));
+    Command::new(env!("CARGO_BIN_EXE_onecard"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("ONECARD_ADMIN_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the onecard binary starts")
+}
+
+/// Waits until the gateway has written its bound addresses (it does so once
+/// it is ready), or the process exits.
+fn wait_ready(child: &mut Child, dir: &Path) -> Addrs {
+    let file = dir.join("data").join(LISTENERS_FILE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            if let Ok(addrs) = serde_json::from_str::<Addrs>(&text) {
+                return addrs;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("gateway exited before becoming ready: {status}");
+        }
+        assert!(Instant::now() < deadline, "gateway not ready within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn card(i: usize) -> String {
+    format!("500118K{i:08}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_gateway(dir.path());
+    let addrs = wait_ready(&mut child, dir.path());
+    let certs = dir.path().join("data").join("certs");
+    for i in 0..CARDS {
+        let a = client::admin(
+            addrs.admin,
+            Some(TOKEN),
+            Method::PUT,
+            &format!("/admin/v1/cards/{}", card(i)),
+            Some(&json!({"status": "active", "functions": ["transit"]})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+    }
+
+    // Terminals send until the connection breaks; each keeps the answers it got.
+    let approvals = Arc::new(AtomicUsize::new(0));
+    let received: Arc<Mutex<BTreeMap<(u32, String), (String, Vec<u8>)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for n in 1..=CLIENTS {
+        let mut conn = connect_terminal(&certs, addrs.terminal, n, Protocol::Http1).await;
+        let approvals = approvals.clone();
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let event = format!("k9-{n}-{i}");
+                let Ok(a) = conn
+                    .authorize(&tap(&event, &card(i % CARDS), "transit", 1))
+                    .await
+                else {
+                    break;
+                };
+                if a.status != StatusCode::OK {
+                    continue;
+                }
+                let v = a.json();
+                if v["decision"] == "approve" {
+                    approvals.fetch_add(1, Ordering::AcqRel);
+                }
+                received.lock().await.insert(
+                    (n, event),
+                    (v["auth_id"].as_str().unwrap().to_owned(), a.body.to_vec()),
+                );
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while approvals.load(Ordering::Acquire) < KILL_AFTER_APPROVALS {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "only {} approvals in 120 s",
+                approvals.load(Ordering::Acquire)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let received = Arc::try_unwrap(received).unwrap().into_inner();
+    assert!(received.len() >= KILL_AFTER_APPROVALS);
+
+    // Restart on the same data and replay everything the terminals saw.
+    let mut child = spawn_gateway(dir.path());
+    let addrs = wait_ready(&mut child, dir.path());
+    let mut conns = Vec::new();
+    for n in 1..=CLIENTS {
+        conns.push(connect_terminal(&certs, addrs.terminal, n, Protocol::Http2).await);
+    }
+    for ((n, event), (auth_id, body)) in &received {
+        let i: usize = event.rsplit('-').next().unwrap().parse().unwrap();
+        let a = conns[(*n - 1) as usize]
+            .authorize(&tap(event, &card(i % CARDS), "transit", 1))
+            .await
+            .unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(
+            a.json()["auth_id"].as_str().unwrap(),
+            auth_id,
+            "{event}: a different answer after the crash"
+        );
+        assert_eq!(
+            &a.body.to_vec(),
+            body,
+            "{event}: the replay is not byte-identical"
+        );
+    }
+
+    // A clean stop (SIGTERM) exits 0.
+    drop(conns);
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "SIGTERM should stop the gateway cleanly: {exit}"
+    );
+
+    // The journal: sequence numbers 1..=n, each once, each event once.
+    let store = Store::open(&dir.path().join("data").join("db")).unwrap();
+    let mut seqs = Vec::new();
+    let mut events = BTreeMap::new();
+    store
+        .scan(Cf::Journal, &[], |k, v| {
+            seqs.push(u64::from_be_bytes(k.try_into().unwrap()));
+            let r: onecard::journal::DecisionRecord = serde_json::from_slice(v).unwrap();
+            *events.entry((r.terminal, r.event_id)).or_insert(0) += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "sequence numbers are contiguous from 1"
+    );
+    assert!(
+        events.values().all(|n| *n == 1),
+        "an event was journaled twice"
+    );
+    for (n, event) in received.keys() {
+        assert!(
+            events.contains_key(&(onecard::certs::terminal_id(*n), event.clone())),
+            "{event} acknowledged but not journaled"
+        );
+    }
+}
