@@ -1,0 +1,217 @@
+//! Limits a client runs into: idempotency retention and clean-up, the
+//! header-read and idle timeouts, and the connection cap.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{decision, tap, TestGateway};
+use http::Method;
+use onecard::client::Protocol;
+use onecard::idempotency;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CARD: &str = "500118L00000001";
+
+/// Reads until the server closes the connection; fails if it has not within
+/// 30 s (far above the configured timeouts, so a loaded machine is fine).
+async fn closed_by_server(mut s: TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the server closes the connection");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_idempotency_records_are_cleaned_up_and_the_key_can_be_reused() {
+    let gw = TestGateway::start(|c| c.idempotency.retention_s = 60).await;
+    gw.put_card(CARD, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    let first = t
+        .authorize(&tap("old-1", CARD, "transit", 100))
+        .await
+        .unwrap();
+    assert_eq!(decision(&first).0, "approve");
+    let g = gw.running().gateway().clone();
+
+    // Within the retention nothing is removed.
+    let now = onecard::clock::now_ms();
+    assert_eq!(
+        idempotency::cleanup_step(&g.store, &g.journal, 60, now)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        t.authorize(&tap("old-1", CARD, "transit", 100))
+            .await
+            .unwrap()
+            .body,
+        first.body
+    );
+
+    // Past it, the record goes, and the key is decided anew.
+    let later = now + 61_000;
+    assert_eq!(
+        idempotency::cleanup_step(&g.store, &g.journal, 60, later)
+            .await
+            .unwrap(),
+        1
+    );
+    let again = t
+        .authorize(&tap("old-1", CARD, "transit", 100))
+        .await
+        .unwrap();
+    assert_eq!(decision(&again).0, "approve");
+    assert_ne!(again.json()["auth_id"], first.json()["auth_id"]);
+    // The cursor moved past the old record, and the new answer is kept.
+    let now = onecard::clock::now_ms();
+    assert_eq!(
+        idempotency::cleanup_step(&g.store, &g.journal, 60, now)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        t.authorize(&tap("old-1", CARD, "transit", 100))
+            .await
+            .unwrap()
+            .body,
+        again.body
+    );
+    drop(t);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_clean_up_does_not_remove_the_answer_of_a_reused_key() {
+    let gw = TestGateway::start(|c| c.idempotency.retention_s = 1).await;
+    gw.put_card(CARD, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    let first = t
+        .authorize(&tap("reuse-1", CARD, "transit", 100))
+        .await
+        .unwrap();
+    // Let the first answer's retention pass (the behaviour under test is
+    // the passing of time, not a synchronisation).
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let reused_at = onecard::clock::now_ms();
+    let again = t
+        .authorize(&tap("reuse-1", CARD, "transit", 100))
+        .await
+        .unwrap();
+    assert_ne!(
+        again.json()["auth_id"],
+        first.json()["auth_id"],
+        "an expired key is decided anew"
+    );
+    // The clean-up now reaches the first record, whose key holds the new answer.
+    let g = gw.running().gateway().clone();
+    assert_eq!(
+        idempotency::cleanup_step(&g.store, &g.journal, 1, reused_at)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        t.authorize(&tap("reuse-1", CARD, "transit", 100))
+            .await
+            .unwrap()
+            .body,
+        again.body
+    );
+    drop(t);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_connections_are_closed() {
+    let gw = TestGateway::start(|c| {
+        c.terminal.plaintext_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.header_read_timeout_ms = 300;
+        c.limits.idle_timeout_ms = 400;
+    })
+    .await;
+    let addr = gw.running().addrs.plaintext.unwrap();
+
+    // Headers that never finish.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    closed_by_server(s).await;
+
+    // A connection that never sends anything.
+    let s = TcpStream::connect(addr).await.unwrap();
+    closed_by_server(s).await;
+
+    // A TLS connection that never shakes hands.
+    let s = TcpStream::connect(gw.terminal_addr()).await.unwrap();
+    closed_by_server(s).await;
+
+    // A keep-alive connection that goes quiet after a request.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = closed_by_server(s).await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 404"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_refused_and_the_slot_comes_back() {
+    let gw = TestGateway::start(|c| {
+        c.terminal.plaintext_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.connections_max = 1;
+    })
+    .await;
+    let addr = gw.running().addrs.plaintext.unwrap();
+    let mut first = onecard::client::Connection::plain(addr, Protocol::Http1)
+        .await
+        .unwrap();
+    let a = first
+        .send(Method::GET, "/healthz", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.status,
+        http::StatusCode::NOT_FOUND,
+        "the first connection is served"
+    );
+    // The second is closed at once, before any HTTP.
+    let second = TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_server(second).await.is_empty());
+    drop(first);
+    // Once the first is gone its slot is free again (the server notices the
+    // close asynchronously, so try a few times).
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(mut c) = onecard::client::Connection::plain(addr, Protocol::Http1).await {
+            if c.send(Method::GET, "/healthz", &[], Vec::new())
+                .await
+                .is_ok()
+            {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the connection slot was not released");
+    gw.shutdown().await;
+}
