@@ -374,15 +374,22 @@ pub async fn serve_connection<I, F, Fut>(
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    // One timer for the idle check, reset when it fires: creating a new
+    // one on every wake of the connection would cost a timer-wheel insert
+    // and removal per request.
     let check = (idle_timeout / 4).max(Duration::from_millis(50));
+    let tick = tokio::time::sleep(check);
+    tokio::pin!(tick);
     let mut closing = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
-            _ = tokio::time::sleep(check), if !closing => {
+            _ = &mut tick, if !closing => {
                 if activity.idle_for().is_some_and(|d| d >= idle_timeout) {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
+                } else {
+                    tick.as_mut().reset(tokio::time::Instant::now() + check);
                 }
             }
             _ = stop.changed(), if !closing => {

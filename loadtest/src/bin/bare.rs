@@ -17,6 +17,10 @@ use onecard::{certs, ingress};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+// The same allocator as the gateway, so the baseline is a fair one.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Loopback address to listen on.
