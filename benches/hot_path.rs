@@ -106,10 +106,7 @@ fn bench_journal(c: &mut Criterion) {
                             let ops =
                                 vec![Op::Put(Cf::Idem, n.to_be_bytes().to_vec(), answer.clone())];
                             journal
-                                .submit(Commit {
-                                    record: Some(record.clone()),
-                                    ops,
-                                })
+                                .submit(Commit::new(Some(record.clone()), ops))
                                 .unwrap()
                         })
                         .collect();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -18,8 +18,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::gateway::{journal_error, Gateway};
-use crate::ingress::{error_response, json_response, read_json_body, status_label, Body};
+use crate::ingress::{
+    error_response, json_response, read_json_body, status_label, wrong_method, Body,
+};
+use crate::journal::JournalError;
 use crate::model::{Card, CardNo, CardStatus, Concession, Function};
+use crate::routes::{self, Listener, Match, RouteId};
 use crate::state::cards::CardRecord;
 use crate::state::denylist::DENY_REASON_LEN_MAX;
 use crate::wire::{self, ApiError, ErrorKind};
@@ -65,52 +69,27 @@ impl Admin {
     }
 
     async fn route(&self, req: Request<Incoming>, path: &str) -> (&'static str, Response<Body>) {
-        let method = req.method().clone();
-        match path {
-            "/healthz" => ("/healthz", ok_json(&serde_json::json!({"status": "ok"}))),
-            "/readyz" => (
-                "/readyz",
-                match self.gateway.not_ready() {
-                    None => ok_json(&serde_json::json!({"status": "ready"})),
-                    Some(why) => error_response(&ApiError::new(
-                        ErrorKind::Unavailable,
-                        format!("not ready: {why}"),
-                    )),
-                },
-            ),
-            "/metrics" => {
-                let mut r = Response::new(Full::new(Bytes::from(self.prometheus.render())));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                ("/metrics", r)
-            }
-            p if p.starts_with("/admin/") => {
-                let route = if p.starts_with("/admin/v1/cards/") {
-                    "/admin/v1/cards/{card_no}"
-                } else if p.starts_with("/admin/v1/denylist/") {
-                    "/admin/v1/denylist/{card_no}"
-                } else {
-                    "/admin/other"
-                };
-                if let Err(e) = self.authenticate(&req) {
-                    return (route, error_response(&e));
-                }
-                let r = match self.admin(method, req, p).await {
-                    Ok(r) => r,
-                    Err(e) => error_response(&e),
-                };
-                (route, r)
-            }
-            _ => (
-                "other",
-                error_response(&ApiError::new(
+        let (route, param) = match routes::find(Listener::Admin, req.method(), path) {
+            Match::Found { route, param } => (route, param),
+            Match::WrongMethod { path, allowed } => return (path, wrong_method(path, &allowed)),
+            Match::NotFound => {
+                let e = ApiError::new(
                     ErrorKind::NotFound,
-                    "no such route on the admin listener",
-                )),
-            ),
+                    "no such route on the admin listener; see docs/openapi.json",
+                );
+                return ("other", error_response(&e));
+            }
+        };
+        if route.token {
+            if let Err(e) = self.authenticate(&req) {
+                return (route.path, error_response(&e));
+            }
         }
+        let response = match self.dispatch(route.id, param.unwrap_or(""), req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        };
+        (route.path, response)
     }
 
     fn authenticate(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
@@ -138,43 +117,55 @@ impl Admin {
         }
     }
 
-    async fn admin(
+    async fn dispatch(
         &self,
-        method: Method,
+        id: RouteId,
+        param: &str,
         req: Request<Incoming>,
-        path: &str,
     ) -> Result<Response<Body>, ApiError> {
-        let not_found = || ApiError::new(ErrorKind::NotFound, "no such admin route");
-        if let Some(card) = path.strip_prefix("/admin/v1/cards/") {
-            let card_no = wire::card_no_field("card_no in the path", card)?;
-            return match method {
-                Method::PUT => self.put_card(&card_no, self.body(req).await?).await,
-                Method::GET => self.get_card(&card_no),
-                _ => Err(ApiError::new(ErrorKind::NotFound, "cards take GET and PUT")),
-            };
-        }
-        if let Some(card) = path.strip_prefix("/admin/v1/denylist/") {
-            let card_no = wire::card_no_field("card_no in the path", card)?;
-            return match method {
-                Method::PUT => self.deny(&card_no, self.body(req).await?).await,
-                Method::DELETE => self.lift(&card_no).await,
-                Method::GET => self.get_deny(&card_no),
-                _ => Err(ApiError::new(
-                    ErrorKind::NotFound,
-                    "deny-list entries take GET, PUT and DELETE",
+        let card = || wire::card_no_field("card_no in the path", param);
+        match id {
+            RouteId::Healthz => Ok(ok_json(&serde_json::json!({"status": "ok"}))),
+            RouteId::Readyz => match self.gateway.not_ready() {
+                None => Ok(ok_json(&serde_json::json!({"status": "ready"}))),
+                Some(why) => Err(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("not ready: {why}"),
                 )),
-            };
+            },
+            RouteId::Metrics => {
+                let mut r = Response::new(Full::new(Bytes::from(self.prometheus.render())));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                Ok(r)
+            }
+            RouteId::CardPut => {
+                let card_no = card()?;
+                self.put_card(&card_no, self.body(req).await?).await
+            }
+            RouteId::CardGet => self.get_card(&card()?),
+            RouteId::DenyPut => {
+                let card_no = card()?;
+                self.deny(&card_no, self.body(req).await?).await
+            }
+            RouteId::DenyDelete => self.lift(&card()?).await,
+            RouteId::DenyGet => self.get_deny(&card()?),
+            RouteId::Status => {
+                let gw = &self.gateway;
+                Ok(ok_json(&serde_json::json!({
+                    "cards": gw.cards.len(),
+                    "denylist": {"entries": gw.deny.len(), "version": gw.deny.version()},
+                    "journal": {"last_seq": gw.journal.last_seq(), "healthy": gw.journal.is_healthy(), "durability": gw.config.journal.durability},
+                    "connections_open": gw.admission.connections_open(),
+                })))
+            }
+            RouteId::Authorize => Err(ApiError::new(
+                ErrorKind::NotFound,
+                "authorizations go to the terminal listener",
+            )),
         }
-        if path == "/admin/v1/status" && method == Method::GET {
-            let gw = &self.gateway;
-            return Ok(ok_json(&serde_json::json!({
-                "cards": gw.cards.len(),
-                "denylist": {"entries": gw.deny.len(), "version": gw.deny.version()},
-                "journal": {"last_seq": gw.journal.last_seq(), "healthy": gw.journal.is_healthy(), "durability": gw.config.journal.durability},
-                "connections_open": gw.admission.connections_open(),
-            })));
-        }
-        Err(not_found())
     }
 
     async fn body(
@@ -240,12 +231,10 @@ impl Admin {
                 "`reason` must be 1 to {DENY_REASON_LEN_MAX} characters without control characters"
             )));
         }
-        let gw = &self.gateway;
-        let version = gw
-            .deny
-            .add(&gw.journal, card_no, reason, gw.now_ms())
-            .await
-            .map_err(journal_error)?;
+        let (gw, card, why) = (self.gateway.clone(), card_no.clone(), reason.to_owned());
+        let version =
+            to_completion(async move { gw.deny.add(&gw.journal, &card, &why, gw.now_ms()).await })
+                .await?;
         tracing::info!(card = %card_no, denylist.version = version, "deny-listed");
         Ok(ok_json(
             &serde_json::json!({"card_no": card_no.as_str(), "reason": reason, "version": version}),
@@ -253,12 +242,9 @@ impl Admin {
     }
 
     async fn lift(&self, card_no: &CardNo) -> Result<Response<Body>, ApiError> {
-        let gw = &self.gateway;
-        match gw
-            .deny
-            .remove(&gw.journal, card_no, gw.now_ms())
-            .await
-            .map_err(journal_error)?
+        let (gw, card) = (self.gateway.clone(), card_no.clone());
+        match to_completion(async move { gw.deny.remove(&gw.journal, &card, gw.now_ms()).await })
+            .await?
         {
             Some(version) => {
                 tracing::info!(card = %card_no, denylist.version = version, "lifted from the deny list");
@@ -284,6 +270,23 @@ impl Admin {
             &serde_json::json!({"card_no": card_no.as_str(), "reason": e.reason, "version": e.version}),
         ))
     }
+}
+
+/// Runs a deny-list change to its end even if the admin client hangs up
+/// half-way: a change that reached disk must reach memory (and take its
+/// version) too, or the next change would reuse the version number.
+async fn to_completion<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, JournalError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "the change was interrupted; read the entry back and retry",
+            )
+        })?
+        .map_err(journal_error)
 }
 
 /// An optional array of enum names; duplicates are folded.

@@ -184,10 +184,7 @@ impl Gateway {
             Lookup::Conflict => {
                 return Err(ApiError::new(
                     ErrorKind::IdempotencyConflict,
-                    format!(
-                        "event_id {} was already used by this terminal with a different body",
-                        req.event_id
-                    ),
+                    "`event_id` was already used by this terminal with a different body",
                 ))
             }
             Lookup::Fresh(guard) => guard,
@@ -253,13 +250,15 @@ impl Gateway {
                 ));
             }
             let record = serde_json::to_vec(&record).expect("a decision record always serializes");
-            let pending = self
-                .journal
-                .submit(Commit {
-                    record: Some(record),
-                    ops,
-                })
-                .map_err(journal_error)?;
+            // The idempotency guard travels with the commit: the writer drops
+            // it once the batch is on disk, even if this request is cancelled
+            // (the client hung up) while waiting below.
+            let commit = Commit {
+                record: Some(record),
+                ops,
+                hold_until_written: Some(Box::new(guard)),
+            };
+            let pending = self.journal.submit(commit).map_err(journal_error)?;
             if let Some(after) = outcome.card_after {
                 self.cards.set(card_no.clone(), after);
             }
@@ -269,7 +268,6 @@ impl Gateway {
             .await
             .unwrap_or(Err(JournalError::Closed))
             .map_err(journal_error)?;
-        drop(guard);
 
         metrics::counter!(
             "onecard_decisions_total",
@@ -307,10 +305,7 @@ impl Gateway {
             );
             let pending = self
                 .journal
-                .submit(Commit {
-                    record: None,
-                    ops: vec![op],
-                })
+                .submit(Commit::new(None, vec![op]))
                 .map_err(journal_error)?;
             self.cards.set(card_no.clone(), stored);
             (pending, stored)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -31,7 +31,9 @@ use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::Admission;
 use crate::gateway::Gateway;
+use crate::routes::{self, Listener, Match, RouteId};
 use crate::wire::{ApiError, ErrorKind};
 
 pub type Body = Full<Bytes>;
@@ -229,7 +231,18 @@ pub enum TerminalIdentity {
     Header,
 }
 
-const ROUTE_AUTHORIZE: &str = "/v1/authorize";
+/// `404` for a path that exists with other methods, naming them.
+pub fn wrong_method(path: &str, allowed: &[&str]) -> Response<Body> {
+    let list = allowed.join(", ");
+    let mut r = error_response(&ApiError::new(
+        ErrorKind::NotFound,
+        format!("{path} takes only {list}"),
+    ));
+    if let Ok(v) = HeaderValue::from_str(&list) {
+        r.headers_mut().insert(http::header::ALLOW, v);
+    }
+    r
+}
 
 /// Serves one request on the terminal listener.
 pub async fn terminal_request(
@@ -237,31 +250,27 @@ pub async fn terminal_request(
     identity: TerminalIdentity,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let route = if req.uri().path() == ROUTE_AUTHORIZE {
-        ROUTE_AUTHORIZE
-    } else {
-        "other"
-    };
-    let response = match (req.method(), route) {
-        (&Method::POST, ROUTE_AUTHORIZE) => match authorize(&gw, identity, req).await {
-            Ok(body) => json_response(StatusCode::OK, body),
-            Err(e) => error_response(&e),
-        },
-        (_, ROUTE_AUTHORIZE) => {
-            let mut r = error_response(&ApiError::new(
-                ErrorKind::NotFound,
-                "/v1/authorize takes only POST",
-            ));
-            r.headers_mut()
-                .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
-            r
+    let path = req.uri().path().to_owned();
+    let (label, response) = match routes::find(Listener::Terminal, req.method(), &path) {
+        Match::Found { route, .. } => {
+            // The terminal listener has one route; the table says so.
+            debug_assert_eq!(route.id, RouteId::Authorize);
+            let r = match authorize(&gw, identity, req).await {
+                Ok(body) => json_response(StatusCode::OK, body),
+                Err(e) => error_response(&e),
+            };
+            (route.path, r)
         }
-        _ => error_response(&ApiError::new(
-            ErrorKind::NotFound,
-            "no such route on the terminal listener; see API.md",
-        )),
+        Match::WrongMethod { path, allowed } => (path, wrong_method(path, &allowed)),
+        Match::NotFound => {
+            let e = ApiError::new(
+                ErrorKind::NotFound,
+                "no such route on the terminal listener; see docs/openapi.json",
+            );
+            ("other", error_response(&e))
+        }
     };
-    metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => route, "status" => status_label(response.status())).increment(1);
+    metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(response.status())).increment(1);
     response
 }
 
@@ -321,12 +330,19 @@ impl ConnActivity {
 
     /// Wraps a request future so the connection counts as busy while it runs.
     pub async fn track<F: Future>(&self, f: F) -> F::Output {
+        /// Ends the request's count even when hyper drops the future (an
+        /// HTTP/2 stream reset), so the idle timeout keeps working.
+        struct Busy<'a>(&'a ConnActivity);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                self.0.touch();
+                self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.touch();
-        let out = f.await;
-        self.touch();
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        out
+        let _busy = Busy(self);
+        f.await
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -384,10 +400,16 @@ pub async fn serve_connection<I, F, Fut>(
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
-            _ = &mut tick, if !closing => {
+            _ = &mut tick => {
+                if closing {
+                    // The peer did not let the connection finish (it stopped
+                    // reading, or holds a stream open): drop it.
+                    break;
+                }
                 if activity.idle_for().is_some_and(|d| d >= idle_timeout) {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
+                    tick.as_mut().reset(tokio::time::Instant::now() + header_read_timeout);
                 } else {
                     tick.as_mut().reset(tokio::time::Instant::now() + check);
                 }
@@ -395,6 +417,7 @@ pub async fn serve_connection<I, F, Fut>(
             _ = stop.changed(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+                tick.as_mut().reset(tokio::time::Instant::now() + header_read_timeout);
             }
         }
     }
@@ -410,8 +433,9 @@ pub async fn run_tls_listener(
     accept_loop(
         listener,
         stop.clone(),
-        "terminal",
+        TLS_LISTENER,
         gw.clone(),
+        gw.admission.clone(),
         move |stream, gw, permit| {
             let acceptor = acceptor.clone();
             let stop = stop.clone();
@@ -472,6 +496,7 @@ pub async fn run_plain_listener(
         stop.clone(),
         "plaintext",
         gw.clone(),
+        gw.admission.clone(),
         move |stream, gw, permit| {
             let stop = stop.clone();
             async move {
@@ -493,6 +518,9 @@ pub async fn run_plain_listener(
     .await;
 }
 
+const TLS_LISTENER: &str = "terminal";
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 98\r\nConnection: close\r\n\r\n{\"error\":{\"code\":\"UNAVAILABLE\",\"message\":\"the gateway is at its connection limit; retry shortly\"}}";
+
 /// The accept loop shared by every listener: connection cap, `TCP_NODELAY`,
 /// one task per connection.
 pub async fn accept_loop<F, Fut>(
@@ -500,6 +528,7 @@ pub async fn accept_loop<F, Fut>(
     mut stop: watch::Receiver<bool>,
     name: &'static str,
     gw: Arc<Gateway>,
+    admission: Arc<Admission>,
     on_conn: F,
 ) where
     F: Fn(TcpStream, Arc<Gateway>, crate::admission::ConnectionPermit) -> Fut,
@@ -520,7 +549,13 @@ pub async fn accept_loop<F, Fut>(
                 continue;
             }
         };
-        let Some(permit) = gw.admission.connection(name) else {
+        let Some(permit) = admission.connection(name) else {
+            // On a plaintext listener the refusal can be said in HTTP; on
+            // the TLS listener nothing can be said before a handshake, which
+            // is exactly the work being refused.
+            if name != TLS_LISTENER {
+                let _ = stream.try_write(OVER_CAPACITY);
+            }
             drop(stream);
             continue;
         };

@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
@@ -42,10 +42,25 @@ pub enum Op {
 
 /// What one caller wants written atomically. `record`, when present, is a
 /// decision record: the writer gives it the next sequence number.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Commit {
     pub record: Option<Vec<u8>>,
     pub ops: Vec<Op>,
+    /// Dropped by the writer only after the batch is on disk (or has
+    /// failed), whatever happens to the caller. The authorization path puts
+    /// its idempotency guard here: a client that hangs up mid-request must
+    /// not let a retry be decided while the first decision is still queued.
+    pub hold_until_written: Option<Box<dyn Send>>,
+}
+
+impl Commit {
+    pub fn new(record: Option<Vec<u8>>, ops: Vec<Op>) -> Commit {
+        Commit {
+            record,
+            ops,
+            hold_until_written: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +95,9 @@ enum Item {
 
 pub struct Journal {
     tx: Sender<Item>,
+    /// Submissions check `closing` and send under the read side; `close`
+    /// sets it under the write side, so nothing is queued behind `Stop`.
+    gate: RwLock<()>,
     closing: AtomicBool,
     failed: Arc<AtomicBool>,
     /// The next sequence number the writer will assign.
@@ -122,6 +140,7 @@ impl Journal {
             .expect("spawning the journal writer thread");
         Ok(Journal {
             tx,
+            gate: RwLock::new(()),
             closing: AtomicBool::new(false),
             failed,
             next_seq,
@@ -135,10 +154,16 @@ impl Journal {
         &self,
         commit: Commit,
     ) -> Result<oneshot::Receiver<Result<Option<u64>, JournalError>>, JournalError> {
-        self.check()?;
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Item::Commit(commit, reply)) {
-            Ok(()) => Ok(rx),
+        self.send(Item::Commit(commit, reply))?;
+        Ok(rx)
+    }
+
+    fn send(&self, item: Item) -> Result<(), JournalError> {
+        let _open = self.gate.read();
+        self.check()?;
+        match self.tx.try_send(item) {
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(JournalError::Busy),
             Err(TrySendError::Disconnected(_)) => Err(JournalError::Closed),
         }
@@ -153,17 +178,13 @@ impl Journal {
 
     /// Deletes expired idempotency records and moves the clean-up cursor.
     pub async fn cleanup(&self, expired: Vec<Expired>, cursor: u64) -> Result<(), JournalError> {
-        self.check()?;
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Item::Cleanup {
+        self.send(Item::Cleanup {
             expired,
             cursor,
             reply,
-        }) {
-            Ok(()) => wait(rx).await.map(|_| ()),
-            Err(TrySendError::Full(_)) => Err(JournalError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(JournalError::Closed),
-        }
+        })?;
+        wait(rx).await.map(|_| ())
     }
 
     fn check(&self) -> Result<(), JournalError> {
@@ -188,7 +209,10 @@ impl Journal {
     /// Refuses new commits, writes everything already queued, syncs the WAL
     /// and stops the writer thread. Safe to call more than once.
     pub fn close(&self) {
-        self.closing.store(true, Ordering::Release);
+        {
+            let _shut = self.gate.write();
+            self.closing.store(true, Ordering::Release);
+        }
         let thread = self.thread.lock().take();
         if let Some(thread) = thread {
             // A blocking send: the writer is draining, so there is room soon.
@@ -219,8 +243,21 @@ struct Writer {
     next_seq: Arc<AtomicU64>,
 }
 
+/// Marks the journal failed if the writer thread ends by panicking, so that
+/// submissions are refused and `/readyz` turns red instead of hanging.
+struct PanicGuard(Arc<AtomicBool>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
 impl Writer {
     fn run(self) {
+        let _guard = PanicGuard(self.failed.clone());
         let mut carry: Option<Item> = None;
         let mut stopping = false;
         loop {

@@ -12,7 +12,7 @@
 //!   group-commits the record durably before the answer goes out;
 //! - [`state`] holds cards and the deny list in memory (lock-free reads) and
 //!   in RocksDB; [`admin`] changes them and serves `/metrics`, `/healthz`,
-//!   `/readyz`;
+//!   `/readyz`; [`routes`] is the table of everything both listeners serve;
 //! - [`server`] starts and stops it all; [`config`] is the one typed config;
 //!   [`certs`], [`client`] and [`demo`] serve development, tests and the
 //!   load generator.
@@ -32,6 +32,7 @@ pub mod idempotency;
 pub mod ingress;
 pub mod journal;
 pub mod model;
+pub mod routes;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
+use crate::admission::Admission;
 use crate::certs::{self, CertError};
 use crate::config::Config;
+use crate::config::LimitsConfig;
 use crate::gateway::Gateway;
 use crate::ingress::{self, TlsSetupError};
 use crate::state::StoreError;
@@ -24,6 +26,8 @@ use crate::{idempotency, telemetry};
 /// Written into the data directory once every listener is bound, so that
 /// scripts and tests started with port 0 can find the gateway.
 pub const LISTENERS_FILE: &str = "listeners.json";
+/// Connections the admin listener accepts at once, apart from terminals'.
+pub const ADMIN_CONNECTIONS_MAX: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Addrs {
@@ -134,6 +138,12 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         stop_rx.clone(),
         "admin",
         gateway.clone(),
+        // Operators keep their own connections: a flood of terminals must
+        // not lock them out of the deny list, nor SREs out of /metrics.
+        Admission::new(&LimitsConfig {
+            connections_max: ADMIN_CONNECTIONS_MAX,
+            ..config.limits.clone()
+        }),
         move |stream, _gw, permit| {
             let admin_state = admin_state.clone();
             let stop = stop_admin.clone();

@@ -47,6 +47,18 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    pub const ALL: &'static [ErrorKind] = &[
+        ErrorKind::InvalidRequest,
+        ErrorKind::Unauthenticated,
+        ErrorKind::Forbidden,
+        ErrorKind::NotFound,
+        ErrorKind::IdempotencyConflict,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::UnsupportedMediaType,
+        ErrorKind::RateLimited,
+        ErrorKind::Unavailable,
+    ];
+
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,

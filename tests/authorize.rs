@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use common::{decision, error_code, tap, TestGateway, TOKEN};
@@ -851,4 +852,34 @@ async fn http1_and_http2_terminals_share_one_listener() {
     );
     drop((h1, h2));
     Arc::try_unwrap(gw).ok().unwrap().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_while_its_record_is_written_is_still_decided_once() {
+    let gw = TestGateway::start(|_| {}).await;
+    seed(&gw).await;
+    let g = gw.running().gateway().clone();
+    let body = serde_json::to_vec(&tap("gone-1", ACTIVE, "transit", 300)).unwrap();
+    // The terminal hangs up right after sending: the future is polled once
+    // (it decides and queues its record) and dropped while it waits for disk.
+    let mut first = Box::pin(g.authorize("term-x", &body, g.now_ms()));
+    let polled =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(first.as_mut().poll(cx).is_pending()))
+            .await;
+    assert!(
+        polled,
+        "the first attempt should still be waiting for its record after one poll"
+    );
+    drop(first);
+    // Its retry gets the decision that was made, not a second one.
+    let retry = g.authorize("term-x", &body, g.now_ms()).await.unwrap();
+    let again = g.authorize("term-x", &body, g.now_ms()).await.unwrap();
+    assert_eq!(retry, again);
+    assert_eq!(
+        gw.admin(Method::GET, &format!("/admin/v1/cards/{ACTIVE}"), None)
+            .await
+            .json()["spent_fen"],
+        300
+    );
+    gw.shutdown().await;
 }

@@ -2,6 +2,11 @@
 //! while terminals send authorizations; after a restart every approval a
 //! terminal received is replayed with the same `auth_id`, and the journal
 //! holds each sequence number once, without gaps.
+//!
+//! Scope: SIGKILL keeps the OS page cache, so this proves "answered only
+//! after the record was written" (it would catch an answer sent before the
+//! write), not "after fdatasync"; the sync itself is RocksDB's
+//! `WriteOptions::set_sync(true)`, set by the journal in `sync` mode.
 
 mod common;
 

@@ -142,9 +142,9 @@ impl DenyList {
             reason: Some(reason.to_owned()),
             at_ms: now_ms,
         };
-        let commit = Commit {
-            record: None,
-            ops: vec![
+        let commit = Commit::new(
+            None,
+            vec![
                 Op::Put(
                     Cf::Denylist,
                     card.as_str().as_bytes().to_vec(),
@@ -161,7 +161,7 @@ impl DenyList {
                     version.to_be_bytes().to_vec(),
                 ),
             ],
-        };
+        );
         journal.commit(commit).await?;
         self.map.pin().insert(card.clone(), entry);
         self.version.store(version, Ordering::Release);
@@ -187,9 +187,9 @@ impl DenyList {
             reason: None,
             at_ms: now_ms,
         };
-        let commit = Commit {
-            record: None,
-            ops: vec![
+        let commit = Commit::new(
+            None,
+            vec![
                 Op::Delete(Cf::Denylist, card.as_str().as_bytes().to_vec()),
                 Op::Put(
                     Cf::DenylistLog,
@@ -202,7 +202,7 @@ impl DenyList {
                     version.to_be_bytes().to_vec(),
                 ),
             ],
-        };
+        );
         journal.commit(commit).await?;
         self.map.pin().remove(card);
         self.version.store(version, Ordering::Release);
