@@ -26,16 +26,19 @@ pub struct Admission {
     rate_per_s: f64,
     burst: f64,
     terminals_tracked_max: usize,
+    /// `onecard_requests_in_flight`, resolved once: it moves twice per request.
+    in_flight_gauge: metrics::Gauge,
 }
 
 /// Held while a request is being served.
 pub struct RequestPermit {
     _permit: OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
 }
 
 impl Drop for RequestPermit {
     fn drop(&mut self) {
-        metrics::gauge!("onecard_requests_in_flight").decrement(1.0);
+        self.gauge.decrement(1.0);
     }
 }
 
@@ -62,6 +65,7 @@ impl Admission {
             rate_per_s: f64::from(limits.terminal_rate_per_s),
             burst: f64::from(limits.terminal_burst),
             terminals_tracked_max: limits.terminals_tracked_max,
+            in_flight_gauge: metrics::gauge!("onecard_requests_in_flight"),
         })
     }
 
@@ -96,8 +100,11 @@ impl Admission {
                 "the gateway is at its limit of requests in flight; retry shortly",
             ));
         };
-        metrics::gauge!("onecard_requests_in_flight").increment(1.0);
-        let permit = RequestPermit { _permit: permit };
+        self.in_flight_gauge.increment(1.0);
+        let permit = RequestPermit {
+            _permit: permit,
+            gauge: self.in_flight_gauge.clone(),
+        };
         self.take_token(terminal, now)?;
         Ok(permit)
     }

@@ -18,6 +18,7 @@ use crate::journal::{Commit, DecisionRecord, Journal, JournalError, Op};
 use crate::model::{Card, CardNo};
 use crate::state::store::meta;
 use crate::state::{cards, CardTable, Cf, DenyList, Store, StoreError};
+use crate::telemetry::HotMetrics;
 use crate::wire::{self, ApiError, AuthorizeAnswer, ErrorKind};
 use crate::{clock, credential};
 
@@ -51,6 +52,7 @@ pub struct Gateway {
     pub deny: DenyList,
     pub idem: Idempotency,
     pub admission: Arc<Admission>,
+    pub metrics: HotMetrics,
     auth_ids: AuthIds,
     ready: AtomicBool,
 }
@@ -117,6 +119,7 @@ impl Gateway {
             deny,
             idem,
             admission,
+            metrics: HotMetrics::new(),
             auth_ids: AuthIds::new(boot),
             ready: AtomicBool::new(false),
         })
@@ -178,7 +181,7 @@ impl Gateway {
             .map_err(storage_error)?
         {
             Lookup::Replay(body) => {
-                metrics::counter!("onecard_idempotent_replays_total").increment(1);
+                self.metrics.replays.increment(1);
                 return Ok(body);
             }
             Lookup::Conflict => {
@@ -210,7 +213,8 @@ impl Gateway {
                 &self.policy,
                 now_ms.div_euclid(1000),
             );
-            metrics::histogram!("onecard_decide_latency_seconds")
+            self.metrics
+                .decide_latency
                 .record(decide_started.elapsed().as_secs_f64());
             let d = outcome.decision;
             let answer = AuthorizeAnswer {
@@ -269,14 +273,11 @@ impl Gateway {
             .unwrap_or(Err(JournalError::Closed))
             .map_err(journal_error)?;
 
-        metrics::counter!(
-            "onecard_decisions_total",
-            "scenario" => req.scenario.as_str(),
-            "decision" => if decision.is_approve() { "approve" } else { "decline" },
-            "reason" => decision.reason().code()
-        )
-        .increment(1);
-        metrics::histogram!("onecard_authorize_latency_seconds", "scenario" => req.scenario.as_str())
+        self.metrics
+            .decision(req.scenario, decision.reason())
+            .increment(1);
+        self.metrics
+            .latency(req.scenario)
             .record(started.elapsed().as_secs_f64());
         if !decision.is_approve() {
             tracing::debug!(card = %card_no, reason = decision.reason().code(), "declined");

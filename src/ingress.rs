@@ -270,7 +270,11 @@ pub async fn terminal_request(
             ("other", error_response(&e))
         }
     };
-    metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(response.status())).increment(1);
+    if label == "/v1/authorize" {
+        gw.metrics.authorize_request(response.status()).increment(1);
+    } else {
+        metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(response.status())).increment(1);
+    }
     response
 }
 

@@ -120,3 +120,88 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Metric handles of the authorization hot path, registered once so that a
+/// request pays an atomic add, not a registry lookup by name and labels.
+/// Registering every (scenario, reason) pair up front also means each series
+/// exists from the start at zero, which is what `rate()` and alerts want.
+pub struct HotMetrics {
+    decisions: Vec<metrics::Counter>,
+    latency: Vec<metrics::Histogram>,
+    pub decide_latency: metrics::Histogram,
+    pub replays: metrics::Counter,
+    authorize_requests: Vec<(u16, metrics::Counter)>,
+    authorize_requests_other: metrics::Counter,
+}
+
+/// Status codes the authorize route answers with, pre-registered.
+const AUTHORIZE_STATUSES: &[u16] = &[200, 400, 401, 404, 409, 413, 415, 429, 503];
+
+impl HotMetrics {
+    pub fn new() -> HotMetrics {
+        use crate::model::{Reason, Scenario};
+        let mut decisions = Vec::with_capacity(Scenario::ALL.len() * Reason::ALL.len());
+        for s in Scenario::ALL {
+            for r in Reason::ALL {
+                let decision = if *r == Reason::Ok {
+                    "approve"
+                } else {
+                    "decline"
+                };
+                decisions.push(metrics::counter!("onecard_decisions_total", "scenario" => s.as_str(), "decision" => decision, "reason" => r.code()));
+            }
+        }
+        let latency = Scenario::ALL
+            .iter()
+            .map(|s| metrics::histogram!("onecard_authorize_latency_seconds", "scenario" => s.as_str()))
+            .collect();
+        let route = crate::routes::ROUTES[0].path;
+        let status_counter = |code: &'static str| metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => route, "status" => code);
+        let authorize_requests = AUTHORIZE_STATUSES
+            .iter()
+            .map(|c| {
+                (
+                    *c,
+                    status_counter(crate::ingress::status_label(
+                        http::StatusCode::from_u16(*c).expect("valid"),
+                    )),
+                )
+            })
+            .collect();
+        HotMetrics {
+            decisions,
+            latency,
+            decide_latency: metrics::histogram!("onecard_decide_latency_seconds"),
+            replays: metrics::counter!("onecard_idempotent_replays_total"),
+            authorize_requests,
+            authorize_requests_other: status_counter("other"),
+        }
+    }
+
+    pub fn decision(
+        &self,
+        s: crate::model::Scenario,
+        r: crate::model::Reason,
+    ) -> &metrics::Counter {
+        &self.decisions[s as usize * crate::model::Reason::ALL.len() + r as usize]
+    }
+
+    pub fn latency(&self, s: crate::model::Scenario) -> &metrics::Histogram {
+        &self.latency[s as usize]
+    }
+
+    /// `onecard_http_requests_total` for `POST /v1/authorize` with `status`.
+    pub fn authorize_request(&self, status: http::StatusCode) -> &metrics::Counter {
+        let code = status.as_u16();
+        self.authorize_requests
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or(&self.authorize_requests_other, |(_, m)| m)
+    }
+}
+
+impl Default for HotMetrics {
+    fn default() -> Self {
+        HotMetrics::new()
+    }
+}
