@@ -248,7 +248,7 @@ pub fn reject_unknown(m: &Map<String, Value>, allowed: &[&str]) -> Result<(), Ap
 
 pub fn opt_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
     match m.get(field) {
-        None => Ok(None),
+        None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(ApiError::invalid(format!("`{field}` must be a string"))),
     }
@@ -268,67 +268,45 @@ fn valid_event_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// The fields of an authorize body, typed but not yet validated.
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorize<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<&'a str>,
+    #[serde(borrow, default)]
+    kind: Option<&'a str>,
+    #[serde(borrow, default)]
+    card_no: Option<&'a str>,
+    #[serde(borrow, default)]
+    qr: Option<&'a str>,
+    #[serde(borrow, default)]
+    scenario: Option<&'a str>,
+    #[serde(default)]
+    amount_fen: Option<i64>,
+    #[serde(borrow, default)]
+    site: Option<&'a str>,
+    #[serde(borrow, default)]
+    occurred_at: Option<&'a str>,
+}
+
 /// Decodes and validates an authorize body.
+///
+/// Two paths, one set of rules: a well-formed body (the common case) is
+/// read straight into borrowed fields without building a JSON tree; any
+/// body that path rejects (a wrong type, an unknown field, a string with
+/// escapes) is read again as a tree, field by field, to say precisely what
+/// is wrong. Both end in [`validate_authorize`]. `null` counts as absent in
+/// both.
 pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
+    if let Ok(raw) = serde_json::from_slice::<RawAuthorize<'_>>(body) {
+        return validate_authorize(raw);
+    }
     let m = parse_object(body)?;
     reject_unknown(&m, AUTHORIZE_FIELDS)?;
-
-    let event_id = req_str(&m, "event_id")?;
-    if !valid_event_id(event_id) {
-        return Err(ApiError::invalid(format!(
-            "`event_id` must be 1 to {EVENT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
-        )));
-    }
-    let kind = req_str(&m, "kind")?;
-    let kind = EventKind::parse(kind).ok_or_else(|| {
-        ApiError::invalid(format!("`kind` must be one of {}", EventKind::expected()))
-    })?;
-    let scenario = req_str(&m, "scenario")?;
-    let scenario = Scenario::parse(scenario).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "`scenario` must be one of {}",
-            Scenario::expected()
-        ))
-    })?;
-
-    let credential = match kind {
-        EventKind::Tap => {
-            if m.contains_key("qr") {
-                return Err(ApiError::invalid(
-                    "`qr` is only allowed with kind scan; a tap carries `card_no`",
-                ));
-            }
-            let card = opt_str(&m, "card_no")?.ok_or_else(|| {
-                ApiError::invalid("missing field `card_no` (required with kind tap)")
-            })?;
-            Credential::Tap(card_no_field("card_no", card)?)
-        }
-        EventKind::Scan => {
-            if m.contains_key("card_no") {
-                return Err(ApiError::invalid(
-                    "`card_no` is not allowed with kind scan; a scan carries `qr`",
-                ));
-            }
-            let qr = opt_str(&m, "qr")?
-                .ok_or_else(|| ApiError::invalid("missing field `qr` (required with kind scan)"))?;
-            if qr.is_empty() || qr.len() > QR_LEN_MAX {
-                return Err(ApiError::invalid(format!(
-                    "`qr` must be 1 to {QR_LEN_MAX} bytes"
-                )));
-            }
-            Credential::Scan(qr.to_owned())
-        }
-    };
-
     let amount_fen = match m.get("amount_fen") {
-        None => None,
+        None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_i64() {
-            Some(a) if a < 0 => return Err(ApiError::invalid("`amount_fen` must not be negative")),
-            Some(a) if a > AMOUNT_FEN_MAX => {
-                return Err(ApiError::invalid(format!(
-                    "`amount_fen` must be at most {AMOUNT_FEN_MAX}"
-                )))
-            }
             Some(a) => Some(a),
             None if n.as_f64().is_some_and(|f| f > AMOUNT_FEN_MAX as f64) => {
                 return Err(ApiError::invalid(format!(
@@ -343,8 +321,79 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
         },
         Some(_) => return Err(ApiError::invalid("`amount_fen` must be an integer (fen)")),
     };
+    let raw = RawAuthorize {
+        event_id: opt_str(&m, "event_id")?,
+        kind: opt_str(&m, "kind")?,
+        card_no: opt_str(&m, "card_no")?,
+        qr: opt_str(&m, "qr")?,
+        scenario: opt_str(&m, "scenario")?,
+        amount_fen,
+        site: opt_str(&m, "site")?,
+        occurred_at: opt_str(&m, "occurred_at")?,
+    };
+    validate_authorize(raw)
+}
 
-    let site = match opt_str(&m, "site")? {
+fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiError> {
+    let missing = |f: &str| ApiError::invalid(format!("missing field `{f}`"));
+    let event_id = raw.event_id.ok_or_else(|| missing("event_id"))?;
+    if !valid_event_id(event_id) {
+        return Err(ApiError::invalid(format!(
+            "`event_id` must be 1 to {EVENT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
+        )));
+    }
+    let kind = EventKind::parse(raw.kind.ok_or_else(|| missing("kind"))?).ok_or_else(|| {
+        ApiError::invalid(format!("`kind` must be one of {}", EventKind::expected()))
+    })?;
+    let scenario =
+        Scenario::parse(raw.scenario.ok_or_else(|| missing("scenario"))?).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "`scenario` must be one of {}",
+                Scenario::expected()
+            ))
+        })?;
+
+    let credential = match kind {
+        EventKind::Tap => {
+            if raw.qr.is_some() {
+                return Err(ApiError::invalid(
+                    "`qr` is only allowed with kind scan; a tap carries `card_no`",
+                ));
+            }
+            let card = raw.card_no.ok_or_else(|| {
+                ApiError::invalid("missing field `card_no` (required with kind tap)")
+            })?;
+            Credential::Tap(card_no_field("card_no", card)?)
+        }
+        EventKind::Scan => {
+            if raw.card_no.is_some() {
+                return Err(ApiError::invalid(
+                    "`card_no` is not allowed with kind scan; a scan carries `qr`",
+                ));
+            }
+            let qr = raw
+                .qr
+                .ok_or_else(|| ApiError::invalid("missing field `qr` (required with kind scan)"))?;
+            if qr.is_empty() || qr.len() > QR_LEN_MAX {
+                return Err(ApiError::invalid(format!(
+                    "`qr` must be 1 to {QR_LEN_MAX} bytes"
+                )));
+            }
+            Credential::Scan(qr.to_owned())
+        }
+    };
+
+    match raw.amount_fen {
+        Some(a) if a < 0 => return Err(ApiError::invalid("`amount_fen` must not be negative")),
+        Some(a) if a > AMOUNT_FEN_MAX => {
+            return Err(ApiError::invalid(format!(
+                "`amount_fen` must be at most {AMOUNT_FEN_MAX}"
+            )))
+        }
+        _ => {}
+    }
+
+    let site = match raw.site {
         None => None,
         Some(s) => {
             let n = s.chars().count();
@@ -357,7 +406,7 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
         }
     };
 
-    let occurred_at = match opt_str(&m, "occurred_at")? {
+    let occurred_at = match raw.occurred_at {
         None => None,
         Some(s) => {
             let ok = s.len() <= TIME_LEN_MAX
@@ -376,7 +425,7 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
         event_id: event_id.to_owned(),
         credential,
         scenario,
-        amount_fen,
+        amount_fen: raw.amount_fen,
         site,
         occurred_at,
     })
@@ -505,6 +554,36 @@ mod tests {
         assert_ne!(a.fingerprint(), c.fingerprint());
         let d = parse_authorize(with("site", "<remove>").as_bytes()).unwrap();
         assert_ne!(a.fingerprint(), d.fingerprint());
+    }
+
+    #[test]
+    fn both_decoding_paths_agree() {
+        // Escapes force the tree path; the result is the same request.
+        let escaped = GOOD.replace("line-12", "line\\u002d12");
+        assert!(
+            serde_json::from_str::<RawAuthorize<'_>>(&escaped).is_err(),
+            "escapes cannot be borrowed"
+        );
+        assert_eq!(
+            parse_authorize(escaped.as_bytes()).unwrap(),
+            parse_authorize(GOOD.as_bytes()).unwrap()
+        );
+        // null is absent on both paths.
+        let null_site = with("site", "null");
+        assert_eq!(parse_authorize(null_site.as_bytes()).unwrap().site, None);
+        let null_site_escaped = null_site
+            .replace("line-12", "line\\u002d12")
+            .replace("bus-0042", "bus\\u002d0042");
+        assert_eq!(
+            parse_authorize(null_site_escaped.as_bytes()).unwrap().site,
+            None
+        );
+        let e = parse_authorize(with("event_id", "null").as_bytes()).unwrap_err();
+        assert!(
+            e.message.contains("missing field `event_id`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
