@@ -216,3 +216,27 @@ pub async fn admin(
         .unwrap_or_default();
     conn.send(method, path, &headers, bytes).await
 }
+
+/// Connects as development terminal `n` (1-based): over mTLS with its
+/// certificate from `certs_dir` (as written by `onecard certs`), or, without
+/// a directory, in plaintext to a benchmark listener.
+pub async fn connect_terminal(
+    addr: SocketAddr,
+    certs_dir: Option<&Path>,
+    n: u32,
+    protocol: Protocol,
+) -> Result<Connection, ClientError> {
+    let Some(dir) = certs_dir else {
+        return Connection::plain(addr, protocol).await;
+    };
+    let id = crate::certs::terminal_id(n);
+    let tls = tls_config(
+        &dir.join(crate::certs::CA_CERT),
+        Some((
+            &crate::certs::terminal_cert_path(dir, &id),
+            &crate::certs::terminal_key_path(dir, &id),
+        )),
+        protocol,
+    )?;
+    Connection::tls(addr, tls, protocol).await
+}

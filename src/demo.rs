@@ -9,7 +9,7 @@ use http::{Method, StatusCode};
 use serde_json::json;
 
 use crate::certs;
-use crate::client::{self, Connection, Protocol};
+use crate::client::{self, Protocol};
 use crate::model::mask_card_no;
 
 struct Step {
@@ -121,15 +121,7 @@ pub async fn run(
     );
 
     let id = certs::terminal_id(1);
-    let tls = client::tls_config(
-        &certs_dir.join(certs::CA_CERT),
-        Some((
-            &certs::terminal_cert_path(certs_dir, &id),
-            &certs::terminal_key_path(certs_dir, &id),
-        )),
-        Protocol::Http2,
-    )?;
-    let mut conn = Connection::tls(terminal, tls, Protocol::Http2).await?;
+    let mut conn = client::connect_terminal(terminal, Some(certs_dir), 1, Protocol::Http2).await?;
     println!("demo: terminal {id} connected over mTLS (HTTP/2) to {terminal}");
     let run_id = crate::clock::now_ms();
     let mut out = Vec::new();

@@ -250,8 +250,8 @@ pub async fn terminal_request(
     identity: TerminalIdentity,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let (label, response) = match routes::find(Listener::Terminal, req.method(), &path) {
+    let found = routes::find(Listener::Terminal, req.method(), req.uri().path());
+    let (label, response) = match found {
         Match::Found { route, .. } => {
             // The terminal listener has one route; the table says so.
             debug_assert_eq!(route.id, RouteId::Authorize);

@@ -49,21 +49,7 @@ pub struct Outcome {
 }
 
 async fn connect(o: &Options, n: u32) -> anyhow::Result<Connection> {
-    let id = certs::terminal_id(n);
-    Ok(match &o.certs {
-        Some(dir) => {
-            let tls = client::tls_config(
-                &dir.join(certs::CA_CERT),
-                Some((
-                    &certs::terminal_cert_path(dir, &id),
-                    &certs::terminal_key_path(dir, &id),
-                )),
-                o.protocol,
-            )?;
-            Connection::tls(o.addr, tls, o.protocol).await?
-        }
-        None => Connection::plain(o.addr, o.protocol).await?,
-    })
+    Ok(client::connect_terminal(o.addr, o.certs.as_deref(), n, o.protocol).await?)
 }
 
 pub async fn run(o: Options, mix: Arc<Mix>) -> anyhow::Result<Outcome> {

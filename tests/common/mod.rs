@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use http::{Method, StatusCode};
-use onecard::certs;
 use onecard::client::{self, Answer, Connection, Protocol};
 use onecard::config::Config;
 use onecard::server::{self, Running};
@@ -128,17 +127,7 @@ pub async fn connect_terminal(
     n: u32,
     protocol: Protocol,
 ) -> Connection {
-    let id = certs::terminal_id(n);
-    let tls = client::tls_config(
-        &certs_dir.join(certs::CA_CERT),
-        Some((
-            &certs::terminal_cert_path(certs_dir, &id),
-            &certs::terminal_key_path(certs_dir, &id),
-        )),
-        protocol,
-    )
-    .unwrap();
-    Connection::tls(addr, tls, protocol)
+    client::connect_terminal(addr, Some(certs_dir), n, protocol)
         .await
         .expect("terminal connects")
 }

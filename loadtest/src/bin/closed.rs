@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use onecard::certs;
-use onecard::client::{self, Connection, Protocol};
+use onecard::client::{self, Protocol};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -75,20 +75,8 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for n in 1..=args.terminals {
         let id = certs::terminal_id(n);
-        let mut conn = match &args.certs {
-            Some(dir) => {
-                let tls = client::tls_config(
-                    &dir.join(certs::CA_CERT),
-                    Some((
-                        &certs::terminal_cert_path(dir, &id),
-                        &certs::terminal_key_path(dir, &id),
-                    )),
-                    protocol,
-                )?;
-                Connection::tls(args.addr, tls, protocol).await?
-            }
-            None => Connection::plain(args.addr, protocol).await?,
-        };
+        let mut conn =
+            client::connect_terminal(args.addr, args.certs.as_deref(), n, protocol).await?;
         let cards = args.cards;
         let plaintext = args.certs.is_none();
         tasks.push(tokio::spawn(async move {
