@@ -18,23 +18,30 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::gateway::{journal_error, Gateway};
+use crate::import;
 use crate::ingress::{
-    error_response, json_response, read_json_body, status_label, wrong_method, Body,
+    error_response, json_response, read_body, read_json_body, status_label, wrong_method, Body,
 };
 use crate::journal::JournalError;
-use crate::model::{Card, CardNo, CardStatus, Concession, Function};
+use crate::model::CardNo;
 use crate::routes::{self, Listener, Match, RouteId};
 use crate::state::cards::CardRecord;
-use crate::state::denylist::DENY_REASON_LEN_MAX;
+use crate::telemetry;
 use crate::wire::{self, ApiError, ErrorKind};
 
 /// Admin bodies are small; this bounds them independently of terminals'.
 pub const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
+/// An import body (up to 32 MiB) may take this long to arrive: long enough
+/// for a slow link, bounded so that a stalled upload frees its slot.
+pub const IMPORT_BODY_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Admin {
     pub gateway: Arc<Gateway>,
     pub token: Option<String>,
     pub prometheus: PrometheusHandle,
+    /// One bulk import at a time: each holds up to 32 MiB of body and a
+    /// parsed copy, and two would only compete for the journal.
+    imports: tokio::sync::Semaphore,
 }
 
 #[derive(Serialize)]
@@ -43,6 +50,21 @@ struct CardView<'a> {
     #[serde(flatten)]
     record: CardRecord,
     denylisted: bool,
+}
+
+impl Admin {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        token: Option<String>,
+        prometheus: PrometheusHandle,
+    ) -> Admin {
+        Admin {
+            gateway,
+            token,
+            prometheus,
+            imports: tokio::sync::Semaphore::new(1),
+        }
+    }
 }
 
 fn ok_json<T: Serialize>(v: &T) -> Response<Body> {
@@ -134,6 +156,7 @@ impl Admin {
                 )),
             },
             RouteId::Metrics => {
+                telemetry::publish_process();
                 let mut r = Response::new(Full::new(Bytes::from(self.prometheus.render())));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
@@ -159,13 +182,44 @@ impl Admin {
                     "denylist": {"entries": gw.deny.len(), "version": gw.deny.version()},
                     "journal": {"last_seq": gw.journal.last_seq(), "healthy": gw.journal.is_healthy(), "durability": gw.config.journal.durability},
                     "connections_open": gw.admission.connections_open(),
+                    "process": {
+                        "resident_bytes": telemetry::resident_bytes(),
+                        "startup_seconds": telemetry::startup_seconds(),
+                    },
                 })))
             }
-            RouteId::Authorize => Err(ApiError::new(
+            RouteId::ImportCards | RouteId::ImportDenylist => self.import(id, req).await,
+            RouteId::Authorize | RouteId::Ping => Err(ApiError::new(
                 ErrorKind::NotFound,
                 "authorizations go to the terminal listener",
             )),
         }
+    }
+
+    async fn import(
+        &self,
+        id: RouteId,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
+        let Ok(_slot) = self.imports.try_acquire() else {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "another import is running; send this one when it has finished",
+            ));
+        };
+        let body = read_body(
+            req,
+            "application/x-ndjson",
+            import::IMPORT_BODY_BYTES_MAX,
+            IMPORT_BODY_TIMEOUT,
+        )
+        .await?;
+        let gw = self.gateway.clone();
+        let report = match id {
+            RouteId::ImportCards => import::cards(gw, body).await?,
+            _ => import::denylist(gw, body).await?,
+        };
+        Ok(ok_json(&report))
     }
 
     async fn body(
@@ -183,19 +237,8 @@ impl Admin {
         m: serde_json::Map<String, Value>,
     ) -> Result<Response<Body>, ApiError> {
         wire::reject_unknown(&m, &["status", "functions", "concessions"])?;
-        let status = wire::req_str(&m, "status")?;
-        let status = CardStatus::parse(status).ok_or_else(|| {
-            ApiError::invalid(format!(
-                "`status` must be one of {}",
-                CardStatus::expected()
-            ))
-        })?;
-        let functions = enum_list(&m, "functions", Function::parse, Function::expected)?;
-        let concessions = enum_list(&m, "concessions", Concession::parse, Concession::expected)?;
-        let stored = self
-            .gateway
-            .put_card(card_no, Card::new(status, &functions, &concessions))
-            .await?;
+        let card = wire::card_fields(&m)?;
+        let stored = self.gateway.put_card(card_no, card).await?;
         Ok(ok_json(&CardView {
             card_no: card_no.as_str(),
             record: CardRecord::from(&stored),
@@ -225,12 +268,7 @@ impl Admin {
     ) -> Result<Response<Body>, ApiError> {
         wire::reject_unknown(&m, &["reason"])?;
         let reason = wire::req_str(&m, "reason")?;
-        let n = reason.chars().count();
-        if n == 0 || n > DENY_REASON_LEN_MAX || reason.chars().any(char::is_control) {
-            return Err(ApiError::invalid(format!(
-                "`reason` must be 1 to {DENY_REASON_LEN_MAX} characters without control characters"
-            )));
-        }
+        wire::deny_reason(reason)?;
         let (gw, card, why) = (self.gateway.clone(), card_no.clone(), reason.to_owned());
         let version =
             to_completion(async move { gw.deny.add(&gw.journal, &card, &why, gw.now_ms()).await })
@@ -287,31 +325,4 @@ async fn to_completion<T: Send + 'static>(
             )
         })?
         .map_err(journal_error)
-}
-
-/// An optional array of enum names; duplicates are folded.
-fn enum_list<T: PartialEq + Copy>(
-    m: &serde_json::Map<String, Value>,
-    field: &str,
-    parse: fn(&str) -> Option<T>,
-    expected: fn() -> String,
-) -> Result<Vec<T>, ApiError> {
-    let Some(v) = m.get(field) else {
-        return Ok(Vec::new());
-    };
-    let Value::Array(items) = v else {
-        return Err(ApiError::invalid(format!(
-            "`{field}` must be an array of strings"
-        )));
-    };
-    let mut out = Vec::new();
-    for item in items {
-        let t = item.as_str().and_then(parse).ok_or_else(|| {
-            ApiError::invalid(format!("`{field}` entries must be among {}", expected()))
-        })?;
-        if !out.contains(&t) {
-            out.push(t);
-        }
-    }
-    Ok(out)
 }

@@ -205,16 +205,28 @@ pub async fn admin(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<Answer, ClientError> {
-    let mut conn = Connection::plain(addr, Protocol::Http1).await?;
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
     let bytes = body
         .map(|b| serde_json::to_vec(b).expect("a JSON value serializes"))
         .unwrap_or_default();
-    conn.send(method, path, &headers, bytes).await
+    admin_raw(addr, token, method, path, "application/json", bytes).await
+}
+
+/// An admin call with a body of any media type (the NDJSON imports).
+pub async fn admin_raw(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<Answer, ClientError> {
+    let mut conn = Connection::plain(addr, Protocol::Http1).await?;
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", content_type)];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    conn.send(method, path, &headers, body).await
 }
 
 /// Connects as development terminal `n` (1-based): over mTLS with its

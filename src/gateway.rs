@@ -291,14 +291,7 @@ impl Gateway {
     pub async fn put_card(&self, card_no: &CardNo, new: Card) -> Result<Card, ApiError> {
         let (pending, stored) = {
             let _card_lock = self.cards.lock(card_no);
-            let stored = match self.cards.get(card_no) {
-                Some(old) => Card {
-                    spent_day: old.spent_day,
-                    spent_fen: old.spent_fen,
-                    ..new
-                },
-                None => new,
-            };
+            let stored = cards::keep_counters(self.cards.get(card_no), new);
             let op = Op::Put(
                 Cf::Cards,
                 card_no.as_str().as_bytes().to_vec(),

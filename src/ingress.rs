@@ -184,16 +184,26 @@ pub async fn read_json_body(
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
+    read_body(req, "application/json", limit, timeout).await
+}
+
+/// Reads a body of media type `media` within `limit` bytes and `timeout`.
+pub async fn read_body(
+    req: Request<Incoming>,
+    media: &'static str,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let ct = req
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
-    if !essence.eq_ignore_ascii_case("application/json") {
+    if !essence.eq_ignore_ascii_case(media) {
         return Err(ApiError::new(
             ErrorKind::UnsupportedMediaType,
-            "Content-Type must be application/json",
+            format!("Content-Type must be {media}"),
         ));
     }
     let too_large = || {
@@ -253,9 +263,14 @@ pub async fn terminal_request(
     let found = routes::find(Listener::Terminal, req.method(), req.uri().path());
     let (label, response) = match found {
         Match::Found { route, .. } => {
-            // The terminal listener has one route; the table says so.
-            debug_assert_eq!(route.id, RouteId::Authorize);
-            let r = match authorize(&gw, identity, req).await {
+            let answer = match route.id {
+                RouteId::Authorize => authorize(&gw, identity, req).await,
+                RouteId::Ping => ping(&gw, identity, &req),
+                _ => {
+                    unreachable!("the route table gives the terminal listener only terminal routes")
+                }
+            };
+            let r = match answer {
                 Ok(body) => json_response(StatusCode::OK, body),
                 Err(e) => error_response(&e),
             };
@@ -278,13 +293,11 @@ pub async fn terminal_request(
     response
 }
 
-async fn authorize(
-    gw: &Gateway,
-    identity: TerminalIdentity,
-    req: Request<Incoming>,
-) -> Result<Vec<u8>, ApiError> {
-    let terminal: Arc<str> = match identity {
-        TerminalIdentity::Certificate(id) => id,
+/// The terminal a request comes from: its certificate's, or on the
+/// plaintext listener its `X-Terminal-Id` header.
+fn terminal_of(identity: TerminalIdentity, req: &Request<Incoming>) -> Result<Arc<str>, ApiError> {
+    match identity {
+        TerminalIdentity::Certificate(id) => Ok(id),
         TerminalIdentity::Header => {
             let id = req
                 .headers()
@@ -297,9 +310,35 @@ async fn authorize(
                     "the plaintext listener needs an X-Terminal-Id header of 1 to 64 characters of A-Za-z0-9._:-",
                 ));
             }
-            id.into()
+            Ok(id.into())
         }
-    };
+    }
+}
+
+/// `GET /v1/ping`: a terminal checks that the gateway knows it (its
+/// certificate was accepted), reads the gateway's clock and the deny-list
+/// version, and warms its connection, without deciding anything.
+fn ping(
+    gw: &Gateway,
+    identity: TerminalIdentity,
+    req: &Request<Incoming>,
+) -> Result<Vec<u8>, ApiError> {
+    let terminal = terminal_of(identity, req)?;
+    let _permit = gw.admission.request(&terminal, Instant::now())?;
+    let body = serde_json::json!({
+        "terminal_id": &*terminal,
+        "time_ms": gw.now_ms(),
+        "denylist_version": gw.deny.version(),
+    });
+    Ok(serde_json::to_vec(&body).expect("a ping answer serializes"))
+}
+
+async fn authorize(
+    gw: &Gateway,
+    identity: TerminalIdentity,
+    req: Request<Incoming>,
+) -> Result<Vec<u8>, ApiError> {
+    let terminal = terminal_of(identity, &req)?;
     let limits = &gw.config.limits;
     let _permit = gw.admission.request(&terminal, Instant::now())?;
     let body = read_json_body(

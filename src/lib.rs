@@ -11,8 +11,9 @@
 //!   resolves the card, [`authz`] decides (pure, no I/O), and [`journal`]
 //!   group-commits the record durably before the answer goes out;
 //! - [`state`] holds cards and the deny list in memory (lock-free reads) and
-//!   in RocksDB; [`admin`] changes them and serves `/metrics`, `/healthz`,
-//!   `/readyz`; [`routes`] is the table of everything both listeners serve;
+//!   in RocksDB; [`admin`] changes them (one at a time, or in bulk through
+//!   [`import`]) and serves `/metrics`, `/healthz`, `/readyz`; [`routes`]
+//!   is the table of everything both listeners serve;
 //! - [`server`] starts and stops it all; [`config`] is the one typed config;
 //!   [`certs`], [`client`] and [`demo`] serve development, tests and the
 //!   load generator.
@@ -29,6 +30,7 @@ pub mod credential;
 pub mod demo;
 pub mod gateway;
 pub mod idempotency;
+pub mod import;
 pub mod ingress;
 pub mod journal;
 pub mod model;

@@ -16,6 +16,7 @@ pub enum Listener {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteId {
     Authorize,
+    Ping,
     Healthz,
     Readyz,
     Metrics,
@@ -25,6 +26,8 @@ pub enum RouteId {
     DenyDelete,
     DenyGet,
     Status,
+    ImportCards,
+    ImportDenylist,
 }
 
 pub struct Route {
@@ -59,6 +62,13 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/v1/authorize",
         RouteId::Authorize,
+        false,
+    ),
+    route(
+        Listener::Terminal,
+        Method::GET,
+        "/v1/ping",
+        RouteId::Ping,
         false,
     ),
     route(
@@ -122,6 +132,20 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/status",
         RouteId::Status,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/import/cards",
+        RouteId::ImportCards,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/import/denylist",
+        RouteId::ImportDenylist,
         true,
     ),
 ];

@@ -75,6 +75,7 @@ fn local(l: &TcpListener) -> SocketAddr {
 
 /// Starts a gateway and returns once it is ready to take traffic.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
+    let started = Instant::now();
     let prometheus = telemetry::prometheus();
     if config.terminal.dev_certs
         && certs::ensure(&config.certs_dir(), config.terminal.dev_terminals)?
@@ -126,11 +127,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     if token.as_deref().unwrap_or("").is_empty() {
         tracing::warn!("no admin token configured (admin.token or ONECARD_ADMIN_TOKEN): the admin API answers 401");
     }
-    let admin_state = Arc::new(Admin {
-        gateway: gateway.clone(),
-        token,
-        prometheus: prometheus.clone(),
-    });
+    let admin_state = Arc::new(Admin::new(gateway.clone(), token, prometheus.clone()));
     let limits = config.limits.clone();
     let stop_admin = stop_rx.clone();
     tasks.push(tokio::spawn(ingress::accept_loop(
@@ -185,6 +182,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         path: listeners_file.clone(),
         source,
     })?;
+    telemetry::set_startup(started.elapsed());
     gateway.set_ready(true);
     tracing::info!(terminal = %addrs.terminal, admin = %addrs.admin, durability = ?config.journal.durability, "gateway ready");
     Ok(Running {

@@ -6,6 +6,7 @@
 //! number, terminal id or event id, which would leak personal data and grow
 //! without bound.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -109,6 +110,45 @@ fn describe() {
     describe_gauge!("onecard_denylist_version", "Current deny-list version");
     describe_gauge!("onecard_denylist_entries", "Cards on the deny list");
     describe_gauge!("onecard_cards", "Cards known to the gateway");
+    describe_gauge!(
+        "onecard_process_resident_bytes",
+        Unit::Bytes,
+        "Resident memory of the gateway process (read at each scrape)"
+    );
+    describe_gauge!(
+        "onecard_startup_seconds",
+        Unit::Seconds,
+        "Time from start to ready at the last start: opening RocksDB and rebuilding memory"
+    );
+}
+
+static STARTUP_US: AtomicU64 = AtomicU64::new(0);
+
+/// Records how long the last start took, for `/admin/v1/status` and metrics.
+pub fn set_startup(d: std::time::Duration) {
+    STARTUP_US.store(d.as_micros() as u64, Ordering::Relaxed);
+    metrics::gauge!("onecard_startup_seconds").set(d.as_secs_f64());
+}
+
+pub fn startup_seconds() -> f64 {
+    STARTUP_US.load(Ordering::Relaxed) as f64 / 1e6
+}
+
+/// The process's resident memory from `/proc/self/status` (`VmRSS`), where
+/// there is one.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Updates the process gauges; called before each scrape, so that they cost
+/// nothing in between.
+pub fn publish_process() {
+    if let Some(b) = resident_bytes() {
+        metrics::gauge!("onecard_process_resident_bytes").set(b as f64);
+    }
 }
 
 /// Structured logs to stderr; `RUST_LOG` overrides the default level.

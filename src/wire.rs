@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::model::{CardNo, EventKind, Scenario};
+use crate::model::{Card, CardNo, CardStatus, Concession, EventKind, Function, Scenario};
+use crate::state::denylist::DENY_REASON_LEN_MAX;
 
 /// `event_id`: at most this many characters (API.md).
 pub const EVENT_ID_LEN_MAX: usize = 64;
@@ -260,6 +261,60 @@ pub fn req_str<'a>(m: &'a Map<String, Value>, field: &str) -> Result<&'a str, Ap
 
 pub fn card_no_field(field: &str, s: &str) -> Result<CardNo, ApiError> {
     CardNo::parse(s).map_err(|e| ApiError::invalid(format!("`{field}` {e}")))
+}
+
+/// A card's `status`, `functions` and `concessions`, as the admin API and
+/// the bulk import take them (other fields are the caller's to check).
+pub fn card_fields(m: &Map<String, Value>) -> Result<Card, ApiError> {
+    let status = req_str(m, "status")?;
+    let status = CardStatus::parse(status).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "`status` must be one of {}",
+            CardStatus::expected()
+        ))
+    })?;
+    let functions = enum_list(m, "functions", Function::parse, Function::expected)?;
+    let concessions = enum_list(m, "concessions", Concession::parse, Concession::expected)?;
+    Ok(Card::new(status, &functions, &concessions))
+}
+
+/// An optional array of enum names; duplicates are folded.
+fn enum_list<T: PartialEq + Copy>(
+    m: &Map<String, Value>,
+    field: &str,
+    parse: fn(&str) -> Option<T>,
+    expected: fn() -> String,
+) -> Result<Vec<T>, ApiError> {
+    let Some(v) = m.get(field) else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(items) = v else {
+        return Err(ApiError::invalid(format!(
+            "`{field}` must be an array of strings"
+        )));
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let t = item.as_str().and_then(parse).ok_or_else(|| {
+            ApiError::invalid(format!("`{field}` entries must be among {}", expected()))
+        })?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// A deny-list reason: 1 to `DENY_REASON_LEN_MAX` characters, no control
+/// characters (it is shown on operators' screens and in logs).
+pub fn deny_reason(reason: &str) -> Result<(), ApiError> {
+    let n = reason.chars().count();
+    if n == 0 || n > DENY_REASON_LEN_MAX || reason.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "`reason` must be 1 to {DENY_REASON_LEN_MAX} characters without control characters"
+        )));
+    }
+    Ok(())
 }
 
 fn valid_event_id(s: &str) -> bool {

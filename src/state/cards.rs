@@ -45,6 +45,20 @@ impl From<&CardRecord> for Card {
     }
 }
 
+/// A card as (re-)registered: the new status, functions and concessions,
+/// with the spending counters of the card it replaces, so that registering a
+/// card again can never reset its daily cap.
+pub fn keep_counters(old: Option<Card>, new: Card) -> Card {
+    match old {
+        Some(old) => Card {
+            spent_day: old.spent_day,
+            spent_fen: old.spent_fen,
+            ..new
+        },
+        None => new,
+    }
+}
+
 pub fn encode(card: &Card) -> Vec<u8> {
     serde_json::to_vec(&CardRecord::from(card)).expect("a card record always serializes")
 }
@@ -109,8 +123,22 @@ impl CardTable {
 
     /// The lock that serializes every change to this card.
     pub fn lock(&self, card: &CardNo) -> MutexGuard<'_, ()> {
-        let i = (self.hasher.hash_one(card.as_str()) as usize) % self.stripes.len();
-        self.stripes[i].lock()
+        self.stripes[self.stripe(card)].lock()
+    }
+
+    /// Which of the striped locks guards this card.
+    pub fn stripe(&self, card: &CardNo) -> usize {
+        (self.hasher.hash_one(card.as_str()) as usize) % self.stripes.len()
+    }
+
+    /// Takes the given stripes' locks, in ascending order. Only bulk writers
+    /// (one at a time) take more than one lock; taking them in order keeps
+    /// two such writers from deadlocking should there ever be two.
+    pub fn lock_stripes(
+        &self,
+        stripes: &std::collections::BTreeSet<usize>,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        stripes.iter().map(|&i| self.stripes[i].lock()).collect()
     }
 
     pub fn len(&self) -> usize {

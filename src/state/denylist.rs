@@ -129,41 +129,63 @@ impl DenyList {
         reason: &str,
         now_ms: i64,
     ) -> Result<u64, JournalError> {
+        self.add_many(journal, &[(card.clone(), reason.to_owned())], now_ms)
+            .await
+    }
+
+    /// Adds (or re-reasons) many cards in one durable write, each change
+    /// with its own version and log entry (so that a validator syncing from
+    /// the log sees every one), all taking effect in memory after the write.
+    /// Returns the version after the last; the current one if `entries` is
+    /// empty.
+    pub async fn add_many(
+        &self,
+        journal: &Journal,
+        entries: &[(CardNo, String)],
+        now_ms: i64,
+    ) -> Result<u64, JournalError> {
         let _serial = self.change.lock().await;
-        let version = self.version() + 1;
-        let entry = DenyEntry {
-            reason: reason.to_owned(),
-            version,
-            added_at_ms: now_ms,
-        };
-        let change = DenyChange {
-            op: DenyOp::Add,
-            card_no: card.as_str().to_owned(),
-            reason: Some(reason.to_owned()),
-            at_ms: now_ms,
-        };
-        let commit = Commit::new(
-            None,
-            vec![
-                Op::Put(
-                    Cf::Denylist,
-                    card.as_str().as_bytes().to_vec(),
-                    to_json(&entry),
-                ),
-                Op::Put(
-                    Cf::DenylistLog,
-                    version.to_be_bytes().to_vec(),
-                    to_json(&change),
-                ),
-                Op::Put(
-                    Cf::Meta,
-                    meta::DENYLIST_VERSION.to_vec(),
-                    version.to_be_bytes().to_vec(),
-                ),
-            ],
-        );
-        journal.commit(commit).await?;
-        self.map.pin().insert(card.clone(), entry);
+        let mut version = self.version();
+        if entries.is_empty() {
+            return Ok(version);
+        }
+        let mut ops = Vec::with_capacity(2 * entries.len() + 1);
+        let mut added = Vec::with_capacity(entries.len());
+        for (card, reason) in entries {
+            version += 1;
+            let entry = DenyEntry {
+                reason: reason.clone(),
+                version,
+                added_at_ms: now_ms,
+            };
+            let change = DenyChange {
+                op: DenyOp::Add,
+                card_no: card.as_str().to_owned(),
+                reason: Some(reason.clone()),
+                at_ms: now_ms,
+            };
+            ops.push(Op::Put(
+                Cf::Denylist,
+                card.as_str().as_bytes().to_vec(),
+                to_json(&entry),
+            ));
+            ops.push(Op::Put(
+                Cf::DenylistLog,
+                version.to_be_bytes().to_vec(),
+                to_json(&change),
+            ));
+            added.push((card.clone(), entry));
+        }
+        ops.push(Op::Put(
+            Cf::Meta,
+            meta::DENYLIST_VERSION.to_vec(),
+            version.to_be_bytes().to_vec(),
+        ));
+        journal.commit(Commit::new(None, ops)).await?;
+        let map = self.map.pin();
+        for (card, entry) in added {
+            map.insert(card, entry);
+        }
         self.version.store(version, Ordering::Release);
         self.publish_gauges();
         Ok(version)
