@@ -139,6 +139,15 @@ impl Connection {
         })
     }
 
+    /// Whether the server has closed this connection (an idle timeout, a
+    /// restart): a terminal reconnects before its next request.
+    pub fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
     /// Sends one request and reads the whole answer.
     pub async fn send(
         &mut self,

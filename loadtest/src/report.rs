@@ -41,14 +41,18 @@ pub struct Tally {
     pub by_reason: BTreeMap<String, u64>,
     /// Requests that got no answer (connection errors), by kind.
     pub errors: BTreeMap<String, u64>,
-    /// Requests the generator could not even queue (its own overload).
+    /// Requests not sent: due after the stage's grace period, or after the
+    /// terminal gave up reconnecting.
     pub dropped: u64,
+    /// Connections made again after one broke.
+    pub reconnects: u64,
 }
 
 impl Tally {
     pub fn merge(&mut self, other: &Tally) {
         self.sent += other.sent;
         self.dropped += other.dropped;
+        self.reconnects += other.reconnects;
         for (into, from) in [
             (&mut self.by_status, &other.by_status),
             (&mut self.by_reason, &other.by_reason),
@@ -84,6 +88,7 @@ pub struct Summary {
     pub by_reason: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
     pub dropped: u64,
+    pub reconnects: u64,
 }
 
 #[cfg(test)]

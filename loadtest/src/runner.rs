@@ -1,7 +1,13 @@
-//! Runs one open-loop load: N terminals, each with its own connection (and
+//! Runs open-loop load: N terminals, each with its own connection (and
 //! client certificate), each sending the requests the schedule assigns it at
 //! their due times, whatever the answers do. Bounded by the schedule's
-//! length, the run's duration plus a grace period, and loopback addresses.
+//! length, the stage's duration plus a grace period, and loopback addresses.
+//!
+//! Connections are made once and warmed (each terminal pings the gateway, so
+//! that no TLS handshake still being finished on the server is charged to
+//! the first requests) and then kept across stages, as validators keep
+//! theirs all day. A terminal whose connection breaks counts the request as
+//! an error, reconnects and goes on with its schedule.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use http::{Method, StatusCode};
 use onecard::certs;
-use onecard::client::{self, Connection, Protocol};
+use onecard::client::{self, ClientError, Connection, Protocol};
 use parking_lot::Mutex;
 
 use crate::mix::Mix;
@@ -21,17 +28,95 @@ use crate::rng::Rng;
 
 /// After the schedule's end, how long late requests may still go out.
 pub const GRACE: Duration = Duration::from_secs(10);
+/// Connections being set up at once (TLS handshakes cost the server CPU;
+/// more in parallel only queue there).
+pub const CONNECT_PARALLEL: usize = 64;
+/// Reconnections one terminal attempts in one stage before it gives up and
+/// counts the rest of its schedule as not sent.
+pub const RECONNECTS_MAX: u32 = 3;
 
-pub struct Options {
+/// Where the terminals connect and as whom.
+pub struct Target {
     pub addr: SocketAddr,
     /// Client certificates from `onecard certs`; plaintext with `X-Terminal-Id` without.
     pub certs: Option<PathBuf>,
     pub terminals: u32,
     pub protocol: Protocol,
+}
+
+impl Target {
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.addr.ip().is_loopback(),
+            "load goes to loopback addresses only"
+        );
+        anyhow::ensure!(self.terminals >= 1, "at least one terminal");
+        Ok(())
+    }
+
+    fn headers<'a>(&self, id: &'a str) -> Vec<(&'static str, &'a str)> {
+        let mut h = vec![("content-type", "application/json")];
+        if self.certs.is_none() {
+            h.push(("x-terminal-id", id));
+        }
+        h
+    }
+
+    /// Connects terminal `n` and pings once, so that the gateway has
+    /// accepted it completely before any timed request.
+    pub async fn connect(&self, n: u32) -> Result<Connection, ClientError> {
+        let mut conn =
+            client::connect_terminal(self.addr, self.certs.as_deref(), n, self.protocol).await?;
+        let id = certs::terminal_id(n);
+        let a = conn
+            .send(Method::GET, "/v1/ping", &self.headers(&id), Vec::new())
+            .await?;
+        if a.status != StatusCode::OK {
+            warn_ping(n, a.status);
+        }
+        Ok(conn)
+    }
+}
+
+/// A warm-up ping refused (say, rate-limited) still proves the connection;
+/// it is worth a line, not a failure.
+fn warn_ping(n: u32, status: StatusCode) {
+    eprintln!("terminal {n}: warm-up ping answered {status}");
+}
+
+/// Connects every terminal, [`CONNECT_PARALLEL`] at a time.
+pub async fn connect_all(target: &Arc<Target>) -> anyhow::Result<Vec<Option<Connection>>> {
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(target.terminals as usize);
+    let mut n = 1;
+    while n <= target.terminals {
+        let last = (n + CONNECT_PARALLEL as u32 - 1).min(target.terminals);
+        let batch: Vec<_> = (n..=last)
+            .map(|k| {
+                let t = target.clone();
+                tokio::spawn(async move { t.connect(k).await })
+            })
+            .collect();
+        for (k, b) in (n..).zip(batch) {
+            let c = b.await?.map_err(|e| anyhow::anyhow!("terminal {k}: {e}"))?;
+            conns.push(Some(c));
+        }
+        n = last + 1;
+    }
+    eprintln!(
+        "{} terminals connected and warmed in {:.1} s",
+        target.terminals,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(conns)
+}
+
+/// One stage of load.
+pub struct Stage {
+    pub profile: Profile,
     pub peak_per_s: f64,
     pub duration: Duration,
     pub requests_max: u64,
-    pub profile: Profile,
     pub seed: u64,
     /// Print a progress line every second.
     pub progress: bool,
@@ -46,112 +131,74 @@ struct Live {
 pub struct Outcome {
     pub summary: Summary,
     pub corrected: Histogram<u64>,
+    pub uncorrected: Histogram<u64>,
 }
 
-async fn connect(o: &Options, n: u32) -> anyhow::Result<Connection> {
-    Ok(client::connect_terminal(o.addr, o.certs.as_deref(), n, o.protocol).await?)
+/// What one terminal did in a stage, and its connection to keep.
+struct TerminalRun {
+    corrected: Histogram<u64>,
+    uncorrected: Histogram<u64>,
+    tally: Tally,
+    conn: Option<Connection>,
 }
 
-pub async fn run(o: Options, mix: Arc<Mix>) -> anyhow::Result<Outcome> {
-    anyhow::ensure!(
-        o.addr.ip().is_loopback(),
-        "load goes to loopback addresses only"
-    );
-    anyhow::ensure!(o.terminals >= 1, "at least one terminal");
-    let due = profile::schedule(o.profile, o.peak_per_s, o.duration, o.requests_max);
-    let scheduled = due.len() as u64;
-    let mut per_terminal: Vec<Vec<Duration>> = vec![Vec::new(); o.terminals as usize];
+/// Splits the schedule over the terminals, round robin.
+pub fn per_terminal(due: Vec<Duration>, terminals: u32) -> Vec<Vec<Duration>> {
+    let mut out: Vec<Vec<Duration>> = vec![Vec::new(); terminals as usize];
     for (k, d) in due.into_iter().enumerate() {
-        per_terminal[k % o.terminals as usize].push(d);
+        out[k % terminals as usize].push(d);
     }
-    let mut conns = Vec::with_capacity(o.terminals as usize);
-    for n in 1..=o.terminals {
-        conns.push(connect(&o, n).await?);
-    }
+    out
+}
+
+/// Runs one stage on the given connections (one per terminal, `None` for a
+/// terminal to reconnect first) and gives them back for the next stage.
+pub async fn run_stage(
+    target: &Arc<Target>,
+    conns: Vec<Option<Connection>>,
+    stage: &Stage,
+    mix: Arc<Mix>,
+) -> anyhow::Result<(Outcome, Vec<Option<Connection>>)> {
+    target.check()?;
+    anyhow::ensure!(
+        conns.len() == target.terminals as usize,
+        "one connection per terminal"
+    );
+    let due = profile::schedule(
+        stage.profile,
+        stage.peak_per_s,
+        stage.duration,
+        stage.requests_max,
+    );
+    let scheduled = due.len() as u64;
     let live = Arc::new(Live {
         answered: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         window: Mutex::new(report::histogram()),
     });
     let start = Instant::now() + Duration::from_millis(100);
-    let hard_stop = start + o.duration + GRACE;
+    let hard_stop = start + stage.duration + GRACE;
     let run_id = format!("L{}", onecard::clock::now_ms());
-    let plaintext = o.certs.is_none();
 
-    let mut tasks = Vec::new();
-    for (i, (mut conn, times)) in conns.into_iter().zip(per_terminal).enumerate() {
+    let mut tasks = Vec::with_capacity(conns.len());
+    for (i, (conn, times)) in conns
+        .into_iter()
+        .zip(per_terminal(due, target.terminals))
+        .enumerate()
+    {
         let n = i as u32 + 1;
-        let mix = mix.clone();
-        let live = live.clone();
-        let run_id = run_id.clone();
-        let mut rng = Rng::new(o.seed ^ (u64::from(n) << 32));
+        let (mix, live, run_id, target) =
+            (mix.clone(), live.clone(), run_id.clone(), target.clone());
+        let rng = Rng::new(stage.seed ^ (u64::from(n) << 32));
         tasks.push(tokio::spawn(async move {
-            let id = certs::terminal_id(n);
-            let (mut corrected, mut uncorrected, mut tally) =
-                (report::histogram(), report::histogram(), Tally::default());
-            let mut last: Option<Vec<u8>> = None;
-            let total = times.len() as u64;
-            for (seq, at) in times.into_iter().enumerate() {
-                let due = start + at;
-                if Instant::now() > hard_stop {
-                    tally.dropped = total - seq as u64;
-                    break;
-                }
-                tokio::time::sleep_until(due.into()).await;
-                let body = match &last {
-                    Some(b) if mix.retry(&mut rng) => b.clone(),
-                    _ => mix.body(&mut rng, &run_id, n, seq as u64),
-                };
-                last = Some(body.clone());
-                let mut headers = vec![("content-type", "application/json")];
-                if plaintext {
-                    headers.push(("x-terminal-id", id.as_str()));
-                }
-                let sent = Instant::now();
-                tally.sent += 1;
-                match conn
-                    .send(http::Method::POST, "/v1/authorize", &headers, body)
-                    .await
-                {
-                    Ok(a) => {
-                        let answered = Instant::now();
-                        let (c, u) =
-                            profile::latencies(due - start, sent - start, answered - start);
-                        corrected.saturating_record(c.as_micros() as u64);
-                        uncorrected.saturating_record(u.as_micros() as u64);
-                        live.window.lock().saturating_record(c.as_micros() as u64);
-                        live.answered.fetch_add(1, Ordering::Relaxed);
-                        *tally
-                            .by_status
-                            .entry(a.status.as_str().to_owned())
-                            .or_default() += 1;
-                        let v = a.json();
-                        let reason = v["reason"]
-                            .as_str()
-                            .or(v["error"]["code"].as_str())
-                            .unwrap_or("UNREADABLE");
-                        *tally.by_reason.entry(reason.to_owned()).or_default() += 1;
-                    }
-                    Err(e) => {
-                        live.errors.fetch_add(1, Ordering::Relaxed);
-                        let kind = if matches!(e, client::ClientError::Http(_)) {
-                            "http"
-                        } else {
-                            "io"
-                        };
-                        *tally.errors.entry(kind.to_owned()).or_default() += 1;
-                        // A broken connection: reconnecting is the next
-                        // issue's concern; count the rest as not sent.
-                        tally.dropped = total - seq as u64 - 1;
-                        break;
-                    }
-                }
-            }
-            (corrected, uncorrected, tally)
+            terminal(
+                &target, n, conn, times, start, hard_stop, &mix, rng, &run_id, &live,
+            )
+            .await
         }));
     }
 
-    let progress = o.progress.then(|| {
+    let progress = stage.progress.then(|| {
         let live = live.clone();
         tokio::spawn(async move {
             let mut last = 0;
@@ -179,23 +226,25 @@ pub async fn run(o: Options, mix: Arc<Mix>) -> anyhow::Result<Outcome> {
 
     let (mut corrected, mut uncorrected, mut tally) =
         (report::histogram(), report::histogram(), Tally::default());
+    let mut back = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let (c, u, t) = t.await?;
-        corrected.add(&c)?;
-        uncorrected.add(&u)?;
-        tally.merge(&t);
+        let r = t.await?;
+        corrected.add(&r.corrected)?;
+        uncorrected.add(&r.uncorrected)?;
+        tally.merge(&r.tally);
+        back.push(r.conn);
     }
     let elapsed = start.elapsed().as_secs_f64().max(1e-9);
     if let Some(p) = progress {
         p.abort();
     }
     let summary = Summary {
-        profile: format!("{:?}", o.profile),
-        terminals: o.terminals,
+        profile: format!("{:?}", stage.profile),
+        terminals: target.terminals,
         seconds: elapsed,
         scheduled,
         sent: tally.sent,
-        offered_per_s: scheduled as f64 / o.duration.as_secs_f64(),
+        offered_per_s: scheduled as f64 / stage.duration.as_secs_f64(),
         achieved_per_s: tally.answered() as f64 / elapsed,
         corrected: Percentiles::of(&corrected),
         uncorrected: Percentiles::of(&uncorrected),
@@ -203,6 +252,126 @@ pub async fn run(o: Options, mix: Arc<Mix>) -> anyhow::Result<Outcome> {
         by_reason: tally.by_reason.clone(),
         errors: tally.errors.clone(),
         dropped: tally.dropped,
+        reconnects: tally.reconnects,
     };
-    Ok(Outcome { summary, corrected })
+    Ok((
+        Outcome {
+            summary,
+            corrected,
+            uncorrected,
+        },
+        back,
+    ))
+}
+
+/// One terminal's part of a stage.
+#[allow(clippy::too_many_arguments)]
+async fn terminal(
+    target: &Target,
+    n: u32,
+    mut conn: Option<Connection>,
+    times: Vec<Duration>,
+    start: Instant,
+    hard_stop: Instant,
+    mix: &Mix,
+    mut rng: Rng,
+    run_id: &str,
+    live: &Live,
+) -> TerminalRun {
+    let id = certs::terminal_id(n);
+    let headers = target.headers(&id);
+    let (mut corrected, mut uncorrected, mut tally) =
+        (report::histogram(), report::histogram(), Tally::default());
+    let mut last: Option<Vec<u8>> = None;
+    let mut reconnects_left = RECONNECTS_MAX;
+    let total = times.len() as u64;
+    for (seq, at) in times.into_iter().enumerate() {
+        let due = start + at;
+        if Instant::now() > hard_stop {
+            tally.dropped += total - seq as u64;
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        if conn.as_ref().is_some_and(Connection::is_closed) {
+            // Closed by the server while idle: a terminal notices before it
+            // sends, and reconnects.
+            conn = None;
+        }
+        if conn.is_none() {
+            if reconnects_left == 0 {
+                tally.dropped += total - seq as u64;
+                break;
+            }
+            reconnects_left -= 1;
+            tally.reconnects += 1;
+            match target.connect(n).await {
+                Ok(c) => conn = Some(c),
+                Err(_) => {
+                    *tally.errors.entry("connect".to_owned()).or_default() += 1;
+                    tally.dropped += total - seq as u64;
+                    break;
+                }
+            }
+        }
+        let c = conn.as_mut().expect("connected above");
+        let body = match &last {
+            Some(b) if mix.retry(&mut rng) => b.clone(),
+            _ => mix.body(&mut rng, run_id, n, seq as u64),
+        };
+        last = Some(body.clone());
+        let sent = Instant::now();
+        tally.sent += 1;
+        match c.send(Method::POST, "/v1/authorize", &headers, body).await {
+            Ok(a) => {
+                let answered = Instant::now();
+                let (cor, unc) = profile::latencies(due - start, sent - start, answered - start);
+                corrected.saturating_record(cor.as_micros() as u64);
+                uncorrected.saturating_record(unc.as_micros() as u64);
+                live.window.lock().saturating_record(cor.as_micros() as u64);
+                live.answered.fetch_add(1, Ordering::Relaxed);
+                *tally
+                    .by_status
+                    .entry(a.status.as_str().to_owned())
+                    .or_default() += 1;
+                let v = a.json();
+                let reason = v["reason"]
+                    .as_str()
+                    .or(v["error"]["code"].as_str())
+                    .unwrap_or("UNREADABLE");
+                *tally.by_reason.entry(reason.to_owned()).or_default() += 1;
+            }
+            Err(e) => {
+                live.errors.fetch_add(1, Ordering::Relaxed);
+                let kind = if matches!(e, ClientError::Http(_)) {
+                    "http"
+                } else {
+                    "io"
+                };
+                *tally.errors.entry(kind.to_owned()).or_default() += 1;
+                // The connection is gone: the next due request reconnects.
+                conn = None;
+            }
+        }
+    }
+    TerminalRun {
+        corrected,
+        uncorrected,
+        tally,
+        conn,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_dealt_round_robin() {
+        let ms = Duration::from_millis;
+        let due: Vec<Duration> = (0..7).map(ms).collect();
+        let split = per_terminal(due, 3);
+        assert_eq!(split[0], vec![ms(0), ms(3), ms(6)]);
+        assert_eq!(split[1], vec![ms(1), ms(4)]);
+        assert_eq!(split[2], vec![ms(2), ms(5)]);
+    }
 }

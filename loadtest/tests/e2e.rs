@@ -1,99 +1,117 @@
-//! One short open-loop run of the real `onecard-load` binary against a real
-//! gateway over mTLS: every scheduled request is sent or counted as not
-//! sent, every sent one is answered or counted as an error, and the reasons
-//! add up to the answers. No speed is asserted.
+//! Short runs of the real `onecard-load` binary against a real gateway over
+//! mTLS: every scheduled request is sent or counted as not sent, every sent
+//! one is answered or counted as an error, and the reasons add up to the
+//! answers; a terminal whose connection the gateway closed reconnects; a
+//! seed through the bulk import lands in the store. No speed is asserted.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 use onecard::config::Config;
+use onecard::server::Running;
 use serde_json::Value;
 
 const TOKEN: &str = "load-test-token";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_run_accounts_for_every_request() {
-    let dir = tempfile::tempdir().unwrap();
+async fn gateway(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> Running {
     let mut c = Config::default();
-    c.data_dir = dir.path().to_path_buf();
+    c.data_dir = dir.to_path_buf();
     c.terminal.addr = "127.0.0.1:0".parse().unwrap();
     c.admin.addr = "127.0.0.1:0".parse().unwrap();
     c.terminal.dev_certs = true;
     c.terminal.dev_terminals = 4;
     c.admin.token = Some(TOKEN.to_owned());
-    let certs = c.certs_dir();
-    let running = onecard::server::start(c).await.unwrap();
-    let out = dir.path().join("summary.json");
-    let (terminal, admin) = (
-        running.addrs.terminal.to_string(),
-        running.addrs.admin.to_string(),
-    );
+    tweak(&mut c);
+    c.validate().unwrap();
+    onecard::server::start(c).await.unwrap()
+}
+
+/// Runs `onecard-load` with `args` off the async workers (the gateway runs
+/// on them in this process) and returns its output.
+async fn load(args: Vec<String>) -> Output {
     let bin = env!("CARGO_BIN_EXE_onecard-load");
-    let status = tokio::task::spawn_blocking({
-        let out = out.clone();
-        move || {
-            Command::new(bin)
-                .args([
-                    "--addr",
-                    &terminal,
-                    "--admin",
-                    &admin,
-                    "--terminals",
-                    "4",
-                    "--rate",
-                    "150",
-                    "--seconds",
-                    "2",
-                ])
-                .args([
-                    "--cards",
-                    "50",
-                    "--deny-share",
-                    "0.1",
-                    "--lost-share",
-                    "0.05",
-                    "--unknown-share",
-                    "0.05",
-                ])
-                .args([
-                    "--retry-share",
-                    "0.1",
-                    "--profile",
-                    "rush-hour",
-                    "--quiet",
-                    "--protocol",
-                    "h2",
-                ])
-                .arg("--certs")
-                .arg(&certs)
-                .arg("--json")
-                .arg(&out)
-                .env("ONECARD_ADMIN_TOKEN", TOKEN)
-                .status()
-                .unwrap()
-        }
+    tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(&args)
+            .env("ONECARD_ADMIN_TOKEN", TOKEN)
+            .output()
+            .unwrap()
     })
     .await
-    .unwrap();
-    assert!(status.success());
-    let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let s = &doc["summary"];
-    let sum = |v: &Value| {
-        v.as_object()
-            .unwrap()
-            .values()
-            .map(|n| n.as_u64().unwrap())
-            .sum::<u64>()
-    };
+    .unwrap()
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn sum(v: &Value) -> u64 {
+    v.as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum::<u64>()
+}
+
+/// scheduled = sent + dropped; sent = answered + errors; reasons = answers.
+fn assert_accounted(s: &Value) {
     let (scheduled, sent, dropped) = (
         s["scheduled"].as_u64().unwrap(),
         s["sent"].as_u64().unwrap(),
         s["dropped"].as_u64().unwrap(),
     );
+    assert_eq!(scheduled, sent + dropped, "{s}");
+    assert_eq!(sent, sum(&s["by_status"]) + sum(&s["errors"]), "{s}");
+    assert_eq!(sum(&s["by_reason"]), sum(&s["by_status"]), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_accounts_for_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = gateway(dir.path(), |_| {}).await;
+    let certs = running.gateway().config.certs_dir();
+    let (out, svg) = (dir.path().join("summary.json"), dir.path().join("run.svg"));
+    let mut args = strings(&["run", "--terminals", "4", "--rate", "150", "--seconds", "2"]);
+    args.extend(strings(&[
+        "--cards",
+        "50",
+        "--deny-share",
+        "0.1",
+        "--lost-share",
+        "0.05",
+    ]));
+    args.extend(strings(&[
+        "--unknown-share",
+        "0.05",
+        "--retry-share",
+        "0.1",
+    ]));
+    args.extend(strings(&[
+        "--profile",
+        "rush-hour",
+        "--quiet",
+        "--protocol",
+        "h2",
+    ]));
+    args.extend([
+        "--addr".to_owned(),
+        running.addrs.terminal.to_string(),
+        "--admin".to_owned(),
+        running.addrs.admin.to_string(),
+        "--certs".to_owned(),
+        certs.display().to_string(),
+        "--json".to_owned(),
+        out.display().to_string(),
+        "--plot".to_owned(),
+        svg.display().to_string(),
+    ]);
+    let o = load(args).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let s = &doc["summary"];
     // rush-hour offers 0.78 of the peak: about 234 of 300.
+    let scheduled = s["scheduled"].as_u64().unwrap();
     assert!((200..=260).contains(&scheduled), "{scheduled}");
-    assert_eq!(scheduled, sent + dropped);
-    assert_eq!(sent, sum(&s["by_status"]) + sum(&s["errors"]));
-    assert_eq!(sum(&s["by_reason"]), sum(&s["by_status"]));
+    assert_accounted(s);
     assert!(s["by_reason"]["OK"].as_u64().unwrap() > 0);
     assert!(
         s["by_reason"]["DENYLISTED"].as_u64().unwrap_or(0) > 0,
@@ -101,5 +119,68 @@ async fn a_short_run_accounts_for_every_request() {
     );
     // The gateway's own histogram saw the same window.
     assert!(doc["server"]["count"].as_f64().unwrap() >= 1.0);
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(plot.matches("<polyline").count(), 2);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_reconnect_when_the_gateway_closes_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    // Idle connections are closed after 300 ms; each terminal sends every
+    // 2.5 s, so every connection is closed between two of its requests.
+    let running = gateway(dir.path(), |c| c.limits.idle_timeout_ms = 300).await;
+    let certs = running.gateway().config.certs_dir();
+    let out = dir.path().join("summary.json");
+    let mut args = strings(&["run", "--terminals", "2", "--rate", "0.8", "--seconds", "6"]);
+    args.extend(strings(&["--cards", "20", "--quiet", "--protocol", "h1"]));
+    args.extend([
+        "--addr".to_owned(),
+        running.addrs.terminal.to_string(),
+        "--admin".to_owned(),
+        running.addrs.admin.to_string(),
+        "--certs".to_owned(),
+        certs.display().to_string(),
+        "--json".to_owned(),
+        out.display().to_string(),
+    ]);
+    let o = load(args).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let s = &doc["summary"];
+    assert_accounted(s);
+    // 0.8/s for 6 s: 5 requests over two terminals (at 0, 2.5 and 5 s; at
+    // 1.25 and 3.75 s), all answered. Every one after a gap of over a second
+    // finds its connection closed and reconnects: at least the four after
+    // the first; the first too if the machine was slow to start it.
+    assert_eq!(s["scheduled"], 5, "{s}");
+    assert_eq!(sum(&s["by_status"]), 5, "{s}");
+    let reconnects = s["reconnects"].as_u64().unwrap();
+    assert!((4..=5).contains(&reconnects), "{s}");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_fills_the_store_through_the_bulk_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = gateway(dir.path(), |_| {}).await;
+    let out = dir.path().join("seed.json");
+    let mut args = strings(&["seed", "--cards", "250000", "--deny", "1000"]);
+    args.extend([
+        "--admin".to_owned(),
+        running.addrs.admin.to_string(),
+        "--json".to_owned(),
+        out.display().to_string(),
+    ]);
+    let o = load(args).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["cards"], 250_000);
+    assert!(report["resident_bytes"].as_u64().unwrap() > 0);
+    let gw = running.gateway();
+    // The population, plus the lost cards the mix draws.
+    assert_eq!(gw.cards.len(), 250_000 + onecard_load::mix::SPECIAL_CARDS);
+    assert_eq!(gw.deny.len(), 1_000);
+    assert_eq!(gw.deny.version(), 1_000);
     running.shutdown().await;
 }

@@ -1,22 +1,30 @@
-//! `onecard-load`: open-loop load for OneCard Gateway. N terminals, each with
-//! its own client certificate and connection, send a transit-heavy mix of
-//! taps on a schedule (constant or rush-hour); latency is measured from the
-//! intended send time (corrected for coordinated omission) and from the
-//! actual send (uncorrected). Loopback only; bounded by duration and a
-//! request cap.
+//! `onecard-load`: open-loop load for OneCard Gateway.
+//!
+//! - `run`: N terminals, each with its own client certificate and
+//!   connection, send a transit-heavy mix of taps on a schedule (constant,
+//!   rush-hour, or `step`: rising rates until the gateway stops keeping up,
+//!   reporting the knee); latency is measured from the intended send time
+//!   (corrected for coordinated omission) and from the actual send
+//!   (uncorrected), and can be drawn as an SVG.
+//! - `seed`: fills a gateway's store through the bulk import, and measures
+//!   the time taken, the restart-to-ready time and resident memory.
+//!
+//! Loopback only; every run is bounded by its duration and a request cap.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use http::{Method, StatusCode};
 use onecard::client::{self, Protocol};
 use onecard_load::mix::{self, Mix, SPECIAL_CARDS};
 use onecard_load::profile::Profile;
-use onecard_load::report;
-use onecard_load::runner::{self, Options};
+use onecard_load::runner::{self, Outcome, Stage, Target};
+use onecard_load::step::{self, Plan, StageResult};
+use onecard_load::{plot, report, seed};
 use serde_json::json;
 
 #[global_allocator]
@@ -24,7 +32,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "onecard-load")]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Open-loop load against a running gateway.
+    Run(RunArgs),
+    /// Fill a gateway's store through the bulk import.
+    Seed(SeedArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
     /// Terminal listener of the gateway (loopback).
     #[arg(long)]
     addr: SocketAddr,
@@ -36,16 +58,27 @@ struct Args {
     /// h1 or h2.
     #[arg(long, default_value = "h1")]
     protocol: String,
-    /// Peak offered rate over all terminals, requests per second.
+    /// Peak offered rate over all terminals, requests per second (the
+    /// highest rate tried, for `step`).
     #[arg(long, default_value_t = 5_000.0)]
     rate: f64,
+    /// Length of the run (of each stage, for `step`).
     #[arg(long, default_value_t = 30)]
     seconds: u64,
     #[arg(long, default_value_t = 10_000_000)]
     requests_max: u64,
-    /// constant or rush-hour.
+    /// constant, rush-hour or step.
     #[arg(long, default_value = "constant")]
     profile: String,
+    /// step: the first stage's rate.
+    #[arg(long, default_value_t = 1_000.0)]
+    step_start: f64,
+    /// step: how much each stage adds.
+    #[arg(long, default_value_t = 1_000.0)]
+    step_by: f64,
+    /// step: a stage whose corrected p99 passes this no longer keeps up.
+    #[arg(long, default_value_t = 20.0)]
+    p99_bound_ms: f64,
     /// Active cards (500118B00000000 ...), drawn Zipf-distributed.
     #[arg(long, default_value_t = 10_000)]
     cards: usize,
@@ -66,15 +99,49 @@ struct Args {
     admin: Option<SocketAddr>,
     #[arg(long, env = "ONECARD_ADMIN_TOKEN", default_value = "")]
     token: String,
-    /// Skip creating cards (they exist from an earlier run).
+    /// Skip creating cards (they exist from an earlier run or a seed).
     #[arg(long)]
     no_setup: bool,
     /// Write the summary as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw latency by percentile into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// No per-second progress line.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct SeedArgs {
+    /// Admin listener of the gateway (loopback).
+    #[arg(long)]
+    admin: SocketAddr,
+    #[arg(long, env = "ONECARD_ADMIN_TOKEN", default_value = "")]
+    token: String,
+    #[arg(long, default_value_t = 10_000_000)]
+    cards: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    deny: usize,
+    /// Start the gateway from this binary with `--config` (and stop it
+    /// again), to measure its restart-to-ready time after the seed. Without
+    /// it, a running gateway is seeded and left running.
+    #[arg(long, requires = "config")]
+    gateway_bin: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run(a) => run(a).await,
+        Cmd::Seed(a) => seed_cmd(a).await,
+    }
 }
 
 async fn put(
@@ -88,8 +155,13 @@ async fn put(
     Ok(())
 }
 
-/// Creates the population through the admin API, 32 calls at a time.
+/// Creates a small population through the single-entry admin API, 32 calls
+/// at a time (large ones: `seed`).
 async fn setup(admin: SocketAddr, token: &str, cards: usize) -> anyhow::Result<()> {
+    if cards > 100_000 {
+        seed::seed(admin, token, cards, SPECIAL_CARDS, false).await?;
+        return Ok(());
+    }
     let active = json!({"status": "active", "functions": ["transit", "medical", "financial"]});
     let lost = json!({"status": "lost", "functions": ["transit"]});
     let mut calls: Vec<(String, serde_json::Value)> = (0..cards)
@@ -104,10 +176,6 @@ async fn setup(admin: SocketAddr, token: &str, cards: usize) -> anyhow::Result<(
         calls.push((
             format!("/admin/v1/cards/{}", mix::lost_card(i)),
             lost.clone(),
-        ));
-        calls.push((
-            format!("/admin/v1/cards/{}", mix::denied_card(i)),
-            active.clone(),
         ));
         calls.push((
             format!("/admin/v1/denylist/{}", mix::denied_card(i)),
@@ -129,61 +197,29 @@ async fn setup(admin: SocketAddr, token: &str, cards: usize) -> anyhow::Result<(
     Ok(())
 }
 
-async fn scrape(admin: SocketAddr) -> anyhow::Result<Vec<(f64, u64)>> {
+async fn scrape(admin: Option<SocketAddr>) -> anyhow::Result<Option<Vec<(f64, u64)>>> {
+    let Some(admin) = admin else {
+        return Ok(None);
+    };
     let a = client::admin(admin, None, Method::GET, "/metrics", None).await?;
-    Ok(report::server_buckets(&String::from_utf8_lossy(&a.body)))
+    Ok(Some(report::server_buckets(&String::from_utf8_lossy(
+        &a.body,
+    ))))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
-    let profile = Profile::parse(&a.profile)
-        .ok_or_else(|| anyhow::anyhow!("--profile must be constant or rush-hour"))?;
-    let protocol = match a.protocol.as_str() {
-        "h1" => Protocol::Http1,
-        "h2" => Protocol::Http2,
-        other => anyhow::bail!("--protocol must be h1 or h2, not {other}"),
-    };
-    let mix = Arc::new(Mix::new(
-        a.cards,
-        a.zipf,
-        a.deny_share,
-        a.lost_share,
-        a.unknown_share,
-        a.retry_share,
-    ));
-    if let (Some(admin), false) = (a.admin, a.no_setup) {
-        setup(admin, &a.token, a.cards).await?;
-    }
-    let before = match a.admin {
-        Some(admin) => Some(scrape(admin).await?),
-        None => None,
-    };
-    let opts = Options {
-        addr: a.addr,
-        certs: a.certs,
-        terminals: a.terminals,
-        protocol,
-        peak_per_s: a.rate,
-        duration: Duration::from_secs(a.seconds),
-        requests_max: a.requests_max,
-        profile,
-        seed: a.seed,
-        progress: !a.quiet,
-    };
-    let outcome = runner::run(opts, mix).await?;
-    let server = match (a.admin, before) {
-        (Some(admin), Some(before)) => report::server_window(&before, &scrape(admin).await?),
-        _ => None,
-    };
-    let s = &outcome.summary;
+fn print_summary(
+    o: &Outcome,
+    protocol: Protocol,
+    server: &Option<std::collections::BTreeMap<String, f64>>,
+) {
+    let s = &o.summary;
     println!(
         "offered {:.0}/s, achieved {:.0}/s over {:.1} s ({} terminals, {:?})",
         s.offered_per_s, s.achieved_per_s, s.seconds, s.terminals, protocol
     );
     println!(
-        "scheduled {}  sent {}  dropped {}  errors {:?}",
-        s.scheduled, s.sent, s.dropped, s.errors
+        "scheduled {}  sent {}  dropped {}  errors {:?}  reconnects {}",
+        s.scheduled, s.sent, s.dropped, s.errors, s.reconnects
     );
     for (name, p) in [
         ("corrected  ", &s.corrected),
@@ -196,12 +232,240 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("by status {:?}", s.by_status);
     println!("by reason {:?}", s.by_reason);
-    if let Some(w) = &server {
+    if let Some(w) = server {
         println!("gateway's own histogram for the window (bucket upper bounds): {w:?}");
     }
-    if let Some(path) = a.json {
-        let doc = json!({"summary": s, "server": server});
-        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let profile = match a.profile.as_str() {
+        "step" => None,
+        p => Some(
+            Profile::parse(p)
+                .ok_or_else(|| anyhow::anyhow!("--profile must be constant, rush-hour or step"))?,
+        ),
+    };
+    let protocol = match a.protocol.as_str() {
+        "h1" => Protocol::Http1,
+        "h2" => Protocol::Http2,
+        other => anyhow::bail!("--protocol must be h1 or h2, not {other}"),
+    };
+    let target = Arc::new(Target {
+        addr: a.addr,
+        certs: a.certs.clone(),
+        terminals: a.terminals,
+        protocol,
+    });
+    target.check()?;
+    let mix = Arc::new(Mix::new(
+        a.cards,
+        a.zipf,
+        a.deny_share,
+        a.lost_share,
+        a.unknown_share,
+        a.retry_share,
+    ));
+    if let (Some(admin), false) = (a.admin, a.no_setup) {
+        setup(admin, &a.token, a.cards).await?;
+    }
+    let conns = runner::connect_all(&target).await?;
+    let stage = |profile, rate| Stage {
+        profile,
+        peak_per_s: rate,
+        duration: Duration::from_secs(a.seconds),
+        requests_max: a.requests_max,
+        seed: a.seed,
+        progress: !a.quiet,
+    };
+    match profile {
+        Some(profile) => {
+            let before = scrape(a.admin).await?;
+            let (outcome, _conns) =
+                runner::run_stage(&target, conns, &stage(profile, a.rate), mix).await?;
+            let server = match (before, scrape(a.admin).await?) {
+                (Some(b), Some(after)) => report::server_window(&b, &after),
+                _ => None,
+            };
+            print_summary(&outcome, protocol, &server);
+            if let Some(path) = &a.json {
+                let doc = json!({"summary": outcome.summary, "server": server});
+                std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+            }
+            if let Some(path) = &a.plot {
+                let title = format!(
+                    "{} terminals, {:.0}/s {:?}, {:?}",
+                    a.terminals, a.rate, profile, protocol
+                );
+                let doc = plot::svg(
+                    &title,
+                    &[
+                        ("corrected".to_owned(), &outcome.corrected),
+                        ("uncorrected".to_owned(), &outcome.uncorrected),
+                    ],
+                );
+                std::fs::write(path, doc)?;
+            }
+        }
+        None => step_search(&a, &target, conns, mix, protocol).await?,
+    }
+    Ok(())
+}
+
+/// Constant stages at rising rates until one does not keep up.
+async fn step_search(
+    a: &RunArgs,
+    target: &Arc<Target>,
+    mut conns: Vec<Option<client::Connection>>,
+    mix: Arc<Mix>,
+    protocol: Protocol,
+) -> anyhow::Result<()> {
+    let plan = Plan {
+        start_per_s: a.step_start,
+        by_per_s: a.step_by,
+        max_per_s: a.rate,
+    };
+    let mut results: Vec<StageResult> = Vec::new();
+    let mut curves = Vec::new();
+    for rate in plan.rates() {
+        let st = Stage {
+            profile: Profile::Constant,
+            peak_per_s: rate,
+            duration: Duration::from_secs(a.seconds),
+            requests_max: a.requests_max,
+            seed: a.seed ^ rate as u64,
+            progress: false,
+        };
+        let before = scrape(a.admin).await?;
+        let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
+        conns = back;
+        let server = match (before, scrape(a.admin).await?) {
+            (Some(b), Some(after)) => report::server_window(&b, &after),
+            _ => None,
+        };
+        let s = &o.summary;
+        let r = StageResult {
+            offered_per_s: s.offered_per_s,
+            achieved_per_s: s.achieved_per_s,
+            p99_ms: s.corrected.p99_ms,
+            server_p99_ms_at_most: server
+                .as_ref()
+                .and_then(|w| w.get("p99_ms_at_most").copied()),
+            failed: s.errors.values().sum::<u64>() + s.dropped,
+        };
+        let keeps_up = r.keeps_up(a.p99_bound_ms);
+        println!(
+            "stage {:>7.0}/s: achieved {:>7.0}/s  p50 {:>7.2} ms  p99 {:>8.2} ms  gateway p99 ≤ {:>5} ms  failed {}  {}",
+            r.offered_per_s,
+            r.achieved_per_s,
+            s.corrected.p50_ms,
+            r.p99_ms,
+            r.server_p99_ms_at_most.map_or("?".to_owned(), |v| format!("{v}")),
+            r.failed,
+            if keeps_up { "keeps up" } else { "falls behind" }
+        );
+        curves.push((format!("{:.0}/s", rate), o.corrected));
+        results.push(r);
+        if !keeps_up {
+            break;
+        }
+    }
+    let knee = step::knee(&results, a.p99_bound_ms);
+    match knee {
+        Some(k) => println!(
+            "knee: {k:.0}/s ({} terminals, {:?}; a stage keeps up when it achieves ≥ {:.0}% of the offered rate with corrected p99 ≤ {} ms and no errors)",
+            a.terminals,
+            protocol,
+            step::ACHIEVED_SHARE_MIN * 100.0,
+            a.p99_bound_ms
+        ),
+        None => println!("knee: below the first stage ({:.0}/s)", a.step_start),
+    }
+    if results.last().is_some_and(|r| r.keeps_up(a.p99_bound_ms)) {
+        println!("(every stage kept up: the knee is at or above --rate)");
+    }
+    if let Some(path) = &a.json {
+        let doc = json!({"stages": results, "knee_per_s": knee, "p99_bound_ms": a.p99_bound_ms});
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+    }
+    if let Some(path) = &a.plot {
+        let series: Vec<(String, &hdrhistogram::Histogram<u64>)> =
+            curves.iter().map(|(n, h)| (n.clone(), h)).collect();
+        let title = format!(
+            "step: corrected latency per stage, {} terminals, {:?}",
+            a.terminals, protocol
+        );
+        std::fs::write(path, plot::svg(&title, &series))?;
+    }
+    Ok(())
+}
+
+/// Starts the gateway binary with the token in its environment.
+fn spawn_gateway(bin: &PathBuf, config: &PathBuf, token: &str) -> anyhow::Result<Child> {
+    Ok(Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("ONECARD_ADMIN_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .spawn()?)
+}
+
+/// SIGTERM (a clean stop: the journal is flushed) and wait.
+fn stop_gateway(mut child: Child) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "could not signal the gateway");
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "the gateway exited with {status}");
+    Ok(())
+}
+
+async fn seed_cmd(a: SeedArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.cards <= onecard_load::zipf::POPULATION_MAX,
+        "--cards is at most {} (the load generator's population)",
+        onecard_load::zipf::POPULATION_MAX
+    );
+    let ready_limit = Duration::from_secs(600);
+    let spawned = match (&a.gateway_bin, &a.config) {
+        (Some(bin), Some(config)) => {
+            let child = spawn_gateway(bin, config, &a.token)?;
+            seed::wait_ready(a.admin, ready_limit).await?;
+            Some((bin, config, child))
+        }
+        _ => None,
+    };
+    let mut report = seed::seed(a.admin, &a.token, a.cards, a.deny, true).await?;
+    println!(
+        "seeded {} cards and {} deny-list entries in {:.1} s ({:.0} cards/s)",
+        report.cards, report.deny, report.seconds, report.cards_per_s
+    );
+    if let Some((bin, config, child)) = spawned {
+        stop_gateway(child)?;
+        let t = Instant::now();
+        let child = spawn_gateway(bin, config, &a.token)?;
+        seed::wait_ready(a.admin, ready_limit).await?;
+        report.restart_to_ready_s = Some(t.elapsed().as_secs_f64());
+        let status = seed::status(a.admin, &a.token).await?;
+        report.startup_seconds = status["process"]["startup_seconds"].as_f64();
+        report.resident_bytes = status["process"]["resident_bytes"].as_u64();
+        stop_gateway(child)?;
+        println!(
+            "restart to ready: {:.2} s (the gateway's own start-up: {:.2} s); resident memory after the restart: {} MiB",
+            report.restart_to_ready_s.unwrap_or(0.0),
+            report.startup_seconds.unwrap_or(0.0),
+            report.resident_bytes.unwrap_or(0) / (1024 * 1024)
+        );
+    } else {
+        let status = seed::status(a.admin, &a.token).await?;
+        report.resident_bytes = status["process"]["resident_bytes"].as_u64();
+        println!(
+            "resident memory after the seed: {} MiB (restart not measured: pass --gateway-bin and --config)",
+            report.resident_bytes.unwrap_or(0) / (1024 * 1024)
+        );
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(())
 }
