@@ -73,9 +73,37 @@ fn local(l: &TcpListener) -> SocketAddr {
     l.local_addr().expect("a bound listener has an address")
 }
 
+/// The kernel's range of ports for outgoing connections, where it says.
+fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some(it.next()??..=it.next()??)
+}
+
+/// A fixed listening port inside the ephemeral range can be taken by any
+/// outgoing connection of the machine (even a client probing the port
+/// itself): a restart then fails with "address in use". Seen here in a
+/// benchmark; worth a warning at every start.
+fn warn_ephemeral(config: &Config) {
+    let Some(range) = ephemeral_ports() else {
+        return;
+    };
+    let fixed = [
+        Some(config.terminal.addr),
+        config.terminal.plaintext_addr,
+        Some(config.admin.addr),
+    ];
+    for addr in fixed.into_iter().flatten() {
+        if addr.port() != 0 && range.contains(&addr.port()) {
+            tracing::warn!(%addr, ephemeral = ?range, "this port is in the kernel's ephemeral range: an outgoing connection can hold it and make a restart fail with \"address in use\"; choose one below {}", range.start());
+        }
+    }
+}
+
 /// Starts a gateway and returns once it is ready to take traffic.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
     let started = Instant::now();
+    warn_ephemeral(&config);
     let prometheus = telemetry::prometheus();
     if config.terminal.dev_certs
         && certs::ensure(&config.certs_dir(), config.terminal.dev_terminals)?

@@ -154,10 +154,18 @@ pub async fn status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
     Ok(a.json())
 }
 
-/// Polls `/readyz` until it answers 200, for at most `limit`.
-pub async fn wait_ready(admin: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+/// Polls `/readyz` until it answers 200, for at most `limit`; gives up at
+/// once when `gone` says the gateway's process has exited.
+pub async fn wait_ready(
+    admin: SocketAddr,
+    limit: Duration,
+    mut gone: impl FnMut() -> Option<String>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
+        if let Some(why) = gone() {
+            anyhow::bail!("the gateway exited before it was ready: {why}");
+        }
         if let Ok(a) = client::admin(admin, None, Method::GET, "/readyz", None).await {
             if a.status == StatusCode::OK {
                 return Ok(());
@@ -168,7 +176,7 @@ pub async fn wait_ready(admin: SocketAddr, limit: Duration) -> anyhow::Result<()
             "the gateway was not ready within {} s",
             limit.as_secs()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

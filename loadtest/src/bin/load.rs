@@ -409,6 +409,14 @@ fn spawn_gateway(bin: &PathBuf, config: &PathBuf, token: &str) -> anyhow::Result
         .spawn()?)
 }
 
+/// Waits for a gateway this tool started, noticing if it exits instead.
+async fn ready(child: &mut Child, admin: SocketAddr) -> anyhow::Result<()> {
+    seed::wait_ready(admin, Duration::from_secs(600), || {
+        child.try_wait().ok().flatten().map(|s| s.to_string())
+    })
+    .await
+}
+
 /// SIGTERM (a clean stop: the journal is flushed) and wait.
 fn stop_gateway(mut child: Child) -> anyhow::Result<()> {
     let status = Command::new("kill")
@@ -426,11 +434,10 @@ async fn seed_cmd(a: SeedArgs) -> anyhow::Result<()> {
         "--cards is at most {} (the load generator's population)",
         onecard_load::zipf::POPULATION_MAX
     );
-    let ready_limit = Duration::from_secs(600);
     let spawned = match (&a.gateway_bin, &a.config) {
         (Some(bin), Some(config)) => {
-            let child = spawn_gateway(bin, config, &a.token)?;
-            seed::wait_ready(a.admin, ready_limit).await?;
+            let mut child = spawn_gateway(bin, config, &a.token)?;
+            ready(&mut child, a.admin).await?;
             Some((bin, config, child))
         }
         _ => None,
@@ -443,8 +450,8 @@ async fn seed_cmd(a: SeedArgs) -> anyhow::Result<()> {
     if let Some((bin, config, child)) = spawned {
         stop_gateway(child)?;
         let t = Instant::now();
-        let child = spawn_gateway(bin, config, &a.token)?;
-        seed::wait_ready(a.admin, ready_limit).await?;
+        let mut child = spawn_gateway(bin, config, &a.token)?;
+        ready(&mut child, a.admin).await?;
         report.restart_to_ready_s = Some(t.elapsed().as_secs_f64());
         let status = seed::status(a.admin, &a.token).await?;
         report.startup_seconds = status["process"]["startup_seconds"].as_f64();
