@@ -71,6 +71,7 @@ async fn a_short_run_accounts_for_every_request() {
     let certs = running.gateway().config.certs_dir();
     let (out, svg) = (dir.path().join("summary.json"), dir.path().join("run.svg"));
     let mut args = strings(&["run", "--terminals", "4", "--rate", "150", "--seconds", "2"]);
+    args.extend(strings(&["--warmup-seconds", "0"]));
     args.extend(strings(&[
         "--cards",
         "50",
@@ -133,6 +134,7 @@ async fn terminals_reconnect_when_the_gateway_closes_their_connection() {
     let certs = running.gateway().config.certs_dir();
     let out = dir.path().join("summary.json");
     let mut args = strings(&["run", "--terminals", "2", "--rate", "0.8", "--seconds", "6"]);
+    args.extend(strings(&["--warmup-seconds", "0"]));
     args.extend(strings(&["--cards", "20", "--quiet", "--protocol", "h1"]));
     args.extend([
         "--addr".to_owned(),
