@@ -350,11 +350,18 @@ async fn authorize(
     gw.authorize(&terminal, &body, gw.now_ms()).await
 }
 
-/// Activity of one connection, for the idle timeout.
+/// `ConnActivity::head_started_ms` when no request is being received.
+const NO_HEAD: u64 = u64::MAX;
+
+/// Activity of one connection, for the idle and header-read timeouts.
 pub struct ConnActivity {
     started: Instant,
     in_flight: AtomicUsize,
     last_ms: AtomicU64,
+    /// When bytes of a request arrived while no request was being served:
+    /// its head has started and must be complete within the header-read
+    /// timeout. [`NO_HEAD`] otherwise.
+    head_started_ms: AtomicU64,
 }
 
 impl ConnActivity {
@@ -363,7 +370,31 @@ impl ConnActivity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(NO_HEAD),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Bytes arrived: if no request is being served, a request head has
+    /// begun (the first such read starts its clock).
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let _ = self.head_started_ms.compare_exchange(
+                NO_HEAD,
+                self.now_ms(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// How long a request head has been arriving without completing.
+    fn head_pending_for(&self) -> Option<Duration> {
+        let t = self.head_started_ms.load(Ordering::Acquire);
+        (t != NO_HEAD).then(|| Duration::from_millis(self.now_ms().saturating_sub(t)))
     }
 
     fn touch(&self) {
@@ -383,6 +414,7 @@ impl ConnActivity {
             }
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(NO_HEAD, Ordering::Release);
         self.touch();
         let _busy = Busy(self);
         f.await
@@ -397,14 +429,76 @@ impl ConnActivity {
     }
 }
 
+/// The connection's bytes, with each read noted in its [`ConnActivity`].
+struct Watched<I> {
+    io: I,
+    activity: Arc<ConnActivity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, the connection
-/// has been idle for `idle_timeout`, or `stop` fires (then it finishes the
-/// requests in flight and closes).
+/// has been idle for `idle_timeout`, a request head has taken longer than
+/// `header_read_timeout` to arrive (HTTP/1.1: a slow-loris), or `stop` fires
+/// (then it finishes the requests in flight and closes).
+///
+/// The header-read timeout is kept here, not in hyper: hyper's starts when
+/// it begins waiting for the next request, so it closed every keep-alive
+/// connection idle for longer than it (5 s), whatever the idle timeout said,
+/// and a gate tapping once a minute paid a TLS handshake every time (found
+/// by the 10,000-terminal run). `slow_head_check` is off for HTTP/2, whose
+/// idle connections carry PINGs and settings that are no request.
 pub async fn serve_connection<I, F, Fut>(
     io: I,
     handler: F,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    slow_head_check: bool,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -423,7 +517,7 @@ pub async fn serve_connection<I, F, Fut>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(None)
         .keep_alive(true);
     builder
         .http2()
@@ -431,12 +525,16 @@ pub async fn serve_connection<I, F, Fut>(
         .max_concurrent_streams(H2_STREAMS_MAX)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
+    let io = Watched {
+        io,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    // One timer for the idle check, reset when it fires: creating a new
-    // one on every wake of the connection would cost a timer-wheel insert
-    // and removal per request.
-    let check = (idle_timeout / 4).max(Duration::from_millis(50));
+    // One timer for both checks, reset when it fires: creating a new one
+    // on every wake of the connection would cost a timer-wheel insert and
+    // removal per request.
+    let check = (idle_timeout.min(header_read_timeout) / 4).max(Duration::from_millis(50));
     let tick = tokio::time::sleep(check);
     tokio::pin!(tick);
     let mut closing = false;
@@ -447,6 +545,12 @@ pub async fn serve_connection<I, F, Fut>(
                 if closing {
                     // The peer did not let the connection finish (it stopped
                     // reading, or holds a stream open): drop it.
+                    break;
+                }
+                if slow_head_check
+                    && activity.head_pending_for().is_some_and(|d| d >= header_read_timeout)
+                {
+                    // A request head trickling in: nothing to finish.
                     break;
                 }
                 if activity.idle_for().is_some_and(|d| d >= idle_timeout) {
@@ -511,6 +615,7 @@ pub async fn run_tls_listener(
                     );
                     return;
                 };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let identity = TerminalIdentity::Certificate(id.into());
                 let handler = move |req| terminal_request(gw.clone(), identity.clone(), req);
                 serve_connection(
@@ -518,6 +623,7 @@ pub async fn run_tls_listener(
                     handler,
                     handshake_timeout,
                     Duration::from_millis(limits.idle_timeout_ms),
+                    !h2,
                     stop,
                 )
                 .await;
@@ -551,6 +657,7 @@ pub async fn run_plain_listener(
                     handler,
                     Duration::from_millis(limits.header_read_timeout_ms),
                     Duration::from_millis(limits.idle_timeout_ms),
+                    true,
                     stop,
                 )
                 .await;

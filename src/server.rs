@@ -180,6 +180,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
                     handler,
                     Duration::from_millis(limits.header_read_timeout_ms),
                     Duration::from_millis(limits.idle_timeout_ms),
+                    true,
                     stop,
                 )
                 .await;

@@ -171,6 +171,30 @@ async fn slow_headers_and_handshakes_are_cut_off_by_the_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_outlives_the_header_read_timeout() {
+    // A gate that taps less often than the header-read timeout keeps its
+    // connection (and its TLS session) until the idle timeout.
+    let gw = TestGateway::start(|c| {
+        c.limits.header_read_timeout_ms = 200;
+        c.limits.idle_timeout_ms = 600_000;
+    })
+    .await;
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        let mut t = gw.terminal(1, protocol).await;
+        for i in 0..2 {
+            let a = t.send(Method::GET, "/v1/ping", &[], Vec::new()).await;
+            assert!(
+                a.is_ok_and(|a| a.status == http::StatusCode::OK),
+                "{protocol:?}: request {i} on the same connection"
+            );
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            assert!(!t.is_closed(), "{protocol:?}: closed after request {i}");
+        }
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed() {
     let gw = TestGateway::start(|c| {
         c.terminal.plaintext_addr = Some("127.0.0.1:0".parse().unwrap());
