@@ -89,10 +89,13 @@ async fn main() -> anyhow::Result<()> {
             match tls {
                 Some(acceptor) => {
                     if let Ok(s) = acceptor.accept(stream).await {
-                        ingress::serve_connection(s, answer, t, idle, stop).await;
+                        // The same plumbing as the gateway: the slow-head
+                        // check for HTTP/1.1 only.
+                        let h1 = s.get_ref().1.alpn_protocol() != Some(b"h2");
+                        ingress::serve_connection(s, answer, t, idle, h1, stop).await;
                     }
                 }
-                None => ingress::serve_connection(stream, answer, t, idle, stop).await,
+                None => ingress::serve_connection(stream, answer, t, idle, true, stop).await,
             }
         });
     }
