@@ -1,5 +1,6 @@
 //! Criterion benches for every step of the hot path: decode, decide,
-//! deny-list lookup (1 M entries), idempotency fingerprint and key, and a
+//! deny-list lookup (1 M entries), idempotency fingerprint and key, the
+//! idempotency check on a real RocksDB (a new event and a replay), and a
 //! journal group commit on a real RocksDB in both durability modes.
 //!
 //! `cargo bench --bench hot_path` (figures in README.md, "Performance").
@@ -85,6 +86,47 @@ fn bench_decide(c: &mut Criterion) {
     });
 }
 
+/// The idempotency check as `authorize` runs it: an in-flight entry and a
+/// RocksDB read, over a store that already holds 100,000 answers.
+fn bench_idempotency_check(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let fingerprint = [7u8; 32];
+    let answer = idempotency::encode(
+        &fingerprint,
+        0,
+        "0000000100000000001",
+        b"{\"decision\":\"approve\"}",
+    );
+    for i in 0..100_000u64 {
+        let key = idempotency::key("term-00001", &format!("old-{i}"));
+        store.db().put_cf(store.cf(Cf::Idem), key, &answer).unwrap();
+    }
+    let idem = idempotency::Idempotency::new(store, 72 * 3600);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut n = 0u64;
+    c.bench_function("idempotency/check_new_event", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = idempotency::key("term-00001", &format!("new-{n}"));
+            let lookup = rt.block_on(idem.begin(key, &fingerprint, 1)).unwrap();
+            assert!(matches!(lookup, idempotency::Lookup::Fresh(_)));
+            black_box(lookup)
+        })
+    });
+    c.bench_function("idempotency/check_replay", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = idempotency::key("term-00001", &format!("old-{}", n % 100_000));
+            let lookup = rt.block_on(idem.begin(key, &fingerprint, 1)).unwrap();
+            assert!(matches!(lookup, idempotency::Lookup::Replay(_)));
+            black_box(lookup)
+        })
+    });
+}
+
 fn bench_journal(c: &mut Criterion) {
     let mut group = c.benchmark_group("journal/group_commit");
     group.measurement_time(Duration::from_secs(5));
@@ -121,5 +163,11 @@ fn bench_journal(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_decide, bench_journal);
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_decide,
+    bench_idempotency_check,
+    bench_journal
+);
 criterion_main!(benches);
