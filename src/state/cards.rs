@@ -71,8 +71,16 @@ pub struct CardTable {
 
 impl CardTable {
     pub fn new() -> CardTable {
+        CardTable::with_capacity(0)
+    }
+
+    /// A table with room for `n` cards before it must grow.
+    pub fn with_capacity(n: usize) -> CardTable {
         CardTable {
-            map: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            map: papaya::HashMap::with_capacity_and_hasher(
+                n,
+                foldhash::fast::RandomState::default(),
+            ),
             stripes: (0..CARD_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: foldhash::fast::RandomState::default(),
         }
@@ -80,7 +88,10 @@ impl CardTable {
 
     /// Rebuilds the table from the `cards` column family.
     pub fn load(store: &Store) -> Result<CardTable, StoreError> {
-        let table = CardTable::new();
+        // Sized up front: growing a map of ten million cards one doubling
+        // at a time was 40 % of a 27 s start (perf).
+        let expected = store.estimated_keys(Cf::Cards);
+        let table = CardTable::with_capacity(expected + expected / 8);
         let mut bad = None;
         {
             let map = table.map.pin();

@@ -54,15 +54,23 @@ impl DenySet for DenyList {
 
 impl DenyList {
     pub fn new() -> DenyList {
+        DenyList::with_capacity(0)
+    }
+
+    fn with_capacity(n: usize) -> DenyList {
         DenyList {
-            map: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            map: papaya::HashMap::with_capacity_and_hasher(
+                n,
+                foldhash::fast::RandomState::default(),
+            ),
             version: AtomicU64::new(0),
             change: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn load(store: &Store) -> Result<DenyList, StoreError> {
-        let list = DenyList::new();
+        let expected = store.estimated_keys(Cf::Denylist);
+        let list = DenyList::with_capacity(expected + expected / 8);
         let mut bad = false;
         {
             let map = list.map.pin();

@@ -162,6 +162,15 @@ impl Store {
         Ok(())
     }
 
+    /// RocksDB's estimate of the keys in `cf` (exact enough to size a map).
+    pub fn estimated_keys(&self, cf: Cf) -> usize {
+        self.db
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0) as usize
+    }
+
     /// The last key of `cf`, if any.
     pub fn last_key(&self, cf: Cf) -> Result<Option<Box<[u8]>>, StoreError> {
         match self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
