@@ -14,6 +14,8 @@
 //!   in RocksDB; [`admin`] changes them (one at a time, or in bulk through
 //!   [`import`]) and serves `/metrics`, `/healthz`, `/readyz`; [`routes`]
 //!   is the table of everything both listeners serve;
+//! - [`settle`] (being built, not wired in yet) turns approved events into
+//!   signed batches for the downstream systems;
 //! - [`server`] starts and stops it all; [`config`] is the one typed config;
 //!   [`certs`], [`client`] and [`demo`] serve development, tests and the
 //!   load generator.
@@ -36,6 +38,7 @@ pub mod journal;
 pub mod model;
 pub mod routes;
 pub mod server;
+pub mod settle;
 pub mod state;
 pub mod telemetry;
 pub mod wire;

@@ -1,0 +1,14 @@
+//! Settlement: approved events, forwarded after the answer in signed
+//! batches to the downstream systems (transport, medical, payment), each
+//! booked once (issue 4, DESIGN.md "After the answer").
+//!
+//! Built so far: [`batch`], the pure core that turns journal records into
+//! the batches a sink receives (routing by scenario, sealing by count,
+//! bytes and age, deterministic ids, totals) and [`sign`], the batch
+//! signatures a receiver checks. Not built yet, so nothing here is wired
+//! into the gateway: the per-sink cursor and batch state in RocksDB, the
+//! HTTPS delivery with retries, circuit and parking, reversals, the
+//! operators' API and the receiver (`sink-sim`).
+
+pub mod batch;
+pub mod sign;
