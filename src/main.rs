@@ -60,6 +60,25 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         terminals: u32,
     },
+    /// A downstream settlement receiver for tests and demos: HTTPS, checks
+    /// signatures and totals, books each batch once into a ledger file.
+    SinkSim {
+        /// Listen address (loopback).
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        addr: SocketAddr,
+        /// Directory with server.pem and server.key (as `onecard certs` writes).
+        #[arg(long)]
+        certs: PathBuf,
+        /// The ledger file (created if missing; read back at start).
+        #[arg(long)]
+        ledger: PathBuf,
+        /// hmac-sha256 or hmac-sm3.
+        #[arg(long, default_value = "hmac-sha256")]
+        algorithm: String,
+        /// The sink's signing key (the same as the gateway's for this sink).
+        #[arg(long, env = "ONECARD_SINK_KEY")]
+        key: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +103,48 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::SinkSim {
+            addr,
+            certs: dir,
+            ledger,
+            algorithm,
+            key,
+        } => {
+            use onecard::settle::sign::{Algorithm, Signer};
+            anyhow::ensure!(addr.ip().is_loopback(), "sink-sim listens on loopback only");
+            anyhow::ensure!(!key.is_empty(), "--key must not be empty");
+            let algorithm = match algorithm.as_str() {
+                "hmac-sha256" => Algorithm::HmacSha256,
+                "hmac-sm3" => Algorithm::HmacSm3,
+                other => {
+                    anyhow::bail!("--algorithm must be hmac-sha256 or hmac-sm3, not {other:?}")
+                }
+            };
+            let tls = onecard::settle::receiver::server_tls(
+                &dir.join(certs::SERVER_CERT),
+                &dir.join(certs::SERVER_KEY),
+            )?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let r = onecard::settle::receiver::start(
+                    addr,
+                    tls,
+                    &ledger,
+                    Signer::new(algorithm, key.into_bytes()),
+                )
+                .await?;
+                println!(
+                    "sink-sim: receiving batches on https://{}/v1/batches; ledger {}",
+                    r.addr,
+                    ledger.display()
+                );
+                wait_for_signal().await;
+                r.stop().await;
+                anyhow::Ok(())
+            })
         }
         Command::Serve {
             config,

@@ -4,11 +4,13 @@
 //!
 //! Built so far: [`batch`], the pure core that turns journal records into
 //! the batches a sink receives (routing by scenario, sealing by count,
-//! bytes and age, deterministic ids, totals) and [`sign`], the batch
-//! signatures a receiver checks. Not built yet, so nothing here is wired
-//! into the gateway: the per-sink cursor and batch state in RocksDB, the
-//! HTTPS delivery with retries, circuit and parking, reversals, the
-//! operators' API and the receiver (`sink-sim`).
+//! bytes and age, deterministic ids, totals); [`sign`], the batch
+//! signatures a receiver checks; and [`receiver`], a real downstream
+//! receiver (`onecard sink-sim`) to deliver to. Not built yet, so nothing
+//! here is wired into the gateway: the per-sink cursor and batch state in
+//! RocksDB, the HTTPS delivery with retries, circuit and parking,
+//! reversals and the operators' API.
 
 pub mod batch;
+pub mod receiver;
 pub mod sign;
