@@ -102,6 +102,20 @@ impl Connection {
         Connection::handshake(TokioIo::new(tls), protocol, addr).await
     }
 
+    /// Connects over TLS to `addr`, checking the certificate against `name`
+    /// (a DNS name or an IP address).
+    pub async fn tls_named(
+        addr: SocketAddr,
+        name: rustls::pki_types::ServerName<'static>,
+        config: Arc<rustls::ClientConfig>,
+        protocol: Protocol,
+    ) -> Result<Connection, ClientError> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = TlsConnector::from(config).connect(name, tcp).await?;
+        Connection::handshake(TokioIo::new(tls), protocol, addr).await
+    }
+
     /// Connects without TLS (the plaintext benchmark listener, the admin listener).
     pub async fn plain(addr: SocketAddr, protocol: Protocol) -> Result<Connection, ClientError> {
         let tcp = TcpStream::connect(addr).await?;

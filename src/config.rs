@@ -57,6 +57,132 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     pub policy: PolicyConfig,
     pub scenarios: ScenariosConfig,
+    pub settlement: SettlementConfig,
+}
+
+/// Settlement: approved events forwarded in signed batches to downstream
+/// systems. No sinks: settlement is off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettlementConfig {
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// One downstream system (`[[settlement.sinks]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `transport`, `medical`, `payment`, ...: a metric label and part of
+    /// every batch id; 1 to 32 of `a-z0-9_`.
+    pub name: String,
+    /// `https://host:port/path` of the receiver.
+    pub url: String,
+    /// The CA that signed the receiver's certificate.
+    pub ca: PathBuf,
+    /// Scenarios whose approved, charged events this sink settles.
+    pub scenarios: Vec<String>,
+    #[serde(default = "default_algorithm")]
+    pub algorithm: crate::settle::sign::Algorithm,
+    /// The signing key shared with the receiver (or `key_env`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// An environment variable holding the key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    #[serde(default = "default_events_max")]
+    pub events_max: usize,
+    #[serde(default = "default_bytes_max")]
+    pub bytes_max: usize,
+    #[serde(default = "default_age_max_ms")]
+    pub age_max_ms: i64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts for one batch before it is parked for an operator.
+    #[serde(default = "default_attempts_max")]
+    pub attempts_max: u32,
+    #[serde(default = "default_backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Failures in a row that open the circuit, and how long it stays open.
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    #[serde(default = "default_circuit_pause_ms")]
+    pub circuit_pause_ms: i64,
+}
+
+fn default_algorithm() -> crate::settle::sign::Algorithm {
+    crate::settle::sign::Algorithm::HmacSha256
+}
+fn default_events_max() -> usize {
+    1_000
+}
+fn default_bytes_max() -> usize {
+    1024 * 1024
+}
+fn default_age_max_ms() -> i64 {
+    1_000
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_attempts_max() -> u32 {
+    10
+}
+fn default_backoff_base_ms() -> u64 {
+    100
+}
+fn default_backoff_max_ms() -> u64 {
+    10_000
+}
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_circuit_pause_ms() -> i64 {
+    10_000
+}
+
+impl SinkConfig {
+    /// The signing key, from `key` or the environment variable `key_env`.
+    pub fn signing_key(&self) -> Result<Vec<u8>, ConfigError> {
+        let key = match (&self.key, &self.key_env) {
+            (Some(k), None) => k.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "settlement.sinks.{}: environment variable {var} (key_env) is not set",
+                    self.name
+                ))
+            })?,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "settlement.sinks.{}: set exactly one of key and key_env",
+                    self.name
+                )))
+            }
+        };
+        if key.len() < 16 {
+            return Err(ConfigError::Invalid(format!(
+                "settlement.sinks.{}: the signing key must be at least 16 bytes",
+                self.name
+            )));
+        }
+        Ok(key.into_bytes())
+    }
+
+    pub fn scenario_list(&self) -> Result<Vec<Scenario>, ConfigError> {
+        self.scenarios
+            .iter()
+            .map(|s| {
+                Scenario::parse(s).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "settlement.sinks.{}.scenarios: unknown scenario `{s}`; expected {}",
+                        self.name,
+                        Scenario::expected()
+                    ))
+                })
+            })
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -68,6 +194,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             journal: JournalConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            settlement: SettlementConfig::default(),
             policy: PolicyConfig::default(),
             scenarios: ScenariosConfig::default(),
         }
@@ -293,6 +420,45 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let mut taken: Vec<(Scenario, &str)> = Vec::new();
+        for (i, sink) in self.settlement.sinks.iter().enumerate() {
+            let n = &sink.name;
+            if n.is_empty()
+                || n.len() > 32
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return bad(&format!(
+                    "settlement.sinks[{i}].name must be 1 to 32 of a-z, 0-9 and _"
+                ));
+            }
+            if self.settlement.sinks[..i].iter().any(|o| &o.name == n) {
+                return bad(&format!("settlement.sinks: the name `{n}` is used twice"));
+            }
+            if !sink.url.starts_with("https://") {
+                return bad(&format!("settlement.sinks.{n}.url must be an https:// URL"));
+            }
+            for sc in sink.scenario_list()? {
+                if let Some((_, other)) = taken.iter().find(|(t, _)| *t == sc) {
+                    return bad(&format!(
+                        "settlement: scenario {sc} is routed to both {other} and {n}; an event is settled once"
+                    ));
+                }
+                taken.push((sc, n));
+            }
+            sink.signing_key()?;
+            if sink.events_max == 0 || sink.bytes_max < 1024 || sink.age_max_ms <= 0 {
+                return bad(&format!(
+                    "settlement.sinks.{n}: events_max ≥ 1, bytes_max ≥ 1024 and age_max_ms > 0"
+                ));
+            }
+            if sink.timeout_ms == 0 || sink.attempts_max == 0 || sink.circuit_failures == 0 {
+                return bad(&format!(
+                    "settlement.sinks.{n}: timeout_ms, attempts_max and circuit_failures must be positive"
+                ));
+            }
+        }
         if let Some(addr) = self.terminal.plaintext_addr {
             if !addr.ip().is_loopback() {
                 return bad(

@@ -188,6 +188,14 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             }
         },
     )));
+    for sink in &config.settlement.sinks {
+        tracing::info!(sink = %sink.name, url = %sink.url, "settlement sink");
+        tasks.push(tokio::spawn(crate::settle::deliver::run(
+            gateway.clone(),
+            sink.clone(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(idempotency::run_cleanup(
         gateway.store.clone(),
         gateway.journal.clone(),

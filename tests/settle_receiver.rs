@@ -2,15 +2,17 @@
 //! signed batch once, whatever is sent again, refuses what does not check,
 //! keeps its ledger across a restart, and misbehaves when told to.
 
-use std::net::SocketAddr;
-use std::path::Path;
+mod common;
 
+use std::net::SocketAddr;
+
+use common::sink::Sink;
 use http::{Method, StatusCode};
-use onecard::client::{self, Answer, Connection, Protocol};
+use onecard::client::{self, Answer};
 use onecard::journal::DecisionRecord;
 use onecard::model::{EventKind, Reason, Scenario};
 use onecard::settle::batch::{Batch, Batcher, Rules};
-use onecard::settle::receiver::{self, Ack, Ledger};
+use onecard::settle::receiver::{Ack, Ledger};
 use onecard::settle::sign::{Algorithm, Signer};
 use serde_json::json;
 
@@ -49,19 +51,13 @@ fn batch(first_seq: u64, events: u64) -> Batch {
     b.seal().unwrap()
 }
 
-async fn connect(certs: &Path, addr: SocketAddr) -> Connection {
-    let tls =
-        client::tls_config(&certs.join(onecard::certs::CA_CERT), None, Protocol::Http1).unwrap();
-    Connection::tls(addr, tls, Protocol::Http1).await.unwrap()
-}
-
 async fn post(
-    certs: &Path,
+    sink: &Sink,
     addr: SocketAddr,
     b: &Batch,
     signature: &str,
 ) -> Result<Answer, client::ClientError> {
-    let mut c = connect(certs, addr).await;
+    let mut c = sink.connect(addr).await;
     c.send(
         Method::POST,
         "/v1/batches",
@@ -73,29 +69,6 @@ async fn post(
         b.body.clone(),
     )
     .await
-}
-
-async fn ledger(certs: &Path, addr: SocketAddr) -> Ledger {
-    let mut c = connect(certs, addr).await;
-    let a = c
-        .send(Method::GET, "/v1/ledger", &[], Vec::new())
-        .await
-        .unwrap();
-    serde_json::from_slice(&a.body).unwrap()
-}
-
-async fn misbehave(certs: &Path, addr: SocketAddr, how: serde_json::Value) {
-    let mut c = connect(certs, addr).await;
-    let a = c
-        .send(
-            Method::POST,
-            "/v1/misbehave",
-            &[("content-type", "application/json")],
-            serde_json::to_vec(&how).unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(a.status, StatusCode::OK);
 }
 
 fn ack(a: &Answer) -> Ack {
@@ -111,27 +84,13 @@ fn ack(a: &Answer) -> Ack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_booked_once_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    onecard::certs::generate(&certs, 0).unwrap();
-    let tls = receiver::server_tls(
-        &certs.join(onecard::certs::SERVER_CERT),
-        &certs.join(onecard::certs::SERVER_KEY),
-    )
-    .unwrap();
-    let ledger_file = dir.path().join("ledger.jsonl");
-    let r = receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        tls.clone(),
-        &ledger_file,
-        signer(),
-    )
-    .await
-    .unwrap();
+    let sink = Sink::new(dir.path(), 0);
+    let r = sink.start("127.0.0.1:0".parse().unwrap(), signer()).await;
     let addr = r.addr;
 
     let b = batch(1, 5);
     let sig = signer().sign(&b.body);
-    let first = ack(&post(&certs, addr, &b, &sig).await.unwrap());
+    let first = ack(&post(&sink, addr, &b, &sig).await.unwrap());
     assert_eq!(
         first,
         Ack {
@@ -141,9 +100,9 @@ async fn a_batch_is_booked_once_and_checked() {
         }
     );
     // Sent again (a lost answer): the same acknowledgement, booked once.
-    assert_eq!(ack(&post(&certs, addr, &b, &sig).await.unwrap()), first);
+    assert_eq!(ack(&post(&sink, addr, &b, &sig).await.unwrap()), first);
     assert_eq!(
-        ledger(&certs, addr).await,
+        sink.ledger(addr).await,
         Ledger {
             batches: 1,
             events: 5,
@@ -154,7 +113,7 @@ async fn a_batch_is_booked_once_and_checked() {
     // A wrong signature, another key's signature, an altered body.
     let other = Signer::new(Algorithm::HmacSha256, b"not the key".to_vec());
     for bad in ["hmac-sha256=00".to_owned(), other.sign(&b.body)] {
-        let a = post(&certs, addr, &batch(6, 1), &bad).await.unwrap();
+        let a = post(&sink, addr, &batch(6, 1), &bad).await.unwrap();
         assert_eq!(a.status, StatusCode::UNAUTHORIZED);
         assert_eq!(a.json()["error"]["code"], "INVALID_SIGNATURE");
     }
@@ -163,7 +122,7 @@ async fn a_batch_is_booked_once_and_checked() {
         .unwrap()
         .replace("\"total_fen\":400", "\"total_fen\":500")
         .into_bytes();
-    let a = post(&certs, addr, &lying, &signer().sign(&lying.body))
+    let a = post(&sink, addr, &lying, &signer().sign(&lying.body))
         .await
         .unwrap();
     assert_eq!(
@@ -175,65 +134,50 @@ async fn a_batch_is_booked_once_and_checked() {
 
     // The ledger survives a restart, and so does de-duplication.
     r.stop().await;
-    let r = receiver::start(addr, tls, &ledger_file, signer())
-        .await
-        .unwrap();
-    assert_eq!(ack(&post(&certs, addr, &b, &sig).await.unwrap()), first);
-    assert_eq!(ledger(&certs, addr).await.batches, 1);
+    let r = sink.start(addr, signer()).await;
+    assert_eq!(ack(&post(&sink, addr, &b, &sig).await.unwrap()), first);
+    assert_eq!(sink.ledger(addr).await.batches, 1);
     r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn it_misbehaves_when_told_to() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    onecard::certs::generate(&certs, 0).unwrap();
-    let tls = receiver::server_tls(
-        &certs.join(onecard::certs::SERVER_CERT),
-        &certs.join(onecard::certs::SERVER_KEY),
-    )
-    .unwrap();
-    let r = receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        tls,
-        &dir.path().join("ledger.jsonl"),
-        signer(),
-    )
-    .await
-    .unwrap();
+    let sink = Sink::new(dir.path(), 0);
+    let r = sink.start("127.0.0.1:0".parse().unwrap(), signer()).await;
     let addr = r.addr;
     let b = batch(100, 3);
     let sig = signer().sign(&b.body);
 
-    misbehave(&certs, addr, json!({"fail": 1})).await;
-    let a = post(&certs, addr, &b, &sig).await.unwrap();
+    sink.misbehave(addr, json!({"fail": 1})).await;
+    let a = post(&sink, addr, &b, &sig).await.unwrap();
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
-        ledger(&certs, addr).await.batches,
+        sink.ledger(addr).await.batches,
         0,
         "a failed batch is not booked"
     );
 
-    misbehave(&certs, addr, json!({"drop_after_booking": 1})).await;
-    assert!(post(&certs, addr, &b, &sig).await.is_err(), "no answer");
-    assert_eq!(ledger(&certs, addr).await.batches, 1, "but booked");
+    sink.misbehave(addr, json!({"drop_after_booking": 1})).await;
+    assert!(post(&sink, addr, &b, &sig).await.is_err(), "no answer");
+    assert_eq!(sink.ledger(addr).await.batches, 1, "but booked");
     assert_eq!(
-        ack(&post(&certs, addr, &b, &sig).await.unwrap()).total_fen,
+        ack(&post(&sink, addr, &b, &sig).await.unwrap()).total_fen,
         600
     );
 
-    misbehave(&certs, addr, json!({"wrong_total": 1})).await;
+    sink.misbehave(addr, json!({"wrong_total": 1})).await;
     assert_eq!(
-        ack(&post(&certs, addr, &b, &sig).await.unwrap()).total_fen,
+        ack(&post(&sink, addr, &b, &sig).await.unwrap()).total_fen,
         601
     );
     assert_eq!(
-        ack(&post(&certs, addr, &b, &sig).await.unwrap()).total_fen,
+        ack(&post(&sink, addr, &b, &sig).await.unwrap()).total_fen,
         600
     );
 
-    misbehave(&certs, addr, json!({"away_ms": 60_000})).await;
-    assert!(post(&certs, addr, &b, &sig).await.is_err(), "away");
-    assert_eq!(ledger(&certs, addr).await.batches, 1);
+    sink.misbehave(addr, json!({"away_ms": 60_000})).await;
+    assert!(post(&sink, addr, &b, &sig).await.is_err(), "away");
+    assert_eq!(sink.ledger(addr).await.batches, 1);
     r.stop().await;
 }

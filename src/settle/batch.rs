@@ -72,6 +72,8 @@ pub struct Batch {
     pub last_seq: u64,
     pub count: u64,
     pub total_fen: i64,
+    /// When the oldest event in it was approved (for delivery latency).
+    pub oldest_at_ms: i64,
     /// The JSON document sent (and signed), events in journal order.
     pub body: Vec<u8>,
 }
@@ -144,6 +146,7 @@ impl Batcher {
     /// Seals whatever is open.
     pub fn seal(&mut self) -> Option<Batch> {
         let first = self.open.first()?.0;
+        let oldest_at_ms = self.open.iter().map(|e| e.2).min().expect("not empty");
         let last = self.open.last().expect("not empty").0;
         let id = batch_id(&self.rules.sink, first, last);
         let count = self.open.len() as u64;
@@ -172,6 +175,7 @@ impl Batcher {
             last_seq: last,
             count,
             total_fen,
+            oldest_at_ms,
             body,
         })
     }

@@ -6,13 +6,17 @@
 //! the batches a sink receives (routing by scenario, sealing by count,
 //! bytes and age, deterministic ids, totals); [`sign`], the batch
 //! signatures a receiver checks; [`retry`], backoff with jitter and the
-//! circuit breaker; and [`receiver`], a real downstream receiver
-//! (`onecard sink-sim`) to deliver to. Not built yet, so nothing
-//! here is wired into the gateway: the per-sink cursor and batch state in
-//! RocksDB, the HTTPS delivery with retries, circuit and parking,
-//! reversals and the operators' API.
+//! circuit breaker; [`receiver`], a real downstream receiver
+//! (`onecard sink-sim`) to deliver to; and [`deliver`], one task per
+//! configured sink (`[[settlement.sinks]]`) that follows the journal from a
+//! durable cursor, stores sealed batches before sending them, and forgets
+//! them on a matching acknowledgement (retries with backoff, a circuit,
+//! parking). Not built yet: reversals, the operators' API (status, parked
+//! batches, replay, pause), the daily report, the readiness warning on a
+//! growing backlog, and the seeded simulation test.
 
 pub mod batch;
+pub mod deliver;
 pub mod receiver;
 pub mod retry;
 pub mod sign;

@@ -27,16 +27,20 @@ pub enum Cf {
     Idem,
     /// named counters and cursors.
     Meta,
+    /// settlement: per-sink cursor, sealed batches awaiting acknowledgement,
+    /// parked batches.
+    Settle,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 6] = [
+    pub const ALL: [Cf; 7] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
         Cf::Journal,
         Cf::Idem,
         Cf::Meta,
+        Cf::Settle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +51,7 @@ impl Cf {
             Cf::Journal => "journal",
             Cf::Idem => "idem",
             Cf::Meta => "meta",
+            Cf::Settle => "settle",
         }
     }
 }

@@ -3,6 +3,8 @@
 //! terminals and operators do.
 #![allow(dead_code)]
 
+pub mod sink;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,406 @@
+//! Delivery to one sink: follows the journal from the sink's durable
+//! cursor, seals batches ([`batch`]), stores each sealed batch (synced)
+//! before it is sent, sends the oldest over HTTPS, and forgets it only when
+//! the receiver acknowledges its id, count and total.
+//!
+//! Why it books each event once: a batch is stored, with the cursor moved
+//! past its events, in one synced write before its first send, so after a
+//! crash the same batch (same id, same bytes) is sent again and the
+//! receiver de-duplicates it; an event is in exactly one stored batch.
+//! A mismatched acknowledgement or a refusal that retrying cannot fix parks
+//! the batch for an operator rather than retrying it blindly.
+//!
+//! Runs on its own task; the hot path never waits on it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::client::{self, Connection, Protocol};
+use crate::config::SinkConfig;
+use crate::gateway::Gateway;
+use crate::journal::DecisionRecord;
+use crate::settle::batch::{Batch, Batcher, Rules};
+use crate::settle::receiver::Ack;
+use crate::settle::retry::{Backoff, Circuit};
+use crate::settle::sign::Signer;
+use crate::state::{Cf, Store, StoreError};
+
+/// Journal records read per pass.
+const READ_BATCH: usize = 10_000;
+/// How often an idle sink looks at the journal again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A sealed batch as kept in [`Cf::Settle`] until acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stored {
+    pub id: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub count: u64,
+    pub total_fen: i64,
+    pub oldest_at_ms: i64,
+    pub body: String,
+    /// Why it was parked, for parked batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
+}
+
+impl From<Batch> for Stored {
+    fn from(b: Batch) -> Stored {
+        Stored {
+            id: b.id,
+            first_seq: b.first_seq,
+            last_seq: b.last_seq,
+            count: b.count,
+            total_fen: b.total_fen,
+            oldest_at_ms: b.oldest_at_ms,
+            body: String::from_utf8(b.body).expect("batch bodies are JSON text"),
+            parked: None,
+        }
+    }
+}
+
+pub fn cursor_key(sink: &str) -> Vec<u8> {
+    [b"c/", sink.as_bytes()].concat()
+}
+pub fn batch_prefix(sink: &str) -> Vec<u8> {
+    [b"b/", sink.as_bytes(), b"/"].concat()
+}
+pub fn parked_prefix(sink: &str) -> Vec<u8> {
+    [b"p/", sink.as_bytes(), b"/"].concat()
+}
+fn key(prefix: &[u8], first_seq: u64) -> Vec<u8> {
+    [prefix, &first_seq.to_be_bytes()].concat()
+}
+
+fn synced() -> rocksdb::WriteOptions {
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
+/// The batches of a sink waiting under `prefix`, oldest first, at most `n`.
+pub fn list(store: &Store, prefix: &[u8], n: usize) -> Result<Vec<Stored>, StoreError> {
+    let mut out = Vec::new();
+    store.scan(Cf::Settle, prefix, |k, v| {
+        if !k.starts_with(prefix) || out.len() >= n {
+            return false;
+        }
+        if let Ok(s) = serde_json::from_slice(v) {
+            out.push(s);
+        }
+        true
+    })?;
+    Ok(out)
+}
+
+/// What a send came to.
+enum Sent {
+    Acked,
+    /// The receiver answered, but not what was sent, or refused it for a
+    /// reason that retrying cannot fix.
+    Park(String),
+    /// Try again later.
+    Retry(String),
+}
+
+struct Sink {
+    cfg: SinkConfig,
+    signer: Signer,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    host: String,
+    port: u16,
+    path: String,
+    conn: Option<Connection>,
+}
+
+impl Sink {
+    async fn connect(&self) -> Result<Connection, String> {
+        let addr = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("resolving {}: {e}", self.host))?
+            .next()
+            .ok_or_else(|| format!("{} has no address", self.host))?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| format!("server name {}: {e}", self.host))?;
+        Connection::tls_named(addr, name, self.tls.clone(), Protocol::Http1)
+            .await
+            .map_err(|e| format!("connecting: {e}"))
+    }
+
+    async fn send(&mut self, b: &Stored) -> Sent {
+        if self.conn.as_ref().is_none_or(Connection::is_closed) {
+            match self.connect().await {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => return Sent::Retry(e),
+            }
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let signature = self.signer.sign(b.body.as_bytes());
+        let headers = [
+            ("content-type", "application/json"),
+            ("idempotency-key", b.id.as_str()),
+            ("x-onecard-signature", signature.as_str()),
+        ];
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let answer = tokio::time::timeout(
+            timeout,
+            conn.send(
+                Method::POST,
+                &self.path,
+                &headers,
+                b.body.clone().into_bytes(),
+            ),
+        )
+        .await;
+        let a = match answer {
+            Err(_) => {
+                self.conn = None;
+                return Sent::Retry(format!("no answer within {} ms", self.cfg.timeout_ms));
+            }
+            Ok(Err(e)) => {
+                self.conn = None;
+                return Sent::Retry(format!("{e}"));
+            }
+            Ok(Ok(a)) => a,
+        };
+        match a.status {
+            StatusCode::OK => match serde_json::from_slice::<Ack>(&a.body) {
+                Ok(ack)
+                    if ack.batch_id == b.id
+                        && ack.count == b.count
+                        && ack.total_fen == b.total_fen =>
+                {
+                    Sent::Acked
+                }
+                Ok(ack) => Sent::Park(format!(
+                    "acknowledged {} events, {} fen for {}; sent {} events, {} fen",
+                    ack.count, ack.total_fen, ack.batch_id, b.count, b.total_fen
+                )),
+                Err(_) => Sent::Park("the acknowledgement is not readable".into()),
+            },
+            s if s.is_server_error()
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s == StatusCode::REQUEST_TIMEOUT =>
+            {
+                Sent::Retry(format!("answered {s}"))
+            }
+            s => Sent::Park(format!(
+                "refused with {s}: {}",
+                String::from_utf8_lossy(&a.body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )),
+        }
+    }
+}
+
+/// A small generator for jitter (SplitMix64): no dependency, seeded per sink.
+struct Jitter(u64);
+impl Jitter {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// Reads up to `n` decision records from `from` on.
+fn read_journal(
+    store: &Store,
+    from: u64,
+    n: usize,
+) -> Result<Vec<(u64, DecisionRecord)>, StoreError> {
+    let mut out = Vec::new();
+    store.scan(Cf::Journal, &from.to_be_bytes(), |k, v| {
+        let Ok(seq) = <[u8; 8]>::try_from(k).map(u64::from_be_bytes) else {
+            return true;
+        };
+        if let Ok(r) = serde_json::from_slice::<DecisionRecord>(v) {
+            out.push((seq, r));
+        }
+        out.len() < n
+    })?;
+    Ok(out)
+}
+
+/// Runs delivery for one sink until `stop` fires.
+pub async fn run(gw: Arc<Gateway>, cfg: SinkConfig, mut stop: watch::Receiver<bool>) {
+    let name = cfg.name.clone();
+    if let Err(e) = run_inner(gw, cfg, &mut stop).await {
+        tracing::error!(sink = %name, error = %e, "settlement stopped: storage failure");
+        metrics::gauge!("onecard_settle_failed", "sink" => name).set(1.0);
+    }
+}
+
+async fn run_inner(
+    gw: Arc<Gateway>,
+    cfg: SinkConfig,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    let store = gw.store.clone();
+    let name = cfg.name.clone();
+    let uri: http::Uri = cfg.url.parse().map_err(|_| StoreError::Corrupt {
+        cf: "config",
+        detail: format!("settlement.sinks.{name}.url is not a URL"),
+    })?;
+    let tls =
+        client::tls_config(&cfg.ca, None, Protocol::Http1).map_err(|e| StoreError::Corrupt {
+            cf: "config",
+            detail: format!("settlement.sinks.{name}.ca: {e}"),
+        })?;
+    let mut sink = Sink {
+        signer: Signer::new(cfg.algorithm, cfg.signing_key().expect("validated")),
+        host: uri.host().unwrap_or("").trim_matches(['[', ']']).to_owned(),
+        port: uri.port_u16().unwrap_or(443),
+        path: uri.path().to_owned(),
+        tls,
+        conn: None,
+        cfg: cfg.clone(),
+    };
+    let mut batcher = Batcher::new(Rules {
+        sink: name.clone(),
+        scenarios: cfg.scenario_list().expect("validated"),
+        events_max: cfg.events_max,
+        bytes_max: cfg.bytes_max,
+        age_max_ms: cfg.age_max_ms,
+    });
+    let backoff = Backoff {
+        base_ms: cfg.backoff_base_ms,
+        max_ms: cfg.backoff_max_ms,
+    };
+    let mut circuit = Circuit::new(cfg.circuit_failures, cfg.circuit_pause_ms);
+    let mut jitter = Jitter(gw.now_ms() as u64 ^ name.len() as u64);
+    let (bp, pp, ck) = (batch_prefix(&name), parked_prefix(&name), cursor_key(&name));
+    let mut next_seq = store.get_u64(Cf::Settle, &ck)?.unwrap_or(0);
+    let mut durable_cursor = next_seq;
+    let mut attempts = 0u32;
+    let mut retry_at: Option<Instant> = None;
+    let labels = [("sink", name.clone())];
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        // Follow the journal; store every batch that seals.
+        let records = read_journal(&store, next_seq, READ_BATCH)?;
+        let read_any = !records.is_empty();
+        let mut sealed = Vec::new();
+        for (seq, r) in &records {
+            sealed.extend(batcher.offer(*seq, r));
+            next_seq = seq + 1;
+        }
+        sealed.extend(batcher.tick(gw.now_ms()));
+        for b in sealed {
+            let stored = Stored::from(b);
+            let mut wb = rocksdb::WriteBatch::default();
+            let cf = store.cf(Cf::Settle);
+            wb.put_cf(
+                cf,
+                key(&bp, stored.first_seq),
+                serde_json::to_vec(&stored).expect("serializes"),
+            );
+            // Events up to this batch's last are in a stored batch (or not
+            // this sink's); later ones are read again after a restart.
+            let cursor = stored.last_seq + 1;
+            wb.put_cf(cf, &ck, cursor.to_be_bytes());
+            store.db().write_opt(wb, &synced())?;
+            durable_cursor = cursor;
+            metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "sealed").increment(1);
+        }
+        if batcher.pending() == 0 && next_seq > durable_cursor {
+            // Nothing open: skip what was read on the next start.
+            store
+                .db()
+                .put_cf_opt(store.cf(Cf::Settle), &ck, next_seq.to_be_bytes(), &synced())?;
+            durable_cursor = next_seq;
+        }
+
+        // Send the oldest stored batch, if the circuit and backoff allow.
+        let waiting = list(&store, &bp, 1)?;
+        metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
+        let due = retry_at.is_none_or(|t| Instant::now() >= t);
+        let mut sent_any = false;
+        if let Some(b) = waiting.first().filter(|_| due) {
+            if circuit.allow(gw.now_ms()) {
+                sent_any = true;
+                let outcome = tokio::select! {
+                    o = sink.send(b) => o,
+                    _ = stop.changed() => return Ok(()),
+                };
+                match outcome {
+                    Sent::Acked => {
+                        circuit.success();
+                        attempts = 0;
+                        retry_at = None;
+                        store.db().delete_cf_opt(
+                            store.cf(Cf::Settle),
+                            key(&bp, b.first_seq),
+                            &synced(),
+                        )?;
+                        metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
+                        metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
+                            .increment(b.count);
+                        metrics::histogram!("onecard_settle_delivery_seconds", &labels)
+                            .record((gw.now_ms() - b.oldest_at_ms).max(0) as f64 / 1000.0);
+                    }
+                    Sent::Park(why) => {
+                        circuit.success();
+                        attempts = 0;
+                        retry_at = None;
+                        park(&store, &bp, &pp, b, &why)?;
+                        tracing::error!(sink = %name, batch = %b.id, why, "batch parked");
+                        metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "parked").increment(1);
+                    }
+                    Sent::Retry(why) => {
+                        circuit.failure(gw.now_ms());
+                        attempts += 1;
+                        metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "failed").increment(1);
+                        if attempts >= cfg.attempts_max {
+                            let why = format!("{attempts} attempts failed; the last: {why}");
+                            park(&store, &bp, &pp, b, &why)?;
+                            tracing::error!(sink = %name, batch = %b.id, why, "batch parked");
+                            metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "parked").increment(1);
+                            attempts = 0;
+                            retry_at = None;
+                        } else {
+                            tracing::warn!(sink = %name, batch = %b.id, attempts, why, "delivery failed; will retry");
+                            retry_at =
+                                Some(Instant::now() + backoff.delay(attempts - 1, jitter.next()));
+                        }
+                    }
+                }
+            }
+        }
+        if !read_any && !sent_any {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Moves a batch from waiting to parked, in one synced write.
+fn park(store: &Store, bp: &[u8], pp: &[u8], b: &Stored, why: &str) -> Result<(), StoreError> {
+    let parked = Stored {
+        parked: Some(why.to_owned()),
+        ..b.clone()
+    };
+    let mut wb = rocksdb::WriteBatch::default();
+    let cf = store.cf(Cf::Settle);
+    wb.delete_cf(cf, key(bp, b.first_seq));
+    wb.put_cf(
+        cf,
+        key(pp, b.first_seq),
+        serde_json::to_vec(&parked).expect("serializes"),
+    );
+    store.db().write_opt(wb, &synced())?;
+    Ok(())
+}

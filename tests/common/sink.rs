@@ -1,0 +1,74 @@
+//! A settlement receiver for the black-box tests: development certificates
+//! in `dir/certs`, a ledger in `dir`, and its query and control calls over
+//! real HTTPS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use http::Method;
+use onecard::client::{self, Connection, Protocol};
+use onecard::settle::receiver::{self, Ledger, Running};
+use onecard::settle::sign::Signer;
+
+pub struct Sink {
+    pub certs: PathBuf,
+    pub tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
+    pub ledger_file: PathBuf,
+}
+
+impl Sink {
+    /// Certificates (with `terminals` terminal certificates) and a ledger path in `dir`.
+    pub fn new(dir: &Path, terminals: u32) -> Sink {
+        let certs = dir.join("certs");
+        onecard::certs::generate(&certs, terminals).unwrap();
+        let tls = receiver::server_tls(
+            &certs.join(onecard::certs::SERVER_CERT),
+            &certs.join(onecard::certs::SERVER_KEY),
+        )
+        .unwrap();
+        Sink {
+            certs,
+            tls,
+            ledger_file: dir.join("ledger.jsonl"),
+        }
+    }
+
+    pub async fn start(&self, addr: SocketAddr, signer: Signer) -> Running {
+        receiver::start(addr, self.tls.clone(), &self.ledger_file, signer)
+            .await
+            .unwrap()
+    }
+
+    pub async fn connect(&self, addr: SocketAddr) -> Connection {
+        let tls = client::tls_config(
+            &self.certs.join(onecard::certs::CA_CERT),
+            None,
+            Protocol::Http1,
+        )
+        .unwrap();
+        Connection::tls(addr, tls, Protocol::Http1).await.unwrap()
+    }
+
+    pub async fn ledger(&self, addr: SocketAddr) -> Ledger {
+        let mut c = self.connect(addr).await;
+        let a = c
+            .send(Method::GET, "/v1/ledger", &[], Vec::new())
+            .await
+            .unwrap();
+        serde_json::from_slice(&a.body).unwrap()
+    }
+
+    pub async fn misbehave(&self, addr: SocketAddr, how: serde_json::Value) {
+        let mut c = self.connect(addr).await;
+        let a = c
+            .send(
+                Method::POST,
+                "/v1/misbehave",
+                &[("content-type", "application/json")],
+                serde_json::to_vec(&how).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, http::StatusCode::OK);
+    }
+}
