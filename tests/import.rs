@@ -70,14 +70,8 @@ async fn cards_import_in_bulk_keep_counters_and_survive_a_restart() {
     // An imported card is authorized at once; spending is kept when the
     // same file is imported again (as after a lost answer).
     let mut t = gw.terminal(1, Protocol::Http2).await;
-    let tap_body = serde_json::to_vec(&tap("imp-1", "500118I00000007", "transit", 200)).unwrap();
     let a = t
-        .send(
-            Method::POST,
-            "/v1/authorize",
-            &[("content-type", "application/json")],
-            tap_body,
-        )
+        .authorize(&tap("imp-1", "500118I00000007", "transit", 200))
         .await
         .unwrap();
     assert_eq!(decision(&a), ("approve".to_owned(), "OK".to_owned()));
@@ -139,14 +133,8 @@ async fn denylist_import_versions_every_entry_and_declines_at_once() {
     assert_eq!(r["total"], 1_500);
 
     let mut t = gw.terminal(2, Protocol::Http1).await;
-    let tap_body = serde_json::to_vec(&tap("imp-d", "500118I00000003", "transit", 200)).unwrap();
     let a = t
-        .send(
-            Method::POST,
-            "/v1/authorize",
-            &[("content-type", "application/json")],
-            tap_body,
-        )
+        .authorize(&tap("imp-d", "500118I00000003", "transit", 200))
         .await
         .unwrap();
     assert_eq!(

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::sink::Sink;
 use common::{decision, tap, TestGateway};
-use http::Method;
 use onecard::client::Protocol;
 use onecard::config::SinkConfig;
 use onecard::settle::deliver;
@@ -35,14 +34,8 @@ async fn booked(sink: &Sink, addr: std::net::SocketAddr, events: u64) -> Ledger 
 async fn taps(gw: &TestGateway, from: u32, n: u32, card: &str, scenario: &str, fen: i64) {
     let mut t = gw.terminal(1, Protocol::Http1).await;
     for i in from..from + n {
-        let body = serde_json::to_vec(&tap(&format!("s-{i}"), card, scenario, fen)).unwrap();
         let a = t
-            .send(
-                Method::POST,
-                "/v1/authorize",
-                &[("content-type", "application/json")],
-                body,
-            )
+            .authorize(&tap(&format!("s-{i}"), card, scenario, fen))
             .await
             .unwrap();
         decision(&a);
