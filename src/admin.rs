@@ -41,7 +41,7 @@ pub struct Admin {
     pub prometheus: PrometheusHandle,
     /// One bulk import at a time: each holds up to 32 MiB of body and a
     /// parsed copy, and two would only compete for the journal.
-    imports: tokio::sync::Semaphore,
+    imports: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Serialize)]
@@ -62,7 +62,7 @@ impl Admin {
             gateway,
             token,
             prometheus,
-            imports: tokio::sync::Semaphore::new(1),
+            imports: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 }
@@ -201,7 +201,9 @@ impl Admin {
         id: RouteId,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
-        let Ok(_slot) = self.imports.try_acquire() else {
+        // Owned: the slot goes with the import's own task, which runs to
+        // its end even if this handler is dropped (the client hung up).
+        let Ok(slot) = self.imports.clone().try_acquire_owned() else {
             return Err(ApiError::new(
                 ErrorKind::Unavailable,
                 "another import is running; send this one when it has finished",
@@ -216,8 +218,8 @@ impl Admin {
         .await?;
         let gw = self.gateway.clone();
         let report = match id {
-            RouteId::ImportCards => import::cards(gw, body).await?,
-            _ => import::denylist(gw, body).await?,
+            RouteId::ImportCards => import::cards(gw, body, slot).await?,
+            _ => import::denylist(gw, body, slot).await?,
         };
         Ok(ok_json(&report))
     }

@@ -109,6 +109,10 @@ pub struct SinkConfig {
     pub circuit_failures: u32,
     #[serde(default = "default_circuit_pause_ms")]
     pub circuit_pause_ms: i64,
+    /// Stored batches awaiting acknowledgement, at most; past it the sink
+    /// stops sealing and new events wait in the journal.
+    #[serde(default = "default_backlog_batches_max")]
+    pub backlog_batches_max: usize,
 }
 
 fn default_algorithm() -> crate::settle::sign::Algorithm {
@@ -140,6 +144,9 @@ fn default_circuit_failures() -> u32 {
 }
 fn default_circuit_pause_ms() -> i64 {
     10_000
+}
+fn default_backlog_batches_max() -> usize {
+    100_000
 }
 
 impl SinkConfig {
@@ -436,8 +443,16 @@ impl Config {
             if self.settlement.sinks[..i].iter().any(|o| &o.name == n) {
                 return bad(&format!("settlement.sinks: the name `{n}` is used twice"));
             }
-            if !sink.url.starts_with("https://") {
-                return bad(&format!("settlement.sinks.{n}.url must be an https:// URL"));
+            let uri = sink.url.parse::<http::Uri>().ok();
+            let https = uri.as_ref().is_some_and(|u| {
+                u.scheme_str() == Some("https")
+                    && u.host().is_some_and(|h| !h.is_empty())
+                    && u.authority().is_some_and(|a| !a.as_str().contains('@'))
+            });
+            if !https {
+                return bad(&format!(
+                    "settlement.sinks.{n}.url must be an https://host[:port]/path URL without credentials"
+                ));
             }
             for sc in sink.scenario_list()? {
                 if let Some((_, other)) = taken.iter().find(|(t, _)| *t == sc) {
@@ -453,9 +468,13 @@ impl Config {
                     "settlement.sinks.{n}: events_max ≥ 1, bytes_max ≥ 1024 and age_max_ms > 0"
                 ));
             }
-            if sink.timeout_ms == 0 || sink.attempts_max == 0 || sink.circuit_failures == 0 {
+            if sink.timeout_ms == 0
+                || sink.attempts_max == 0
+                || sink.circuit_failures == 0
+                || sink.backlog_batches_max == 0
+            {
                 return bad(&format!(
-                    "settlement.sinks.{n}: timeout_ms, attempts_max and circuit_failures must be positive"
+                    "settlement.sinks.{n}: timeout_ms, attempts_max, circuit_failures and backlog_batches_max must be positive"
                 ));
             }
         }

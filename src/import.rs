@@ -13,8 +13,9 @@
 //!   counters; a deny entry is re-added with a new version), so a client
 //!   that lost an answer sends the same chunk again.
 //! - One request carries at most [`IMPORT_BODY_BYTES_MAX`]; bigger files go
-//!   in several requests. One import runs at a time; once started it runs
-//!   to its end even if the client hangs up, so that memory and disk agree.
+//!   in several requests. One import runs at a time (the caller's slot
+//!   travels with it); once started it runs to its end even if the client
+//!   hangs up, so that memory and disk agree.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::gateway::{journal_error, Gateway};
 use crate::journal::{Commit, JournalError, Op};
@@ -212,8 +214,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Imports card lines (see the module documentation).
-pub async fn cards(gw: Arc<Gateway>, body: Bytes) -> Result<ImportReport, ApiError> {
+pub async fn cards(
+    gw: Arc<Gateway>,
+    body: Bytes,
+    slot: OwnedSemaphorePermit,
+) -> Result<ImportReport, ApiError> {
     to_completion(async move {
+        let _slot = slot;
         let started = Instant::now();
         let (mut report, parsed) = blocking(move || {
             let mut report = ImportReport::default();
@@ -279,8 +286,13 @@ fn queue_cards(gw: &Gateway, batch: &[(CardNo, Card)]) -> Result<Pending, Journa
 }
 
 /// Imports deny-list lines (see the module documentation).
-pub async fn denylist(gw: Arc<Gateway>, body: Bytes) -> Result<ImportReport, ApiError> {
+pub async fn denylist(
+    gw: Arc<Gateway>,
+    body: Bytes,
+    slot: OwnedSemaphorePermit,
+) -> Result<ImportReport, ApiError> {
     to_completion(async move {
+        let _slot = slot;
         let started = Instant::now();
         let (mut report, parsed) = blocking(move || {
             let mut report = ImportReport::default();

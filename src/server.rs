@@ -49,6 +49,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Settlement(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -189,10 +191,21 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         },
     )));
     for sink in &config.settlement.sinks {
-        tracing::info!(sink = %sink.name, url = %sink.url, "settlement sink");
+        // A CA that cannot be read stops the start, not settlement later.
+        let tls = crate::client::tls_config(&sink.ca, None, crate::client::Protocol::Http1)
+            .map_err(|e| {
+                ServerError::Settlement(format!("settlement.sinks.{}.ca: {e}", sink.name))
+            })?;
+        let host = sink
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned));
+        tracing::info!(sink = %sink.name, host = host.as_deref().unwrap_or(""), "settlement sink");
         tasks.push(tokio::spawn(crate::settle::deliver::run(
             gateway.clone(),
             sink.clone(),
+            tls,
             stop_rx.clone(),
         )));
     }

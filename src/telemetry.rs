@@ -110,6 +110,40 @@ fn describe() {
     describe_gauge!("onecard_denylist_version", "Current deny-list version");
     describe_gauge!("onecard_denylist_entries", "Cards on the deny list");
     describe_gauge!("onecard_cards", "Cards known to the gateway");
+    describe_counter!(
+        "onecard_settle_batches_total",
+        "Settlement batches by sink and outcome (sealed, acked, failed, parked)"
+    );
+    describe_counter!(
+        "onecard_settle_events_total",
+        "Events acknowledged by each sink"
+    );
+    describe_histogram!(
+        "onecard_settle_delivery_seconds",
+        Unit::Seconds,
+        "From the approval of a batch's oldest event to the sink's acknowledgement"
+    );
+    describe_gauge!(
+        "onecard_settle_backlog_batches",
+        "Sealed batches awaiting acknowledgement, by sink"
+    );
+    describe_gauge!(
+        "onecard_settle_backlog_events",
+        "Events in batches awaiting acknowledgement, by sink"
+    );
+    describe_gauge!(
+        "onecard_settle_backlog_oldest_seconds",
+        Unit::Seconds,
+        "Age of the oldest event awaiting acknowledgement, by sink"
+    );
+    describe_gauge!(
+        "onecard_settle_circuit",
+        "Circuit to each sink: 0 closed, 1 half open (probing), 2 open"
+    );
+    describe_gauge!(
+        "onecard_settle_failed",
+        "1 when a sink's settlement stopped on a storage failure (see the log)"
+    );
     describe_gauge!(
         "onecard_process_resident_bytes",
         Unit::Bytes,

@@ -138,6 +138,33 @@ async fn a_batch_is_booked_once_and_checked() {
     assert_eq!(ack(&post(&sink, addr, &b, &sig).await.unwrap()), first);
     assert_eq!(sink.ledger(addr).await.batches, 1);
     r.stop().await;
+
+    // A booking cut short by a crash (never acknowledged) is dropped at the
+    // next start, and the bookings after it stay readable.
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&sink.ledger_file)
+        .unwrap()
+        .write_all(b"{\"ack\":{\"batch_id\":\"transport-cut")
+        .unwrap();
+    let r = sink.start(addr, signer()).await;
+    let second = batch(20, 2);
+    let a = post(&sink, addr, &second, &signer().sign(&second.body))
+        .await
+        .unwrap();
+    assert_eq!(ack(&a).count, 2);
+    r.stop().await;
+    let r = sink.start(addr, signer()).await;
+    assert_eq!(
+        sink.ledger(addr).await,
+        Ledger {
+            batches: 2,
+            events: 7,
+            total_fen: 1_400
+        }
+    );
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

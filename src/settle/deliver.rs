@@ -19,13 +19,13 @@ use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::client::{self, Connection, Protocol};
+use crate::client::{Connection, Protocol};
 use crate::config::SinkConfig;
 use crate::gateway::Gateway;
 use crate::journal::DecisionRecord;
 use crate::settle::batch::{Batch, Batcher, Rules};
 use crate::settle::receiver::Ack;
-use crate::settle::retry::{Backoff, Circuit};
+use crate::settle::retry::{Backoff, Circuit, CircuitState};
 use crate::settle::sign::Signer;
 use crate::state::{Cf, Store, StoreError};
 
@@ -189,12 +189,13 @@ impl Sink {
             {
                 Sent::Retry(format!("answered {s}"))
             }
+            // The status and the receiver's error code only: a body could
+            // echo an event, card number included, into the gateway's logs.
             s => Sent::Park(format!(
-                "refused with {s}: {}",
-                String::from_utf8_lossy(&a.body)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
+                "refused with {s} ({})",
+                a.json()["error"]["code"]
+                    .as_str()
+                    .unwrap_or("no error code")
             )),
         }
     }
@@ -219,22 +220,40 @@ fn read_journal(
     n: usize,
 ) -> Result<Vec<(u64, DecisionRecord)>, StoreError> {
     let mut out = Vec::new();
+    let mut bad = None;
     store.scan(Cf::Journal, &from.to_be_bytes(), |k, v| {
         let Ok(seq) = <[u8; 8]>::try_from(k).map(u64::from_be_bytes) else {
             return true;
         };
-        if let Ok(r) = serde_json::from_slice::<DecisionRecord>(v) {
-            out.push((seq, r));
+        match serde_json::from_slice::<DecisionRecord>(v) {
+            Ok(r) => out.push((seq, r)),
+            Err(_) => {
+                bad = Some(seq);
+                return false;
+            }
         }
         out.len() < n
     })?;
-    Ok(out)
+    // An event that cannot be read cannot be settled: stop loudly rather
+    // than skip it.
+    match bad {
+        Some(seq) => Err(StoreError::Corrupt {
+            cf: "journal",
+            detail: format!("record {seq} does not decode; settlement cannot pass it"),
+        }),
+        None => Ok(out),
+    }
 }
 
 /// Runs delivery for one sink until `stop` fires.
-pub async fn run(gw: Arc<Gateway>, cfg: SinkConfig, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    gw: Arc<Gateway>,
+    cfg: SinkConfig,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    mut stop: watch::Receiver<bool>,
+) {
     let name = cfg.name.clone();
-    if let Err(e) = run_inner(gw, cfg, &mut stop).await {
+    if let Err(e) = run_inner(gw, cfg, tls, &mut stop).await {
         tracing::error!(sink = %name, error = %e, "settlement stopped: storage failure");
         metrics::gauge!("onecard_settle_failed", "sink" => name).set(1.0);
     }
@@ -243,19 +262,12 @@ pub async fn run(gw: Arc<Gateway>, cfg: SinkConfig, mut stop: watch::Receiver<bo
 async fn run_inner(
     gw: Arc<Gateway>,
     cfg: SinkConfig,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
     let store = gw.store.clone();
     let name = cfg.name.clone();
-    let uri: http::Uri = cfg.url.parse().map_err(|_| StoreError::Corrupt {
-        cf: "config",
-        detail: format!("settlement.sinks.{name}.url is not a URL"),
-    })?;
-    let tls =
-        client::tls_config(&cfg.ca, None, Protocol::Http1).map_err(|e| StoreError::Corrupt {
-            cf: "config",
-            detail: format!("settlement.sinks.{name}.ca: {e}"),
-        })?;
+    let uri: http::Uri = cfg.url.parse().expect("validated with the config");
     let mut sink = Sink {
         signer: Signer::new(cfg.algorithm, cfg.signing_key().expect("validated")),
         host: uri.host().unwrap_or("").trim_matches(['[', ']']).to_owned(),
@@ -284,46 +296,54 @@ async fn run_inner(
     let mut attempts = 0u32;
     let mut retry_at: Option<Instant> = None;
     let labels = [("sink", name.clone())];
+    // Stored batches awaiting acknowledgement: counted once at start, then
+    // kept up to date, for the backlog gauges and the bound.
+    let mut backlog = Backlog::default();
+    store.scan(Cf::Settle, &bp, |k, v| {
+        if !k.starts_with(&bp) {
+            return false;
+        }
+        if let Ok(b) = serde_json::from_slice::<Stored>(v) {
+            backlog.add(&b);
+        }
+        true
+    })?;
+    let mut full_warned = false;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
-        // Follow the journal; store every batch that seals.
-        let records = read_journal(&store, next_seq, READ_BATCH)?;
-        let read_any = !records.is_empty();
-        let mut sealed = Vec::new();
-        for (seq, r) in &records {
-            sealed.extend(batcher.offer(*seq, r));
-            next_seq = seq + 1;
+        // Follow the journal; store every batch that seals. At the backlog
+        // bound, stop: the events wait in the journal, on disk, and
+        // authorization does not notice.
+        let full = backlog.batches >= cfg.backlog_batches_max;
+        if full && !full_warned {
+            tracing::warn!(sink = %name, batches = backlog.batches, "settlement backlog at its bound; new events wait in the journal until the receiver catches up");
         }
-        sealed.extend(batcher.tick(gw.now_ms()));
-        for b in sealed {
-            let stored = Stored::from(b);
-            let mut wb = rocksdb::WriteBatch::default();
-            let cf = store.cf(Cf::Settle);
-            wb.put_cf(
-                cf,
-                key(&bp, stored.first_seq),
-                serde_json::to_vec(&stored).expect("serializes"),
-            );
-            // Events up to this batch's last are in a stored batch (or not
-            // this sink's); later ones are read again after a restart.
-            let cursor = stored.last_seq + 1;
-            wb.put_cf(cf, &ck, cursor.to_be_bytes());
-            store.db().write_opt(wb, &synced())?;
-            durable_cursor = cursor;
+        full_warned = full;
+        // Reading and decoding the journal and the synced writes are
+        // blocking work: off the async workers, which serve terminals.
+        let now_ms = gw.now_ms();
+        let (read_any, stored) = tokio::task::block_in_place(|| {
+            fill(
+                &store,
+                &mut batcher,
+                &mut next_seq,
+                &mut durable_cursor,
+                &ck,
+                &bp,
+                cfg.backlog_batches_max.saturating_sub(backlog.batches),
+                now_ms,
+            )
+        })?;
+        for b in &stored {
+            backlog.add(b);
             metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "sealed").increment(1);
-        }
-        if batcher.pending() == 0 && next_seq > durable_cursor {
-            // Nothing open: skip what was read on the next start.
-            store
-                .db()
-                .put_cf_opt(store.cf(Cf::Settle), &ck, next_seq.to_be_bytes(), &synced())?;
-            durable_cursor = next_seq;
         }
 
         // Send the oldest stored batch, if the circuit and backoff allow.
         let waiting = list(&store, &bp, 1)?;
+        backlog.publish(&labels, waiting.first(), gw.now_ms());
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
         let due = retry_at.is_none_or(|t| Instant::now() >= t);
         let mut sent_any = false;
@@ -336,6 +356,7 @@ async fn run_inner(
                 };
                 match outcome {
                     Sent::Acked => {
+                        backlog.remove(b);
                         circuit.success();
                         attempts = 0;
                         retry_at = None;
@@ -355,24 +376,29 @@ async fn run_inner(
                         attempts = 0;
                         retry_at = None;
                         park(&store, &bp, &pp, b, &why)?;
-                        tracing::error!(sink = %name, batch = %b.id, why, "batch parked");
-                        metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "parked").increment(1);
+                        backlog.remove(b);
+                        parked(&name, b, &why);
                     }
                     Sent::Retry(why) => {
                         circuit.failure(gw.now_ms());
-                        attempts += 1;
                         metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "failed").increment(1);
+                        // Attempts count only while the receiver is
+                        // otherwise reachable (circuit closed): an outage
+                        // is the circuit's business and parks nothing.
+                        if matches!(circuit.state(), CircuitState::Closed { .. }) {
+                            attempts += 1;
+                        }
                         if attempts >= cfg.attempts_max {
                             let why = format!("{attempts} attempts failed; the last: {why}");
                             park(&store, &bp, &pp, b, &why)?;
-                            tracing::error!(sink = %name, batch = %b.id, why, "batch parked");
-                            metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "parked").increment(1);
+                            backlog.remove(b);
+                            parked(&name, b, &why);
                             attempts = 0;
                             retry_at = None;
                         } else {
                             tracing::warn!(sink = %name, batch = %b.id, attempts, why, "delivery failed; will retry");
                             retry_at =
-                                Some(Instant::now() + backoff.delay(attempts - 1, jitter.next()));
+                                Some(Instant::now() + backoff.delay(attempts, jitter.next()));
                         }
                     }
                 }
@@ -385,6 +411,95 @@ async fn run_inner(
             }
         }
     }
+}
+
+/// One pass over the journal: offers records from `next_seq` on to the
+/// batcher and stores, in one synced write, every batch that seals (at most
+/// `room` of them), with the cursor past the last. Returns whether anything
+/// was read and the batches stored.
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    store: &Store,
+    batcher: &mut Batcher,
+    next_seq: &mut u64,
+    durable_cursor: &mut u64,
+    ck: &[u8],
+    bp: &[u8],
+    room: usize,
+    now_ms: i64,
+) -> Result<(bool, Vec<Stored>), StoreError> {
+    let records = if room == 0 {
+        Vec::new()
+    } else {
+        read_journal(store, *next_seq, READ_BATCH)?
+    };
+    let read_any = !records.is_empty();
+    let mut sealed = Vec::new();
+    for (seq, r) in &records {
+        if sealed.len() >= room {
+            break;
+        }
+        sealed.extend(batcher.offer(*seq, r));
+        *next_seq = seq + 1;
+    }
+    if sealed.len() < room {
+        sealed.extend(batcher.tick(now_ms));
+    }
+    let stored: Vec<Stored> = sealed.into_iter().map(Stored::from).collect();
+    let cf = store.cf(Cf::Settle);
+    if let Some(last) = stored.last() {
+        let mut wb = rocksdb::WriteBatch::default();
+        for b in &stored {
+            wb.put_cf(
+                cf,
+                key(bp, b.first_seq),
+                serde_json::to_vec(b).expect("serializes"),
+            );
+        }
+        // Events up to the last stored batch are in a stored batch (or not
+        // this sink's); later ones are read again after a restart.
+        *durable_cursor = last.last_seq + 1;
+        wb.put_cf(cf, ck, durable_cursor.to_be_bytes());
+        store.db().write_opt(wb, &synced())?;
+    }
+    if batcher.pending() == 0 && *next_seq > *durable_cursor {
+        // Nothing open: skip what was read on the next start. Unsynced:
+        // losing it costs a re-read, and the next synced write covers it.
+        store.db().put_cf(cf, ck, next_seq.to_be_bytes())?;
+        *durable_cursor = *next_seq;
+    }
+    Ok((read_any, stored))
+}
+
+/// Batches and events stored and not yet acknowledged.
+#[derive(Debug, Default)]
+struct Backlog {
+    batches: usize,
+    events: u64,
+}
+
+impl Backlog {
+    fn add(&mut self, b: &Stored) {
+        self.batches += 1;
+        self.events += b.count;
+    }
+    fn remove(&mut self, b: &Stored) {
+        self.batches = self.batches.saturating_sub(1);
+        self.events = self.events.saturating_sub(b.count);
+    }
+    fn publish(&self, labels: &[(&'static str, String); 1], oldest: Option<&Stored>, now_ms: i64) {
+        metrics::gauge!("onecard_settle_backlog_batches", labels).set(self.batches as f64);
+        metrics::gauge!("onecard_settle_backlog_events", labels).set(self.events as f64);
+        let age = oldest.map_or(0, |b| (now_ms - b.oldest_at_ms).max(0));
+        metrics::gauge!("onecard_settle_backlog_oldest_seconds", labels).set(age as f64 / 1000.0);
+    }
+}
+
+/// Says that a batch was parked: an error log and the metric operators
+/// alert on.
+fn parked(sink: &str, b: &Stored, why: &str) {
+    tracing::error!(sink, batch = %b.id, why, "batch parked");
+    metrics::counter!("onecard_settle_batches_total", "sink" => sink.to_owned(), "outcome" => "parked").increment(1);
 }
 
 /// Moves a batch from waiting to parked, in one synced write.

@@ -137,26 +137,41 @@ fn load_ledger(
         path: path.to_path_buf(),
         source,
     };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(err(e)),
+    };
+    // A last line cut short by a crash was never acknowledged (the answer
+    // follows the sync): drop it, so the next booking starts a clean line;
+    // the sender sends that batch again.
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut seen = HashMap::new();
     let mut totals = Ledger::default();
-    if let Ok(text) = std::fs::read_to_string(path) {
-        for line in text.lines() {
-            // A line cut short by a crash was never acknowledged: skip it,
-            // the sender sends the batch again.
-            let Ok(b) = serde_json::from_str::<Booked>(line) else {
-                continue;
-            };
-            totals.batches += 1;
-            totals.events += b.ack.count;
-            totals.total_fen += b.ack.total_fen;
-            seen.insert(b.ack.batch_id.clone(), b.ack);
-        }
+    for line in bytes[..whole]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+    {
+        let b: Booked = serde_json::from_slice(line).map_err(|e| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a complete ledger line does not decode: {e}"),
+            ))
+        })?;
+        totals.batches += 1;
+        totals.events += b.ack.count;
+        totals.total_fen += b.ack.total_fen;
+        seen.insert(b.ack.batch_id.clone(), b.ack);
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(err)?;
+    if whole < bytes.len() {
+        file.set_len(whole as u64).map_err(err)?;
+        file.sync_all().map_err(err)?;
+    }
     Ok((file, seen, totals))
 }
 
