@@ -3,6 +3,9 @@
 //! terminal received is replayed with the same `auth_id`, and the journal
 //! holds each sequence number once, without gaps.
 //!
+//! A second test kills the gateway while it delivers settlement batches to
+//! a real receiver: after the restart every approved fare is booked once.
+//!
 //! Scope: SIGKILL keeps the OS page cache, so this proves "answered only
 //! after the record was written" (it would catch an answer sent before the
 //! write), not "after fdatasync"; the sync itself is RocksDB's
@@ -17,10 +20,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::sink::Sink;
 use common::{connect_terminal, tap, TOKEN};
 use http::{Method, StatusCode};
 use onecard::client::{self, Protocol};
 use onecard::server::{Addrs, LISTENERS_FILE};
+use onecard::settle::sign::{Algorithm, Signer};
 use onecard::state::{Cf, Store};
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -30,11 +35,16 @@ const KILL_AFTER_APPROVALS: usize = 150;
 const CLIENTS: u32 = 3;
 
 fn spawn_gateway(dir: &Path) -> Child {
+    spawn_gateway_with(dir, "")
+}
+
+/// The real binary on `dir/data`, with `extra` appended to its config.
+fn spawn_gateway_with(dir: &Path, extra: &str) -> Child {
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {CLIENTS}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n",
+            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {CLIENTS}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n{extra}",
             dir.join("data")
         ),
     )
@@ -207,4 +217,75 @@ async fn kill_9_loses_no_acknowledged_approval() {
             "{event} acknowledged but not journaled"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_delivery_books_every_event_once() {
+    const KEY: &str = "transport-signing-key-0001";
+    const FARES: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The receiver uses the certificates the gateway will find in its data
+    // directory, and drops its first answers after booking: batches stay
+    // stored and unacknowledged at the gateway when it is killed.
+    let sink = Sink::new(&data, CLIENTS);
+    let r = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+        )
+        .await;
+    sink.misbehave(r.addr, json!({"drop_after_booking": 3, "delay_ms": 20}))
+        .await;
+    let extra = format!(
+        "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\nevents_max = 5\nage_max_ms = 50\nbackoff_base_ms = 10\nbackoff_max_ms = 50\n",
+        r.addr.port(),
+        sink.certs.join(onecard::certs::CA_CERT)
+    );
+    let mut child = spawn_gateway_with(dir.path(), &extra);
+    let addrs = wait_ready(&mut child, dir.path());
+    let a = client::admin(
+        addrs.admin,
+        Some(TOKEN),
+        Method::PUT,
+        &format!("/admin/v1/cards/{}", card(0)),
+        Some(&json!({"status": "active", "functions": ["transit"]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    let mut conn = connect_terminal(&sink.certs, addrs.terminal, 1, Protocol::Http1).await;
+    for i in 0..FARES {
+        let a = conn
+            .authorize(&tap(&format!("fare-{i}"), &card(0), "transit", 200))
+            .await
+            .unwrap();
+        assert_eq!(a.json()["decision"], "approve");
+    }
+    // Killed once delivery is under way, whatever it has reached.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.ledger(r.addr).await.events < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let mut child = spawn_gateway_with(dir.path(), &extra);
+    wait_ready(&mut child, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut l = sink.ledger(r.addr).await;
+    while l.events < FARES as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        l = sink.ledger(r.addr).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    r.stop().await;
+    // Exactly the fares: a batch sent again after the restart carried the
+    // same id; re-batched events would have been booked twice.
+    assert_eq!(
+        (l.events, l.total_fen),
+        (FARES as u64, FARES as i64 * 200),
+        "{l:?}"
+    );
 }
