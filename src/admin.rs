@@ -25,6 +25,7 @@ use crate::ingress::{
 use crate::journal::JournalError;
 use crate::model::CardNo;
 use crate::routes::{self, Listener, Match, RouteId};
+use crate::settle::deliver;
 use crate::state::cards::CardRecord;
 use crate::telemetry;
 use crate::wire::{self, ApiError, ErrorKind};
@@ -34,6 +35,8 @@ pub const ADMIN_BODY_BYTES_MAX: usize = 16 * 1024;
 /// An import body (up to 32 MiB) may take this long to arrive: long enough
 /// for a slow link, bounded so that a stalled upload frees its slot.
 pub const IMPORT_BODY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Parked batches listed (and counted in the status) at most.
+pub const SETTLE_PARKED_SHOWN: usize = 1_000;
 
 pub struct Admin {
     pub gateway: Arc<Gateway>,
@@ -189,6 +192,11 @@ impl Admin {
                 })))
             }
             RouteId::ImportCards | RouteId::ImportDenylist => self.import(id, req).await,
+            RouteId::Settlement => self.settlement_status(),
+            RouteId::SettlementParked
+            | RouteId::SettlementReplay
+            | RouteId::SettlementPause
+            | RouteId::SettlementResume => self.settlement_sink(id, param),
             RouteId::Authorize | RouteId::Ping => Err(ApiError::new(
                 ErrorKind::NotFound,
                 "authorizations go to the terminal listener",
@@ -222,6 +230,67 @@ impl Admin {
             _ => import::denylist(gw, body, slot).await?,
         };
         Ok(ok_json(&report))
+    }
+
+    fn parked(&self, sink: &str, n: usize) -> Result<Vec<deliver::Stored>, ApiError> {
+        deliver::list(&self.gateway.store, &deliver::parked_prefix(sink), n)
+            .map_err(|_| ApiError::new(ErrorKind::Unavailable, "the store cannot be read; retry"))
+    }
+
+    /// `GET /admin/v1/settlement`: every sink's cursor, backlog, circuit,
+    /// pause and parked batches.
+    fn settlement_status(&self) -> Result<Response<Body>, ApiError> {
+        let gw = &self.gateway;
+        let mut sinks = Vec::new();
+        for s in gw.settlement.all() {
+            let parked = self.parked(&s.name, SETTLE_PARKED_SHOWN)?.len() as u64;
+            sinks.push(s.view(gw.now_ms(), parked));
+        }
+        Ok(ok_json(&serde_json::json!({"sinks": sinks})))
+    }
+
+    /// Parked batches of a sink, replay, pause and resume.
+    fn settlement_sink(&self, id: RouteId, sink: &str) -> Result<Response<Body>, ApiError> {
+        let status = self.gateway.settlement.get(sink).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::NotFound,
+                "no such settlement sink; GET /admin/v1/settlement lists them",
+            )
+        })?;
+        match id {
+            RouteId::SettlementParked => {
+                let parked: Vec<serde_json::Value> = self
+                    .parked(sink, SETTLE_PARKED_SHOWN)?
+                    .into_iter()
+                    .map(|b| {
+                        serde_json::json!({"batch_id": b.id, "first_seq": b.first_seq, "last_seq": b.last_seq,
+                                           "count": b.count, "total_fen": b.total_fen, "why": b.parked})
+                    })
+                    .collect();
+                Ok(ok_json(
+                    &serde_json::json!({"sink": sink, "parked": parked}),
+                ))
+            }
+            RouteId::SettlementReplay => {
+                let n = self.parked(sink, usize::MAX)?.len();
+                status.request_replay();
+                tracing::info!(sink, batches = n, "replay of parked batches requested");
+                Ok(ok_json(&serde_json::json!({"sink": sink, "replaying": n})))
+            }
+            RouteId::SettlementPause | RouteId::SettlementResume => {
+                let paused = id == RouteId::SettlementPause;
+                status.pause(paused);
+                tracing::info!(
+                    sink,
+                    paused,
+                    "settlement delivery paused or resumed by an operator"
+                );
+                Ok(ok_json(
+                    &serde_json::json!({"sink": sink, "paused": paused}),
+                ))
+            }
+            _ => unreachable!("only settlement sink routes come here"),
+        }
     }
 
     async fn body(

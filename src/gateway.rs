@@ -53,6 +53,9 @@ pub struct Gateway {
     pub idem: Idempotency,
     pub admission: Arc<Admission>,
     pub metrics: HotMetrics,
+    /// Each settlement sink's status, shared by its delivery task and the
+    /// admin API.
+    pub settlement: crate::settle::status::Settlement,
     auth_ids: AuthIds,
     ready: AtomicBool,
 }
@@ -110,7 +113,11 @@ impl Gateway {
             boot,
             "state rebuilt from RocksDB"
         );
+        let settlement = crate::settle::status::Settlement::new(
+            config.settlement.sinks.iter().map(|s| s.name.as_str()),
+        );
         Ok(Gateway {
+            settlement,
             config,
             policy,
             store,

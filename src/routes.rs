@@ -28,6 +28,11 @@ pub enum RouteId {
     Status,
     ImportCards,
     ImportDenylist,
+    Settlement,
+    SettlementParked,
+    SettlementReplay,
+    SettlementPause,
+    SettlementResume,
 }
 
 pub struct Route {
@@ -146,6 +151,41 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/admin/v1/import/denylist",
         RouteId::ImportDenylist,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/settlement",
+        RouteId::Settlement,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/settlement/parked/{sink}",
+        RouteId::SettlementParked,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/settlement/replay/{sink}",
+        RouteId::SettlementReplay,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/settlement/pause/{sink}",
+        RouteId::SettlementPause,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/settlement/resume/{sink}",
+        RouteId::SettlementResume,
         true,
     ),
 ];

@@ -84,7 +84,9 @@ async fn every_documented_operation_is_served() {
     let gw = TestGateway::start(|_| {}).await;
     let mut terminal = gw.terminal(1, Protocol::Http1).await;
     for (listener, method, path) in documented(&spec()) {
-        let path = path.replace("{card_no}", "500118Z00000001");
+        let path = path
+            .replace("{card_no}", "500118Z00000001")
+            .replace("{sink}", "transport");
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let answer = match listener.as_str() {
             "terminal" => {

@@ -145,6 +145,79 @@ async fn approved_events_are_booked_once_through_failures_and_a_restart() {
     // The receiver booked it all the same, and any other fare was acked.
     let l = booked(&sink, raddr, 43).await;
     assert_eq!((l.events, l.total_fen), (43, 8_600), "{l:?}");
+
+    // The operator sees it, and replays it once the receiver is fixed: the
+    // same batch id, so the receiver acknowledges it without booking again.
+    let status = gw
+        .admin(Method::GET, "/admin/v1/settlement", None)
+        .await
+        .json();
+    assert_eq!(status["sinks"][0]["parked"], 1, "{status}");
+    let listed = gw
+        .admin(Method::GET, "/admin/v1/settlement/parked/transport", None)
+        .await
+        .json();
+    assert_eq!(listed["parked"][0]["batch_id"], parked[0].id.as_str());
+    let a = gw
+        .admin(Method::POST, "/admin/v1/settlement/replay/transport", None)
+        .await
+        .json();
+    assert_eq!(a["replaying"], 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = gw
+            .admin(Method::GET, "/admin/v1/settlement", None)
+            .await
+            .json();
+        let sk = &s["sinks"][0];
+        if (sk["parked"] == 0 && sk["backlog_batches"] == 0) || Instant::now() > deadline {
+            assert_eq!(
+                (sk["parked"].as_u64(), sk["backlog_batches"].as_u64()),
+                (Some(0), Some(0)),
+                "{s}"
+            );
+            assert!(sk["last_ack_ms"].as_i64().is_some());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.ledger(raddr).await.events, 43);
+
+    // Paused: fares wait (sealed, counted), nothing is sent; resumed: sent.
+    gw.admin(Method::POST, "/admin/v1/settlement/pause/transport", None)
+        .await;
+    taps(&gw, 400, 5, CARD, "transit", 200).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gw
+        .admin(Method::GET, "/admin/v1/settlement", None)
+        .await
+        .json()["sinks"][0]["backlog_events"]
+        != 5
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = gw
+        .admin(Method::GET, "/admin/v1/settlement", None)
+        .await
+        .json();
+    assert_eq!(
+        (
+            s["sinks"][0]["backlog_events"].as_u64(),
+            s["sinks"][0]["paused"].as_bool()
+        ),
+        (Some(5), Some(true)),
+        "{s}"
+    );
+    assert_eq!(
+        sink.ledger(raddr).await.events,
+        43,
+        "nothing sent while paused"
+    );
+    gw.admin(Method::POST, "/admin/v1/settlement/resume/transport", None)
+        .await;
+    let l = booked(&sink, raddr, 48).await;
+    assert_eq!((l.events, l.total_fen), (48, 9_600), "{l:?}");
     gw.shutdown().await;
     r.stop().await;
 }

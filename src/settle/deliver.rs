@@ -309,6 +309,11 @@ async fn run_inner(
         true
     })?;
     let mut full_warned = false;
+    let status = gw
+        .settlement
+        .get(&name)
+        .cloned()
+        .expect("every configured sink has a status");
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -321,6 +326,13 @@ async fn run_inner(
             tracing::warn!(sink = %name, batches = backlog.batches, "settlement backlog at its bound; new events wait in the journal until the receiver catches up");
         }
         full_warned = full;
+        if status.take_replay() {
+            let back = tokio::task::block_in_place(|| replay(&store, &name))?;
+            tracing::info!(sink = %name, batches = back.len(), "parked batches put back in line by an operator");
+            for b in &back {
+                backlog.add(b);
+            }
+        }
         // Reading and decoding the journal and the synced writes are
         // blocking work: off the async workers, which serve terminals.
         let now_ms = gw.now_ms();
@@ -344,8 +356,17 @@ async fn run_inner(
         // Send the oldest stored batch, if the circuit and backoff allow.
         let waiting = list(&store, &bp, 1)?;
         backlog.publish(&labels, waiting.first(), gw.now_ms());
+        status.set_backlog(
+            backlog.batches as u64,
+            backlog.events,
+            waiting.first().map(|b| b.oldest_at_ms),
+        );
+        status.set_cursor(next_seq);
+        status.set_circuit(circuit.state().level());
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
-        let due = retry_at.is_none_or(|t| Instant::now() >= t);
+        // Paused by an operator: batches keep sealing (up to the bound)
+        // and wait.
+        let due = retry_at.is_none_or(|t| Instant::now() >= t) && !status.is_paused();
         let mut sent_any = false;
         if let Some(b) = waiting.first().filter(|_| due) {
             if circuit.allow(gw.now_ms()) {
@@ -357,6 +378,7 @@ async fn run_inner(
                 match outcome {
                     Sent::Acked => {
                         backlog.remove(b);
+                        status.acked(gw.now_ms());
                         circuit.success();
                         attempts = 0;
                         retry_at = None;
@@ -500,6 +522,31 @@ impl Backlog {
 fn parked(sink: &str, b: &Stored, why: &str) {
     tracing::error!(sink, batch = %b.id, why, "batch parked");
     metrics::counter!("onecard_settle_batches_total", "sink" => sink.to_owned(), "outcome" => "parked").increment(1);
+}
+
+/// Puts every parked batch of a sink back in line (an operator's replay,
+/// once the receiver is fixed), in one synced write, and returns them. Ids
+/// and bytes are unchanged, so a receiver that booked one answers with its
+/// acknowledgement again. Run by the delivery task, which counts them.
+fn replay(store: &Store, sink: &str) -> Result<Vec<Stored>, StoreError> {
+    let (bp, pp) = (batch_prefix(sink), parked_prefix(sink));
+    let parked = list(store, &pp, usize::MAX)?;
+    let mut wb = rocksdb::WriteBatch::default();
+    let cf = store.cf(Cf::Settle);
+    for b in &parked {
+        let back = Stored {
+            parked: None,
+            ..b.clone()
+        };
+        wb.delete_cf(cf, key(&pp, b.first_seq));
+        wb.put_cf(
+            cf,
+            key(&bp, b.first_seq),
+            serde_json::to_vec(&back).expect("serializes"),
+        );
+    }
+    store.db().write_opt(wb, &synced())?;
+    Ok(parked)
 }
 
 /// Moves a batch from waiting to parked, in one synced write.

@@ -11,12 +11,14 @@
 //! configured sink (`[[settlement.sinks]]`) that follows the journal from a
 //! durable cursor, stores sealed batches before sending them, and forgets
 //! them on a matching acknowledgement (retries with backoff, a circuit,
-//! parking). Not built yet: reversals, the operators' API (status, parked
-//! batches, replay, pause), the daily report, the readiness warning on a
-//! growing backlog, and the seeded simulation test.
+//! parking), with [`status`] shared with the operators' API (status,
+//! parked batches, replay, pause and resume). Not built yet: reversals, the
+//! daily report, the readiness warning on a growing backlog, and the seeded
+//! simulation test.
 
 pub mod batch;
 pub mod deliver;
 pub mod receiver;
 pub mod retry;
 pub mod sign;
+pub mod status;

@@ -1,0 +1,165 @@
+//! What each sink's delivery task is doing, for operators: shared between
+//! the task (which writes) and the admin API (which reads, and pauses or
+//! resumes). Atomics only: reading it never slows delivery.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    pub name: String,
+    cursor: AtomicU64,
+    backlog_batches: AtomicU64,
+    backlog_events: AtomicU64,
+    /// Approval time of the oldest event awaiting acknowledgement; 0: none.
+    oldest_at_ms: AtomicI64,
+    last_ack_ms: AtomicI64,
+    circuit: AtomicU8,
+    paused: AtomicBool,
+    replay: AtomicBool,
+}
+
+/// A sink's status as the admin API shows it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct View {
+    pub sink: String,
+    /// The next journal sequence number this sink will read.
+    pub cursor: u64,
+    pub backlog_batches: u64,
+    pub backlog_events: u64,
+    /// Seconds since the oldest event awaiting acknowledgement was approved.
+    pub oldest_age_s: f64,
+    /// When the receiver last acknowledged a batch (Unix ms); null: not yet.
+    pub last_ack_ms: Option<i64>,
+    pub circuit: &'static str,
+    pub paused: bool,
+    pub parked: u64,
+}
+
+impl SinkStatus {
+    pub fn new(name: &str) -> SinkStatus {
+        SinkStatus {
+            name: name.to_owned(),
+            ..SinkStatus::default()
+        }
+    }
+
+    pub fn set_cursor(&self, seq: u64) {
+        self.cursor.store(seq, Ordering::Relaxed);
+    }
+    pub fn set_backlog(&self, batches: u64, events: u64, oldest_at_ms: Option<i64>) {
+        self.backlog_batches.store(batches, Ordering::Relaxed);
+        self.backlog_events.store(events, Ordering::Relaxed);
+        self.oldest_at_ms
+            .store(oldest_at_ms.unwrap_or(0), Ordering::Relaxed);
+    }
+    pub fn acked(&self, now_ms: i64) {
+        self.last_ack_ms.store(now_ms, Ordering::Relaxed);
+    }
+    /// 0 closed, 1 half open, 2 open (`CircuitState::level`).
+    pub fn set_circuit(&self, level: u8) {
+        self.circuit.store(level, Ordering::Relaxed);
+    }
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+    }
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+    /// Asks the delivery task to put the parked batches back in line.
+    pub fn request_replay(&self) {
+        self.replay.store(true, Ordering::Release);
+    }
+    pub fn take_replay(&self) -> bool {
+        self.replay.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn view(&self, now_ms: i64, parked: u64) -> View {
+        let oldest = self.oldest_at_ms.load(Ordering::Relaxed);
+        let last = self.last_ack_ms.load(Ordering::Relaxed);
+        View {
+            sink: self.name.clone(),
+            cursor: self.cursor.load(Ordering::Relaxed),
+            backlog_batches: self.backlog_batches.load(Ordering::Relaxed),
+            backlog_events: self.backlog_events.load(Ordering::Relaxed),
+            oldest_age_s: if oldest == 0 {
+                0.0
+            } else {
+                (now_ms - oldest).max(0) as f64 / 1000.0
+            },
+            last_ack_ms: (last != 0).then_some(last),
+            circuit: match self.circuit.load(Ordering::Relaxed) {
+                0 => "closed",
+                1 => "half_open",
+                _ => "open",
+            },
+            paused: self.is_paused(),
+            parked,
+        }
+    }
+}
+
+/// Every configured sink's status, in config order.
+#[derive(Debug, Default)]
+pub struct Settlement {
+    sinks: Vec<Arc<SinkStatus>>,
+}
+
+impl Settlement {
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Settlement {
+        Settlement {
+            sinks: names
+                .into_iter()
+                .map(|n| Arc::new(SinkStatus::new(n)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<SinkStatus>> {
+        self.sinks.iter().find(|s| s.name == name)
+    }
+
+    pub fn all(&self) -> &[Arc<SinkStatus>] {
+        &self.sinks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_says_what_delivery_is_doing() {
+        let s = SinkStatus::new("transport");
+        let v = s.view(5_000, 0);
+        assert_eq!(
+            (v.circuit, v.last_ack_ms, v.oldest_age_s),
+            ("closed", None, 0.0)
+        );
+        s.set_backlog(2, 9, Some(1_000));
+        s.set_circuit(2);
+        s.acked(4_000);
+        s.pause(true);
+        s.set_cursor(77);
+        let v = s.view(5_000, 3);
+        assert_eq!(
+            v,
+            View {
+                sink: "transport".into(),
+                cursor: 77,
+                backlog_batches: 2,
+                backlog_events: 9,
+                oldest_age_s: 4.0,
+                last_ack_ms: Some(4_000),
+                circuit: "open",
+                paused: true,
+                parked: 3,
+            }
+        );
+        let all = Settlement::new(["transport", "medical"]);
+        assert!(all.get("medical").is_some() && all.get("bank").is_none());
+        assert_eq!(all.all().len(), 2);
+    }
+}
