@@ -213,6 +213,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| ApiError::new(ErrorKind::Unavailable, "the import failed; retry"))
 }
 
+/// Parses a whole body on the blocking pool: the report so far (lines,
+/// rejections) and the valid entries.
+async fn parse_blocking<T: Send + 'static>(
+    body: Bytes,
+    parse: fn(&[u8]) -> Result<T, ApiError>,
+) -> Result<(ImportReport, Vec<T>), ApiError> {
+    blocking(move || {
+        let mut report = ImportReport::default();
+        let parsed = parse_all(&body, parse, &mut report);
+        (report, parsed)
+    })
+    .await
+}
+
 /// Imports card lines (see the module documentation).
 pub async fn cards(
     gw: Arc<Gateway>,
@@ -222,12 +236,7 @@ pub async fn cards(
     to_completion(async move {
         let _slot = slot;
         let started = Instant::now();
-        let (mut report, parsed) = blocking(move || {
-            let mut report = ImportReport::default();
-            let parsed = parse_all(&body, card_line, &mut report);
-            (report, parsed)
-        })
-        .await?;
+        let (mut report, parsed) = parse_blocking(body, card_line).await?;
         let parsed = Arc::new(parsed);
         for start in (0..parsed.len()).step_by(IMPORT_BATCH) {
             let (gw2, batch) = (gw.clone(), parsed.clone());
@@ -294,12 +303,7 @@ pub async fn denylist(
     to_completion(async move {
         let _slot = slot;
         let started = Instant::now();
-        let (mut report, parsed) = blocking(move || {
-            let mut report = ImportReport::default();
-            let parsed = parse_all(&body, deny_line, &mut report);
-            (report, parsed)
-        })
-        .await?;
+        let (mut report, parsed) = parse_blocking(body, deny_line).await?;
         let mut version = gw.deny.version();
         for batch in parsed.chunks(IMPORT_BATCH) {
             version = gw

@@ -44,6 +44,21 @@ fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// `run` arguments that point at `running` (mTLS with its development
+/// certificates) and write the summary to `out`.
+fn to_gateway(running: &Running, out: &std::path::Path) -> Vec<String> {
+    vec![
+        "--addr".to_owned(),
+        running.addrs.terminal.to_string(),
+        "--admin".to_owned(),
+        running.addrs.admin.to_string(),
+        "--certs".to_owned(),
+        running.gateway().config.certs_dir().display().to_string(),
+        "--json".to_owned(),
+        out.display().to_string(),
+    ]
+}
+
 fn sum(v: &Value) -> u64 {
     v.as_object()
         .unwrap()
@@ -68,7 +83,6 @@ fn assert_accounted(s: &Value) {
 async fn a_short_run_accounts_for_every_request() {
     let dir = tempfile::tempdir().unwrap();
     let running = gateway(dir.path(), |_| {}).await;
-    let certs = running.gateway().config.certs_dir();
     let (out, svg) = (dir.path().join("summary.json"), dir.path().join("run.svg"));
     let mut args = strings(&["run", "--terminals", "4", "--rate", "150", "--seconds", "2"]);
     args.extend(strings(&["--warmup-seconds", "0"]));
@@ -93,18 +107,8 @@ async fn a_short_run_accounts_for_every_request() {
         "--protocol",
         "h2",
     ]));
-    args.extend([
-        "--addr".to_owned(),
-        running.addrs.terminal.to_string(),
-        "--admin".to_owned(),
-        running.addrs.admin.to_string(),
-        "--certs".to_owned(),
-        certs.display().to_string(),
-        "--json".to_owned(),
-        out.display().to_string(),
-        "--plot".to_owned(),
-        svg.display().to_string(),
-    ]);
+    args.extend(to_gateway(&running, &out));
+    args.extend(["--plot".to_owned(), svg.display().to_string()]);
     let o = load(args).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
@@ -131,21 +135,11 @@ async fn terminals_reconnect_when_the_gateway_closes_their_connection() {
     // Idle connections are closed after 300 ms; each terminal sends every
     // 2.5 s, so every connection is closed between two of its requests.
     let running = gateway(dir.path(), |c| c.limits.idle_timeout_ms = 300).await;
-    let certs = running.gateway().config.certs_dir();
     let out = dir.path().join("summary.json");
     let mut args = strings(&["run", "--terminals", "2", "--rate", "0.8", "--seconds", "6"]);
     args.extend(strings(&["--warmup-seconds", "0"]));
     args.extend(strings(&["--cards", "20", "--quiet", "--protocol", "h1"]));
-    args.extend([
-        "--addr".to_owned(),
-        running.addrs.terminal.to_string(),
-        "--admin".to_owned(),
-        running.addrs.admin.to_string(),
-        "--certs".to_owned(),
-        certs.display().to_string(),
-        "--json".to_owned(),
-        out.display().to_string(),
-    ]);
+    args.extend(to_gateway(&running, &out));
     let o = load(args).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
