@@ -96,6 +96,13 @@ fn bench_idempotency_check(c: &mut Criterion) {
         &fingerprint,
         0,
         "0000000100000000001",
+        idempotency::Tail::Origin(idempotency::Origin {
+            approved: true,
+            charged_fen: 200,
+            scenario: onecard::model::Scenario::Transit,
+            card_no: "500118A00000001",
+            site: Some("line-12"),
+        }),
         b"{\"decision\":\"approve\"}",
     );
     for i in 0..100_000u64 {

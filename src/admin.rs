@@ -25,6 +25,7 @@ use crate::ingress::{
 use crate::journal::JournalError;
 use crate::model::CardNo;
 use crate::routes::{self, Listener, Match, RouteId};
+use crate::settle::batch::DaySite;
 use crate::settle::deliver;
 use crate::state::cards::CardRecord;
 use crate::telemetry;
@@ -152,7 +153,9 @@ impl Admin {
         match id {
             RouteId::Healthz => Ok(ok_json(&serde_json::json!({"status": "ok"}))),
             RouteId::Readyz => match self.gateway.not_ready() {
-                None => Ok(ok_json(&serde_json::json!({"status": "ready"}))),
+                None => Ok(ok_json(
+                    &serde_json::json!({"status": "ready", "warnings": self.gateway.warnings()}),
+                )),
                 Some(why) => Err(ApiError::new(
                     ErrorKind::Unavailable,
                     format!("not ready: {why}"),
@@ -197,7 +200,8 @@ impl Admin {
             | RouteId::SettlementReplay
             | RouteId::SettlementPause
             | RouteId::SettlementResume => self.settlement_sink(id, param),
-            RouteId::Authorize | RouteId::Ping => Err(ApiError::new(
+            RouteId::SettlementReport => self.settlement_report(param),
+            RouteId::Authorize | RouteId::Reverse | RouteId::Ping => Err(ApiError::new(
                 ErrorKind::NotFound,
                 "authorizations go to the terminal listener",
             )),
@@ -243,10 +247,52 @@ impl Admin {
         let gw = &self.gateway;
         let mut sinks = Vec::new();
         for s in gw.settlement.all() {
-            let parked = self.parked(&s.name, SETTLE_PARKED_SHOWN)?.len() as u64;
+            let parked = deliver::count(&gw.store, &s.name).map_err(|_| {
+                ApiError::new(ErrorKind::Unavailable, "the store cannot be read; retry")
+            })?;
             sinks.push(s.view(gw.now_ms(), parked));
         }
         Ok(ok_json(&serde_json::json!({"sinks": sinks})))
+    }
+
+    /// `GET /admin/v1/settlement/report/{day}`: for reconciliation, each
+    /// sink's acknowledged charges and reversals of a local day, in total
+    /// and by site, and what of that day still awaits acknowledgement
+    /// (stored or parked batches; events not yet sealed are not counted).
+    fn settlement_report(&self, day: &str) -> Result<Response<Body>, ApiError> {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        let date = time::Date::parse(day, &format).map_err(|_| {
+            ApiError::invalid("the day in the path must be a date such as 2026-11-28")
+        })?;
+        let n = date.to_julian_day() - time::macros::date!(1970 - 01 - 01).to_julian_day();
+        let gw = &self.gateway;
+        let unreadable =
+            |_| ApiError::new(ErrorKind::Unavailable, "the store cannot be read; retry");
+        let mut sinks = Vec::new();
+        for s in gw.settlement.all() {
+            let mut sites = deliver::report(&gw.store, &s.name, n).map_err(unreadable)?;
+            sites.sort_by(|a, b| a.site.cmp(&b.site));
+            let mut total = DaySite::default();
+            for site in &sites {
+                total.add(site);
+            }
+            let pending = deliver::pending(&gw.store, &s.name, n).map_err(unreadable)?;
+            sinks.push(serde_json::json!({
+                "sink": s.name,
+                "acknowledged": report_figures(&total),
+                "sites": sites.iter().map(|x| {
+                    let mut v = report_figures(x);
+                    v["site"] = if x.site.is_empty() { Value::Null } else { Value::from(x.site.as_str()) };
+                    v
+                }).collect::<Vec<_>>(),
+                "pending": report_figures(&pending),
+            }));
+        }
+        Ok(ok_json(&serde_json::json!({
+            "day": day,
+            "day_offset_minutes": gw.policy.day_offset_minutes,
+            "sinks": sinks,
+        })))
     }
 
     /// Parked batches of a sink, replay, pause and resume.
@@ -396,4 +442,16 @@ async fn to_completion<T: Send + 'static>(
             )
         })?
         .map_err(journal_error)
+}
+
+/// One line of the daily report: charges, reversals, and the net amount
+/// the receiver should have booked.
+fn report_figures(d: &DaySite) -> Value {
+    serde_json::json!({
+        "charges": d.charges,
+        "charged_fen": d.charged_fen,
+        "reversals": d.reversals,
+        "reversed_fen": d.reversed_fen,
+        "net_fen": d.charged_fen - d.reversed_fen,
+    })
 }

@@ -208,6 +208,18 @@ impl Connection {
         .await
     }
 
+    /// `POST /v1/reverse` with `body`.
+    pub async fn reverse(&mut self, body: &serde_json::Value) -> Result<Answer, ClientError> {
+        let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
+        self.send(
+            Method::POST,
+            "/v1/reverse",
+            &[("content-type", "application/json")],
+            bytes,
+        )
+        .await
+    }
+
     /// An HTTP/2 connection can be shared by concurrent requests.
     pub fn try_clone(&self) -> Option<Connection> {
         match &self.sender {

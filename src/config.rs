@@ -113,6 +113,17 @@ pub struct SinkConfig {
     /// stops sealing and new events wait in the journal.
     #[serde(default = "default_backlog_batches_max")]
     pub backlog_batches_max: usize,
+    /// `/readyz` and the settlement status warn when the oldest event
+    /// awaiting acknowledgement is this old (or the backlog is at half its
+    /// bound).
+    #[serde(default = "default_backlog_warn_age_ms")]
+    pub backlog_warn_age_ms: i64,
+    /// A client certificate (PEM chain) and key to present to a receiver
+    /// that asks for one; both or neither.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_key: Option<PathBuf>,
 }
 
 fn default_algorithm() -> crate::settle::sign::Algorithm {
@@ -147,6 +158,9 @@ fn default_circuit_pause_ms() -> i64 {
 }
 fn default_backlog_batches_max() -> usize {
     100_000
+}
+fn default_backlog_warn_age_ms() -> i64 {
+    300_000
 }
 
 impl SinkConfig {
@@ -475,6 +489,16 @@ impl Config {
             {
                 return bad(&format!(
                     "settlement.sinks.{n}: timeout_ms, attempts_max, circuit_failures and backlog_batches_max must be positive"
+                ));
+            }
+            if sink.cert.is_some() != sink.cert_key.is_some() {
+                return bad(&format!(
+                    "settlement.sinks.{n}: cert and cert_key go together (a client certificate and its key)"
+                ));
+            }
+            if sink.backlog_warn_age_ms <= 0 {
+                return bad(&format!(
+                    "settlement.sinks.{n}.backlog_warn_age_ms must be positive"
                 ));
             }
         }

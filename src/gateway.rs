@@ -13,13 +13,13 @@ use std::time::Instant;
 use crate::admission::Admission;
 use crate::authz::{self, Event, Policy};
 use crate::config::Config;
-use crate::idempotency::{self, Idempotency, Lookup};
+use crate::idempotency::{self, Idempotency, Lookup, Origin, Tail};
 use crate::journal::{Commit, DecisionRecord, Journal, JournalError, Op};
-use crate::model::{Card, CardNo};
+use crate::model::{Card, CardNo, Reason};
 use crate::state::store::meta;
 use crate::state::{cards, CardTable, Cf, DenyList, Store, StoreError};
 use crate::telemetry::HotMetrics;
-use crate::wire::{self, ApiError, AuthorizeAnswer, ErrorKind};
+use crate::wire::{self, ApiError, AuthorizeAnswer, ErrorKind, ReverseAnswer, ReverseStatus};
 use crate::{clock, credential};
 
 /// Unique authorization ids: the boot number (persisted, bumped at every
@@ -113,9 +113,7 @@ impl Gateway {
             boot,
             "state rebuilt from RocksDB"
         );
-        let settlement = crate::settle::status::Settlement::new(
-            config.settlement.sinks.iter().map(|s| s.name.as_str()),
-        );
+        let settlement = crate::settle::status::Settlement::new(&config.settlement.sinks);
         Ok(Gateway {
             settlement,
             config,
@@ -134,6 +132,23 @@ impl Gateway {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+    }
+
+    /// What an SRE should know that does not stop authorization: each
+    /// settlement sink's warnings, named by sink.
+    pub fn warnings(&self) -> Vec<String> {
+        let now = self.now_ms();
+        self.settlement
+            .all()
+            .iter()
+            .flat_map(|s| {
+                let parked = crate::settle::deliver::count(&self.store, &s.name).unwrap_or(0);
+                let v = s.view(now, parked);
+                v.warnings
+                    .into_iter()
+                    .map(move |w| format!("settlement {}: {w}", s.name))
+            })
+            .collect()
     }
 
     /// Why the gateway should not take traffic, if it should not.
@@ -197,8 +212,10 @@ impl Gateway {
                     "`event_id` was already used by this terminal with a different body",
                 ))
             }
-            Lookup::Fresh(guard) => guard,
+            Lookup::Fresh(guard) => (guard, false),
+            Lookup::Reversed(guard) => (guard, true),
         };
+        let (guard, reversed_already) = guard;
 
         let auth_id = self.auth_ids.next();
         let (pending, decision, answer) = {
@@ -213,13 +230,22 @@ impl Gateway {
                 scenario: req.scenario,
                 amount_fen,
             };
-            let outcome = authz::decide(
-                event,
-                snapshot.as_ref(),
-                &self.deny,
-                &self.policy,
-                now_ms.div_euclid(1000),
-            );
+            // Reversed by its terminal before it got here: a late copy of
+            // a request the terminal gave up on must not charge.
+            let outcome = if reversed_already {
+                authz::Outcome {
+                    decision: authz::Decision::Decline(Reason::Reversed),
+                    card_after: None,
+                }
+            } else {
+                authz::decide(
+                    event,
+                    snapshot.as_ref(),
+                    &self.deny,
+                    &self.policy,
+                    now_ms.div_euclid(1000),
+                )
+            };
             self.metrics
                 .decide_latency
                 .record(decide_started.elapsed().as_secs_f64());
@@ -239,19 +265,33 @@ impl Gateway {
                 auth_id: auth_id.clone(),
                 kind: req.kind(),
                 card_no: card_no.as_str().to_owned(),
-                scenario: req.scenario,
+                scenario: Some(req.scenario),
                 amount_fen: req.amount_fen,
                 decision: if d.is_approve() { "approve" } else { "decline" }.to_owned(),
                 reason: d.reason(),
                 charged_fen: d.amount_fen(),
                 site: req.site.clone(),
                 occurred_at: req.occurred_at.clone(),
+                reverses: None,
+            };
+            let origin = Origin {
+                approved: d.is_approve(),
+                charged_fen: d.amount_fen(),
+                scenario: req.scenario,
+                card_no: card_no.as_str(),
+                site: req.site.as_deref(),
             };
             let mut ops = Vec::with_capacity(2);
             ops.push(Op::Put(
                 Cf::Idem,
                 guard.key().to_vec(),
-                idempotency::encode(&fingerprint, now_ms, &auth_id, &answer),
+                idempotency::encode(
+                    &fingerprint,
+                    now_ms,
+                    &auth_id,
+                    Tail::Origin(origin),
+                    &answer,
+                ),
             ));
             if let Some(after) = outcome.card_after {
                 ops.push(Op::Put(
@@ -289,6 +329,176 @@ impl Gateway {
         if !decision.is_approve() {
             tracing::debug!(card = %card_no, reason = decision.reason().code(), "declined");
         }
+        Ok(answer)
+    }
+
+    /// Reverses one of `terminal`'s events (`POST /v1/reverse`): a terminal
+    /// that never saw an authorization's answer cancels it. Idempotent: the
+    /// same reversal again gets the first answer.
+    ///
+    /// - An approval that charged: the charge is given back (the card's
+    ///   daily spend too, if it is still that day), and settlement either
+    ///   takes the event out of its open batch or, if the batch is sealed,
+    ///   settles a reversal record in a later one.
+    /// - A decline or a free approval: nothing to give back; recorded.
+    /// - An event the gateway never saw: recorded, and a tombstone under
+    ///   the event's key makes it a decline `REVERSED` if it arrives later.
+    ///
+    /// Waits for the event itself if it is being decided right now, so a
+    /// reversal never races its own event.
+    pub async fn reverse(
+        &self,
+        terminal: &str,
+        body: &[u8],
+        now_ms: i64,
+    ) -> Result<Vec<u8>, ApiError> {
+        let req = wire::parse_reverse(body)?;
+        let fingerprint = req.fingerprint();
+        let own = match self
+            .idem
+            .begin(
+                idempotency::reversal_key(terminal, &req.event_id),
+                &fingerprint,
+                now_ms,
+            )
+            .await
+            .map_err(storage_error)?
+        {
+            Lookup::Replay(body) => {
+                self.metrics.replays.increment(1);
+                return Ok(body);
+            }
+            Lookup::Conflict => {
+                return Err(ApiError::new(
+                    ErrorKind::IdempotencyConflict,
+                    "this event was already reversed with a different body",
+                ))
+            }
+            Lookup::Fresh(g) | Lookup::Reversed(g) => g,
+        };
+        let (event_guard, stored) = self
+            .idem
+            .hold(idempotency::key(terminal, &req.event_id), now_ms)
+            .await
+            .map_err(storage_error)?;
+        let stored = stored
+            .as_deref()
+            .map(idempotency::decode)
+            .map(|s| s.expect("checked by hold"));
+        let reversal_id = self.auth_ids.next();
+        let (status, auth_id, origin) = match stored.as_ref().map(|s| (s.auth_id, s.tail)) {
+            Some((auth_id, Tail::Origin(o))) if o.approved && o.charged_fen > 0 => {
+                (ReverseStatus::Reversed, Some(auth_id), Some(o))
+            }
+            Some((auth_id, Tail::Origin(o))) => (ReverseStatus::NotCharged, Some(auth_id), Some(o)),
+            // Answers stored before reversals existed carry no origin:
+            // nothing here says what to give back.
+            Some((_, Tail::Plain)) => {
+                return Err(ApiError::new(
+                    ErrorKind::IdempotencyConflict,
+                    "this event was recorded by an older version and cannot be reversed here",
+                ))
+            }
+            // A tombstone is written only together with this reversal's
+            // own answer, which `begin` found missing: it expired with it.
+            Some((_, Tail::Tombstone)) | None => (ReverseStatus::UnknownEvent, None, None),
+        };
+        let given_back = if status == ReverseStatus::Reversed {
+            origin.map_or(0, |o| o.charged_fen)
+        } else {
+            0
+        };
+        let answer = ReverseAnswer {
+            event_id: &req.event_id,
+            reversal_id: &reversal_id,
+            status,
+            auth_id,
+            amount_fen: given_back,
+        }
+        .to_vec();
+        let record = DecisionRecord {
+            at_ms: now_ms,
+            terminal: terminal.to_owned(),
+            event_id: req.event_id.clone(),
+            auth_id: reversal_id.clone(),
+            kind: crate::model::EventKind::Tap,
+            card_no: origin.map(|o| o.card_no.to_owned()).unwrap_or_default(),
+            scenario: origin.map(|o| o.scenario),
+            amount_fen: None,
+            decision: "reverse".to_owned(),
+            reason: Reason::Ok,
+            charged_fen: given_back,
+            site: origin.and_then(|o| o.site.map(str::to_owned)),
+            occurred_at: req.occurred_at.clone(),
+            reverses: auth_id.map(str::to_owned),
+        };
+        let mut ops = vec![Op::Put(
+            Cf::Idem,
+            own.key().to_vec(),
+            idempotency::encode(&fingerprint, now_ms, &reversal_id, Tail::Plain, &answer),
+        )];
+        if status == ReverseStatus::UnknownEvent {
+            ops.push(Op::Put(
+                Cf::Idem,
+                event_guard.key().to_vec(),
+                idempotency::encode(&[0; 32], now_ms, &reversal_id, Tail::Tombstone, b""),
+            ));
+        }
+        let record = serde_json::to_vec(&record).expect("a decision record always serializes");
+        let card = origin
+            .filter(|_| given_back > 0)
+            .and_then(|o| CardNo::parse(o.card_no).ok());
+        let event_at_ms = stored.as_ref().map_or(now_ms, |s| s.created_ms);
+        drop(stored);
+        let hold: Box<dyn Send> = Box::new((own, event_guard));
+        let pending = match card {
+            Some(card_no) => {
+                // Give the charge back to the day it counted in, under the
+                // card's lock like a tap.
+                let _card_lock = self.cards.lock(&card_no);
+                let day = self.policy.local_day(event_at_ms.div_euclid(1000));
+                let after = self
+                    .cards
+                    .get(&card_no)
+                    .filter(|c| c.spent_day == day)
+                    .map(|mut c| {
+                        c.spent_fen = (c.spent_fen - given_back).max(0);
+                        c
+                    });
+                if let Some(after) = after {
+                    ops.push(Op::Put(
+                        Cf::Cards,
+                        card_no.as_str().as_bytes().to_vec(),
+                        cards::encode(&after),
+                    ));
+                }
+                let pending = self
+                    .journal
+                    .submit(Commit {
+                        record: Some(record),
+                        ops,
+                        hold_until_written: Some(hold),
+                    })
+                    .map_err(journal_error)?;
+                if let Some(after) = after {
+                    self.cards.set(card_no.clone(), after);
+                }
+                pending
+            }
+            None => self
+                .journal
+                .submit(Commit {
+                    record: Some(record),
+                    ops,
+                    hold_until_written: Some(hold),
+                })
+                .map_err(journal_error)?,
+        };
+        pending
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+            .map_err(journal_error)?;
+        metrics::counter!("onecard_reversals_total", "status" => status.as_str()).increment(1);
         Ok(answer)
     }
 

@@ -16,10 +16,17 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::journal::{DecisionRecord, Expired, Journal};
+use crate::model::Scenario;
 use crate::state::store::{decode_u64, meta};
 use crate::state::{Cf, Store, StoreError};
 
-const FORMAT_V1: u8 = 1;
+/// An answer to a request that carries no event to reverse (a reversal's own answer).
+const FORMAT_PLAIN: u8 = 1;
+/// An authorization's answer, with what a later reversal needs to know.
+const FORMAT_ORIGIN: u8 = 2;
+/// A reversal arrived for an event this terminal never sent (or that is
+/// still on its way): when the event arrives it is declined `REVERSED`.
+const FORMAT_TOMBSTONE: u8 = 3;
 /// How many journal records one clean-up step examines.
 pub const CLEANUP_STEP_RECORDS_MAX: usize = 4_096;
 
@@ -27,23 +34,72 @@ pub const CLEANUP_STEP_RECORDS_MAX: usize = 4_096;
 /// byte (it comes from a certificate name or a validated header), so the
 /// pair is unambiguous.
 pub fn key(terminal: &str, event_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(terminal.len() + 1 + event_id.len());
+    let mut k = Vec::with_capacity(terminal.len() + 3 + event_id.len());
     k.extend_from_slice(terminal.as_bytes());
     k.push(0);
     k.extend_from_slice(event_id.as_bytes());
     k
 }
 
-/// Encodes a stored answer: format, fingerprint, creation time, auth_id, body.
-pub fn encode(fingerprint: &[u8; 32], created_ms: i64, auth_id: &str, body: &[u8]) -> Vec<u8> {
-    let auth = auth_id.as_bytes();
-    assert!(auth.len() <= usize::from(u8::MAX), "auth ids are short");
-    let mut v = Vec::with_capacity(1 + 32 + 8 + 1 + auth.len() + body.len());
-    v.push(FORMAT_V1);
+/// The key of the answer to a reversal of (terminal, event_id): the
+/// event's key and `NUL r`, which no event key has (event ids hold no NUL).
+pub fn reversal_key(terminal: &str, event_id: &str) -> Vec<u8> {
+    let mut k = key(terminal, event_id);
+    k.extend_from_slice(b"\0r");
+    k
+}
+
+/// What a reversal needs to know of the event an answer was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    pub approved: bool,
+    pub charged_fen: i64,
+    pub scenario: Scenario,
+    pub card_no: &'a str,
+    pub site: Option<&'a str>,
+}
+
+/// What kind of record is stored besides the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail<'a> {
+    Plain,
+    Origin(Origin<'a>),
+    Tombstone,
+}
+
+fn short(s: &str) -> u8 {
+    u8::try_from(s.len()).expect("ids, card numbers and sites are at most 255 bytes")
+}
+
+/// Encodes a stored answer: format, fingerprint, creation time, auth_id,
+/// the tail (for `Origin`: flags, charged fen, scenario, card, site), body.
+pub fn encode(
+    fingerprint: &[u8; 32],
+    created_ms: i64,
+    auth_id: &str,
+    tail: Tail<'_>,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 32 + 8 + 1 + auth_id.len() + 48 + body.len());
+    v.push(match tail {
+        Tail::Plain => FORMAT_PLAIN,
+        Tail::Origin(_) => FORMAT_ORIGIN,
+        Tail::Tombstone => FORMAT_TOMBSTONE,
+    });
     v.extend_from_slice(fingerprint);
     v.extend_from_slice(&created_ms.to_be_bytes());
-    v.push(auth.len() as u8);
-    v.extend_from_slice(auth);
+    v.push(short(auth_id));
+    v.extend_from_slice(auth_id.as_bytes());
+    if let Tail::Origin(o) = tail {
+        v.push(u8::from(o.approved));
+        v.extend_from_slice(&o.charged_fen.to_be_bytes());
+        v.push(o.scenario as u8);
+        v.push(short(o.card_no));
+        v.extend_from_slice(o.card_no.as_bytes());
+        let site = o.site.unwrap_or("");
+        v.push(short(site));
+        v.extend_from_slice(site.as_bytes());
+    }
     v.extend_from_slice(body);
     v
 }
@@ -54,21 +110,50 @@ pub struct Stored<'a> {
     pub fingerprint: &'a [u8],
     pub created_ms: i64,
     pub auth_id: &'a str,
+    pub tail: Tail<'a>,
     pub body: &'a [u8],
 }
 
+/// Reads a length-prefixed string at `*at`, moving past it.
+fn take_str<'a>(v: &'a [u8], at: &mut usize) -> Option<&'a str> {
+    let n = usize::from(*v.get(*at)?);
+    let s = std::str::from_utf8(v.get(*at + 1..*at + 1 + n)?).ok()?;
+    *at += 1 + n;
+    Some(s)
+}
+
 pub fn decode(v: &[u8]) -> Option<Stored<'_>> {
-    if v.len() < 42 || v[0] != FORMAT_V1 {
+    if v.len() < 42 || !(FORMAT_PLAIN..=FORMAT_TOMBSTONE).contains(&v[0]) {
         return None;
     }
     let created_ms = i64::from_be_bytes(v[33..41].try_into().ok()?);
-    let n = usize::from(v[41]);
-    let auth_id = std::str::from_utf8(v.get(42..42 + n)?).ok()?;
+    let mut at = 41;
+    let auth_id = take_str(v, &mut at)?;
+    let tail = match v[0] {
+        FORMAT_PLAIN => Tail::Plain,
+        FORMAT_TOMBSTONE => Tail::Tombstone,
+        _ => {
+            let approved = *v.get(at)? == 1;
+            let charged_fen = i64::from_be_bytes(v.get(at + 1..at + 9)?.try_into().ok()?);
+            let scenario = *Scenario::ALL.get(usize::from(*v.get(at + 9)?))?;
+            at += 10;
+            let card_no = take_str(v, &mut at)?;
+            let site = take_str(v, &mut at)?;
+            Tail::Origin(Origin {
+                approved,
+                charged_fen,
+                scenario,
+                card_no,
+                site: (!site.is_empty()).then_some(site),
+            })
+        }
+    };
     Some(Stored {
         fingerprint: &v[1..33],
         created_ms,
         auth_id,
-        body: &v[42 + n..],
+        tail,
+        body: &v[at..],
     })
 }
 
@@ -85,6 +170,9 @@ pub enum Lookup {
     Replay(Vec<u8>),
     /// Seen with other content.
     Conflict,
+    /// Never seen, but reversed by its terminal already: decline it
+    /// `REVERSED`, holding the guard as for `Fresh`.
+    Reversed(InFlight),
 }
 
 pub struct Idempotency {
@@ -122,12 +210,13 @@ impl Idempotency {
         }
     }
 
-    pub async fn begin(
+    /// Waits until no other request holds `key`, then holds it and returns
+    /// what is stored under it (`None`: nothing, or expired).
+    pub async fn hold(
         &self,
         key: Vec<u8>,
-        fingerprint: &[u8; 32],
         now_ms: i64,
-    ) -> Result<Lookup, StoreError> {
+    ) -> Result<(InFlight, Option<Vec<u8>>), StoreError> {
         loop {
             let (done, waiter) = watch::channel(());
             let busy = match self.inflight.entry(key.clone()) {
@@ -148,20 +237,37 @@ impl Idempotency {
                 _done: done,
             };
             let Some(value) = self.store.get(Cf::Idem, guard.key())? else {
-                return Ok(Lookup::Fresh(guard));
+                return Ok((guard, None));
             };
             let stored = decode(&value).ok_or(StoreError::Corrupt {
                 cf: "idem",
                 detail: "bad record".into(),
             })?;
             if stored.created_ms.saturating_add(self.retention_ms) < now_ms {
-                return Ok(Lookup::Fresh(guard));
+                return Ok((guard, None));
             }
-            if stored.fingerprint == fingerprint {
-                return Ok(Lookup::Replay(stored.body.to_vec()));
-            }
-            return Ok(Lookup::Conflict);
+            return Ok((guard, Some(value)));
         }
+    }
+
+    pub async fn begin(
+        &self,
+        key: Vec<u8>,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Lookup, StoreError> {
+        let (guard, value) = self.hold(key, now_ms).await?;
+        let Some(value) = value else {
+            return Ok(Lookup::Fresh(guard));
+        };
+        let stored = decode(&value).expect("checked by hold");
+        if stored.tail == Tail::Tombstone {
+            return Ok(Lookup::Reversed(guard));
+        }
+        if stored.fingerprint == fingerprint {
+            return Ok(Lookup::Replay(stored.body.to_vec()));
+        }
+        Ok(Lookup::Conflict)
     }
 }
 
@@ -192,6 +298,14 @@ pub async fn cleanup_step(
         };
         if record.at_ms >= cutoff_ms {
             return false;
+        }
+        if record.decision == "reverse" {
+            // A reversal's answer has its own key; the event's key holds
+            // the reversal's id only when it is a tombstone.
+            expired.push(Expired {
+                idem_key: reversal_key(&record.terminal, &record.event_id),
+                auth_id: record.auth_id.clone(),
+            });
         }
         expired.push(Expired {
             idem_key: key(&record.terminal, &record.event_id),
@@ -252,22 +366,47 @@ mod tests {
     #[test]
     fn stored_answers_round_trip() {
         let fp = [7u8; 32];
-        let v = encode(
-            &fp,
-            1_795_851_912_000,
-            "0000000100000000002a",
-            br#"{"ok":1}"#,
-        );
-        let s = decode(&v).unwrap();
-        assert_eq!(s.fingerprint, &fp);
-        assert_eq!(s.created_ms, 1_795_851_912_000);
-        assert_eq!(s.auth_id, "0000000100000000002a");
-        assert_eq!(s.body, br#"{"ok":1}"#);
-        assert_eq!(decode(&v[..20]), None);
+        let origin = Origin {
+            approved: true,
+            charged_fen: 200,
+            scenario: Scenario::Medical,
+            card_no: "500118A12345678",
+            site: Some("counter-3"),
+        };
+        let tails = [
+            Tail::Plain,
+            Tail::Tombstone,
+            Tail::Origin(origin),
+            Tail::Origin(Origin {
+                site: None,
+                approved: false,
+                charged_fen: 0,
+                ..origin
+            }),
+        ];
+        for tail in tails {
+            let v = encode(
+                &fp,
+                1_795_851_912_000,
+                "0000000100000000002a",
+                tail,
+                br#"{"ok":1}"#,
+            );
+            let s = decode(&v).unwrap();
+            assert_eq!(s.fingerprint, &fp);
+            assert_eq!(s.created_ms, 1_795_851_912_000);
+            assert_eq!(s.auth_id, "0000000100000000002a");
+            assert_eq!(s.tail, tail);
+            assert_eq!(s.body, br#"{"ok":1}"#);
+            assert_eq!(decode(&v[..20]), None);
+        }
+        assert_eq!(decode(&[9; 60]), None, "an unknown format");
     }
 
     #[test]
     fn keys_separate_terminal_and_event() {
         assert_ne!(key("ab", "c"), key("a", "bc"));
+        assert!(reversal_key("t", "e").starts_with(&key("t", "e")));
+        assert_ne!(reversal_key("t", "e"), key("t", "e"));
     }
 }

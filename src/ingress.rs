@@ -264,7 +264,9 @@ pub async fn terminal_request(
     let (label, response) = match found {
         Match::Found { route, .. } => {
             let answer = match route.id {
-                RouteId::Authorize => authorize(&gw, identity, req).await,
+                RouteId::Authorize | RouteId::Reverse => {
+                    authorize(&gw, identity, req, route.id).await
+                }
                 RouteId::Ping => ping(&gw, identity, &req),
                 _ => {
                     unreachable!("the route table gives the terminal listener only terminal routes")
@@ -333,10 +335,13 @@ fn ping(
     Ok(serde_json::to_vec(&body).expect("a ping answer serializes"))
 }
 
+/// Reads a terminal's JSON request within the limits and authorizes or
+/// reverses it.
 async fn authorize(
     gw: &Gateway,
     identity: TerminalIdentity,
     req: Request<Incoming>,
+    id: RouteId,
 ) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, &req)?;
     let limits = &gw.config.limits;
@@ -347,7 +352,11 @@ async fn authorize(
         Duration::from_millis(limits.header_read_timeout_ms),
     )
     .await?;
-    gw.authorize(&terminal, &body, gw.now_ms()).await
+    if id == RouteId::Reverse {
+        gw.reverse(&terminal, &body, gw.now_ms()).await
+    } else {
+        gw.authorize(&terminal, &body, gw.now_ms()).await
+    }
 }
 
 /// `ConnActivity::head_started_ms` when no request is being received.

@@ -410,17 +410,28 @@ pub struct DecisionRecord {
     pub event_id: String,
     pub auth_id: String,
     pub kind: crate::model::EventKind,
+    /// Empty only for a reversal of an event the gateway never saw.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub card_no: String,
-    pub scenario: crate::model::Scenario,
+    /// `None` only for a reversal of an event the gateway never saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<crate::model::Scenario>,
     /// What the terminal asked for.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub amount_fen: Option<i64>,
+    /// `approve`, `decline`, or `reverse` for a reversal (of `terminal`'s
+    /// `event_id`; `auth_id` is then the reversal's own id).
     pub decision: String,
     pub reason: crate::model::Reason,
-    /// What was charged (0 for a decline).
+    /// What was charged (0 for a decline); for a reversal, what it gave
+    /// back (the original charge, or 0 when there was none).
     pub charged_fen: i64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub site: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub occurred_at: Option<String>,
+    /// For a reversal: the auth_id of the approval it reverses (`None` when
+    /// the event was never seen).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reverses: Option<String>,
 }

@@ -78,6 +78,10 @@ enum Command {
         /// The sink's signing key (the same as the gateway's for this sink).
         #[arg(long, env = "ONECARD_SINK_KEY")]
         key: String,
+        /// Require senders to present a client certificate signed by this
+        /// CA (PEM); without it any sender with the key may book.
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
     },
 }
 
@@ -110,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             ledger,
             algorithm,
             key,
+            client_ca,
         } => {
             use onecard::settle::sign::{Algorithm, Signer};
             anyhow::ensure!(addr.ip().is_loopback(), "sink-sim listens on loopback only");
@@ -124,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             let tls = onecard::settle::receiver::server_tls(
                 &dir.join(certs::SERVER_CERT),
                 &dir.join(certs::SERVER_KEY),
+                client_ca.as_deref(),
             )?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

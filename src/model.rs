@@ -283,6 +283,9 @@ pub enum Reason {
     QrExpired,
     QrReplayed,
     LimitExceeded,
+    /// The terminal reversed this event before the gateway saw it (its
+    /// request was late): nothing is charged.
+    Reversed,
 }
 
 impl Reason {
@@ -298,6 +301,7 @@ impl Reason {
         Reason::QrExpired,
         Reason::QrReplayed,
         Reason::LimitExceeded,
+        Reason::Reversed,
     ];
 
     /// The stable wire code (API.md).
@@ -314,6 +318,7 @@ impl Reason {
             Reason::QrExpired => "QR_EXPIRED",
             Reason::QrReplayed => "QR_REPLAYED",
             Reason::LimitExceeded => "LIMIT_EXCEEDED",
+            Reason::Reversed => "REVERSED",
         }
     }
 }

@@ -16,6 +16,7 @@ pub enum Listener {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteId {
     Authorize,
+    Reverse,
     Ping,
     Healthz,
     Readyz,
@@ -33,6 +34,7 @@ pub enum RouteId {
     SettlementReplay,
     SettlementPause,
     SettlementResume,
+    SettlementReport,
 }
 
 pub struct Route {
@@ -67,6 +69,13 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/v1/authorize",
         RouteId::Authorize,
+        false,
+    ),
+    route(
+        Listener::Terminal,
+        Method::POST,
+        "/v1/reverse",
+        RouteId::Reverse,
         false,
     ),
     route(
@@ -186,6 +195,13 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/admin/v1/settlement/resume/{sink}",
         RouteId::SettlementResume,
+        true,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/settlement/report/{day}",
+        RouteId::SettlementReport,
         true,
     ),
 ];

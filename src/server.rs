@@ -191,10 +191,15 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         },
     )));
     for sink in &config.settlement.sinks {
-        // A CA that cannot be read stops the start, not settlement later.
-        let tls = crate::client::tls_config(&sink.ca, None, crate::client::Protocol::Http1)
+        // A CA or client certificate that cannot be read stops the start,
+        // not settlement later.
+        let identity = sink.cert.as_deref().zip(sink.cert_key.as_deref());
+        let tls = crate::client::tls_config(&sink.ca, identity, crate::client::Protocol::Http1)
             .map_err(|e| {
-                ServerError::Settlement(format!("settlement.sinks.{}.ca: {e}", sink.name))
+                ServerError::Settlement(format!(
+                    "settlement.sinks.{}: ca, cert or cert_key: {e}",
+                    sink.name
+                ))
             })?;
         let host = sink
             .url

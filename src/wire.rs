@@ -391,12 +391,7 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
 
 fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiError> {
     let missing = |f: &str| ApiError::invalid(format!("missing field `{f}`"));
-    let event_id = raw.event_id.ok_or_else(|| missing("event_id"))?;
-    if !valid_event_id(event_id) {
-        return Err(ApiError::invalid(format!(
-            "`event_id` must be 1 to {EVENT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
-        )));
-    }
+    let event_id = event_id_field(raw.event_id)?;
     let kind = EventKind::parse(raw.kind.ok_or_else(|| missing("kind"))?).ok_or_else(|| {
         ApiError::invalid(format!("`kind` must be one of {}", EventKind::expected()))
     })?;
@@ -461,20 +456,7 @@ fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiErro
         }
     };
 
-    let occurred_at = match raw.occurred_at {
-        None => None,
-        Some(s) => {
-            let ok = s.len() <= TIME_LEN_MAX
-                && time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                    .is_ok();
-            if !ok {
-                return Err(ApiError::invalid(
-                    "`occurred_at` must be an RFC 3339 time such as 2026-11-28T07:45:12Z",
-                ));
-            }
-            Some(s.to_owned())
-        }
-    };
+    let occurred_at = occurred_at_field(raw.occurred_at)?;
 
     Ok(AuthorizeRequest {
         event_id: event_id.to_owned(),
@@ -484,6 +466,99 @@ fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiErro
         site,
         occurred_at,
     })
+}
+
+fn event_id_field(v: Option<&str>) -> Result<&str, ApiError> {
+    let event_id = v.ok_or_else(|| ApiError::invalid("missing field `event_id`"))?;
+    if !valid_event_id(event_id) {
+        return Err(ApiError::invalid(format!(
+            "`event_id` must be 1 to {EVENT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
+        )));
+    }
+    Ok(event_id)
+}
+
+fn occurred_at_field(v: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(s) = v else { return Ok(None) };
+    let ok = s.len() <= TIME_LEN_MAX
+        && time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok();
+    if !ok {
+        return Err(ApiError::invalid(
+            "`occurred_at` must be an RFC 3339 time such as 2026-11-28T07:45:12Z",
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// A validated `POST /v1/reverse` body: the terminal's own `event_id` to
+/// reverse, and when the terminal gave up on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseRequest {
+    pub event_id: String,
+    pub occurred_at: Option<String>,
+}
+
+impl ReverseRequest {
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"reverse\x1f");
+        h.update(self.event_id.as_bytes());
+        h.update([0x1f]);
+        h.update(self.occurred_at.as_deref().unwrap_or("\u{0}").as_bytes());
+        h.finalize().into()
+    }
+}
+
+pub fn parse_reverse(body: &[u8]) -> Result<ReverseRequest, ApiError> {
+    let m = parse_object(body)?;
+    reject_unknown(&m, &["event_id", "occurred_at"])?;
+    Ok(ReverseRequest {
+        event_id: event_id_field(opt_str(&m, "event_id")?)?.to_owned(),
+        occurred_at: occurred_at_field(opt_str(&m, "occurred_at")?)?,
+    })
+}
+
+/// What a reversal came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReverseStatus {
+    /// The approval is cancelled and its charge given back (taken out of
+    /// its settlement batch, or settled as a reversal record).
+    Reversed,
+    /// The event was declined or charged nothing: nothing to give back.
+    NotCharged,
+    /// The gateway has no such event from this terminal (yet): the
+    /// reversal is recorded, and if the event arrives later it is
+    /// declined `REVERSED`.
+    UnknownEvent,
+}
+
+impl ReverseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReverseStatus::Reversed => "reversed",
+            ReverseStatus::NotCharged => "not_charged",
+            ReverseStatus::UnknownEvent => "unknown_event",
+        }
+    }
+}
+
+/// The `200` answer to a reversal.
+#[derive(Debug, Serialize)]
+pub struct ReverseAnswer<'a> {
+    pub event_id: &'a str,
+    pub reversal_id: &'a str,
+    pub status: ReverseStatus,
+    /// The reversed event's auth_id, when the gateway saw it.
+    pub auth_id: Option<&'a str>,
+    /// What was given back.
+    pub amount_fen: i64,
+}
+
+impl ReverseAnswer<'_> {
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializing a struct of strings and integers cannot fail")
+    }
 }
 
 /// The `200` answer to an authorization (API.md), plus `message` for

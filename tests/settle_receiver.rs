@@ -27,6 +27,7 @@ fn batch(first_seq: u64, events: u64) -> Batch {
         events_max: 10_000,
         bytes_max: 1 << 20,
         age_max_ms: 60_000,
+        day_offset_minutes: 480,
     });
     for seq in first_seq..first_seq + events {
         b.offer(
@@ -38,13 +39,14 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 auth_id: format!("a{seq}"),
                 kind: EventKind::Tap,
                 card_no: "500118A00000001".into(),
-                scenario: Scenario::Transit,
+                scenario: Some(Scenario::Transit),
                 amount_fen: Some(200),
                 decision: "approve".into(),
                 reason: Reason::Ok,
                 charged_fen: 200,
                 site: None,
                 occurred_at: None,
+                reverses: None,
             },
         );
     }
@@ -96,7 +98,7 @@ async fn a_batch_is_booked_once_and_checked() {
         Ack {
             batch_id: b.id.clone(),
             count: 5,
-            total_fen: 1_000
+            total_fen: 1_000,
         }
     );
     // Sent again (a lost answer): the same acknowledgement, booked once.
@@ -106,7 +108,8 @@ async fn a_batch_is_booked_once_and_checked() {
         Ledger {
             batches: 1,
             events: 5,
-            total_fen: 1_000
+            total_fen: 1_000,
+            reversals: 0,
         }
     );
 
@@ -161,7 +164,8 @@ async fn a_batch_is_booked_once_and_checked() {
         Ledger {
             batches: 2,
             events: 7,
-            total_fen: 1_400
+            total_fen: 1_400,
+            reversals: 0,
         }
     );
     r.stop().await;

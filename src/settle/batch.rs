@@ -2,14 +2,18 @@
 //! no I/O, so that the same records and times always give the same batches.
 //!
 //! - A sink takes the approved events of its scenarios that charged
-//!   something, in journal order.
+//!   something, in journal order, and the reversals of such events.
+//! - A reversal whose event is still in the open batch takes it out (the
+//!   receiver never sees either); one whose event is already sealed goes
+//!   in as a reversal line with the negative amount, so a batch's total is
+//!   what the receiver books net.
 //! - A batch is sealed when it holds `events_max` events, when the next
 //!   event would take it past `bytes_max`, or when its oldest event is
 //!   `age_max_ms` old; an event larger than `bytes_max` goes alone.
 //! - Its id is the sink and the journal range it covers, so that sending it
 //!   again (after a timeout, a restart) carries the same idempotency key.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::journal::DecisionRecord;
 use crate::model::Scenario;
@@ -22,25 +26,49 @@ pub struct Rules {
     pub events_max: usize,
     pub bytes_max: usize,
     pub age_max_ms: i64,
+    /// The local day's offset from UTC, for the daily report.
+    pub day_offset_minutes: i32,
 }
 
 impl Rules {
-    /// Whether this sink settles a record: approved, charged, one of its
-    /// scenarios.
+    /// Whether this sink settles a record: approved (or the reversal of an
+    /// approval), charged, one of its scenarios.
     pub fn takes(&self, r: &DecisionRecord) -> bool {
-        r.decision == "approve" && r.charged_fen > 0 && self.scenarios.contains(&r.scenario)
+        (r.decision == "approve" || r.decision == "reverse")
+            && r.charged_fen > 0
+            && r.scenario.is_some_and(|s| self.scenarios.contains(&s))
     }
+
+    /// The local calendar day of a time, as days since 1970-01-01.
+    pub fn day(&self, at_ms: i64) -> i32 {
+        (at_ms.div_euclid(1000) + i64::from(self.day_offset_minutes) * 60).div_euclid(86_400) as i32
+    }
+}
+
+/// Whether a line books a charge or gives one back.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LineType {
+    Charge,
+    Reversal,
 }
 
 /// One event as the downstream system books it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Line<'a> {
     pub seq: u64,
+    #[serde(rename = "type")]
+    pub kind: LineType,
     pub auth_id: &'a str,
+    /// For a reversal: the auth_id of the charge it gives back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<&'a str>,
     pub terminal: &'a str,
     pub event_id: &'a str,
     pub card_no: &'a str,
-    pub scenario: Scenario,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<Scenario>,
+    /// Negative for a reversal.
     pub amount_fen: i64,
     pub at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,14 +77,25 @@ pub struct Line<'a> {
 
 impl<'a> Line<'a> {
     pub fn of(seq: u64, r: &'a DecisionRecord) -> Line<'a> {
+        let reversal = r.decision == "reverse";
         Line {
             seq,
+            kind: if reversal {
+                LineType::Reversal
+            } else {
+                LineType::Charge
+            },
             auth_id: &r.auth_id,
+            reverses: r.reverses.as_deref(),
             terminal: &r.terminal,
             event_id: &r.event_id,
             card_no: &r.card_no,
             scenario: r.scenario,
-            amount_fen: r.charged_fen,
+            amount_fen: if reversal {
+                -r.charged_fen
+            } else {
+                r.charged_fen
+            },
             at_ms: r.at_ms,
             site: r.site.as_deref(),
         }
@@ -76,6 +115,42 @@ pub struct Batch {
     pub oldest_at_ms: i64,
     /// The JSON document sent (and signed), events in journal order.
     pub body: Vec<u8>,
+    /// Its lines summed by local day and site, for the daily report.
+    pub summary: Vec<DaySite>,
+}
+
+/// Lines of one local day and site: charges and reversals, counted and
+/// summed (reversals as positive amounts given back).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DaySite {
+    pub day: i32,
+    /// Empty when the events named no site.
+    pub site: String,
+    pub charges: u64,
+    pub charged_fen: i64,
+    pub reversals: u64,
+    pub reversed_fen: i64,
+}
+
+impl DaySite {
+    pub fn add(&mut self, o: &DaySite) {
+        self.charges += o.charges;
+        self.charged_fen += o.charged_fen;
+        self.reversals += o.reversals;
+        self.reversed_fen += o.reversed_fen;
+    }
+}
+
+/// One event in the open batch.
+#[derive(Debug)]
+struct Open {
+    seq: u64,
+    /// Signed: negative for a reversal line.
+    fen: i64,
+    at_ms: i64,
+    auth_id: String,
+    site: Option<String>,
+    line: Vec<u8>,
 }
 
 /// `<sink>-<first seq>-<last seq>`, the seqs as 16 hex digits so that ids
@@ -91,8 +166,7 @@ const ENVELOPE_BYTES: usize = 256;
 #[derive(Debug)]
 pub struct Batcher {
     rules: Rules,
-    /// Serialized events, with their seq, amount and time.
-    open: Vec<(u64, i64, i64, Vec<u8>)>,
+    open: Vec<Open>,
     bytes: usize,
 }
 
@@ -123,12 +197,33 @@ impl Batcher {
         if !self.rules.takes(r) {
             return sealed;
         }
-        let line = serde_json::to_vec(&Line::of(seq, r)).expect("a line always serializes");
+        if r.decision == "reverse" {
+            // Its charge not sent yet: take it out, and that is all.
+            let waiting = self
+                .open
+                .iter()
+                .position(|e| e.fen > 0 && Some(e.auth_id.as_str()) == r.reverses.as_deref());
+            if let Some(i) = waiting {
+                let gone = self.open.remove(i);
+                self.bytes -= gone.line.len() + 1;
+                return sealed;
+            }
+        }
+        let line = Line::of(seq, r);
+        let fen = line.amount_fen;
+        let line = serde_json::to_vec(&line).expect("a line always serializes");
         if !self.open.is_empty() && self.bytes + line.len() + 1 > self.rules.bytes_max {
             sealed.extend(self.seal());
         }
         self.bytes += line.len() + 1;
-        self.open.push((seq, r.charged_fen, r.at_ms, line));
+        self.open.push(Open {
+            seq,
+            fen,
+            at_ms: r.at_ms,
+            auth_id: r.auth_id.clone(),
+            site: r.site.clone(),
+            line,
+        });
         if self.open.len() >= self.rules.events_max || self.bytes > self.rules.bytes_max {
             sealed.extend(self.seal());
         }
@@ -137,7 +232,7 @@ impl Batcher {
 
     /// Seals the open batch if its oldest event is `age_max_ms` old at `now_ms`.
     pub fn tick(&mut self, now_ms: i64) -> Option<Batch> {
-        let oldest = self.open.first()?.2;
+        let oldest = self.open.iter().map(|e| e.at_ms).min()?;
         (now_ms - oldest >= self.rules.age_max_ms)
             .then(|| self.seal())
             .flatten()
@@ -145,12 +240,35 @@ impl Batcher {
 
     /// Seals whatever is open.
     pub fn seal(&mut self) -> Option<Batch> {
-        let first = self.open.first()?.0;
-        let oldest_at_ms = self.open.iter().map(|e| e.2).min().expect("not empty");
-        let last = self.open.last().expect("not empty").0;
+        let first = self.open.first()?.seq;
+        let oldest_at_ms = self.open.iter().map(|e| e.at_ms).min().expect("not empty");
+        let last = self.open.last().expect("not empty").seq;
         let id = batch_id(&self.rules.sink, first, last);
         let count = self.open.len() as u64;
-        let total_fen: i64 = self.open.iter().map(|e| e.1).sum();
+        let total_fen: i64 = self.open.iter().map(|e| e.fen).sum();
+        let mut summary: Vec<DaySite> = Vec::new();
+        for e in &self.open {
+            let (day, site) = (self.rules.day(e.at_ms), e.site.as_deref().unwrap_or(""));
+            let i = match summary.iter().position(|d| d.day == day && d.site == site) {
+                Some(i) => i,
+                None => {
+                    summary.push(DaySite {
+                        day,
+                        site: site.to_owned(),
+                        ..DaySite::default()
+                    });
+                    summary.len() - 1
+                }
+            };
+            let d = &mut summary[i];
+            if e.fen >= 0 {
+                d.charges += 1;
+                d.charged_fen += e.fen;
+            } else {
+                d.reversals += 1;
+                d.reversed_fen -= e.fen;
+            }
+        }
         let mut body = Vec::with_capacity(self.bytes);
         body.extend_from_slice(
             format!(
@@ -163,7 +281,7 @@ impl Batcher {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&e.3);
+            body.extend_from_slice(&e.line);
         }
         body.extend_from_slice(b"]}");
         self.open.clear();
@@ -177,6 +295,7 @@ impl Batcher {
             total_fen,
             oldest_at_ms,
             body,
+            summary,
         })
     }
 }
@@ -194,7 +313,7 @@ mod tests {
             auth_id: format!("a-{at_ms}"),
             kind: EventKind::Tap,
             card_no: "500118A00000001".into(),
-            scenario,
+            scenario: Some(scenario),
             amount_fen: Some(fen),
             decision: if approve { "approve" } else { "decline" }.into(),
             reason: if approve {
@@ -205,6 +324,20 @@ mod tests {
             charged_fen: if approve { fen } else { 0 },
             site: Some("line-12".into()),
             occurred_at: None,
+            reverses: None,
+        }
+    }
+
+    /// The reversal of `of`, journaled at `at_ms`.
+    fn reversal(of: &DecisionRecord, at_ms: i64) -> DecisionRecord {
+        DecisionRecord {
+            at_ms,
+            auth_id: format!("r-{at_ms}"),
+            amount_fen: None,
+            decision: "reverse".into(),
+            reason: Reason::Ok,
+            reverses: Some(of.auth_id.clone()),
+            ..of.clone()
         }
     }
 
@@ -215,6 +348,7 @@ mod tests {
             events_max,
             bytes_max,
             age_max_ms,
+            day_offset_minutes: 480,
         })
     }
 
@@ -296,5 +430,83 @@ mod tests {
         again.offer(41, &record(Scenario::Transit, true, 200, 1));
         again.offer(42, &record(Scenario::Transit, true, 300, 2));
         assert_eq!(again.seal().unwrap(), batch);
+    }
+
+    #[test]
+    fn a_reversal_takes_an_unsealed_event_out_and_follows_a_sealed_one() {
+        let mut b = transport(3, 1 << 20, 60_000);
+        let a = record(Scenario::Transit, true, 200, 1);
+        let c = record(Scenario::Transit, true, 300, 2);
+        b.offer(1, &a);
+        b.offer(2, &c);
+        // Not sealed yet: the charge goes, and no line is added.
+        assert!(b.offer(3, &reversal(&a, 3)).is_empty());
+        assert_eq!(b.pending(), 1);
+        let d = record(Scenario::Transit, true, 400, 4);
+        b.offer(4, &d);
+        let sealed = b.offer(5, &record(Scenario::Transit, true, 500, 5));
+        assert_eq!(sealed.len(), 1);
+        let first = &sealed[0];
+        assert_eq!((first.count, first.total_fen), (3, 1_200));
+        assert_eq!(first.id, batch_id("transport", 2, 5));
+        assert!(!String::from_utf8_lossy(&first.body).contains("\"a-1\""));
+
+        // Sealed already: a reversal line with the amount given back.
+        b.offer(6, &reversal(&d, 6));
+        let later = b.seal().unwrap();
+        assert_eq!((later.count, later.total_fen), (1, -400));
+        let v: serde_json::Value = serde_json::from_slice(&later.body).unwrap();
+        let line = &v["events"][0];
+        assert_eq!(line["type"], "reversal");
+        assert_eq!(line["reverses"], "a-4");
+        assert_eq!(line["amount_fen"], -400);
+        assert_eq!(v["total_fen"], -400);
+        assert_eq!(later.summary[0].reversals, 1);
+        assert_eq!(later.summary[0].reversed_fen, 400);
+
+        // Reversals of declines, of other sinks' events and of events never
+        // seen (no scenario) are not this sink's business.
+        let declined = record(Scenario::Transit, false, 200, 7);
+        let medical = record(Scenario::Medical, true, 900, 8);
+        let mut unseen = reversal(&a, 9);
+        unseen.scenario = None;
+        unseen.card_no.clear();
+        unseen.reverses = None;
+        let mut nothing = reversal(&declined, 10);
+        nothing.charged_fen = 0;
+        for (seq, r) in [(7, &nothing), (8, &reversal(&medical, 8)), (9, &unseen)] {
+            assert!(b.offer(seq, r).is_empty());
+        }
+        assert_eq!(b.pending(), 0);
+    }
+
+    #[test]
+    fn the_summary_adds_up_by_local_day_and_site() {
+        let mut b = transport(100, 1 << 20, 60_000);
+        // 2026-11-28T15:59:59Z and 16:00:00Z: the local (UTC+8) day turns.
+        let late = 1_795_881_599_000;
+        let mut r1 = record(Scenario::Transit, true, 200, late);
+        let mut r2 = record(Scenario::Transit, true, 300, late + 1_000);
+        let mut r3 = record(Scenario::Transit, true, 100, late + 2_000);
+        r1.auth_id = "x1".into();
+        r2.auth_id = "x2".into();
+        r3.auth_id = "x3".into();
+        r3.site = None;
+        for (seq, r) in [(1, &r1), (2, &r2), (3, &r3)] {
+            b.offer(seq, r);
+        }
+        let batch = b.seal().unwrap();
+        let day = b.rules().day(late);
+        let sum = |d: i32, site: &str| {
+            batch
+                .summary
+                .iter()
+                .find(|x| x.day == d && x.site == site)
+                .map(|x| (x.charges, x.charged_fen))
+        };
+        assert_eq!(sum(day, "line-12"), Some((1, 200)));
+        assert_eq!(sum(day + 1, "line-12"), Some((1, 300)));
+        assert_eq!(sum(day + 1, ""), Some((1, 100)));
+        assert_eq!(batch.summary.len(), 3);
     }
 }

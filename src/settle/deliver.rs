@@ -23,7 +23,7 @@ use crate::client::{Connection, Protocol};
 use crate::config::SinkConfig;
 use crate::gateway::Gateway;
 use crate::journal::DecisionRecord;
-use crate::settle::batch::{Batch, Batcher, Rules};
+use crate::settle::batch::{Batch, Batcher, DaySite, Rules};
 use crate::settle::receiver::Ack;
 use crate::settle::retry::{Backoff, Circuit, CircuitState};
 use crate::settle::sign::Signer;
@@ -44,6 +44,10 @@ pub struct Stored {
     pub total_fen: i64,
     pub oldest_at_ms: i64,
     pub body: String,
+    /// Its lines by local day and site, added to the daily report when it
+    /// is acknowledged.
+    #[serde(default)]
+    pub summary: Vec<DaySite>,
     /// Why it was parked, for parked batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<String>,
@@ -59,6 +63,7 @@ impl From<Batch> for Stored {
             total_fen: b.total_fen,
             oldest_at_ms: b.oldest_at_ms,
             body: String::from_utf8(b.body).expect("batch bodies are JSON text"),
+            summary: b.summary,
             parked: None,
         }
     }
@@ -75,6 +80,69 @@ pub fn parked_prefix(sink: &str) -> Vec<u8> {
 }
 fn key(prefix: &[u8], first_seq: u64) -> Vec<u8> {
     [prefix, &first_seq.to_be_bytes()].concat()
+}
+/// `r/<sink>/<day>/`: the acknowledged totals of a sink's local day, one
+/// key per site. The day is offset so that its bytes sort in day order.
+pub fn report_prefix(sink: &str, day: i32) -> Vec<u8> {
+    let day = (day as u32) ^ 0x8000_0000;
+    [b"r/", sink.as_bytes(), b"/", &day.to_be_bytes(), b"/"].concat()
+}
+
+/// Forgets an acknowledged batch and adds its lines to the daily report,
+/// in one synced write: the report counts each batch once, whatever
+/// crashes come between.
+fn acknowledge(store: &Store, bp: &[u8], sink: &str, b: &Stored) -> Result<(), StoreError> {
+    let cf = store.cf(Cf::Settle);
+    let mut wb = rocksdb::WriteBatch::default();
+    wb.delete_cf(cf, key(bp, b.first_seq));
+    for part in &b.summary {
+        let k = [&report_prefix(sink, part.day)[..], part.site.as_bytes()].concat();
+        let mut total = match store.get(Cf::Settle, &k)? {
+            Some(v) => serde_json::from_slice::<DaySite>(&v).map_err(|e| StoreError::Corrupt {
+                cf: "settle",
+                detail: format!("a report record does not decode: {e}"),
+            })?,
+            None => DaySite {
+                day: part.day,
+                site: part.site.clone(),
+                ..DaySite::default()
+            },
+        };
+        total.add(part);
+        wb.put_cf(cf, k, serde_json::to_vec(&total).expect("serializes"));
+    }
+    store.db().write_opt(wb, &synced())?;
+    Ok(())
+}
+
+/// What of a sink's local day is in stored or parked batches (sealed, not
+/// acknowledged).
+pub fn pending(store: &Store, sink: &str, day: i32) -> Result<DaySite, StoreError> {
+    let mut total = DaySite::default();
+    for prefix in [batch_prefix(sink), parked_prefix(sink)] {
+        for b in list(store, &prefix, usize::MAX)? {
+            for part in b.summary.iter().filter(|p| p.day == day) {
+                total.add(part);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// A sink's acknowledged totals of one local day, by site.
+pub fn report(store: &Store, sink: &str, day: i32) -> Result<Vec<DaySite>, StoreError> {
+    let prefix = report_prefix(sink, day);
+    let mut out = Vec::new();
+    store.scan(Cf::Settle, &prefix, |k, v| {
+        if !k.starts_with(&prefix) {
+            return false;
+        }
+        if let Ok(d) = serde_json::from_slice(v) {
+            out.push(d);
+        }
+        true
+    })?;
+    Ok(out)
 }
 
 fn synced() -> rocksdb::WriteOptions {
@@ -97,6 +165,23 @@ pub fn list(store: &Store, prefix: &[u8], n: usize) -> Result<Vec<Stored>, Store
     })?;
     Ok(out)
 }
+
+/// How many batches of a sink are parked (at most [`PARKED_COUNTED_MAX`]).
+pub fn count(store: &Store, sink: &str) -> Result<u64, StoreError> {
+    let prefix = parked_prefix(sink);
+    let mut n = 0u64;
+    store.scan(Cf::Settle, &prefix, |k, _| {
+        if !k.starts_with(&prefix) {
+            return false;
+        }
+        n += 1;
+        n < PARKED_COUNTED_MAX
+    })?;
+    Ok(n)
+}
+
+/// Parked batches counted for status and warnings, at most.
+pub const PARKED_COUNTED_MAX: u64 = 10_000;
 
 /// What a send came to.
 enum Sent {
@@ -283,6 +368,7 @@ async fn run_inner(
         events_max: cfg.events_max,
         bytes_max: cfg.bytes_max,
         age_max_ms: cfg.age_max_ms,
+        day_offset_minutes: gw.policy.day_offset_minutes,
     });
     let backoff = Backoff {
         base_ms: cfg.backoff_base_ms,
@@ -382,11 +468,7 @@ async fn run_inner(
                         circuit.success();
                         attempts = 0;
                         retry_at = None;
-                        store.db().delete_cf_opt(
-                            store.cf(Cf::Settle),
-                            key(&bp, b.first_seq),
-                            &synced(),
-                        )?;
+                        tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, b))?;
                         metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
                         metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
                             .increment(b.count);

@@ -52,8 +52,13 @@ pub struct Ack {
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Ledger {
     pub batches: u64,
+    /// Lines booked: charges and reversals.
     pub events: u64,
+    /// Net: charges less what reversals gave back.
     pub total_fen: i64,
+    /// Reversal lines among `events`.
+    #[serde(default)]
+    pub reversals: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +166,7 @@ fn load_ledger(
         totals.batches += 1;
         totals.events += b.ack.count;
         totals.total_fen += b.ack.total_fen;
+        totals.reversals += b.events.iter().filter(|e| e.amount_fen < 0).count() as u64;
         seen.insert(b.ack.batch_id.clone(), b.ack);
     }
     let file = std::fs::OpenOptions::new()
@@ -231,6 +237,7 @@ impl State {
             match seen.get(&doc.batch_id) {
                 Some(ack) => ack.clone(),
                 None => {
+                    let reversals = doc.events.iter().filter(|e| e.amount_fen < 0).count() as u64;
                     let ack = Ack {
                         batch_id: doc.batch_id.clone(),
                         count,
@@ -257,6 +264,7 @@ impl State {
                     }
                     tracing::debug!(ledger = %self.ledger_path.display(), batch = %ack.batch_id, "booked");
                     seen.insert(ack.batch_id.clone(), ack.clone());
+                    totals.reversals += reversals;
                     totals.batches += 1;
                     totals.events += ack.count;
                     totals.total_fen += ack.total_fen;
@@ -351,21 +359,31 @@ impl State {
     }
 }
 
-/// A server TLS config without client certificates, HTTP/1.1 and h2.
+/// The receiver's TLS config, HTTP/1.1 and h2: with `client_ca`, senders
+/// must present a certificate it signed (as a bank's or insurer's
+/// receiver would ask); without, any sender that has the signing key may
+/// book.
 pub fn server_tls(
     cert: &Path,
     key: &Path,
+    client_ca: Option<&Path>,
 ) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, crate::ingress::TlsSetupError> {
-    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(
-        crate::ingress::crypto_provider(),
-    )
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(
-        crate::ingress::load_certs(cert)?,
-        crate::ingress::load_key(key)?,
-    )?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = match client_ca {
+        Some(ca) => crate::ingress::server_tls(cert, key, ca)?,
+        None => {
+            let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(
+                crate::ingress::crypto_provider(),
+            )
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                crate::ingress::load_certs(cert)?,
+                crate::ingress::load_key(key)?,
+            )?;
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            config
+        }
+    };
     Ok(Arc::new(config))
 }
 

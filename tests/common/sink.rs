@@ -14,22 +14,33 @@ pub struct Sink {
     pub certs: PathBuf,
     pub tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
     pub ledger_file: PathBuf,
+    /// Whether the receiver asks for a client certificate.
+    pub mutual: bool,
 }
 
 impl Sink {
     /// Certificates (with `terminals` terminal certificates) and a ledger path in `dir`.
     pub fn new(dir: &Path, terminals: u32) -> Sink {
+        Sink::with_client_ca(dir, terminals, false)
+    }
+
+    /// As [`Sink::new`]; with `require_client_cert`, senders must present a
+    /// certificate signed by the development CA.
+    pub fn with_client_ca(dir: &Path, terminals: u32, require_client_cert: bool) -> Sink {
         let certs = dir.join("certs");
         onecard::certs::generate(&certs, terminals).unwrap();
+        let ca = certs.join(onecard::certs::CA_CERT);
         let tls = receiver::server_tls(
             &certs.join(onecard::certs::SERVER_CERT),
             &certs.join(onecard::certs::SERVER_KEY),
+            require_client_cert.then_some(ca.as_path()),
         )
         .unwrap();
         Sink {
             certs,
             tls,
             ledger_file: dir.join("ledger.jsonl"),
+            mutual: require_client_cert,
         }
     }
 
@@ -39,10 +50,21 @@ impl Sink {
             .unwrap()
     }
 
+    /// A development terminal's certificate and key, as a client identity.
+    pub fn identity(&self) -> (PathBuf, PathBuf) {
+        let id = onecard::certs::terminal_id(1);
+        (
+            onecard::certs::terminal_cert_path(&self.certs, &id),
+            onecard::certs::terminal_key_path(&self.certs, &id),
+        )
+    }
+
     pub async fn connect(&self, addr: SocketAddr) -> Connection {
+        let identity = self.identity();
         let tls = client::tls_config(
             &self.certs.join(onecard::certs::CA_CERT),
-            None,
+            self.mutual
+                .then_some((identity.0.as_path(), identity.1.as_path())),
             Protocol::Http1,
         )
         .unwrap();
