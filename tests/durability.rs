@@ -15,16 +15,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::process::{self, wait_ready};
 use common::sink::Sink;
 use common::{connect_terminal, tap, TOKEN};
 use http::{Method, StatusCode};
 use onecard::client::{self, Protocol};
-use onecard::server::{Addrs, LISTENERS_FILE};
 use onecard::settle::sign::{Algorithm, Signer};
 use onecard::state::{Cf, Store};
 use serde_json::json;
@@ -35,49 +35,11 @@ const KILL_AFTER_APPROVALS: usize = 150;
 const CLIENTS: u32 = 3;
 
 fn spawn_gateway(dir: &Path) -> Child {
-    spawn_gateway_with(dir, "")
+    process::spawn_gateway(dir, CLIENTS, "")
 }
 
-/// The real binary on `dir/data`, with `extra` appended to its config.
 fn spawn_gateway_with(dir: &Path, extra: &str) -> Child {
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {CLIENTS}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n{extra}",
-            dir.join("data")
-        ),
-    )
-    .unwrap();
-    let _ = std::fs::remove_file(dir.join("data").join(LISTENERS_FILE));
-    Command::new(env!("CARGO_BIN_EXE_onecard"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("ONECARD_ADMIN_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the onecard binary starts")
-}
-
-/// Waits until the gateway has written its bound addresses (it does so once
-/// it is ready), or the process exits.
-fn wait_ready(child: &mut Child, dir: &Path) -> Addrs {
-    let file = dir.join("data").join(LISTENERS_FILE);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            if let Ok(addrs) = serde_json::from_str::<Addrs>(&text) {
-                return addrs;
-            }
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("gateway exited before becoming ready: {status}");
-        }
-        assert!(Instant::now() < deadline, "gateway not ready within 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    process::spawn_gateway(dir, CLIENTS, extra)
 }
 
 fn card(i: usize) -> String {

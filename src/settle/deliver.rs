@@ -454,6 +454,7 @@ async fn run_inner(
         // and wait.
         let due = retry_at.is_none_or(|t| Instant::now() >= t) && !status.is_paused();
         let mut sent_any = false;
+        let mut transition: Option<u8> = None;
         if let Some(b) = waiting.first().filter(|_| due) {
             if circuit.allow(gw.now_ms()) {
                 sent_any = true;
@@ -461,6 +462,8 @@ async fn run_inner(
                     o = sink.send(b) => o,
                     _ = stop.changed() => return Ok(()),
                 };
+                let level_before = circuit.state().level();
+                transition = Some(level_before);
                 match outcome {
                     Sent::Acked => {
                         backlog.remove(b);
@@ -484,6 +487,8 @@ async fn run_inner(
                         parked(&name, b, &why);
                     }
                     Sent::Retry(why) => {
+                        let circuit_was_closed =
+                            matches!(circuit.state(), CircuitState::Closed { failures: 0 });
                         circuit.failure(gw.now_ms());
                         metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "failed").increment(1);
                         // Attempts count only while the receiver is
@@ -500,13 +505,29 @@ async fn run_inner(
                             attempts = 0;
                             retry_at = None;
                         } else {
-                            tracing::warn!(sink = %name, batch = %b.id, attempts, why, "delivery failed; will retry");
+                            // Once per outage at warn (the circuit's state
+                            // and the metrics tell the rest): an outage of
+                            // minutes must not flood the log.
+                            if circuit_was_closed {
+                                tracing::warn!(sink = %name, batch = %b.id, attempts, why, "delivery failed; will retry");
+                            } else {
+                                tracing::debug!(sink = %name, batch = %b.id, attempts, why, "delivery failed again; will retry");
+                            }
                             retry_at =
                                 Some(Instant::now() + backoff.delay(attempts, jitter.next()));
                         }
                     }
                 }
             }
+        }
+        match (transition, circuit.state().level()) {
+            (Some(0), 2) => {
+                tracing::warn!(sink = %name, pause_ms = cfg.circuit_pause_ms, "circuit open: the receiver keeps failing; probing after each pause")
+            }
+            (Some(1 | 2), 0) => {
+                tracing::info!(sink = %name, "the receiver answers again; circuit closed")
+            }
+            _ => {}
         }
         if !read_any && !sent_any {
             tokio::select! {

@@ -3,6 +3,7 @@
 //! terminals and operators do.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod sink;
 
 use std::net::SocketAddr;
