@@ -97,6 +97,10 @@ pub struct SinkConfig {
     pub age_max_ms: i64,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Batches sent at once, each on its own connection (1 to 64). With
+    /// more than one, a receiver may book batches out of journal order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
     /// Attempts for one batch before it is parked for an operator.
     #[serde(default = "default_attempts_max")]
     pub attempts_max: u32,
@@ -137,6 +141,9 @@ fn default_bytes_max() -> usize {
 }
 fn default_age_max_ms() -> i64 {
     1_000
+}
+fn default_concurrency() -> usize {
+    4
 }
 fn default_timeout_ms() -> u64 {
     5_000
@@ -490,6 +497,9 @@ impl Config {
                 return bad(&format!(
                     "settlement.sinks.{n}: timeout_ms, attempts_max, circuit_failures and backlog_batches_max must be positive"
                 ));
+            }
+            if !(1..=64).contains(&sink.concurrency) {
+                return bad(&format!("settlement.sinks.{n}.concurrency must be 1 to 64"));
             }
             if sink.cert.is_some() != sink.cert_key.is_some() {
                 return bad(&format!(

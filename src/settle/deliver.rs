@@ -193,6 +193,8 @@ enum Sent {
     Retry(String),
 }
 
+/// How to reach a receiver; shared by the sends in flight, each on its own
+/// connection.
 struct Sink {
     cfg: SinkConfig,
     signer: Signer,
@@ -200,8 +202,11 @@ struct Sink {
     host: String,
     port: u16,
     path: String,
-    conn: Option<Connection>,
 }
+
+/// A send in flight, when it ends: the connection to use again (`None`:
+/// closed), the batch, and what came of it.
+type Done = (Option<Connection>, Stored, Sent);
 
 impl Sink {
     async fn connect(&self) -> Result<Connection, String> {
@@ -217,14 +222,23 @@ impl Sink {
             .map_err(|e| format!("connecting: {e}"))
     }
 
-    async fn send(&mut self, b: &Stored) -> Sent {
-        if self.conn.as_ref().is_none_or(Connection::is_closed) {
-            match self.connect().await {
-                Ok(c) => self.conn = Some(c),
-                Err(e) => return Sent::Retry(e),
-            }
-        }
-        let conn = self.conn.as_mut().expect("connected above");
+    async fn send(self: Arc<Self>, conn: Option<Connection>, b: Stored) -> Done {
+        let mut conn = match conn.filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => match self.connect().await {
+                Ok(c) => c,
+                Err(e) => return (None, b, Sent::Retry(e)),
+            },
+        };
+        let sent = self.exchange(&mut conn, &b).await;
+        let keep = match sent {
+            Sent::Retry(_) => None,
+            _ => Some(conn),
+        };
+        (keep, b, sent)
+    }
+
+    async fn exchange(&self, conn: &mut Connection, b: &Stored) -> Sent {
         let signature = self.signer.sign(b.body.as_bytes());
         let headers = [
             ("content-type", "application/json"),
@@ -243,14 +257,8 @@ impl Sink {
         )
         .await;
         let a = match answer {
-            Err(_) => {
-                self.conn = None;
-                return Sent::Retry(format!("no answer within {} ms", self.cfg.timeout_ms));
-            }
-            Ok(Err(e)) => {
-                self.conn = None;
-                return Sent::Retry(format!("{e}"));
-            }
+            Err(_) => return Sent::Retry(format!("no answer within {} ms", self.cfg.timeout_ms)),
+            Ok(Err(e)) => return Sent::Retry(format!("{e}")),
             Ok(Ok(a)) => a,
         };
         match a.status {
@@ -353,15 +361,20 @@ async fn run_inner(
     let store = gw.store.clone();
     let name = cfg.name.clone();
     let uri: http::Uri = cfg.url.parse().expect("validated with the config");
-    let mut sink = Sink {
+    let sink = Arc::new(Sink {
         signer: Signer::new(cfg.algorithm, cfg.signing_key().expect("validated")),
         host: uri.host().unwrap_or("").trim_matches(['[', ']']).to_owned(),
         port: uri.port_u16().unwrap_or(443),
         path: uri.path().to_owned(),
         tls,
-        conn: None,
         cfg: cfg.clone(),
-    };
+    });
+    let concurrency = cfg.concurrency;
+    // Batches on their way (by first seq), the sends, and connections
+    // free for the next send.
+    let mut inflight = std::collections::HashSet::new();
+    let mut sends: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
+    let mut idle: Vec<Connection> = Vec::new();
     let mut batcher = Batcher::new(Rules {
         sink: name.clone(),
         scenarios: cfg.scenario_list().expect("validated"),
@@ -439,8 +452,11 @@ async fn run_inner(
             metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "sealed").increment(1);
         }
 
-        // Send the oldest stored batch, if the circuit and backoff allow.
-        let waiting = list(&store, &bp, 1)?;
+        // Keep up to `concurrency` of the oldest stored batches on their
+        // way, each on its own connection, if the circuit, the backoff and
+        // the operators allow. Paused: batches keep sealing (up to the
+        // bound) and wait.
+        let waiting = list(&store, &bp, concurrency + inflight.len())?;
         backlog.publish(&labels, waiting.first(), gw.now_ms());
         status.set_backlog(
             backlog.batches as u64,
@@ -450,90 +466,104 @@ async fn run_inner(
         status.set_cursor(next_seq);
         status.set_circuit(circuit.state().level());
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
-        // Paused by an operator: batches keep sealing (up to the bound)
-        // and wait.
         let due = retry_at.is_none_or(|t| Instant::now() >= t) && !status.is_paused();
-        let mut sent_any = false;
-        let mut transition: Option<u8> = None;
-        if let Some(b) = waiting.first().filter(|_| due) {
-            if circuit.allow(gw.now_ms()) {
-                sent_any = true;
-                let outcome = tokio::select! {
-                    o = sink.send(b) => o,
-                    _ = stop.changed() => return Ok(()),
-                };
-                let level_before = circuit.state().level();
-                transition = Some(level_before);
-                match outcome {
-                    Sent::Acked => {
-                        backlog.remove(b);
-                        status.acked(gw.now_ms());
-                        circuit.success();
+        if due {
+            for b in waiting {
+                if inflight.contains(&b.first_seq) {
+                    continue;
+                }
+                if sends.len() >= concurrency || !circuit.allow(gw.now_ms()) {
+                    break;
+                }
+                inflight.insert(b.first_seq);
+                sends.spawn(sink.clone().send(idle.pop(), b));
+            }
+        }
+
+        // What has come back; when there is nothing else to do, wait for
+        // a send, the poll interval or the stop.
+        let mut done = Vec::new();
+        while let Some(r) = sends.try_join_next() {
+            done.push(r);
+        }
+        if done.is_empty() && !read_any {
+            tokio::select! {
+                Some(r) = sends.join_next(), if !sends.is_empty() => done.push(r),
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+        let level_before = circuit.state().level();
+        for r in done {
+            let (conn, b, outcome) = match r {
+                Ok(d) => d,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => unreachable!("sends are never aborted while the task runs"),
+            };
+            inflight.remove(&b.first_seq);
+            idle.extend(conn);
+            match outcome {
+                Sent::Acked => {
+                    backlog.remove(&b);
+                    status.acked(gw.now_ms());
+                    circuit.success();
+                    attempts = 0;
+                    retry_at = None;
+                    tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, &b))?;
+                    metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
+                    metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
+                        .increment(b.count);
+                    metrics::histogram!("onecard_settle_delivery_seconds", &labels)
+                        .record((gw.now_ms() - b.oldest_at_ms).max(0) as f64 / 1000.0);
+                }
+                Sent::Park(why) => {
+                    circuit.success();
+                    attempts = 0;
+                    retry_at = None;
+                    park(&store, &bp, &pp, &b, &why)?;
+                    backlog.remove(&b);
+                    parked(&name, &b, &why);
+                }
+                Sent::Retry(why) => {
+                    let circuit_was_closed =
+                        matches!(circuit.state(), CircuitState::Closed { failures: 0 });
+                    circuit.failure(gw.now_ms());
+                    metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "failed").increment(1);
+                    // Attempts count only while the receiver is otherwise
+                    // reachable (circuit closed): an outage is the
+                    // circuit's business and parks nothing.
+                    if matches!(circuit.state(), CircuitState::Closed { .. }) {
+                        attempts += 1;
+                    }
+                    if attempts >= cfg.attempts_max {
+                        let why = format!("{attempts} attempts failed; the last: {why}");
+                        park(&store, &bp, &pp, &b, &why)?;
+                        backlog.remove(&b);
+                        parked(&name, &b, &why);
                         attempts = 0;
                         retry_at = None;
-                        tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, b))?;
-                        metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
-                        metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
-                            .increment(b.count);
-                        metrics::histogram!("onecard_settle_delivery_seconds", &labels)
-                            .record((gw.now_ms() - b.oldest_at_ms).max(0) as f64 / 1000.0);
-                    }
-                    Sent::Park(why) => {
-                        circuit.success();
-                        attempts = 0;
-                        retry_at = None;
-                        park(&store, &bp, &pp, b, &why)?;
-                        backlog.remove(b);
-                        parked(&name, b, &why);
-                    }
-                    Sent::Retry(why) => {
-                        let circuit_was_closed =
-                            matches!(circuit.state(), CircuitState::Closed { failures: 0 });
-                        circuit.failure(gw.now_ms());
-                        metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "failed").increment(1);
-                        // Attempts count only while the receiver is
-                        // otherwise reachable (circuit closed): an outage
-                        // is the circuit's business and parks nothing.
-                        if matches!(circuit.state(), CircuitState::Closed { .. }) {
-                            attempts += 1;
-                        }
-                        if attempts >= cfg.attempts_max {
-                            let why = format!("{attempts} attempts failed; the last: {why}");
-                            park(&store, &bp, &pp, b, &why)?;
-                            backlog.remove(b);
-                            parked(&name, b, &why);
-                            attempts = 0;
-                            retry_at = None;
+                    } else {
+                        // Once per outage at warn (the circuit's state and
+                        // the metrics tell the rest): an outage of minutes
+                        // must not flood the log.
+                        if circuit_was_closed {
+                            tracing::warn!(sink = %name, batch = %b.id, attempts, why, "delivery failed; will retry");
                         } else {
-                            // Once per outage at warn (the circuit's state
-                            // and the metrics tell the rest): an outage of
-                            // minutes must not flood the log.
-                            if circuit_was_closed {
-                                tracing::warn!(sink = %name, batch = %b.id, attempts, why, "delivery failed; will retry");
-                            } else {
-                                tracing::debug!(sink = %name, batch = %b.id, attempts, why, "delivery failed again; will retry");
-                            }
-                            retry_at =
-                                Some(Instant::now() + backoff.delay(attempts, jitter.next()));
+                            tracing::debug!(sink = %name, batch = %b.id, attempts, why, "delivery failed again; will retry");
                         }
+                        retry_at = Some(Instant::now() + backoff.delay(attempts, jitter.next()));
                     }
                 }
             }
         }
-        match (transition, circuit.state().level()) {
-            (Some(0), 2) => {
+        match (level_before, circuit.state().level()) {
+            (0, 2) => {
                 tracing::warn!(sink = %name, pause_ms = cfg.circuit_pause_ms, "circuit open: the receiver keeps failing; probing after each pause")
             }
-            (Some(1 | 2), 0) => {
+            (1 | 2, 0) => {
                 tracing::info!(sink = %name, "the receiver answers again; circuit closed")
             }
             _ => {}
-        }
-        if !read_any && !sent_any {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = stop.changed() => return Ok(()),
-            }
         }
     }
 }
