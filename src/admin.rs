@@ -237,7 +237,7 @@ impl Admin {
     }
 
     fn parked(&self, sink: &str, n: usize) -> Result<Vec<deliver::Stored>, ApiError> {
-        deliver::list(&self.gateway.store, &deliver::parked_prefix(sink), n)
+        deliver::list_heads(&self.gateway.store, &deliver::parked_prefix(sink), n)
             .map_err(|_| ApiError::new(ErrorKind::Unavailable, "the store cannot be read; retry"))
     }
 

@@ -16,6 +16,13 @@ pub const LATENCY_BUCKETS_S: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01,
     0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+/// Settlement delivery (approval to acknowledgement), in seconds: batches
+/// wait up to `age_max_ms` to seal, so the range is wider and dense around
+/// the 2 s goal.
+pub const SETTLE_BUCKETS_S: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+    3600.0,
+];
 /// Group-commit sizes.
 pub const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
@@ -30,6 +37,14 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
+                // A full name wins over a suffix (the exporter orders
+                // matchers Full < Prefix < Suffix).
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("onecard_settle_delivery_seconds".into()),
+                        SETTLE_BUCKETS_S,
+                    )
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_events".into()), BATCH_BUCKETS)
                 })
@@ -139,6 +154,10 @@ fn describe() {
     describe_gauge!(
         "onecard_settle_circuit",
         "Circuit to each sink: 0 closed, 1 half open (probing), 2 open"
+    );
+    describe_counter!(
+        "onecard_reversals_total",
+        "Reversals by status (reversed, not_charged, unknown_event)"
     );
     describe_gauge!(
         "onecard_settle_failed",

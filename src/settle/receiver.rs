@@ -91,12 +91,20 @@ fn take(c: &AtomicU32) -> bool {
         .is_ok()
 }
 
+/// A batch as checked: its events are kept as sent (for the ledger) and
+/// read only for their amounts, so booking costs little per event.
 #[derive(Deserialize)]
-struct BatchDoc {
+struct BatchDoc<'a> {
     batch_id: String,
     count: u64,
     total_fen: i64,
-    events: Vec<EventDoc>,
+    #[serde(borrow)]
+    events: &'a serde_json::value::RawValue,
+}
+
+#[derive(Deserialize)]
+struct Amount {
+    amount_fen: i64,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -215,15 +223,18 @@ impl State {
                 "X-Onecard-Signature does not match the batch",
             ));
         }
-        let Ok(doc) = serde_json::from_slice::<BatchDoc>(body) else {
+        let parsed = serde_json::from_slice::<BatchDoc>(body).and_then(|doc| {
+            serde_json::from_str::<Vec<Amount>>(doc.events.get()).map(|a| (doc, a))
+        });
+        let Ok((doc, amounts)) = parsed else {
             return Outcome::Answer(error(
                 StatusCode::BAD_REQUEST,
                 "INVALID_REQUEST",
                 "the body is not a batch document",
             ));
         };
-        let count = doc.events.len() as u64;
-        let total: i64 = doc.events.iter().map(|e| e.amount_fen).sum();
+        let count = amounts.len() as u64;
+        let total: i64 = amounts.iter().map(|e| e.amount_fen).sum();
         if count != doc.count || total != doc.total_fen {
             return Outcome::Answer(error(
                 StatusCode::BAD_REQUEST,
@@ -237,18 +248,27 @@ impl State {
             match seen.get(&doc.batch_id) {
                 Some(ack) => ack.clone(),
                 None => {
-                    let reversals = doc.events.iter().filter(|e| e.amount_fen < 0).count() as u64;
+                    let reversals = amounts.iter().filter(|e| e.amount_fen < 0).count() as u64;
                     let ack = Ack {
                         batch_id: doc.batch_id.clone(),
                         count,
                         total_fen: total,
                     };
-                    let mut line = serde_json::to_vec(&Booked {
-                        ack: ack.clone(),
-                        events: doc.events,
-                    })
-                    .expect("a booking serializes");
-                    line.push(b'\n');
+                    // A ledger line: the acknowledgement and the events as
+                    // sent (one line: a body that spans lines is compacted).
+                    let events = doc.events.get();
+                    let events = if events.contains('\n') {
+                        serde_json::from_str::<serde_json::Value>(events)
+                            .map(|v| v.to_string())
+                            .unwrap_or_default()
+                    } else {
+                        events.to_owned()
+                    };
+                    let line = format!(
+                        "{{\"ack\":{},\"events\":{events}}}\n",
+                        serde_json::to_string(&ack).expect("an ack serializes")
+                    )
+                    .into_bytes();
                     // Booked means on disk: the acknowledgement lets the
                     // sender forget the batch.
                     if file
