@@ -43,6 +43,12 @@ impl AuthIds {
     }
 }
 
+/// What the idempotency step leaves to do.
+enum Begun {
+    Replay(Vec<u8>),
+    Decide(idempotency::InFlight, bool),
+}
+
 pub struct Gateway {
     pub config: Config,
     pub policy: Policy,
@@ -192,30 +198,18 @@ impl Gateway {
         let card_no = credential::resolve(&req.credential)?;
 
         let fingerprint = req.fingerprint();
-        let guard = match self
-            .idem
+        let (guard, reversed_already) = match self
             .begin(
                 idempotency::key(terminal, &req.event_id),
                 &fingerprint,
                 now_ms,
+                "`event_id` was already used by this terminal with a different body",
             )
-            .await
-            .map_err(storage_error)?
+            .await?
         {
-            Lookup::Replay(body) => {
-                self.metrics.replays.increment(1);
-                return Ok(body);
-            }
-            Lookup::Conflict => {
-                return Err(ApiError::new(
-                    ErrorKind::IdempotencyConflict,
-                    "`event_id` was already used by this terminal with a different body",
-                ))
-            }
-            Lookup::Fresh(guard) => (guard, false),
-            Lookup::Reversed(guard) => (guard, true),
+            Begun::Replay(body) => return Ok(body),
+            Begun::Decide(guard, reversed) => (guard, reversed),
         };
-        let (guard, reversed_already) = guard;
 
         let auth_id = self.auth_ids.next();
         let (pending, decision, answer) = {
@@ -332,6 +326,32 @@ impl Gateway {
         Ok(answer)
     }
 
+    /// The idempotency step of a terminal request: the first answer again,
+    /// `409` with `conflict` for another body, or the guard to decide under
+    /// (and whether a reversal came first).
+    async fn begin(
+        &self,
+        key: Vec<u8>,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+        conflict: &'static str,
+    ) -> Result<Begun, ApiError> {
+        match self
+            .idem
+            .begin(key, fingerprint, now_ms)
+            .await
+            .map_err(storage_error)?
+        {
+            Lookup::Replay(body) => {
+                self.metrics.replays.increment(1);
+                Ok(Begun::Replay(body))
+            }
+            Lookup::Conflict => Err(ApiError::new(ErrorKind::IdempotencyConflict, conflict)),
+            Lookup::Fresh(guard) => Ok(Begun::Decide(guard, false)),
+            Lookup::Reversed(guard) => Ok(Begun::Decide(guard, true)),
+        }
+    }
+
     /// Reverses one of `terminal`'s events (`POST /v1/reverse`): a terminal
     /// that never saw an authorization's answer cancels it. Idempotent: the
     /// same reversal again gets the first answer.
@@ -355,26 +375,16 @@ impl Gateway {
         let req = wire::parse_reverse(body)?;
         let fingerprint = req.fingerprint();
         let own = match self
-            .idem
             .begin(
                 idempotency::reversal_key(terminal, &req.event_id),
                 &fingerprint,
                 now_ms,
+                "this event was already reversed with a different body",
             )
-            .await
-            .map_err(storage_error)?
+            .await?
         {
-            Lookup::Replay(body) => {
-                self.metrics.replays.increment(1);
-                return Ok(body);
-            }
-            Lookup::Conflict => {
-                return Err(ApiError::new(
-                    ErrorKind::IdempotencyConflict,
-                    "this event was already reversed with a different body",
-                ))
-            }
-            Lookup::Fresh(g) | Lookup::Reversed(g) => g,
+            Begun::Replay(body) => return Ok(body),
+            Begun::Decide(guard, _) => guard,
         };
         let (event_guard, stored) = self
             .idem

@@ -36,6 +36,7 @@ pub mod import;
 pub mod ingress;
 pub mod journal;
 pub mod model;
+pub mod rng;
 pub mod routes;
 pub mod server;
 pub mod settle;

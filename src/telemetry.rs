@@ -155,6 +155,10 @@ fn describe() {
         "onecard_settle_circuit",
         "Circuit to each sink: 0 closed, 1 half open (probing), 2 open"
     );
+    describe_gauge!(
+        "onecard_settle_unread_records",
+        "Journal records a sink has not read yet (its events wait in the journal to be sealed)"
+    );
     describe_counter!(
         "onecard_reversals_total",
         "Reversals by status (reversed, not_charged, unknown_event)"

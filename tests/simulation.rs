@@ -27,6 +27,7 @@ use common::sink::Sink;
 use common::{connect_terminal, TOKEN};
 use http::{Method, StatusCode};
 use onecard::client::{self, Answer, Connection, Protocol};
+use onecard::rng::Rng;
 use onecard::server::Addrs;
 use onecard::settle::receiver::Running;
 use onecard::settle::sign::{Algorithm, Signer};
@@ -36,21 +37,6 @@ const KEY: &str = "simulation-signing-key-0001";
 const TERMINALS: u32 = 2;
 const CARDS: u64 = 5;
 const STEPS: u64 = 80;
-
-/// SplitMix64: small, seedable, the same sequence everywhere.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn card(i: u64) -> String {
     format!("500118M{i:08}")
@@ -214,7 +200,7 @@ fn booked(ledger: &Path) -> BTreeMap<String, BTreeMap<String, i64>> {
 }
 
 async fn run(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let sink = Sink::new(&data, TERMINALS);

@@ -352,18 +352,6 @@ impl Sink {
     }
 }
 
-/// A small generator for jitter (SplitMix64): no dependency, seeded per sink.
-struct Jitter(u64);
-impl Jitter {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Reads up to `n` decision records from `from` on.
 fn read_journal(
     store: &Store,
@@ -446,7 +434,7 @@ async fn run_inner(
         max_ms: cfg.backoff_max_ms,
     };
     let mut circuit = Circuit::new(cfg.circuit_failures, cfg.circuit_pause_ms);
-    let mut jitter = Jitter(gw.now_ms() as u64 ^ name.len() as u64);
+    let mut jitter = crate::rng::Rng::new(gw.now_ms() as u64 ^ name.len() as u64);
     let (bp, pp, ck) = (batch_prefix(&name), parked_prefix(&name), cursor_key(&name));
     let mut next_seq = store.get_u64(Cf::Settle, &ck)?.unwrap_or(0);
     let mut durable_cursor = next_seq;
@@ -531,7 +519,9 @@ async fn run_inner(
             backlog.events,
             waiting.first().map(|b| b.oldest_at_ms),
         );
-        status.set_cursor(next_seq);
+        status.set_cursor(next_seq, gw.journal.last_seq());
+        metrics::gauge!("onecard_settle_unread_records", &labels)
+            .set((gw.journal.last_seq() + 1).saturating_sub(next_seq) as f64);
         status.set_circuit(circuit.state().level());
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
         let due = retry_at.is_none_or(|t| Instant::now() >= t) && !status.is_paused();
@@ -622,7 +612,8 @@ async fn run_inner(
                         } else {
                             tracing::debug!(sink = %name, batch = %b.id, attempts, why, "delivery failed again; will retry");
                         }
-                        retry_at = Some(Instant::now() + backoff.delay(attempts, jitter.next()));
+                        retry_at =
+                            Some(Instant::now() + backoff.delay(attempts, jitter.next_u64()));
                     }
                 }
             }

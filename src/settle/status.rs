@@ -11,6 +11,7 @@ use serde::Serialize;
 pub struct SinkStatus {
     pub name: String,
     cursor: AtomicU64,
+    unread: AtomicU64,
     backlog_batches: AtomicU64,
     backlog_events: AtomicU64,
     /// Approval time of the oldest event awaiting acknowledgement; 0: none.
@@ -30,6 +31,9 @@ pub struct View {
     pub sink: String,
     /// The next journal sequence number this sink will read.
     pub cursor: u64,
+    /// Journal records after the cursor: events that wait in the journal
+    /// (on disk) to be sealed, a few batches ahead of the sends.
+    pub unread_records: u64,
     pub backlog_batches: u64,
     pub backlog_events: u64,
     /// Seconds since the oldest event awaiting acknowledgement was approved.
@@ -55,8 +59,12 @@ impl SinkStatus {
         }
     }
 
-    pub fn set_cursor(&self, seq: u64) {
+    pub fn set_cursor(&self, seq: u64, journal_last_seq: u64) {
         self.cursor.store(seq, Ordering::Relaxed);
+        self.unread.store(
+            (journal_last_seq + 1).saturating_sub(seq),
+            Ordering::Relaxed,
+        );
     }
     pub fn set_backlog(&self, batches: u64, events: u64, oldest_at_ms: Option<i64>) {
         self.backlog_batches.store(batches, Ordering::Relaxed);
@@ -91,6 +99,7 @@ impl SinkStatus {
         let mut v = View {
             sink: self.name.clone(),
             cursor: self.cursor.load(Ordering::Relaxed),
+            unread_records: self.unread.load(Ordering::Relaxed),
             backlog_batches: self.backlog_batches.load(Ordering::Relaxed),
             backlog_events: self.backlog_events.load(Ordering::Relaxed),
             oldest_age_s: if oldest == 0 {
@@ -191,13 +200,14 @@ mod tests {
         s.set_circuit(2);
         s.acked(4_000);
         s.pause(true);
-        s.set_cursor(77);
+        s.set_cursor(77, 80);
         let v = s.view(5_000, 3);
         assert_eq!(
             v,
             View {
                 sink: "transport".into(),
                 cursor: 77,
+                unread_records: 4,
                 backlog_batches: 2,
                 backlog_events: 9,
                 oldest_age_s: 4.0,
