@@ -199,6 +199,8 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
     let certs_dir = config.certs_dir();
     let token = config.admin.token.clone().unwrap_or_default();
+    let first_sink = config.settlement.sinks.first().cloned();
+    let data_dir = config.data_dir.clone();
     let running = server::start(config)
         .await
         .context("starting the gateway")?;
@@ -214,9 +216,46 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
         "onecard: admin listener on {} (/metrics, /healthz, /readyz, /admin/v1/...)",
         addrs.admin
     );
+    // The demo's receiver: the settlement sinks' (loopback) address, with
+    // the first sink's key, booking into the data directory.
+    let mut receiver = None;
+    if let Some(sink) = first_sink.filter(|_| run_demo) {
+        let uri: http::Uri = sink.url.parse().context("settlement url")?;
+        let addr: std::net::SocketAddr = format!(
+            "{}:{}",
+            uri.host().unwrap_or("127.0.0.1"),
+            uri.port_u16().unwrap_or(443)
+        )
+        .parse()
+        .context("the demo receiver needs an IP address in the sink url")?;
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "the demo receiver listens on loopback only"
+        );
+        let tls = onecard::settle::receiver::server_tls(
+            &certs_dir.join(certs::SERVER_CERT),
+            &certs_dir.join(certs::SERVER_KEY),
+            None,
+        )?;
+        let signer = onecard::settle::sign::Signer::new(sink.algorithm, sink.signing_key()?);
+        let ledger = data_dir.join("demo-ledger.jsonl");
+        let r = onecard::settle::receiver::start(addr, tls, &ledger, signer).await?;
+        println!(
+            "onecard: demo settlement receiver on https://{} (ledger {})",
+            r.addr,
+            ledger.display()
+        );
+        receiver = Some(r);
+    }
     if run_demo {
         if let Err(e) = demo::run(addrs.admin, addrs.terminal, &certs_dir, &token).await {
             eprintln!("demo failed: {e:#}");
+        }
+        if receiver.is_some() {
+            if let Err(e) = demo::settlement(addrs.admin, addrs.terminal, &certs_dir, &token).await
+            {
+                eprintln!("settlement demo failed: {e:#}");
+            }
         }
         println!(
             "onecard: demo done; still serving. Ctrl-C (SIGINT) or SIGTERM stops the gateway."
@@ -225,6 +264,9 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
     wait_for_signal().await;
     println!("onecard: shutting down: finishing requests in flight, flushing the journal");
     running.shutdown().await;
+    if let Some(r) = receiver {
+        r.stop().await;
+    }
     println!("onecard: stopped");
     Ok(())
 }
