@@ -148,8 +148,7 @@ impl Gateway {
             .all()
             .iter()
             .flat_map(|s| {
-                let parked = crate::settle::deliver::count(&self.store, &s.name).unwrap_or(0);
-                let v = s.view(now, parked);
+                let v = s.view(now);
                 v.warnings
                     .into_iter()
                     .map(move |w| format!("settlement {}: {w}", s.name))

@@ -68,7 +68,7 @@ pub enum Tail<'a> {
 }
 
 fn short(s: &str) -> u8 {
-    u8::try_from(s.len()).expect("ids, card numbers and sites are at most 255 bytes")
+    u8::try_from(s.len()).expect("auth ids and card numbers (validated) are at most 255 bytes")
 }
 
 /// Encodes a stored answer: format, fingerprint, creation time, auth_id,
@@ -96,8 +96,10 @@ pub fn encode(
         v.push(o.scenario as u8);
         v.push(short(o.card_no));
         v.extend_from_slice(o.card_no.as_bytes());
+        // A site is up to 64 characters: up to 256 bytes of UTF-8.
         let site = o.site.unwrap_or("");
-        v.push(short(site));
+        let n = u16::try_from(site.len()).expect("a site is at most 64 characters");
+        v.extend_from_slice(&n.to_be_bytes());
         v.extend_from_slice(site.as_bytes());
     }
     v.extend_from_slice(body);
@@ -138,7 +140,9 @@ pub fn decode(v: &[u8]) -> Option<Stored<'_>> {
             let scenario = *Scenario::ALL.get(usize::from(*v.get(at + 9)?))?;
             at += 10;
             let card_no = take_str(v, &mut at)?;
-            let site = take_str(v, &mut at)?;
+            let n = usize::from(u16::from_be_bytes(v.get(at..at + 2)?.try_into().ok()?));
+            let site = std::str::from_utf8(v.get(at + 2..at + 2 + n)?).ok()?;
+            at += 2 + n;
             Tail::Origin(Origin {
                 approved,
                 charged_fen,
@@ -285,6 +289,8 @@ pub async fn cleanup_step(
         .get_u64(Cf::Meta, meta::IDEM_CLEANUP_SEQ)?
         .unwrap_or(0);
     let mut expired = Vec::new();
+    // Journal records passed (a reversal adds two keys to `expired`).
+    let mut passed = 0usize;
     let mut last = cursor;
     let mut corrupt = None;
     store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
@@ -312,7 +318,8 @@ pub async fn cleanup_step(
             auth_id: record.auth_id,
         });
         last = seq;
-        expired.len() < CLEANUP_STEP_RECORDS_MAX
+        passed += 1;
+        passed < CLEANUP_STEP_RECORDS_MAX
     })?;
     if let Some(detail) = corrupt {
         return Err(StoreError::Corrupt {
@@ -320,7 +327,6 @@ pub async fn cleanup_step(
             detail: detail.into(),
         });
     }
-    let passed = expired.len();
     if passed > 0 {
         journal
             .cleanup(expired, last)
@@ -401,6 +407,14 @@ mod tests {
             assert_eq!(decode(&v[..20]), None);
         }
         assert_eq!(decode(&[9; 60]), None, "an unknown format");
+        // 64 characters of four bytes each: 256 bytes.
+        let site = "\u{20000}".repeat(64);
+        let long = Tail::Origin(Origin {
+            site: Some(&site),
+            ..origin
+        });
+        let v = encode(&fp, 1, "a", long, b"{}");
+        assert_eq!(decode(&v).unwrap().tail, long);
     }
 
     #[test]

@@ -102,6 +102,20 @@ async fn a_reversal_gives_the_charge_back_once_and_is_idempotent() {
         .json();
     assert_eq!(u["status"], "unknown_event");
 
+    // A site of 64 four-byte characters (256 bytes of UTF-8) is valid:
+    // decided, and reversible.
+    let long_site = "\u{20000}".repeat(64);
+    let mut body = tap("f-long", CARD, "access", 0);
+    body["site"] = json!(long_site);
+    let long = t.authorize(&body).await.unwrap();
+    assert_eq!(decision(&long).0, "approve");
+    let r = t
+        .reverse(&json!({"event_id": "f-long"}))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(r["status"], "not_charged");
+
     // After a restart every answer is the same.
     gw.restart().await;
     let mut t = gw.terminal(1, Protocol::Http1).await;

@@ -87,14 +87,29 @@ impl Stored {
 
     /// The head only (an empty body).
     pub fn decode_head(v: &[u8]) -> Option<Stored> {
-        let end = v.iter().position(|&b| b == b'\n')?;
-        serde_json::from_slice(&v[..end]).ok()
+        match v.iter().position(|&b| b == b'\n') {
+            Some(end) => serde_json::from_slice(&v[..end]).ok(),
+            None => Stored::decode_legacy(v),
+        }
     }
 
     pub fn decode(v: &[u8]) -> Option<Stored> {
-        let end = v.iter().position(|&b| b == b'\n')?;
+        let Some(end) = v.iter().position(|&b| b == b'\n') else {
+            return Stored::decode_legacy(v);
+        };
         let mut s: Stored = serde_json::from_slice(&v[..end]).ok()?;
         s.body = bytes::Bytes::copy_from_slice(&v[end + 1..]);
+        Some(s)
+    }
+
+    /// A batch stored by an earlier version: one JSON object with the
+    /// body as a string (no newline anywhere). Its id and bytes are kept,
+    /// so a receiver that booked it acknowledges it again.
+    fn decode_legacy(v: &[u8]) -> Option<Stored> {
+        let mut doc: serde_json::Value = serde_json::from_slice(v).ok()?;
+        let body = doc.as_object_mut()?.remove("body")?;
+        let mut s: Stored = serde_json::from_value(doc).ok()?;
+        s.body = bytes::Bytes::from(body.as_str()?.to_owned());
         Some(s)
     }
 }
@@ -272,7 +287,16 @@ struct Sink {
 type Done = (Option<Connection>, Stored, Sent);
 
 impl Sink {
+    /// Connects within `timeout_ms` (a receiver that accepts TCP and then
+    /// stalls the handshake must not hold a send slot forever).
     async fn connect(&self) -> Result<Connection, String> {
+        let ms = self.cfg.timeout_ms;
+        tokio::time::timeout(Duration::from_millis(ms), self.connect_now())
+            .await
+            .unwrap_or_else(|_| Err(format!("no connection within {ms} ms")))
+    }
+
+    async fn connect_now(&self) -> Result<Connection, String> {
         let addr = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|e| format!("resolving {}: {e}", self.host))?
@@ -439,8 +463,11 @@ async fn run_inner(
     let mut next_seq = store.get_u64(Cf::Settle, &ck)?.unwrap_or(0);
     let mut durable_cursor = next_seq;
     let mut read_ahead = VecDeque::new();
-    let mut attempts = 0u32;
-    let mut retry_at: Option<Instant> = None;
+    // Failed attempts and the next try of each batch that failed: per
+    // batch, since with several in flight one batch's failures must
+    // neither be forgiven by another's success nor count against it.
+    let mut retries: std::collections::HashMap<u64, (u32, Instant)> =
+        std::collections::HashMap::new();
     let labels = [("sink", name.clone())];
     // Stored batches awaiting acknowledgement: counted once at start, then
     // kept up to date, for the backlog gauges and the bound.
@@ -460,6 +487,9 @@ async fn run_inner(
         .get(&name)
         .cloned()
         .expect("every configured sink has a status");
+    // Counted once here, then kept by park and replay: status and /readyz
+    // read the number without touching the store.
+    status.set_parked(tokio::task::block_in_place(|| count(&store, &name))?);
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -482,6 +512,7 @@ async fn run_inner(
         full_warned = full;
         if status.take_replay() {
             let back = tokio::task::block_in_place(|| replay(&store, &name))?;
+            status.set_parked(0);
             tracing::info!(sink = %name, batches = back.len(), "parked batches put back in line by an operator");
             for b in &back {
                 backlog.add(b);
@@ -524,10 +555,18 @@ async fn run_inner(
             .set((gw.journal.last_seq() + 1).saturating_sub(next_seq) as f64);
         status.set_circuit(circuit.state().level());
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
-        let due = retry_at.is_none_or(|t| Instant::now() >= t) && !status.is_paused();
-        if due {
+        if !status.is_paused() {
+            let now = Instant::now();
             for b in waiting {
                 if inflight.contains(&b.first_seq) {
+                    continue;
+                }
+                if retries.get(&b.first_seq).is_some_and(|r| r.1 > now) {
+                    // Backing off. With one send at a time, batches go in
+                    // journal order: the next waits too.
+                    if concurrency == 1 {
+                        break;
+                    }
                     continue;
                 }
                 if sends.len() >= concurrency || !circuit.allow(gw.now_ms()) {
@@ -568,8 +607,7 @@ async fn run_inner(
                     backlog.remove(&b);
                     status.acked(gw.now_ms());
                     circuit.success();
-                    attempts = 0;
-                    retry_at = None;
+                    retries.remove(&b.first_seq);
                     tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, &b))?;
                     metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
                     metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
@@ -579,9 +617,9 @@ async fn run_inner(
                 }
                 Sent::Park(why) => {
                     circuit.success();
-                    attempts = 0;
-                    retry_at = None;
+                    retries.remove(&b.first_seq);
                     park(&store, &bp, &pp, &b, &why)?;
+                    status.parked_add(1);
                     backlog.remove(&b);
                     parked(&name, &b, &why);
                 }
@@ -593,16 +631,17 @@ async fn run_inner(
                     // Attempts count only while the receiver is otherwise
                     // reachable (circuit closed): an outage is the
                     // circuit's business and parks nothing.
+                    let mut attempts = retries.get(&b.first_seq).map_or(0, |r| r.0);
                     if matches!(circuit.state(), CircuitState::Closed { .. }) {
                         attempts += 1;
                     }
                     if attempts >= cfg.attempts_max {
                         let why = format!("{attempts} attempts failed; the last: {why}");
                         park(&store, &bp, &pp, &b, &why)?;
+                        status.parked_add(1);
                         backlog.remove(&b);
                         parked(&name, &b, &why);
-                        attempts = 0;
-                        retry_at = None;
+                        retries.remove(&b.first_seq);
                     } else {
                         // Once per outage at warn (the circuit's state and
                         // the metrics tell the rest): an outage of minutes
@@ -612,8 +651,8 @@ async fn run_inner(
                         } else {
                             tracing::debug!(sink = %name, batch = %b.id, attempts, why, "delivery failed again; will retry");
                         }
-                        retry_at =
-                            Some(Instant::now() + backoff.delay(attempts, jitter.next_u64()));
+                        let at = Instant::now() + backoff.delay(attempts, jitter.next_u64());
+                        retries.insert(b.first_seq, (attempts, at));
                     }
                 }
             }
@@ -751,4 +790,55 @@ fn park(store: &Store, bp: &[u8], pp: &[u8], b: &Stored, why: &str) -> Result<()
     wb.put_cf(cf, key(pp, b.first_seq), parked.encode());
     store.db().write_opt(wb, &synced())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> Stored {
+        Stored {
+            id: "transport-0000000000000001-0000000000000002".into(),
+            first_seq: 1,
+            last_seq: 2,
+            count: 2,
+            total_fen: 400,
+            oldest_at_ms: 7,
+            body: bytes::Bytes::from_static(b"{\"batch_id\":\"x\",\"events\":[{\"a\":\"b\\nc\"}]}"),
+            summary: vec![DaySite {
+                day: 20_000,
+                site: "line-12".into(),
+                charges: 2,
+                charged_fen: 400,
+                ..DaySite::default()
+            }],
+            parked: Some("why".into()),
+        }
+    }
+
+    #[test]
+    fn a_stored_batch_round_trips_head_and_body() {
+        let s = stored();
+        let v = s.encode();
+        assert_eq!(Stored::decode(&v), Some(s.clone()));
+        let head = Stored::decode_head(&v).unwrap();
+        assert!(head.body.is_empty());
+        assert_eq!(head.id, s.id);
+        assert_eq!(Stored::decode(b"not a batch\n{}"), None);
+    }
+
+    #[test]
+    fn a_batch_stored_by_the_earlier_version_still_reads() {
+        // Before the head line: one JSON object, the body a string.
+        let s = stored();
+        let mut old = serde_json::to_value(&s).unwrap();
+        old["body"] = serde_json::Value::from(std::str::from_utf8(&s.body).unwrap());
+        old.as_object_mut().unwrap().remove("summary");
+        let v = serde_json::to_vec(&old).unwrap();
+        assert!(!v.contains(&b'\n'));
+        let back = Stored::decode(&v).unwrap();
+        assert_eq!((back.id.as_str(), &back.body), (s.id.as_str(), &s.body));
+        assert!(back.summary.is_empty());
+        assert_eq!(Stored::decode_head(&v).unwrap().total_fen, 400);
+    }
 }

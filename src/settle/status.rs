@@ -20,6 +20,7 @@ pub struct SinkStatus {
     circuit: AtomicU8,
     paused: AtomicBool,
     replay: AtomicBool,
+    parked: AtomicU64,
     /// From the sink's config: the backlog bound and the age that warns.
     batches_max: u64,
     warn_age_ms: i64,
@@ -79,6 +80,12 @@ impl SinkStatus {
     pub fn set_circuit(&self, level: u8) {
         self.circuit.store(level, Ordering::Relaxed);
     }
+    pub fn set_parked(&self, n: u64) {
+        self.parked.store(n, Ordering::Relaxed);
+    }
+    pub fn parked_add(&self, n: u64) {
+        self.parked.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::Release);
     }
@@ -93,7 +100,8 @@ impl SinkStatus {
         self.replay.swap(false, Ordering::AcqRel)
     }
 
-    pub fn view(&self, now_ms: i64, parked: u64) -> View {
+    pub fn view(&self, now_ms: i64) -> View {
+        let parked = self.parked.load(Ordering::Relaxed);
         let oldest = self.oldest_at_ms.load(Ordering::Relaxed);
         let last = self.last_ack_ms.load(Ordering::Relaxed);
         let mut v = View {
@@ -190,7 +198,7 @@ mod tests {
     #[test]
     fn a_view_says_what_delivery_is_doing() {
         let s = SinkStatus::new("transport", 4, 3_000);
-        let v = s.view(5_000, 0);
+        let v = s.view(5_000);
         assert_eq!(
             (v.circuit, v.last_ack_ms, v.oldest_age_s),
             ("closed", None, 0.0)
@@ -201,7 +209,9 @@ mod tests {
         s.acked(4_000);
         s.pause(true);
         s.set_cursor(77, 80);
-        let v = s.view(5_000, 3);
+        s.set_parked(2);
+        s.parked_add(1);
+        let v = s.view(5_000);
         assert_eq!(
             v,
             View {
@@ -227,6 +237,7 @@ mod tests {
         s.set_backlog(1, 1, Some(4_000));
         s.set_circuit(0);
         s.pause(false);
-        assert!(s.view(5_000, 0).warnings.is_empty());
+        s.set_parked(0);
+        assert!(s.view(5_000).warnings.is_empty());
     }
 }
