@@ -198,22 +198,23 @@ impl Connection {
 
     /// `POST /v1/authorize` with a JSON body.
     pub async fn authorize(&mut self, body: &serde_json::Value) -> Result<Answer, ClientError> {
-        let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
-        self.send(
-            Method::POST,
-            "/v1/authorize",
-            &[("content-type", "application/json")],
-            bytes,
-        )
-        .await
+        self.post_json("/v1/authorize", body).await
     }
 
     /// `POST /v1/reverse` with `body`.
     pub async fn reverse(&mut self, body: &serde_json::Value) -> Result<Answer, ClientError> {
+        self.post_json("/v1/reverse", body).await
+    }
+
+    async fn post_json(
+        &mut self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer, ClientError> {
         let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
         self.send(
             Method::POST,
-            "/v1/reverse",
+            path,
             &[("content-type", "application/json")],
             bytes,
         )

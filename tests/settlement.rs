@@ -46,17 +46,19 @@ async fn taps(gw: &TestGateway, from: u32, n: u32, card: &str, scenario: &str, f
 /// A receiver and a gateway with one sink `name` (transit) pointing at it;
 /// `extra` adds sink keys.
 async fn setup(name: &str, extra: &str) -> (Sink, receiver::Running, TestGateway) {
-    setup_with(name, extra, false).await
+    setup_with(name, |_| extra.to_owned(), false).await
 }
 
-/// As [`setup`]; with `mutual`, the receiver asks for a client certificate.
+/// As [`setup`], the extra sink keys made from the receiver (its
+/// certificates); with `mutual`, the receiver asks for a client certificate.
 async fn setup_with(
     name: &str,
-    extra: &str,
+    extra: impl FnOnce(&Sink) -> String,
     mutual: bool,
 ) -> (Sink, receiver::Running, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::with_client_ca(dir.path(), 3, mutual);
+    let extra = extra(&sink);
     let r = sink
         .start(
             "127.0.0.1:0".parse().unwrap(),
@@ -392,17 +394,14 @@ async fn a_receiver_that_asks_for_a_client_certificate_gets_one() {
     let probe = Sink::with_client_ca(dir.path(), 1, true);
     let (cert, key) = probe.identity();
     drop(probe);
-    // The gateway presents a certificate the receiver's CA signed.
-    let (sink, r, gw) = setup_with(
-        "transport",
-        &format!(
+    let with_cert = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
             "age_max_ms = 50\n cert = \"{}\"\n cert_key = \"{}\"",
             cert.display(),
             key.display()
-        ),
-        true,
-    )
-    .await;
+        )
+    };
+    let (sink, r, gw) = setup_with("transport", |_| with_cert(&cert, &key), true).await;
     // That identity is from another CA (the probe's): the receiver refuses
     // the handshake, and the gateway says so in its status.
     taps(&gw, 0, 4, CARD, "transit", 200).await;
@@ -423,41 +422,15 @@ async fn a_receiver_that_asks_for_a_client_certificate_gets_one() {
     r.stop().await;
 
     // With a certificate of the receiver's own CA, every fare is booked.
-    let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::with_client_ca(dir.path(), 1, true);
-    let (cert, key) = sink.identity();
-    let r = sink
-        .start(
-            "127.0.0.1:0".parse().unwrap(),
-            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
-        )
-        .await;
-    let mut config = common::test_config(dir.path());
-    config.settlement.sinks = vec![toml::from_str(&format!(
-        r#"
-        name = "transport"
-        url = "https://127.0.0.1:{}/v1/batches"
-        ca = "{}"
-        scenarios = ["transit"]
-        key = "{KEY}"
-        age_max_ms = 50
-        cert = "{}"
-        cert_key = "{}"
-        "#,
-        r.addr.port(),
-        sink.certs.join(onecard::certs::CA_CERT).display(),
-        cert.display(),
-        key.display(),
-    ))
-    .unwrap()];
-    config.validate().unwrap();
-    let gw = TestGateway {
-        running: Some(onecard::server::start(config.clone()).await.unwrap()),
-        dir,
-        config,
-    };
-    gw.put_card(CARD, json!({"status": "active", "functions": ["transit"]}))
-        .await;
+    let (sink, r, gw) = setup_with(
+        "transport",
+        |s| {
+            let (cert, key) = s.identity();
+            with_cert(&cert, &key)
+        },
+        true,
+    )
+    .await;
     taps(&gw, 0, 4, CARD, "transit", 200).await;
     let l = booked(&sink, r.addr, 4).await;
     assert_eq!((l.events, l.total_fen), (4, 800), "{l:?}");
