@@ -17,17 +17,24 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::audit;
+use crate::cardlife::{Actor, LifeOp};
+use crate::config::{Principal, Role};
 use crate::gateway::{journal_error, Gateway};
+use crate::hotline;
 use crate::import;
 use crate::ingress::{
     error_response, json_response, read_body, read_json_body, status_label, wrong_method, Body,
 };
 use crate::journal::JournalError;
 use crate::model::CardNo;
-use crate::routes::{self, Listener, Match, RouteId};
+use crate::offline;
+use crate::qr::CredType;
+use crate::routes::{self, Access, Listener, Match, RouteId};
 use crate::settle::batch::DaySite;
 use crate::settle::deliver;
 use crate::state::cards::CardRecord;
+use crate::state::profiles;
 use crate::telemetry;
 use crate::wire::{self, ApiError, ErrorKind};
 
@@ -41,7 +48,8 @@ pub const SETTLE_PARKED_SHOWN: usize = 1_000;
 
 pub struct Admin {
     pub gateway: Arc<Gateway>,
-    pub token: Option<String>,
+    /// The accepted tokens and whose they are.
+    principals: Vec<Principal>,
     pub prometheus: PrometheusHandle,
     /// One bulk import at a time: each holds up to 32 MiB of body and a
     /// parsed copy, and two would only compete for the journal.
@@ -59,12 +67,12 @@ struct CardView<'a> {
 impl Admin {
     pub fn new(
         gateway: Arc<Gateway>,
-        token: Option<String>,
+        principals: Vec<Principal>,
         prometheus: PrometheusHandle,
     ) -> Admin {
         Admin {
             gateway,
-            token,
+            principals,
             prometheus,
             imports: Arc::new(tokio::sync::Semaphore::new(1)),
         }
@@ -106,41 +114,71 @@ impl Admin {
                 return ("other", error_response(&e));
             }
         };
-        if route.token {
-            if let Err(e) = self.authenticate(&req) {
-                return (route.path, error_response(&e));
-            }
-        }
-        let response = match self.dispatch(route.id, param.unwrap_or(""), req).await {
+        let actor = match route.access {
+            Access::Open => None,
+            needed => match self.authenticate(&req, needed) {
+                Ok(actor) => Some(actor),
+                Err(e) => return (route.path, error_response(&e)),
+            },
+        };
+        let response = match self
+            .dispatch(route.id, param.unwrap_or(""), req, actor)
+            .await
+        {
             Ok(r) => r,
             Err(e) => error_response(&e),
         };
         (route.path, response)
     }
 
-    fn authenticate(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
-        let Some(token) = self.token.as_deref().filter(|t| !t.is_empty()) else {
+    /// Who holds the bearer token, if it is one of ours and its role may
+    /// call a route that needs `needed`.
+    fn authenticate(&self, req: &Request<Incoming>, needed: Access) -> Result<Actor, ApiError> {
+        if self.principals.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::Unauthenticated,
                 "the admin API is disabled: no admin token is configured",
             ));
-        };
+        }
         let given = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-            Some(_) => Err(ApiError::new(
-                ErrorKind::Unauthenticated,
-                "the bearer token is not valid",
-            )),
-            None => Err(ApiError::new(
+        let Some(given) = given else {
+            return Err(ApiError::new(
                 ErrorKind::Unauthenticated,
                 "missing `Authorization: Bearer <token>` header",
-            )),
+            ));
+        };
+        // Every token is compared, in constant time each, so the time
+        // taken does not tell which one came close.
+        let mut found = None;
+        for p in &self.principals {
+            if constant_time_eq(given.as_bytes(), p.token.as_bytes()) {
+                found = Some(p);
+            }
         }
+        let Some(p) = found else {
+            return Err(ApiError::new(
+                ErrorKind::Unauthenticated,
+                "the bearer token is not valid",
+            ));
+        };
+        if needed == Access::Operator && p.role != Role::Operator {
+            return Err(ApiError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "the token of {} has the role {}; this needs an operator token",
+                    p.name,
+                    p.role.as_str()
+                ),
+            ));
+        }
+        Ok(Actor {
+            name: p.name.clone(),
+            role: p.role,
+        })
     }
 
     async fn dispatch(
@@ -148,8 +186,11 @@ impl Admin {
         id: RouteId,
         param: &str,
         req: Request<Incoming>,
+        actor: Option<Actor>,
     ) -> Result<Response<Body>, ApiError> {
         let card = || wire::card_no_field("card_no in the path", param);
+        let actor = || actor.clone().expect("token routes have an actor");
+        let now = self.gateway.now_ms();
         match id {
             RouteId::Healthz => Ok(ok_json(&serde_json::json!({"status": "ok"}))),
             RouteId::Readyz => match self.gateway.not_ready() {
@@ -201,7 +242,149 @@ impl Admin {
             | RouteId::SettlementPause
             | RouteId::SettlementResume => self.settlement_sink(id, param),
             RouteId::SettlementReport => self.settlement_report(param),
-            RouteId::Authorize | RouteId::Reverse | RouteId::Ping => Err(ApiError::new(
+            RouteId::CardLoss
+            | RouteId::CardLossLift
+            | RouteId::CardFreeze
+            | RouteId::CardUnfreeze
+            | RouteId::CardCancel => {
+                let card_no = card()?;
+                let op = match id {
+                    RouteId::CardLoss => LifeOp::ReportLoss,
+                    RouteId::CardLossLift => LifeOp::LiftLoss,
+                    RouteId::CardFreeze => LifeOp::Freeze,
+                    RouteId::CardUnfreeze => LifeOp::Unfreeze,
+                    _ => LifeOp::Cancel,
+                };
+                let m = self.optional_body(req).await?;
+                wire::reject_unknown(&m, &["note"])?;
+                let note = wire::opt_str(&m, "note")?.map(str::to_owned);
+                if note.as_ref().is_some_and(|n| n.chars().count() > 200) {
+                    return Err(ApiError::invalid("`note` must be at most 200 characters"));
+                }
+                let (gw, actor) = (self.gateway.clone(), actor());
+                let answer =
+                    completed(async move { gw.card_life(&actor, &card_no, op, note, now).await })
+                        .await?;
+                Ok(ok_json(&answer))
+            }
+            RouteId::CardReplace => {
+                let card_no = card()?;
+                let m = self.body(req).await?;
+                wire::reject_unknown(&m, &["new_card_no"])?;
+                let new = wire::card_no_field("new_card_no", wire::req_str(&m, "new_card_no")?)?;
+                let (gw, actor) = (self.gateway.clone(), actor());
+                let answer =
+                    completed(async move { gw.replace_card(&actor, &card_no, &new, now).await })
+                        .await?;
+                Ok(ok_json(&answer))
+            }
+            RouteId::CardCredentials => {
+                let card_no = card()?;
+                if self.gateway.cards.get(&card_no).is_none() {
+                    return Err(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("card {card_no} is not known"),
+                    ));
+                }
+                let p = profiles::profile(&self.gateway.store, &card_no).map_err(unreadable)?;
+                Ok(ok_json(&serde_json::json!({
+                    "card_no": card_no.as_str(),
+                    "credentials": p.credentials,
+                    "holder_recorded": p.holder.is_some(),
+                    "replaces": p.replaces,
+                    "replaced_by": p.replaced_by,
+                })))
+            }
+            RouteId::CredentialBind => {
+                let card_no = card()?;
+                let m = self.body(req).await?;
+                wire::reject_unknown(&m, &["credential_id", "typ"])?;
+                let cred = wire::req_str(&m, "credential_id")?.to_owned();
+                if !profiles::valid_credential_id(&cred) {
+                    return Err(ApiError::invalid(
+                        "`credential_id` must be 1 to 64 of A-Za-z0-9_-",
+                    ));
+                }
+                let typ = CredType::parse(wire::req_str(&m, "typ")?)
+                    .ok_or_else(|| ApiError::invalid("`typ` must be essc or ykm"))?;
+                let (gw, actor, c) = (self.gateway.clone(), actor(), cred.clone());
+                let bound =
+                    completed(
+                        async move { gw.bind_credential(&actor, &card_no, &c, typ, now).await },
+                    )
+                    .await?;
+                Ok(ok_json(&serde_json::json!({
+                    "credential_id": cred, "typ": typ, "card_no": param, "changed": bound,
+                })))
+            }
+            RouteId::CredentialUnbind => {
+                if !profiles::valid_credential_id(param) {
+                    return Err(ApiError::invalid(
+                        "the credential id in the path must be 1 to 64 of A-Za-z0-9_-",
+                    ));
+                }
+                let (gw, actor, c) = (self.gateway.clone(), actor(), param.to_owned());
+                let card_no =
+                    completed(async move { gw.unbind_credential(&actor, &c, now).await }).await?;
+                Ok(ok_json(&serde_json::json!({
+                    "credential_id": param, "card_no": card_no.as_str(), "unbound": true,
+                })))
+            }
+            RouteId::CardHolder => {
+                let card_no = card()?;
+                let m = self.body(req).await?;
+                wire::reject_unknown(&m, &["personal_id"])?;
+                let id = wire::req_str(&m, "personal_id")?.to_owned();
+                let (gw, actor, c) = (self.gateway.clone(), actor(), card_no.clone());
+                completed(async move { gw.set_holder(&actor, &c, &id, now).await }).await?;
+                Ok(ok_json(&serde_json::json!({
+                    "card_no": card_no.as_str(), "holder_recorded": true,
+                })))
+            }
+            RouteId::CardFind => {
+                let m = self.body(req).await?;
+                wire::reject_unknown(&m, &["personal_id"])?;
+                let id = wire::req_str(&m, "personal_id")?.to_owned();
+                let (gw, actor) = (self.gateway.clone(), actor());
+                let card_no =
+                    completed(async move { gw.find_card(&actor, &id, now).await }).await?;
+                self.get_card(&card_no)
+            }
+            RouteId::CardTransactions => {
+                let card_no = card()?;
+                let w = hotline::window(req.uri().query())?;
+                let (gw, actor) = (self.gateway.clone(), actor());
+                let lookup =
+                    completed(async move { gw.card_transactions(&actor, &card_no, w, now).await })
+                        .await?;
+                Ok(ok_json(&lookup))
+            }
+            RouteId::Audit => {
+                let (limit, before) = audit_query(req.uri().query())?;
+                let entries =
+                    audit::list(&self.gateway.store, before, limit).map_err(unreadable)?;
+                let next = entries.last().map(|(seq, _)| *seq);
+                let entries: Vec<Value> = entries
+                    .into_iter()
+                    .map(|(seq, e)| {
+                        let mut v = serde_json::to_value(e).expect("serializes");
+                        v["seq"] = Value::from(seq);
+                        v
+                    })
+                    .collect();
+                Ok(ok_json(
+                    &serde_json::json!({"entries": entries, "before": next}),
+                ))
+            }
+            RouteId::OfflineRisk => {
+                let risks = offline::risk_list(&self.gateway, 1_000)?;
+                Ok(ok_json(&serde_json::json!({"risks": risks})))
+            }
+            RouteId::Authorize
+            | RouteId::Reverse
+            | RouteId::Ping
+            | RouteId::DenylistSync
+            | RouteId::OfflineBatch => Err(ApiError::new(
                 ErrorKind::NotFound,
                 "authorizations go to the terminal listener",
             )),
@@ -336,6 +519,26 @@ impl Admin {
         }
     }
 
+    /// A JSON body that may be absent (an empty map then).
+    async fn optional_body(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<serde_json::Map<String, Value>, ApiError> {
+        let timeout = Duration::from_millis(self.gateway.config.limits.header_read_timeout_ms);
+        let empty = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+        if empty {
+            return Ok(serde_json::Map::new());
+        }
+        let bytes = read_body(req, "application/json", ADMIN_BODY_BYTES_MAX, timeout).await?;
+        if bytes.is_empty() {
+            return Ok(serde_json::Map::new());
+        }
+        wire::parse_object(&bytes)
+    }
+
     async fn body(
         &self,
         req: Request<Incoming>,
@@ -439,6 +642,52 @@ async fn to_completion<T: Send + 'static>(
             )
         })?
         .map_err(journal_error)
+}
+
+/// Runs an admin change to its end even if the client hangs up: a loss
+/// report that reached the journal must also reach memory.
+async fn completed<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change).await.map_err(|_| {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            "the change was interrupted; read the card back and retry",
+        )
+    })?
+}
+
+fn unreadable(e: crate::state::StoreError) -> ApiError {
+    tracing::error!(error = %e, "storage read failed");
+    ApiError::new(ErrorKind::Unavailable, "the store cannot be read; retry")
+}
+
+/// `limit` (1 to 1000, default 100) and `before` (an entry number).
+fn audit_query(query: Option<&str>) -> Result<(usize, Option<u64>), ApiError> {
+    let (mut limit, mut before) = (100, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::invalid("`limit` must be 1 to 1000"))?
+            }
+            Some(("before", v)) => {
+                before = Some(
+                    v.parse()
+                        .map_err(|_| ApiError::invalid("`before` must be an entry number"))?,
+                )
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "unknown query parameter; the audit takes limit and before",
+                ))
+            }
+        }
+    }
+    Ok((limit, before))
 }
 
 /// One line of the daily report: charges, reversals, and the net amount

@@ -106,9 +106,10 @@ pub struct Outcome {
 }
 
 /// Decides one event. The checks run in a fixed order and the first that
-/// fails names the reason: the deny list first (it is the operators' "stop
-/// everywhere" switch, and may list cards this gateway holds no state for),
-/// then existence, status, the scenario's function, and the amount limits.
+/// fails names the reason: a stopped card's status first, then the deny
+/// list (the operators' "stop everywhere" switch, which may list cards this
+/// gateway holds no state for), existence, the scenario's function, and the
+/// amount limits.
 pub fn decide(
     event: Event<'_>,
     card: Option<&Card>,
@@ -120,18 +121,24 @@ pub fn decide(
         decision: Decision::Decline(r),
         card_after: None,
     };
+    // A stopped card's own status says more than the deny list (which
+    // also lists it, for offline validators): CARD_LOST tells the counter
+    // what to do.
+    let status = card.and_then(|c| match c.status {
+        CardStatus::Active => None,
+        CardStatus::Lost => Some(Reason::CardLost),
+        CardStatus::Frozen => Some(Reason::CardFrozen),
+        CardStatus::Cancelled => Some(Reason::CardCancelled),
+    });
+    if let Some(reason) = status {
+        return decline(reason);
+    }
     if deny.contains(event.card_no) {
         return decline(Reason::Denylisted);
     }
     let Some(card) = card else {
         return decline(Reason::CardNotFound);
     };
-    match card.status {
-        CardStatus::Active => {}
-        CardStatus::Lost => return decline(Reason::CardLost),
-        CardStatus::Frozen => return decline(Reason::CardFrozen),
-        CardStatus::Cancelled => return decline(Reason::CardCancelled),
-    }
     let rule = policy.rule(event.scenario);
     if let Some(f) = rule.function {
         if !card.has_function(f) {
@@ -271,6 +278,14 @@ mod tests {
                 want: Decision::Decline(Reason::Denylisted),
             },
             Case {
+                name: "a lost card that is also deny-listed says lost",
+                card_no: DENIED,
+                card: Some(status(CardStatus::Lost)),
+                scenario: Scenario::Transit,
+                amount_fen: 200,
+                want: Decision::Decline(Reason::CardLost),
+            },
+            Case {
                 name: "lost",
                 card_no: CARD,
                 card: Some(status(CardStatus::Lost)),
@@ -395,13 +410,17 @@ mod tests {
             check(case);
         }
         // Every reason the core can produce is covered by the table (QR
-        // reasons come from the credential step, `REVERSED` from the
-        // idempotency step, not from here).
+        // and credential reasons come from the credential step, `REVERSED`
+        // from the idempotency step, not from here).
         let covered: HashSet<Reason> = cases.iter().map(|c| c.want.reason()).collect();
         for r in Reason::ALL {
             let elsewhere = matches!(
                 r,
-                Reason::QrInvalid | Reason::QrExpired | Reason::QrReplayed | Reason::Reversed
+                Reason::QrInvalid
+                    | Reason::QrExpired
+                    | Reason::QrReplayed
+                    | Reason::Reversed
+                    | Reason::CredentialUnbound
             );
             assert!(elsewhere || covered.contains(r), "no case for {r:?}");
         }

@@ -58,6 +58,158 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub scenarios: ScenariosConfig,
     pub settlement: SettlementConfig,
+    pub qr: QrConfig,
+    pub privacy: PrivacyConfig,
+    pub offline: OfflineConfig,
+}
+
+pub const QR_LIFETIME_MAX_S_DEFAULT: i64 = 120;
+pub const QR_SKEW_S_DEFAULT: i64 = 30;
+pub const QR_REPLAY_CACHE_MAX_DEFAULT: usize = 2_000_000;
+pub const OFFLINE_BATCH_EVENTS_MAX_DEFAULT: usize = 500;
+pub const OFFLINE_FUTURE_SKEW_S_DEFAULT: i64 = 300;
+
+/// Scans: the issuer keys that sign dynamic QR codes, and how long a code
+/// may live. No keys: scans are refused with a clear error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QrConfig {
+    /// The longest `exp - iat` accepted.
+    pub lifetime_max_s: i64,
+    /// Clock difference tolerated between issuer, phone and gateway.
+    pub skew_s: i64,
+    /// Codes remembered for single use at most; at about
+    /// scans/s × (lifetime + 2 × skew) it is never full.
+    pub replay_cache_max: usize,
+    pub keys: Vec<QrKeyConfig>,
+}
+
+impl Default for QrConfig {
+    fn default() -> Self {
+        QrConfig {
+            lifetime_max_s: QR_LIFETIME_MAX_S_DEFAULT,
+            skew_s: QR_SKEW_S_DEFAULT,
+            replay_cache_max: QR_REPLAY_CACHE_MAX_DEFAULT,
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// One issuer public key (`[[qr.keys]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QrKeyConfig {
+    pub kid: String,
+    /// `ed25519` or `sm2`.
+    pub alg: String,
+    /// The public key, an SPKI PEM file (`onecard qr keygen` writes one).
+    pub public_key: PathBuf,
+    /// RFC 3339; absent: valid from the beginning.
+    pub valid_from: Option<String>,
+    /// RFC 3339; absent: no end. A key past its end is retired: codes it
+    /// signed are refused.
+    pub valid_until: Option<String>,
+}
+
+/// Personal data: the key of the keyed hash under which personal ID
+/// numbers are kept (never in the clear).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    pub id_hash_key: Option<String>,
+    /// The environment variable holding the key instead.
+    pub id_hash_key_env: Option<String>,
+}
+
+impl PrivacyConfig {
+    /// The hashing key; `None` when personal IDs are not used here.
+    pub fn id_hash_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let key = match (&self.id_hash_key, &self.id_hash_key_env) {
+            (None, None) => return Ok(None),
+            (Some(k), None) => k.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "privacy: environment variable {var} (id_hash_key_env) is not set"
+                ))
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "privacy: set at most one of id_hash_key and id_hash_key_env".into(),
+                ))
+            }
+        };
+        if key.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "privacy: the ID hashing key must be at least 16 bytes".into(),
+            ));
+        }
+        Ok(Some(key.into_bytes()))
+    }
+}
+
+/// Validators that decide offline and upload later.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflineConfig {
+    /// Events per `POST /v1/offline-batch` at most.
+    pub batch_events_max: usize,
+    /// How far in the future (by the gateway's clock) an offline event's
+    /// time may lie: a validator's clock drifts.
+    pub future_skew_s: i64,
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        OfflineConfig {
+            batch_events_max: OFFLINE_BATCH_EVENTS_MAX_DEFAULT,
+            future_skew_s: OFFLINE_FUTURE_SKEW_S_DEFAULT,
+        }
+    }
+}
+
+/// Parses an RFC 3339 time into Unix seconds.
+pub fn rfc3339_unix(what: &str, s: &str) -> Result<i64, ConfigError> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|_| ConfigError::Invalid(format!("{what}: `{s}` is not an RFC 3339 time")))
+}
+
+impl QrConfig {
+    /// The issuer keys, read from their files.
+    pub fn keyring(&self) -> Result<crate::qr::Keyring, ConfigError> {
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for k in &self.keys {
+            let what = format!("qr.keys.{}", k.kid);
+            let alg = crate::qr::Alg::parse(&k.alg).ok_or_else(|| {
+                ConfigError::Invalid(format!("{what}.alg must be ed25519 or sm2"))
+            })?;
+            let pem = std::fs::read_to_string(&k.public_key).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "{what}.public_key: cannot read {}: {e}",
+                    k.public_key.display()
+                ))
+            })?;
+            let from = match &k.valid_from {
+                Some(t) => rfc3339_unix(&format!("{what}.valid_from"), t)?,
+                None => i64::MIN,
+            };
+            let until = match &k.valid_until {
+                Some(t) => Some(rfc3339_unix(&format!("{what}.valid_until"), t)?),
+                None => None,
+            };
+            let key = crate::qr::IssuerKey::from_public_pem(&k.kid, alg, &pem, from, until)
+                .map_err(|e| ConfigError::Invalid(format!("{what}.public_key: {e}")))?;
+            keys.push(key);
+        }
+        crate::qr::Keyring::new(keys).map_err(|e| ConfigError::Invalid(format!("qr.keys: {e}")))
+    }
+
+    pub fn rules(&self) -> crate::qr::Rules {
+        crate::qr::Rules {
+            lifetime_max_s: self.lifetime_max_s,
+            skew_s: self.skew_s,
+        }
+    }
 }
 
 /// Settlement: approved events forwarded in signed batches to downstream
@@ -225,6 +377,9 @@ impl Default for Config {
             settlement: SettlementConfig::default(),
             policy: PolicyConfig::default(),
             scenarios: ScenariosConfig::default(),
+            qr: QrConfig::default(),
+            privacy: PrivacyConfig::default(),
+            offline: OfflineConfig::default(),
         }
     }
 }
@@ -269,9 +424,12 @@ impl Default for TerminalConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
-    /// Bearer token for `/admin/**`. Prefer the `ONECARD_ADMIN_TOKEN`
-    /// environment variable over writing it here.
+    /// Bearer token for `/admin/**` with the `operator` role, named
+    /// `admin` in the audit. Prefer the `ONECARD_ADMIN_TOKEN` environment
+    /// variable over writing it here.
     pub token: Option<String>,
+    /// More tokens, each with a name (for the audit) and a role.
+    pub tokens: Vec<TokenConfig>,
 }
 
 impl Default for AdminConfig {
@@ -279,7 +437,107 @@ impl Default for AdminConfig {
         AdminConfig {
             addr: ADMIN_ADDR_DEFAULT.parse().expect("valid default address"),
             token: None,
+            tokens: Vec::new(),
         }
+    }
+}
+
+/// What an admin token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Changes cards, deny list, settlement; everything.
+    Operator,
+    /// Hotline (12345, 12333): finds cards, reports losses and looks up
+    /// transactions; changes nothing else.
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+/// One admin token (`[[admin.tokens]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who uses it, as the audit names them: 1 to 64 of `A-Za-z0-9._-`.
+    pub name: String,
+    pub role: Role,
+    pub token: Option<String>,
+    /// The environment variable holding the token instead.
+    pub token_env: Option<String>,
+}
+
+/// A token the admin API accepts, and whose it is.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+impl AdminConfig {
+    /// Every accepted token: `token` (operator `admin`) and `tokens`.
+    pub fn principals(&self) -> Result<Vec<Principal>, ConfigError> {
+        let mut out = Vec::new();
+        if let Some(t) = self.token.as_deref().filter(|t| !t.is_empty()) {
+            out.push(Principal {
+                name: "admin".into(),
+                role: Role::Operator,
+                token: t.to_owned(),
+            });
+        }
+        for t in &self.tokens {
+            let name_ok = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !name_ok {
+                return Err(ConfigError::Invalid(
+                    "admin.tokens: each name must be 1 to 64 of A-Za-z0-9._-".into(),
+                ));
+            }
+            let token = match (&t.token, &t.token_env) {
+                (Some(k), None) => k.clone(),
+                (None, Some(var)) => std::env::var(var).map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "admin.tokens.{}: environment variable {var} (token_env) is not set",
+                        t.name
+                    ))
+                })?,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "admin.tokens.{}: set exactly one of token and token_env",
+                        t.name
+                    )))
+                }
+            };
+            if token.len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "admin.tokens.{}: a token must be at least 16 characters",
+                    t.name
+                )));
+            }
+            if out.iter().any(|p| p.name == t.name || p.token == token) {
+                return Err(ConfigError::Invalid(format!(
+                    "admin.tokens.{}: names and tokens must be unique",
+                    t.name
+                )));
+            }
+            out.push(Principal {
+                name: t.name.clone(),
+                role: t.role,
+                token,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -545,6 +803,21 @@ impl Config {
             return bad("policy.day_offset_minutes must be within -840..=840");
         }
         self.policy()?;
+        self.admin.principals()?;
+        self.privacy.id_hash_key()?;
+        let q = &self.qr;
+        if q.lifetime_max_s <= 0 || q.skew_s < 0 || q.replay_cache_max == 0 {
+            return bad(
+                "qr.lifetime_max_s and replay_cache_max must be positive, skew_s not negative",
+            );
+        }
+        q.keyring()?;
+        if self.offline.batch_events_max == 0 || self.offline.batch_events_max > 10_000 {
+            return bad("offline.batch_events_max must be 1 to 10000");
+        }
+        if self.offline.future_skew_s < 0 {
+            return bad("offline.future_skew_s must not be negative");
+        }
         Ok(())
     }
 

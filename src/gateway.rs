@@ -62,8 +62,19 @@ pub struct Gateway {
     /// Each settlement sink's status, shared by its delivery task and the
     /// admin API.
     pub settlement: crate::settle::status::Settlement,
-    auth_ids: AuthIds,
+    pub auth_ids: AuthIds,
     ready: AtomicBool,
+    /// Scans: issuer keys and replay cache; `None` without keys.
+    pub scanner: Option<credential::Scanner>,
+    pub audit: crate::audit::Audit,
+    /// Serializes card-life changes and credential bindings: rare, and
+    /// each reads then writes several records.
+    pub life: tokio::sync::Mutex<()>,
+    /// The key of personal-ID hashes, if personal IDs are used.
+    pub id_key: Option<Vec<u8>>,
+    /// Serializes offline uploads (their risk counters are read, then
+    /// written).
+    pub offline: tokio::sync::Mutex<()>,
 }
 
 /// A storage failure seen by a client: the gateway cannot record decisions.
@@ -120,7 +131,22 @@ impl Gateway {
             "state rebuilt from RocksDB"
         );
         let settlement = crate::settle::status::Settlement::new(&config.settlement.sinks);
+        let scanner = credential::Scanner::from_config(&config.qr);
+        if let Some(s) = &scanner {
+            let refilled = s.refill(&store, clock::now_ms())?;
+            tracing::info!(
+                codes = refilled,
+                "QR replay cache refilled from the journal"
+            );
+        }
+        let audit = crate::audit::Audit::load(&store)?;
+        let id_key = config.privacy.id_hash_key().expect("config was validated");
         Ok(Gateway {
+            scanner,
+            audit,
+            life: tokio::sync::Mutex::new(()),
+            id_key,
+            offline: tokio::sync::Mutex::new(()),
             settlement,
             config,
             policy,
@@ -194,7 +220,11 @@ impl Gateway {
             }
             (_, a) => a.unwrap_or(0),
         };
-        let card_no = credential::resolve(&req.credential)?;
+        let scanner = self.scanner.as_ref();
+        if scanner.is_none() && matches!(req.credential, wire::Credential::Scan(_)) {
+            // Refused before anything is recorded: a configuration matter.
+            credential::resolve(None, &self.store, &req.credential, now_ms)?;
+        }
 
         let fingerprint = req.fingerprint();
         let (guard, reversed_already) = match self
@@ -210,35 +240,44 @@ impl Gateway {
             Begun::Decide(guard, reversed) => (guard, reversed),
         };
 
+        let resolved = credential::resolve(scanner, &self.store, &req.credential, now_ms)?;
+        let (card_no, scan, early) = match resolved {
+            credential::Resolved::Card(c, scan) => (Some(c), scan, None),
+            credential::Resolved::Decline(reason, c, scan) => {
+                (c.map(std::borrow::Cow::Owned), scan, Some(reason))
+            }
+        };
         let auth_id = self.auth_ids.next();
         let (pending, decision, answer) = {
             // Decide and queue the write under the card's lock: the next tap
             // of this card sees this one's counters, and the journal gets the
             // two in the same order.
-            let _card_lock = self.cards.lock(card_no);
-            let snapshot = self.cards.get(card_no);
+            let _card_lock = card_no.as_deref().map(|c| self.cards.lock(c));
+            let snapshot = card_no.as_deref().and_then(|c| self.cards.get(c));
             let decide_started = Instant::now();
-            let event = Event {
-                card_no,
-                scenario: req.scenario,
-                amount_fen,
+            let decline = |r| authz::Outcome {
+                decision: authz::Decision::Decline(r),
+                card_after: None,
             };
-            // Reversed by its terminal before it got here: a late copy of
-            // a request the terminal gave up on must not charge.
-            let outcome = if reversed_already {
-                authz::Outcome {
-                    decision: authz::Decision::Decline(Reason::Reversed),
-                    card_after: None,
-                }
-            } else {
-                authz::decide(
-                    event,
+            let outcome = match (&card_no, early) {
+                // Reversed by its terminal before it got here: a late copy
+                // of a request the terminal gave up on must not charge.
+                _ if reversed_already => decline(Reason::Reversed),
+                (_, Some(reason)) => decline(reason),
+                (None, None) => decline(Reason::CardNotFound),
+                (Some(card_no), None) => authz::decide(
+                    Event {
+                        card_no,
+                        scenario: req.scenario,
+                        amount_fen,
+                    },
                     snapshot.as_ref(),
                     &self.deny,
                     &self.policy,
                     now_ms.div_euclid(1000),
-                )
+                ),
             };
+            let card_str = card_no.as_deref().map_or("", |c| c.as_str());
             self.metrics
                 .decide_latency
                 .record(decide_started.elapsed().as_secs_f64());
@@ -257,7 +296,7 @@ impl Gateway {
                 event_id: req.event_id.clone(),
                 auth_id: auth_id.clone(),
                 kind: req.kind(),
-                card_no: card_no.as_str().to_owned(),
+                card_no: card_str.to_owned(),
                 scenario: Some(req.scenario),
                 amount_fen: req.amount_fen,
                 decision: if d.is_approve() { "approve" } else { "decline" }.to_owned(),
@@ -266,12 +305,14 @@ impl Gateway {
                 site: req.site.clone(),
                 occurred_at: req.occurred_at.clone(),
                 reverses: None,
+                scan,
+                offline: false,
             };
             let origin = Origin {
                 approved: d.is_approve(),
                 charged_fen: d.amount_fen(),
                 scenario: req.scenario,
-                card_no: card_no.as_str(),
+                card_no: card_str,
                 site: req.site.as_deref(),
             };
             let mut ops = Vec::with_capacity(2);
@@ -289,7 +330,7 @@ impl Gateway {
             if let Some(after) = outcome.card_after {
                 ops.push(Op::Put(
                     Cf::Cards,
-                    card_no.as_str().as_bytes().to_vec(),
+                    card_str.as_bytes().to_vec(),
                     cards::encode(&after),
                 ));
             }
@@ -301,10 +342,11 @@ impl Gateway {
                 record: Some(record),
                 ops,
                 hold_until_written: Some(Box::new(guard)),
+                card: Some(card_str.into()),
             };
             let pending = self.journal.submit(commit).map_err(journal_error)?;
-            if let Some(after) = outcome.card_after {
-                self.cards.set(card_no.clone(), after);
+            if let (Some(after), Some(c)) = (outcome.card_after, &card_no) {
+                self.cards.set(c.clone().into_owned(), after);
             }
             (pending, d, answer)
         };
@@ -320,7 +362,9 @@ impl Gateway {
             .latency(req.scenario)
             .record(started.elapsed().as_secs_f64());
         if !decision.is_approve() {
-            tracing::debug!(card = %card_no, reason = decision.reason().code(), "declined");
+            if let Some(card) = &card_no {
+                tracing::debug!(card = %card, reason = decision.reason().code(), "declined");
+            }
         }
         Ok(answer)
     }
@@ -440,6 +484,8 @@ impl Gateway {
             site: origin.and_then(|o| o.site.map(str::to_owned)),
             occurred_at: req.occurred_at.clone(),
             reverses: auth_id.map(str::to_owned),
+            scan: None,
+            offline: false,
         };
         let mut ops = vec![Op::Put(
             Cf::Idem,
@@ -458,6 +504,7 @@ impl Gateway {
             .filter(|_| given_back > 0)
             .and_then(|o| CardNo::parse(o.card_no).ok());
         let event_at_ms = stored.as_ref().map_or(now_ms, |s| s.created_ms);
+        let indexed: Option<Box<str>> = origin.map(|o| o.card_no.into());
         drop(stored);
         let hold: Box<dyn Send> = Box::new((own, event_guard));
         let pending = match card {
@@ -487,6 +534,7 @@ impl Gateway {
                         record: Some(record),
                         ops,
                         hold_until_written: Some(hold),
+                        card: indexed,
                     })
                     .map_err(journal_error)?;
                 if let Some(after) = after {
@@ -500,6 +548,7 @@ impl Gateway {
                     record: Some(record),
                     ops,
                     hold_until_written: Some(hold),
+                    card: indexed,
                 })
                 .map_err(journal_error)?,
         };

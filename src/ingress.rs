@@ -268,6 +268,16 @@ pub async fn terminal_request(
                     authorize(&gw, identity, req, route.id).await
                 }
                 RouteId::Ping => ping(&gw, identity, &req),
+                RouteId::OfflineBatch => offline_batch(&gw, identity, req).await,
+                RouteId::DenylistSync => {
+                    let r = match denylist_sync(&gw, identity, &req).await {
+                        Ok(r) => r,
+                        Err(e) => error_response(&e),
+                    };
+                    let label = route.path;
+                    metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(r.status())).increment(1);
+                    return r;
+                }
                 _ => {
                     unreachable!("the route table gives the terminal listener only terminal routes")
                 }
@@ -334,6 +344,61 @@ fn ping(
     });
     Ok(serde_json::to_vec(&body).expect("a ping answer serializes"))
 }
+
+/// `GET /v1/denylist?since=V`: deny-list changes for an offline
+/// validator, `304` when it is current. The ETag is the version.
+async fn denylist_sync(
+    gw: &Gateway,
+    identity: TerminalIdentity,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let terminal = terminal_of(identity, req)?;
+    let _permit = gw.admission.request(&terminal, Instant::now())?;
+    let since = crate::offline::since_param(req.uri().query())?;
+    let inm = req
+        .headers()
+        .get(http::header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    let (version, mut r) = match gw.denylist_sync(since, inm).await? {
+        crate::offline::Sync::NotModified(v) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            (v, r)
+        }
+        crate::offline::Sync::Changes(d) => (
+            d.version,
+            json_response(
+                StatusCode::OK,
+                serde_json::to_vec(&d).expect("a deny-list sync serializes"),
+            ),
+        ),
+    };
+    if let Ok(v) = HeaderValue::from_str(&crate::offline::etag(version)) {
+        r.headers_mut().insert(http::header::ETAG, v);
+    }
+    Ok(r)
+}
+
+/// `POST /v1/offline-batch`: taps a validator decided while offline.
+async fn offline_batch(
+    gw: &Gateway,
+    identity: TerminalIdentity,
+    req: Request<Incoming>,
+) -> Result<Vec<u8>, ApiError> {
+    let terminal = terminal_of(identity, &req)?;
+    let _permit = gw.admission.request(&terminal, Instant::now())?;
+    let body = read_json_body(
+        req,
+        OFFLINE_BODY_BYTES_MAX,
+        Duration::from_millis(gw.config.limits.header_read_timeout_ms),
+    )
+    .await?;
+    let answer = gw.offline_batch(&terminal, &body, gw.now_ms()).await?;
+    Ok(serde_json::to_vec(&answer).expect("an offline answer serializes"))
+}
+
+/// An offline upload's body at most: 10,000 events of about 300 bytes.
+pub const OFFLINE_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Reads a terminal's JSON request within the limits and authorizes or
 /// reverses it.

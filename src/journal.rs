@@ -51,6 +51,9 @@ pub struct Commit {
     /// its idempotency guard here: a client that hangs up mid-request must
     /// not let a retry be decided while the first decision is still queued.
     pub hold_until_written: Option<Box<dyn Send>>,
+    /// The card the record is about: the writer indexes the record's
+    /// sequence number under it (`card_tx`), for the hotline's look-up.
+    pub card: Option<Box<str>>,
 }
 
 impl Commit {
@@ -59,8 +62,18 @@ impl Commit {
             record,
             ops,
             hold_until_written: None,
+            card: None,
         }
     }
+}
+
+/// The `card_tx` key of a card's record: card_no, 0x00, sequence.
+pub fn card_tx_key(card_no: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(card_no.len() + 9);
+    k.extend_from_slice(card_no.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -324,6 +337,9 @@ impl Writer {
         for (commit, _) in &group {
             let assigned = commit.record.as_ref().map(|record| {
                 batch.put_cf(self.store.cf(Cf::Journal), seq.to_be_bytes(), record);
+                if let Some(card) = commit.card.as_deref().filter(|c| !c.is_empty()) {
+                    batch.put_cf(self.store.cf(Cf::CardTx), card_tx_key(card, seq), b"");
+                }
                 seq += 1;
                 seq - 1
             });
@@ -434,4 +450,10 @@ pub struct DecisionRecord {
     /// the event was never seen).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reverses: Option<String>,
+    /// For a scan: the code it spent (never the card number).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scan: Option<crate::credential::ScanRef>,
+    /// Decided by the terminal while offline, uploaded later.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub offline: bool,
 }

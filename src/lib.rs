@@ -23,7 +23,9 @@
 
 pub mod admin;
 pub mod admission;
+pub mod audit;
 pub mod authz;
+pub mod cardlife;
 pub mod certs;
 pub mod client;
 pub mod clock;
@@ -31,11 +33,15 @@ pub mod config;
 pub mod credential;
 pub mod demo;
 pub mod gateway;
+pub mod hotline;
 pub mod idempotency;
 pub mod import;
 pub mod ingress;
 pub mod journal;
 pub mod model;
+pub mod offline;
+pub mod privacy;
+pub mod qr;
 pub mod rng;
 pub mod routes;
 pub mod server;

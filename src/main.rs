@@ -83,12 +83,51 @@ enum Command {
         #[arg(long)]
         client_ca: Option<PathBuf>,
     },
+    /// Dynamic QR codes: make issuer keys and issue codes, for operators
+    /// and tests (the issuing side normally lives in the resident's app).
+    Qr {
+        #[command(subcommand)]
+        command: QrCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QrCommand {
+    /// Make an issuer key pair: the private key (PKCS#8 PEM, mode 0600)
+    /// and the public key (SPKI PEM) for `[[qr.keys]]`.
+    Keygen {
+        /// `sm2` or `ed25519`.
+        #[arg(long)]
+        alg: String,
+        /// Where the private key goes; the public key goes beside it as
+        /// `<FILE>.pub`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a signed code `OC1.<kid>.<payload>.<sig>`.
+    Issue {
+        /// The private key (PKCS#8 PEM, as keygen writes it).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        kid: String,
+        /// The credential id the code names.
+        #[arg(long)]
+        sub: String,
+        /// `essc` (electronic social security card) or `ykm` (city code).
+        #[arg(long, default_value = "essc")]
+        typ: String,
+        /// Seconds the code lives.
+        #[arg(long, default_value_t = 60)]
+        ttl: i64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     telemetry::init_tracing();
     let cli = Cli::parse();
     match cli.command {
+        Command::Qr { command } => qr_command(command),
         Command::Certs { out, terminals } => {
             let w = certs::generate(&out, terminals)?;
             println!("terminal CA certificate:  {}", w.ca_cert.display());
@@ -194,6 +233,62 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(c, demo))
         }
     }
+}
+
+fn qr_command(command: QrCommand) -> anyhow::Result<()> {
+    use onecard::qr;
+    match command {
+        QrCommand::Keygen { alg, out } => {
+            let alg = qr::Alg::parse(&alg)
+                .ok_or_else(|| anyhow::anyhow!("--alg must be sm2 or ed25519"))?;
+            let key = qr::SigningKey::generate(alg);
+            let public = out.with_extension(match out.extension() {
+                Some(e) => format!("{}.pub", e.to_string_lossy()),
+                None => "pub".into(),
+            });
+            write_private(&out, key.to_pkcs8_pem().as_bytes())?;
+            std::fs::write(&public, key.public_pem())?;
+            println!("private key: {} (keep it with the issuer)", out.display());
+            println!(
+                "public key:  {} (for [[qr.keys]] public_key)",
+                public.display()
+            );
+            Ok(())
+        }
+        QrCommand::Issue {
+            key,
+            kid,
+            sub,
+            typ,
+            ttl,
+        } => {
+            let pem = std::fs::read_to_string(&key)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", key.display()))?;
+            let key = qr::SigningKey::from_pkcs8_pem(&pem).map_err(anyhow::Error::msg)?;
+            let typ = qr::CredType::parse(&typ)
+                .ok_or_else(|| anyhow::anyhow!("--typ must be essc or ykm"))?;
+            let now = onecard::clock::now_ms() / 1000;
+            let token = qr::issue(&key, &kid, &sub, typ, now, ttl, &qr::random_jti())
+                .map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
 }
 
 async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {

@@ -286,6 +286,8 @@ pub enum Reason {
     /// The terminal reversed this event before the gateway saw it (its
     /// request was late): nothing is charged.
     Reversed,
+    /// A scanned code is valid but names a credential bound to no card.
+    CredentialUnbound,
 }
 
 impl Reason {
@@ -302,7 +304,13 @@ impl Reason {
         Reason::QrReplayed,
         Reason::LimitExceeded,
         Reason::Reversed,
+        Reason::CredentialUnbound,
     ];
+
+    /// The reason with this wire code.
+    pub fn parse(code: &str) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| r.code() == code)
+    }
 
     /// The stable wire code (API.md).
     pub fn code(self) -> &'static str {
@@ -319,6 +327,7 @@ impl Reason {
             Reason::QrReplayed => "QR_REPLAYED",
             Reason::LimitExceeded => "LIMIT_EXCEEDED",
             Reason::Reversed => "REVERSED",
+            Reason::CredentialUnbound => "CREDENTIAL_UNBOUND",
         }
     }
 }

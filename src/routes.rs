@@ -3,7 +3,8 @@
 //! Both listeners dispatch through [`find`], so this table *is* the API
 //! surface; `docs/openapi.json` documents it and `tests/openapi.rs` checks
 //! the two list the same operations. Paths have at most one parameter,
-//! written `{card_no}`, which matches one non-empty path segment.
+//! written like `{card_no}`, which matches one non-empty path segment
+//! anywhere in the path.
 
 use http::Method;
 
@@ -35,6 +36,33 @@ pub enum RouteId {
     SettlementPause,
     SettlementResume,
     SettlementReport,
+    DenylistSync,
+    OfflineBatch,
+    CardFind,
+    CardHolder,
+    CardCredentials,
+    CredentialBind,
+    CredentialUnbind,
+    CardLoss,
+    CardLossLift,
+    CardFreeze,
+    CardUnfreeze,
+    CardReplace,
+    CardCancel,
+    CardTransactions,
+    Audit,
+    OfflineRisk,
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token: terminals (their certificate is the credential), probes.
+    Open,
+    /// An `agent` (hotline) or `operator` token.
+    Agent,
+    /// An `operator` token only.
+    Operator,
 }
 
 pub struct Route {
@@ -43,8 +71,7 @@ pub struct Route {
     /// The path template; also the `route` label in metrics.
     pub path: &'static str,
     pub id: RouteId,
-    /// Whether the admin bearer token is required.
-    pub token: bool,
+    pub access: Access,
 }
 
 const fn route(
@@ -52,14 +79,14 @@ const fn route(
     method: Method,
     path: &'static str,
     id: RouteId,
-    token: bool,
+    access: Access,
 ) -> Route {
     Route {
         listener,
         method,
         path,
         id,
-        token,
+        access,
     }
 }
 
@@ -69,140 +96,252 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/v1/authorize",
         RouteId::Authorize,
-        false,
+        Access::Open,
     ),
     route(
         Listener::Terminal,
         Method::POST,
         "/v1/reverse",
         RouteId::Reverse,
-        false,
+        Access::Open,
     ),
     route(
         Listener::Terminal,
         Method::GET,
         "/v1/ping",
         RouteId::Ping,
-        false,
+        Access::Open,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/healthz",
         RouteId::Healthz,
-        false,
+        Access::Open,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/readyz",
         RouteId::Readyz,
-        false,
+        Access::Open,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/metrics",
         RouteId::Metrics,
-        false,
+        Access::Open,
     ),
     route(
         Listener::Admin,
         Method::PUT,
         "/admin/v1/cards/{card_no}",
         RouteId::CardPut,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/admin/v1/cards/{card_no}",
         RouteId::CardGet,
-        true,
+        Access::Agent,
     ),
     route(
         Listener::Admin,
         Method::PUT,
         "/admin/v1/denylist/{card_no}",
         RouteId::DenyPut,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::DELETE,
         "/admin/v1/denylist/{card_no}",
         RouteId::DenyDelete,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/admin/v1/denylist/{card_no}",
         RouteId::DenyGet,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/admin/v1/status",
         RouteId::Status,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::POST,
         "/admin/v1/import/cards",
         RouteId::ImportCards,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::POST,
         "/admin/v1/import/denylist",
         RouteId::ImportDenylist,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/admin/v1/settlement",
         RouteId::Settlement,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/admin/v1/settlement/parked/{sink}",
         RouteId::SettlementParked,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::POST,
         "/admin/v1/settlement/replay/{sink}",
         RouteId::SettlementReplay,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::POST,
         "/admin/v1/settlement/pause/{sink}",
         RouteId::SettlementPause,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::POST,
         "/admin/v1/settlement/resume/{sink}",
         RouteId::SettlementResume,
-        true,
+        Access::Operator,
     ),
     route(
         Listener::Admin,
         Method::GET,
         "/admin/v1/settlement/report/{day}",
         RouteId::SettlementReport,
-        true,
+        Access::Operator,
+    ),
+    route(
+        Listener::Terminal,
+        Method::GET,
+        "/v1/denylist",
+        RouteId::DenylistSync,
+        Access::Open,
+    ),
+    route(
+        Listener::Terminal,
+        Method::POST,
+        "/v1/offline-batch",
+        RouteId::OfflineBatch,
+        Access::Open,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/cards/find",
+        RouteId::CardFind,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/cards/{card_no}/holder",
+        RouteId::CardHolder,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/cards/{card_no}/credentials",
+        RouteId::CardCredentials,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/cards/{card_no}/credentials",
+        RouteId::CredentialBind,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::DELETE,
+        "/admin/v1/credentials/{credential_id}",
+        RouteId::CredentialUnbind,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/cards/{card_no}/loss",
+        RouteId::CardLoss,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::DELETE,
+        "/admin/v1/cards/{card_no}/loss",
+        RouteId::CardLossLift,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/cards/{card_no}/freeze",
+        RouteId::CardFreeze,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::DELETE,
+        "/admin/v1/cards/{card_no}/freeze",
+        RouteId::CardUnfreeze,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/cards/{card_no}/replace",
+        RouteId::CardReplace,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/cards/{card_no}/cancel",
+        RouteId::CardCancel,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/cards/{card_no}/transactions",
+        RouteId::CardTransactions,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/audit",
+        RouteId::Audit,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/offline-risk",
+        RouteId::OfflineRisk,
+        Access::Operator,
     ),
 ];
 
@@ -234,11 +373,18 @@ impl std::fmt::Debug for Route {
 }
 
 fn matches<'a>(template: &str, path: &'a str) -> Option<Option<&'a str>> {
-    match template.split_once('{') {
-        None => (template == path).then_some(None),
-        Some((prefix, _)) => {
-            let param = path.strip_prefix(prefix)?;
-            (!param.is_empty() && !param.contains('/')).then_some(Some(param))
+    if !template.contains('{') {
+        return (template == path).then_some(None);
+    }
+    let mut param = None;
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(param),
+            (Some(ts), Some(ps)) if ts.starts_with('{') && !ps.is_empty() => param = Some(ps),
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return None,
         }
     }
 }
@@ -293,6 +439,25 @@ mod tests {
             "/admin/v1/denylist/X",
             Some((RouteId::DenyDelete, Some("X"))),
         );
+        check(
+            Listener::Admin,
+            Method::GET,
+            "/admin/v1/cards/500118A1/transactions",
+            Some((RouteId::CardTransactions, Some("500118A1"))),
+        );
+        check(
+            Listener::Admin,
+            Method::POST,
+            "/admin/v1/cards/find",
+            Some((RouteId::CardFind, None)),
+        );
+        check(
+            Listener::Admin,
+            Method::GET,
+            "/admin/v1/cards//transactions",
+            None,
+        );
+        check(Listener::Admin, Method::GET, "/admin/v1/cards/a/nope", None);
         check(Listener::Admin, Method::GET, "/admin/v1/cards/", None);
         check(Listener::Admin, Method::GET, "/admin/v1/cards/a/b", None);
         assert_eq!(

@@ -44,6 +44,8 @@ pub enum ServerError {
     Tls(#[from] TlsSetupError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -120,7 +122,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let listeners_file = config.data_dir.join(LISTENERS_FILE);
     let _ = std::fs::remove_file(&listeners_file);
 
-    let token = config.admin.token.clone();
+    let principals = config.admin.principals()?;
     // Opening RocksDB and rebuilding memory blocks; it happens once, before
     // any listener exists, so nothing else waits on this thread.
     let gateway = Arc::new(Gateway::open(config)?);
@@ -154,10 +156,10 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             stop_rx.clone(),
         )));
     }
-    if token.as_deref().unwrap_or("").is_empty() {
-        tracing::warn!("no admin token configured (admin.token or ONECARD_ADMIN_TOKEN): the admin API answers 401");
+    if principals.is_empty() {
+        tracing::warn!("no admin token configured (admin.token, admin.tokens or ONECARD_ADMIN_TOKEN): the admin API answers 401");
     }
-    let admin_state = Arc::new(Admin::new(gateway.clone(), token, prometheus.clone()));
+    let admin_state = Arc::new(Admin::new(gateway.clone(), principals, prometheus.clone()));
     let limits = config.limits.clone();
     let stop_admin = stop_rx.clone();
     tasks.push(tokio::spawn(ingress::accept_loop(

@@ -41,6 +41,7 @@ pub enum ErrorKind {
     Forbidden,
     NotFound,
     IdempotencyConflict,
+    Conflict,
     PayloadTooLarge,
     UnsupportedMediaType,
     RateLimited,
@@ -54,6 +55,7 @@ impl ErrorKind {
         ErrorKind::Forbidden,
         ErrorKind::NotFound,
         ErrorKind::IdempotencyConflict,
+        ErrorKind::Conflict,
         ErrorKind::PayloadTooLarge,
         ErrorKind::UnsupportedMediaType,
         ErrorKind::RateLimited,
@@ -66,7 +68,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::IdempotencyConflict => StatusCode::CONFLICT,
+            ErrorKind::IdempotencyConflict | ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -81,6 +83,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "FORBIDDEN",
             ErrorKind::NotFound => "NOT_FOUND",
             ErrorKind::IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
+            ErrorKind::Conflict => "CONFLICT",
             ErrorKind::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorKind::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ErrorKind::RateLimited => "RATE_LIMITED",
@@ -97,7 +100,22 @@ impl ErrorKind {
     }
 }
 
+/// An error's code and message, as it appears inside other answers (an
+/// offline upload's per-event outcome).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
 impl ApiError {
+    pub fn detail(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.kind.code().to_owned(),
+            message: self.message.clone(),
+        }
+    }
+
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
         ApiError {
             kind,

@@ -47,6 +47,8 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 site: None,
                 occurred_at: None,
                 reverses: None,
+                scan: None,
+                offline: false,
             },
         );
     }

@@ -325,6 +325,8 @@ mod tests {
             site: Some("line-12".into()),
             occurred_at: None,
             reverses: None,
+            scan: None,
+            offline: false,
         }
     }
 

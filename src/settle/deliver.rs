@@ -237,6 +237,19 @@ fn list_with(
     }
 }
 
+/// The batch under `prefix` whose range holds journal record `seq`, head
+/// only, if there is one.
+pub fn holding(store: &Store, prefix: &[u8], seq: u64) -> Result<Option<Stored>, StoreError> {
+    let mut found = None;
+    store.scan_back(Cf::Settle, &key(prefix, seq), |k, v| {
+        if k.starts_with(prefix) {
+            found = Stored::decode_head(v).filter(|s| s.first_seq <= seq && seq <= s.last_seq);
+        }
+        false
+    })?;
+    Ok(found)
+}
+
 /// One stored batch, body included.
 fn load(store: &Store, prefix: &[u8], first_seq: u64) -> Result<Option<Stored>, StoreError> {
     Ok(store

@@ -39,6 +39,14 @@ pub enum DenyOp {
     Remove,
 }
 
+/// Deny-list changes planned under [`DenyList::serial`]: the writes to
+/// commit, then the in-memory effects to apply.
+pub struct Planned {
+    pub ops: Vec<Op>,
+    version: u64,
+    effects: Vec<(CardNo, Option<DenyEntry>)>,
+}
+
 pub struct DenyList {
     map: papaya::HashMap<CardNo, DenyEntry, foldhash::fast::RandomState>,
     version: AtomicU64,
@@ -152,51 +160,19 @@ impl DenyList {
         entries: &[(CardNo, String)],
         now_ms: i64,
     ) -> Result<u64, JournalError> {
-        let _serial = self.change.lock().await;
-        let mut version = self.version();
-        if entries.is_empty() {
-            return Ok(version);
+        let _serial = self.serial().await;
+        let changes: Vec<_> = entries
+            .iter()
+            .map(|(c, r)| (c.clone(), Some(r.clone())))
+            .collect();
+        let mut plan = self.plan(&changes, now_ms);
+        if plan.ops.is_empty() {
+            return Ok(self.version());
         }
-        let mut ops = Vec::with_capacity(2 * entries.len() + 1);
-        let mut added = Vec::with_capacity(entries.len());
-        for (card, reason) in entries {
-            version += 1;
-            let entry = DenyEntry {
-                reason: reason.clone(),
-                version,
-                added_at_ms: now_ms,
-            };
-            let change = DenyChange {
-                op: DenyOp::Add,
-                card_no: card.as_str().to_owned(),
-                reason: Some(reason.clone()),
-                at_ms: now_ms,
-            };
-            ops.push(Op::Put(
-                Cf::Denylist,
-                card.as_str().as_bytes().to_vec(),
-                to_json(&entry),
-            ));
-            ops.push(Op::Put(
-                Cf::DenylistLog,
-                version.to_be_bytes().to_vec(),
-                to_json(&change),
-            ));
-            added.push((card.clone(), entry));
-        }
-        ops.push(Op::Put(
-            Cf::Meta,
-            meta::DENYLIST_VERSION.to_vec(),
-            version.to_be_bytes().to_vec(),
-        ));
-        journal.commit(Commit::new(None, ops)).await?;
-        let map = self.map.pin();
-        for (card, entry) in added {
-            map.insert(card, entry);
-        }
-        self.version.store(version, Ordering::Release);
-        self.publish_gauges();
-        Ok(version)
+        journal
+            .commit(Commit::new(None, std::mem::take(&mut plan.ops)))
+            .await?;
+        Ok(self.apply(plan))
     }
 
     /// Lifts a card. `Ok(None)` when it was not on the list (nothing changes).
@@ -206,38 +182,114 @@ impl DenyList {
         card: &CardNo,
         now_ms: i64,
     ) -> Result<Option<u64>, JournalError> {
-        let _serial = self.change.lock().await;
-        if !self.contains(card) {
+        let _serial = self.serial().await;
+        let mut plan = self.plan(&[(card.clone(), None)], now_ms);
+        if plan.ops.is_empty() {
             return Ok(None);
         }
-        let version = self.version() + 1;
-        let change = DenyChange {
-            op: DenyOp::Remove,
-            card_no: card.as_str().to_owned(),
-            reason: None,
-            at_ms: now_ms,
-        };
-        let commit = Commit::new(
-            None,
-            vec![
-                Op::Delete(Cf::Denylist, card.as_str().as_bytes().to_vec()),
-                Op::Put(
-                    Cf::DenylistLog,
-                    version.to_be_bytes().to_vec(),
-                    to_json(&change),
-                ),
-                Op::Put(
-                    Cf::Meta,
-                    meta::DENYLIST_VERSION.to_vec(),
-                    version.to_be_bytes().to_vec(),
-                ),
-            ],
-        );
-        journal.commit(commit).await?;
-        self.map.pin().remove(card);
-        self.version.store(version, Ordering::Release);
+        journal
+            .commit(Commit::new(None, std::mem::take(&mut plan.ops)))
+            .await?;
+        Ok(Some(self.apply(plan)))
+    }
+
+    /// Serializes changes: hold it from [`DenyList::plan`] until
+    /// [`DenyList::apply`], so that versions are assigned in write order.
+    pub async fn serial(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.change.lock().await
+    }
+
+    /// The writes for a list of changes (`Some(reason)`: add or re-reason,
+    /// `None`: lift), each with its own version and log entry. Removing a
+    /// card that is not listed changes nothing. Call under
+    /// [`DenyList::serial`]; write `ops` durably, then [`DenyList::apply`].
+    pub fn plan(&self, changes: &[(CardNo, Option<String>)], now_ms: i64) -> Planned {
+        let mut version = self.version();
+        let mut ops = Vec::with_capacity(2 * changes.len() + 1);
+        let mut effects = Vec::with_capacity(changes.len());
+        for (card, reason) in changes {
+            let listed = self.contains(card)
+                || effects
+                    .iter()
+                    .any(|(c, e): &(CardNo, Option<DenyEntry>)| c == card && e.is_some());
+            if reason.is_none() && !listed {
+                continue;
+            }
+            version += 1;
+            let change = DenyChange {
+                op: if reason.is_some() {
+                    DenyOp::Add
+                } else {
+                    DenyOp::Remove
+                },
+                card_no: card.as_str().to_owned(),
+                reason: reason.clone(),
+                at_ms: now_ms,
+            };
+            ops.push(Op::Put(
+                Cf::DenylistLog,
+                version.to_be_bytes().to_vec(),
+                to_json(&change),
+            ));
+            let key = card.as_str().as_bytes().to_vec();
+            match reason {
+                Some(reason) => {
+                    let entry = DenyEntry {
+                        reason: reason.clone(),
+                        version,
+                        added_at_ms: now_ms,
+                    };
+                    ops.push(Op::Put(Cf::Denylist, key, to_json(&entry)));
+                    effects.push((card.clone(), Some(entry)));
+                }
+                None => {
+                    ops.push(Op::Delete(Cf::Denylist, key));
+                    effects.push((card.clone(), None));
+                }
+            }
+        }
+        if !ops.is_empty() {
+            ops.push(Op::Put(
+                Cf::Meta,
+                meta::DENYLIST_VERSION.to_vec(),
+                version.to_be_bytes().to_vec(),
+            ));
+        }
+        Planned {
+            ops,
+            version,
+            effects,
+        }
+    }
+
+    /// Makes planned changes visible, once their writes are durable.
+    /// Returns the new version.
+    pub fn apply(&self, plan: Planned) -> u64 {
+        if plan.effects.is_empty() {
+            return self.version();
+        }
+        let map = self.map.pin();
+        for (card, effect) in plan.effects {
+            match effect {
+                Some(entry) => {
+                    map.insert(card, entry);
+                }
+                None => {
+                    map.remove(&card);
+                }
+            }
+        }
+        self.version.store(plan.version, Ordering::Release);
         self.publish_gauges();
-        Ok(Some(version))
+        plan.version
+    }
+
+    /// Every entry's card number, with the version they are consistent
+    /// with. Call under [`DenyList::serial`] for a consistent snapshot.
+    pub fn snapshot(&self) -> (u64, Vec<CardNo>) {
+        let version = self.version();
+        let cards = self.map.pin().keys().cloned().collect();
+        (version, cards)
     }
 
     fn publish_gauges(&self) {

@@ -10,6 +10,7 @@
 
 pub mod cards;
 pub mod denylist;
+pub mod profiles;
 pub mod store;
 
 pub use cards::CardTable;

@@ -30,10 +30,26 @@ pub enum Cf {
     /// settlement: per-sink cursor, sealed batches awaiting acknowledgement,
     /// parked batches.
     Settle,
+    /// credential id → binding (JSON): which card a scanned code names.
+    Creds,
+    /// card_no → profile (JSON): the holder's hashed personal ID, bound
+    /// credentials, and the cards it replaced or was replaced by.
+    Profiles,
+    /// keyed hash of a personal ID → card_no (the holder's current card).
+    Persons,
+    /// sequence (u64 BE) → audit entry (JSON): card life changes and
+    /// look-ups, with who did them.
+    Audit,
+    /// card_no 0x00 sequence (u64 BE) → empty: a card's journal records,
+    /// for the hotline's look-up.
+    CardTx,
+    /// card_no 0x00 terminal → offline risk (JSON): offline taps of cards
+    /// that were deny-listed at the time.
+    OfflineRisk,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -41,6 +57,12 @@ impl Cf {
         Cf::Idem,
         Cf::Meta,
         Cf::Settle,
+        Cf::Creds,
+        Cf::Profiles,
+        Cf::Persons,
+        Cf::Audit,
+        Cf::CardTx,
+        Cf::OfflineRisk,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +74,12 @@ impl Cf {
             Cf::Idem => "idem",
             Cf::Meta => "meta",
             Cf::Settle => "settle",
+            Cf::Creds => "creds",
+            Cf::Profiles => "profiles",
+            Cf::Persons => "persons",
+            Cf::Audit => "audit",
+            Cf::CardTx => "card_tx",
+            Cf::OfflineRisk => "offline_risk",
         }
     }
 }
@@ -105,7 +133,7 @@ impl Store {
                 });
                 o.set_memtable_prefix_bloom_ratio(0.05);
             }
-            if matches!(cf, Cf::Idem | Cf::Cards | Cf::Denylist) {
+            if matches!(cf, Cf::Idem | Cf::Cards | Cf::Denylist | Cf::Creds) {
                 // Point lookups, mostly of keys that are absent (new event
                 // ids): a bloom filter answers those without a disk read.
                 let mut table = BlockBasedOptions::default();
@@ -158,6 +186,29 @@ impl Store {
             self.cf(cf),
             ro,
             IteratorMode::From(start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for each record of `cf` at or before `start`, in reverse
+    /// key order, until it returns `false`.
+    pub fn scan_back(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_total_order_seek(true);
+        for item in self.db.iterator_cf_opt(
+            self.cf(cf),
+            ro,
+            IteratorMode::From(start, Direction::Reverse),
         ) {
             let (k, v) = item?;
             if !f(&k, &v) {

@@ -1,0 +1,293 @@
+//! The hotline's look-up (12345, 12333): a card's recent decisions and
+//! where each stands in settlement, for an agent on the phone with the
+//! card holder.
+//!
+//! Records come from the journal through the `card_tx` index (card,
+//! sequence), newest first, following the replacement chain so that a
+//! resident with a new card still sees what the lost one did. Card numbers
+//! other than the one asked for (a predecessor's) are masked. Every
+//! look-up is audited, durably, before it is answered.
+
+use serde::Serialize;
+
+use crate::cardlife::Actor;
+use crate::gateway::{journal_error, Gateway};
+use crate::journal::{card_tx_key, Commit, DecisionRecord};
+use crate::model::CardNo;
+use crate::settle::deliver;
+use crate::state::profiles;
+use crate::state::{Cf, StoreError};
+use crate::wire::{ApiError, ErrorKind};
+
+/// Records per look-up at most, and by default.
+pub const LOOKUP_LIMIT_MAX: usize = 500;
+pub const LOOKUP_LIMIT_DEFAULT: usize = 50;
+/// Predecessor cards followed at most.
+const CHAIN_MAX: usize = 8;
+
+#[derive(Debug, Serialize)]
+pub struct Transaction {
+    pub seq: u64,
+    pub at_ms: i64,
+    /// Masked unless it is the card asked for.
+    pub card_no: String,
+    #[serde(flatten)]
+    pub record: RecordView,
+    /// `none` (a decline or nothing charged), `unsettled` (no sink takes
+    /// the scenario), `pending` (not yet in a batch), `sent` (in a batch
+    /// awaiting acknowledgement), `parked`, or `acknowledged`.
+    pub settlement: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecordView {
+    pub terminal: String,
+    pub event_id: String,
+    pub auth_id: String,
+    pub kind: crate::model::EventKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<crate::model::Scenario>,
+    pub decision: String,
+    pub reason: &'static str,
+    pub charged_fen: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Lookup {
+    pub card_no: String,
+    pub transactions: Vec<Transaction>,
+    /// More records match than `limit`.
+    pub more: bool,
+}
+
+/// The look-up's filter: `[from_ms, to_ms)` and how many.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub limit: usize,
+}
+
+fn storage(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "storage read failed");
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "the gateway cannot read its store; retry shortly",
+    )
+}
+
+/// Parses `from`, `to` (RFC 3339) and `limit` from a query string.
+pub fn window(query: Option<&str>) -> Result<Window, ApiError> {
+    let mut w = Window {
+        from_ms: i64::MIN,
+        to_ms: i64::MAX,
+        limit: LOOKUP_LIMIT_DEFAULT,
+    };
+    let time = |v: &str, name: &str| {
+        let v = v
+            .replace("%3A", ":")
+            .replace("%3a", ":")
+            .replace("%2B", "+")
+            .replace("%2b", "+");
+        time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|_| {
+                ApiError::invalid(format!(
+                    "`{name}` must be an RFC 3339 time such as 2026-11-28T07:45:12Z"
+                ))
+            })
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("from", v)) => w.from_ms = time(v, "from")?,
+            Some(("to", v)) => w.to_ms = time(v, "to")?,
+            Some(("limit", v)) => {
+                w.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=LOOKUP_LIMIT_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("`limit` must be 1 to {LOOKUP_LIMIT_MAX}"))
+                    })?
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "unknown query parameter; this look-up takes from, to and limit",
+                ))
+            }
+        }
+    }
+    if w.from_ms >= w.to_ms {
+        return Err(ApiError::invalid("`from` must be before `to`"));
+    }
+    Ok(w)
+}
+
+impl Gateway {
+    /// A card's decisions in the window, newest first. Audited.
+    pub async fn card_transactions(
+        &self,
+        actor: &Actor,
+        card_no: &CardNo,
+        w: Window,
+        now_ms: i64,
+    ) -> Result<Lookup, ApiError> {
+        if self.cards.get(card_no).is_none() {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("card {card_no} is not known"),
+            ));
+        }
+        // The card and the cards it replaced, newest first.
+        let mut chain = vec![card_no.clone()];
+        while chain.len() < CHAIN_MAX {
+            let last = chain.last().expect("never empty");
+            let p = profiles::profile(&self.store, last).map_err(storage)?;
+            match p.replaces.and_then(|c| CardNo::parse(&c).ok()) {
+                Some(prev) if !chain.contains(&prev) => chain.push(prev),
+                _ => break,
+            }
+        }
+        let mut found: Vec<(u64, CardNo, DecisionRecord)> = Vec::new();
+        let mut more = false;
+        for card in &chain {
+            let prefix = card_tx_key(card.as_str(), 0);
+            let prefix = &prefix[..prefix.len() - 8];
+            let mut seqs = Vec::new();
+            self.store
+                .scan_back(Cf::CardTx, &card_tx_key(card.as_str(), u64::MAX), |k, _| {
+                    if !k.starts_with(prefix) || k.len() != prefix.len() + 8 {
+                        return false;
+                    }
+                    seqs.push(u64::from_be_bytes(
+                        k[prefix.len()..].try_into().expect("8 bytes"),
+                    ));
+                    true
+                })
+                .map_err(storage)?;
+            let mut taken = 0;
+            for seq in seqs {
+                let Some(v) = self
+                    .store
+                    .get(Cf::Journal, &seq.to_be_bytes())
+                    .map_err(storage)?
+                else {
+                    continue;
+                };
+                let r: DecisionRecord = serde_json::from_slice(&v).map_err(|_| {
+                    storage(StoreError::Corrupt {
+                        cf: "journal",
+                        detail: format!("record {seq} does not decode"),
+                    })
+                })?;
+                if r.at_ms >= w.to_ms {
+                    continue;
+                }
+                if r.at_ms < w.from_ms {
+                    break;
+                }
+                if taken == w.limit {
+                    more = true;
+                    break;
+                }
+                taken += 1;
+                found.push((seq, card.clone(), r));
+            }
+        }
+        found.sort_by(|a, b| b.0.cmp(&a.0));
+        if found.len() > w.limit {
+            found.truncate(w.limit);
+            more = true;
+        }
+        let mut transactions = Vec::with_capacity(found.len());
+        for (seq, card, r) in found {
+            let settlement = self.settlement_state(seq, &r).map_err(storage)?;
+            transactions.push(Transaction {
+                seq,
+                at_ms: r.at_ms,
+                card_no: if &card == card_no {
+                    card.as_str().to_owned()
+                } else {
+                    card.masked()
+                },
+                settlement,
+                record: RecordView {
+                    terminal: r.terminal,
+                    event_id: r.event_id,
+                    auth_id: r.auth_id,
+                    kind: r.kind,
+                    scenario: r.scenario,
+                    decision: r.decision,
+                    reason: r.reason.code(),
+                    charged_fen: r.charged_fen,
+                    site: r.site,
+                    occurred_at: r.occurred_at,
+                    reverses: r.reverses,
+                    offline: r.offline,
+                },
+            });
+        }
+        let detail = serde_json::json!({
+            "from_ms": (w.from_ms != i64::MIN).then_some(w.from_ms),
+            "to_ms": (w.to_ms != i64::MAX).then_some(w.to_ms),
+            "returned": transactions.len(),
+        });
+        let entry = crate::audit::AuditEntry {
+            at_ms: now_ms,
+            who: actor.name.clone(),
+            role: actor.role.as_str().to_owned(),
+            action: "transactions".into(),
+            card_no: Some(card_no.as_str().to_owned()),
+            detail: Some(detail),
+        };
+        self.journal
+            .commit(Commit::new(None, vec![self.audit.op(&entry)]))
+            .await
+            .map_err(journal_error)?;
+        tracing::info!(card = %card_no, who = %actor.name, "transactions looked up");
+        Ok(Lookup {
+            card_no: card_no.as_str().to_owned(),
+            transactions,
+            more,
+        })
+    }
+
+    /// Where journal record `seq` stands in settlement.
+    fn settlement_state(&self, seq: u64, r: &DecisionRecord) -> Result<&'static str, StoreError> {
+        let settles = (r.decision == "approve" || r.decision == "reverse") && r.charged_fen > 0;
+        let Some(scenario) = r.scenario.filter(|_| settles) else {
+            return Ok("none");
+        };
+        let sink = self
+            .config
+            .settlement
+            .sinks
+            .iter()
+            .find(|s| s.scenario_list().is_ok_and(|l| l.contains(&scenario)));
+        let Some(sink) = sink else {
+            return Ok("unsettled");
+        };
+        let cursor = self
+            .settlement
+            .get(&sink.name)
+            .map_or(0, |s| s.view(self.now_ms()).cursor);
+        if seq >= cursor {
+            return Ok("pending");
+        }
+        if deliver::holding(&self.store, &deliver::batch_prefix(&sink.name), seq)?.is_some() {
+            return Ok("sent");
+        }
+        if deliver::holding(&self.store, &deliver::parked_prefix(&sink.name), seq)?.is_some() {
+            return Ok("parked");
+        }
+        Ok("acknowledged")
+    }
+}
