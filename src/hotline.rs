@@ -202,7 +202,7 @@ impl Gateway {
                 found.push((seq, card.clone(), r));
             }
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
         if found.len() > w.limit {
             found.truncate(w.limit);
             more = true;

@@ -320,6 +320,9 @@ impl Gateway {
         let _serial = self.offline.lock().await;
         let mut outcomes = Vec::with_capacity(events.len());
         let mut pending = Vec::new();
+        // Risk records written by this upload and not yet on disk: the next
+        // risky tap of the same card and terminal adds to these.
+        let mut risks = std::collections::HashMap::new();
         for v in events {
             let event_id = v
                 .get("event_id")
@@ -378,7 +381,8 @@ impl Gateway {
                 Lookup::Fresh(g) => (g, false),
                 Lookup::Reversed(g) => (g, true),
             };
-            let (outcome, rx) = self.record_offline(terminal, e, guard, reversed, now_ms)?;
+            let (outcome, rx) =
+                self.record_offline(terminal, e, guard, reversed, &mut risks, now_ms)?;
             outcomes.push(outcome);
             pending.push(rx);
         }
@@ -414,6 +418,7 @@ impl Gateway {
         e: OfflineEvent,
         guard: idempotency::InFlight,
         reversed: bool,
+        risks: &mut std::collections::HashMap<Vec<u8>, RiskRecord>,
         now_ms: i64,
     ) -> Result<
         (
@@ -483,8 +488,16 @@ impl Gateway {
         )];
         if let Some(d) = denied.filter(|_| risk) {
             let key = risk_key(e.card_no.as_str(), terminal);
-            let mut r = match self.store.get(Cf::OfflineRisk, &key).map_err(storage)? {
-                Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
+            let stored = match risks.remove(&key) {
+                Some(r) => Some(r),
+                None => self
+                    .store
+                    .get(Cf::OfflineRisk, &key)
+                    .map_err(storage)?
+                    .and_then(|v| serde_json::from_slice(&v).ok()),
+            };
+            let mut r = match stored {
+                Some(r) => r,
                 None => RiskRecord {
                     card_no: e.card_no.as_str().to_owned(),
                     terminal: terminal.to_owned(),
@@ -499,9 +512,10 @@ impl Gateway {
             r.denylist_reason = d.reason;
             ops.push(Op::Put(
                 Cf::OfflineRisk,
-                key,
+                key.clone(),
                 serde_json::to_vec(&r).expect("serializes"),
             ));
+            risks.insert(key, r);
             metrics::counter!("onecard_offline_risk_taps_total").increment(1);
             tracing::warn!(card = %e.card_no, terminal, "offline approval of a card deny-listed before the tap");
         }

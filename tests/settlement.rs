@@ -437,3 +437,74 @@ async fn a_receiver_that_asks_for_a_client_certificate_gets_one() {
     gw.shutdown().await;
     r.stop().await;
 }
+
+/// Taps decided offline and uploaded later are settled like online ones;
+/// the hotline look-up follows each to its acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_approvals_are_settled_like_online_ones() {
+    let (sink, r, gw) = setup("transport", "age_max_ms = 50").await;
+    let at = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let event = |id: &str, d: &str| {
+        let mut v = json!({"event_id": id, "kind": "tap", "card_no": CARD, "scenario": "transit",
+                           "amount_fen": 200, "occurred_at": at, "decision": d});
+        if d == "decline" {
+            v["reason"] = json!("CARD_NOT_FOUND");
+        }
+        v
+    };
+    let body = json!({"events": [event("off-1", "approve"), event("off-2", "approve"),
+                                 event("off-3", "decline"), event("off-4", "approve")]});
+    let mut t = gw.terminal(3, Protocol::Http1).await;
+    let a = t
+        .send(
+            Method::POST,
+            "/v1/offline-batch",
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a.json()["accepted"],
+        4,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    let l = booked(&sink, r.addr, 3).await;
+    assert_eq!((l.events, l.total_fen), (3, 600));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let look = gw
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/cards/{CARD}/transactions"),
+                None,
+            )
+            .await
+            .json();
+        let states: Vec<(String, String)> = look["transactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert_eq!(t["offline"], true);
+                (
+                    t["event_id"].as_str().unwrap().into(),
+                    t["settlement"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let want = |id: &str, s: &str| states.contains(&(id.to_owned(), s.to_owned()));
+        if want("off-1", "acknowledged") && want("off-4", "acknowledged") {
+            assert!(want("off-3", "none"), "{states:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not acknowledged: {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+    r.stop().await;
+}

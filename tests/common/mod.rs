@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod qr;
 pub mod sink;
 
 use std::net::SocketAddr;
