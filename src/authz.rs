@@ -71,6 +71,28 @@ pub struct Event<'a> {
 /// Membership in the deny list, as the decision needs it.
 pub trait DenySet {
     fn contains(&self, card: &CardNo) -> bool;
+
+    /// Who listed the card. By default every entry is an operator's.
+    fn listing(&self, card: &CardNo) -> Listing {
+        if self.contains(card) {
+            Listing::Operator
+        } else {
+            Listing::No
+        }
+    }
+}
+
+/// Why a card is on the deny list, as far as the answer's reason goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    No,
+    /// By an operator, for reasons of their own (fraud, say): the answer
+    /// says `DENYLISTED` whatever the card's status.
+    Operator,
+    /// By a card-life change (loss, freeze, cancellation, replacement),
+    /// so that offline validators stop the card too: the card's own
+    /// status names the reason.
+    CardLife,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,10 +128,11 @@ pub struct Outcome {
 }
 
 /// Decides one event. The checks run in a fixed order and the first that
-/// fails names the reason: a stopped card's status first, then the deny
-/// list (the operators' "stop everywhere" switch, which may list cards this
-/// gateway holds no state for), existence, the scenario's function, and the
-/// amount limits.
+/// fails names the reason: the deny list first where an operator listed the
+/// card (their "stop everywhere" switch, which may list cards this gateway
+/// holds no state for), then a stopped card's status (its card-life deny
+/// entry says less), existence, the scenario's function, and the amount
+/// limits.
 pub fn decide(
     event: Event<'_>,
     card: Option<&Card>,
@@ -121,8 +144,12 @@ pub fn decide(
         decision: Decision::Decline(r),
         card_after: None,
     };
-    // A stopped card's own status says more than the deny list (which
-    // also lists it, for offline validators): CARD_LOST tells the counter
+    let listing = deny.listing(event.card_no);
+    if listing == Listing::Operator {
+        return decline(Reason::Denylisted);
+    }
+    // A card stopped by a card-life change is also listed (for offline
+    // validators); its own status says more: CARD_LOST tells the counter
     // what to do.
     let status = card.and_then(|c| match c.status {
         CardStatus::Active => None,
@@ -133,7 +160,7 @@ pub fn decide(
     if let Some(reason) = status {
         return decline(reason);
     }
-    if deny.contains(event.card_no) {
+    if listing == Listing::CardLife {
         return decline(Reason::Denylisted);
     }
     let Some(card) = card else {
@@ -278,12 +305,12 @@ mod tests {
                 want: Decision::Decline(Reason::Denylisted),
             },
             Case {
-                name: "a lost card that is also deny-listed says lost",
+                name: "an operator's deny entry wins over a lost status",
                 card_no: DENIED,
                 card: Some(status(CardStatus::Lost)),
                 scenario: Scenario::Transit,
                 amount_fen: 200,
-                want: Decision::Decline(Reason::CardLost),
+                want: Decision::Decline(Reason::Denylisted),
             },
             Case {
                 name: "lost",
@@ -423,6 +450,40 @@ mod tests {
                     | Reason::CredentialUnbound
             );
             assert!(elsewhere || covered.contains(r), "no case for {r:?}");
+        }
+    }
+
+    #[test]
+    fn a_card_life_entry_lets_the_status_speak() {
+        struct Life;
+        impl DenySet for Life {
+            fn contains(&self, _: &CardNo) -> bool {
+                true
+            }
+            fn listing(&self, _: &CardNo) -> Listing {
+                Listing::CardLife
+            }
+        }
+        let card_no = CardNo::parse(CARD).unwrap();
+        let event = Event {
+            card_no: &card_no,
+            scenario: Scenario::Transit,
+            amount_fen: 200,
+        };
+        let cases = [
+            (Some(CardStatus::Lost), Reason::CardLost),
+            (Some(CardStatus::Frozen), Reason::CardFrozen),
+            (Some(CardStatus::Cancelled), Reason::CardCancelled),
+            (Some(CardStatus::Active), Reason::Denylisted),
+            (None, Reason::Denylisted),
+        ];
+        for (st, want) in cases {
+            let card = st.map(|s| Card {
+                status: s,
+                ..active(&[Function::Transit])
+            });
+            let got = decide(event, card.as_ref(), &Life, &policy(), NOW).decision;
+            assert_eq!(got, Decision::Decline(want), "{st:?}");
         }
     }
 

@@ -29,15 +29,9 @@ use crate::state::profiles::{self, Binding, BoundCredential, Profile, CREDENTIAL
 use crate::state::{cards, Cf, StoreError};
 use crate::wire::{ApiError, ErrorKind};
 
-pub const DENY_LOST: &str = "card reported lost";
-pub const DENY_FROZEN: &str = "card frozen";
-pub const DENY_CANCELLED: &str = "card cancelled";
-pub const DENY_REPLACED: &str = "card replaced";
-
-/// Whether a deny-list entry was put there by a card-life change.
-pub fn is_life_reason(reason: &str) -> bool {
-    [DENY_LOST, DENY_FROZEN, DENY_CANCELLED, DENY_REPLACED].contains(&reason)
-}
+pub use crate::state::denylist::{
+    is_life_reason, DENY_CANCELLED, DENY_FROZEN, DENY_LOST, DENY_REPLACED,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LifeOp {
@@ -106,13 +100,19 @@ pub fn transition(
         }
         (LifeOp::ReportLoss, Active | Frozen | Lost) => Ok(stop(Lost, DENY_LOST)),
         (LifeOp::LiftLoss, Lost) => Ok(resume),
+        // A card made active by other means (a card PUT or an import) that
+        // is still listed for its loss: lifting clears the entry.
+        (LifeOp::LiftLoss, Active) if listed == Some(DENY_LOST) => Ok(resume),
         (LifeOp::LiftLoss, _) => Err("the card is not reported lost"),
         (LifeOp::Freeze, Active | Frozen) => Ok(stop(Frozen, DENY_FROZEN)),
         (LifeOp::Freeze, Lost) => Err("the card is reported lost; freezing adds nothing"),
         (LifeOp::Unfreeze, Frozen) => Ok(resume),
         (LifeOp::Unfreeze, Active) => Ok(Transition {
             status: Active,
-            deny: DenyEffect::Keep,
+            deny: match listed {
+                Some(DENY_FROZEN) => DenyEffect::Remove,
+                _ => DenyEffect::Keep,
+            },
         }),
         (LifeOp::Unfreeze, Lost) => Err("the card is reported lost: lift the loss report instead"),
         (LifeOp::Cancel, _) => Ok(stop(Cancelled, DENY_CANCELLED)),
@@ -352,11 +352,15 @@ impl Gateway {
                 json(&old_after),
             ));
             if let Some(h) = &old_profile.holder {
-                ops.push(Op::Put(
-                    Cf::Persons,
-                    h.as_bytes().to_vec(),
-                    new.as_str().as_bytes().to_vec(),
-                ));
+                // Only if the person's current card is this one: an older
+                // card of theirs must not take over the look-up.
+                if profiles::person(&self.store, h).map_err(storage)?.as_ref() == Some(old) {
+                    ops.push(Op::Put(
+                        Cf::Persons,
+                        h.as_bytes().to_vec(),
+                        new.as_str().as_bytes().to_vec(),
+                    ));
+                }
             }
             let detail = serde_json::json!({
                 "new_card_no": new.as_str(),
@@ -614,6 +618,24 @@ mod tests {
             ),
             (LiftLoss, Lost, Some("fraud"), ok(Active, DenyEffect::Keep)),
             (LiftLoss, Active, None, Err("the card is not reported lost")),
+            (
+                LiftLoss,
+                Active,
+                Some(DENY_LOST),
+                ok(Active, DenyEffect::Remove),
+            ),
+            (
+                LiftLoss,
+                Active,
+                Some("fraud"),
+                Err("the card is not reported lost"),
+            ),
+            (
+                Unfreeze,
+                Active,
+                Some(DENY_FROZEN),
+                ok(Active, DenyEffect::Remove),
+            ),
             (
                 Freeze,
                 Active,

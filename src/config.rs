@@ -151,6 +151,10 @@ impl PrivacyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OfflineConfig {
+    /// Terminal-id prefixes of the validators that may upload offline
+    /// decisions (e.g. `["bus-", "gate-"]`). Empty: none may, since an
+    /// offline approval is settled without the gateway's checks.
+    pub terminal_prefixes: Vec<String>,
     /// Events per `POST /v1/offline-batch` at most.
     pub batch_events_max: usize,
     /// How far in the future (by the gateway's clock) an offline event's
@@ -161,6 +165,7 @@ pub struct OfflineConfig {
 impl Default for OfflineConfig {
     fn default() -> Self {
         OfflineConfig {
+            terminal_prefixes: Vec::new(),
             batch_events_max: OFFLINE_BATCH_EVENTS_MAX_DEFAULT,
             future_skew_s: OFFLINE_FUTURE_SKEW_S_DEFAULT,
         }

@@ -57,6 +57,11 @@ impl Scanner {
         })
     }
 
+    /// Gives a spent code back: its scan was not recorded.
+    pub fn unspend(&self, spent: &ScanRef) {
+        self.replay.forget(&spent.sub, &spent.jti);
+    }
+
     pub fn replay_len(&self) -> usize {
         self.replay.len()
     }
@@ -66,6 +71,7 @@ impl Scanner {
     pub fn refill(&self, store: &Store, now_ms: i64) -> Result<usize, StoreError> {
         let horizon_ms = now_ms - (self.rules.lifetime_max_s + 2 * self.rules.skew_s) * 1000;
         let mut n = 0;
+        let mut full = false;
         store.scan_back(Cf::Journal, &u64::MAX.to_be_bytes(), |_, v| {
             #[derive(Deserialize)]
             struct Head {
@@ -80,16 +86,26 @@ impl Scanner {
                 return false;
             }
             if let Some(s) = h.scan {
-                if self
+                match self
                     .replay
                     .check_and_remember(&s.sub, &s.jti, s.forget_at, now_ms / 1000)
-                    .is_ok()
                 {
-                    n += 1;
+                    Ok(()) => n += 1,
+                    Err(Seen::Replayed) => {}
+                    Err(Seen::Full) => {
+                        full = true;
+                        return false;
+                    }
                 }
             }
             true
         })?;
+        if full {
+            tracing::warn!(
+                refilled = n,
+                "QR replay cache filled up while refilling from the journal: older codes may be replayable until they expire; raise qr.replay_cache_max"
+            );
+        }
         Ok(n)
     }
 }

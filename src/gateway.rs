@@ -75,6 +75,11 @@ pub struct Gateway {
     /// Serializes offline uploads (their risk counters are read, then
     /// written).
     pub offline: tokio::sync::Mutex<()>,
+    /// The last full deny list sent to a validator, by version: after an
+    /// outage thousands of validators ask for the same one.
+    pub deny_full: parking_lot::Mutex<Option<(u64, bytes::Bytes)>>,
+    /// One full deny list built at a time.
+    pub deny_full_build: tokio::sync::Mutex<()>,
 }
 
 /// A storage failure seen by a client: the gateway cannot record decisions.
@@ -147,6 +152,8 @@ impl Gateway {
             life: tokio::sync::Mutex::new(()),
             id_key,
             offline: tokio::sync::Mutex::new(()),
+            deny_full: parking_lot::Mutex::new(None),
+            deny_full_build: tokio::sync::Mutex::new(()),
             settlement,
             config,
             policy,
@@ -305,9 +312,10 @@ impl Gateway {
                 site: req.site.clone(),
                 occurred_at: req.occurred_at.clone(),
                 reverses: None,
-                scan,
+                scan: scan.clone(),
                 offline: false,
             };
+            let spent = scan;
             let origin = Origin {
                 approved: d.is_approve(),
                 charged_fen: d.amount_fen(),
@@ -344,7 +352,17 @@ impl Gateway {
                 hold_until_written: Some(Box::new(guard)),
                 card: Some(card_str.into()),
             };
-            let pending = self.journal.submit(commit).map_err(journal_error)?;
+            let pending = match self.journal.submit(commit) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Not recorded: a retry of this scan is a new attempt,
+                    // not a replay of its code.
+                    if let (Some(s), Some(spent)) = (scanner, &spent) {
+                        s.unspend(spent);
+                    }
+                    return Err(journal_error(e));
+                }
+            };
             if let (Some(after), Some(c)) = (outcome.card_after, &card_no) {
                 self.cards.set(c.clone().into_owned(), after);
             }

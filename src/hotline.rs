@@ -141,6 +141,9 @@ impl Gateway {
         now_ms: i64,
     ) -> Result<Lookup, ApiError> {
         if self.cards.get(card_no).is_none() {
+            // Audited too: probing for card numbers leaves a trace.
+            let detail = serde_json::json!({"known": false});
+            self.audit_lookup(actor, card_no, detail, now_ms).await?;
             return Err(ApiError::new(
                 ErrorKind::NotFound,
                 format!("card {card_no} is not known"),
@@ -159,48 +162,9 @@ impl Gateway {
         let mut found: Vec<(u64, CardNo, DecisionRecord)> = Vec::new();
         let mut more = false;
         for card in &chain {
-            let prefix = card_tx_key(card.as_str(), 0);
-            let prefix = &prefix[..prefix.len() - 8];
-            let mut seqs = Vec::new();
-            self.store
-                .scan_back(Cf::CardTx, &card_tx_key(card.as_str(), u64::MAX), |k, _| {
-                    if !k.starts_with(prefix) || k.len() != prefix.len() + 8 {
-                        return false;
-                    }
-                    seqs.push(u64::from_be_bytes(
-                        k[prefix.len()..].try_into().expect("8 bytes"),
-                    ));
-                    true
-                })
-                .map_err(storage)?;
-            let mut taken = 0;
-            for seq in seqs {
-                let Some(v) = self
-                    .store
-                    .get(Cf::Journal, &seq.to_be_bytes())
-                    .map_err(storage)?
-                else {
-                    continue;
-                };
-                let r: DecisionRecord = serde_json::from_slice(&v).map_err(|_| {
-                    storage(StoreError::Corrupt {
-                        cf: "journal",
-                        detail: format!("record {seq} does not decode"),
-                    })
-                })?;
-                if r.at_ms >= w.to_ms {
-                    continue;
-                }
-                if r.at_ms < w.from_ms {
-                    break;
-                }
-                if taken == w.limit {
-                    more = true;
-                    break;
-                }
-                taken += 1;
-                found.push((seq, card.clone(), r));
-            }
+            let (records, card_more) = self.card_records(card, w).map_err(storage)?;
+            more |= card_more;
+            found.extend(records.into_iter().map(|(seq, r)| (seq, card.clone(), r)));
         }
         found.sort_by_key(|f| std::cmp::Reverse(f.0));
         if found.len() > w.limit {
@@ -240,6 +204,22 @@ impl Gateway {
             "to_ms": (w.to_ms != i64::MAX).then_some(w.to_ms),
             "returned": transactions.len(),
         });
+        self.audit_lookup(actor, card_no, detail, now_ms).await?;
+        tracing::info!(card = %card_no, who = %actor.name, "transactions looked up");
+        Ok(Lookup {
+            card_no: card_no.as_str().to_owned(),
+            transactions,
+            more,
+        })
+    }
+
+    async fn audit_lookup(
+        &self,
+        actor: &Actor,
+        card_no: &CardNo,
+        detail: serde_json::Value,
+        now_ms: i64,
+    ) -> Result<(), ApiError> {
         let entry = crate::audit::AuditEntry {
             at_ms: now_ms,
             who: actor.name.clone(),
@@ -251,13 +231,63 @@ impl Gateway {
         self.journal
             .commit(Commit::new(None, vec![self.audit.op(&entry)]))
             .await
-            .map_err(journal_error)?;
-        tracing::info!(card = %card_no, who = %actor.name, "transactions looked up");
-        Ok(Lookup {
-            card_no: card_no.as_str().to_owned(),
-            transactions,
-            more,
-        })
+            .map_err(journal_error)
+            .map(|_| ())
+    }
+
+    /// One card's records in the window, newest first, at most
+    /// `w.limit`, and whether there are more. Reads the index backwards
+    /// and stops as soon as it can: a busy card's old history is not read.
+    #[allow(clippy::type_complexity)]
+    fn card_records(
+        &self,
+        card: &CardNo,
+        w: Window,
+    ) -> Result<(Vec<(u64, DecisionRecord)>, bool), StoreError> {
+        let start = card_tx_key(card.as_str(), u64::MAX);
+        let prefix = &start[..start.len() - 8];
+        let mut out = Vec::new();
+        let mut more = false;
+        let mut failed = None;
+        self.store.scan_back(Cf::CardTx, &start, |k, _| {
+            if !k.starts_with(prefix) || k.len() != prefix.len() + 8 {
+                return false;
+            }
+            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
+            let record = match self.store.get(Cf::Journal, &seq.to_be_bytes()) {
+                Ok(Some(v)) => {
+                    serde_json::from_slice::<DecisionRecord>(&v).map_err(|_| StoreError::Corrupt {
+                        cf: "journal",
+                        detail: format!("record {seq} does not decode"),
+                    })
+                }
+                Ok(None) => return true,
+                Err(e) => Err(e),
+            };
+            let r = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = Some(e);
+                    return false;
+                }
+            };
+            if r.at_ms >= w.to_ms {
+                return true;
+            }
+            if r.at_ms < w.from_ms {
+                return false;
+            }
+            if out.len() == w.limit {
+                more = true;
+                return false;
+            }
+            out.push((seq, r));
+            true
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((out, more)),
+        }
     }
 
     /// Where journal record `seq` stands in settlement.
@@ -275,10 +305,14 @@ impl Gateway {
         let Some(sink) = sink else {
             return Ok("unsettled");
         };
+        // The durable cursor: it moves in the same write that stores a
+        // sealed batch, so a record before it is in a stored batch (sent or
+        // parked) or acknowledged, and one after it is still waiting (maybe
+        // in the open batch, read ahead of the durable cursor).
         let cursor = self
-            .settlement
-            .get(&sink.name)
-            .map_or(0, |s| s.view(self.now_ms()).cursor);
+            .store
+            .get_u64(Cf::Settle, &deliver::cursor_key(&sink.name))?
+            .unwrap_or(0);
         if seq >= cursor {
             return Ok("pending");
         }

@@ -365,13 +365,12 @@ async fn denylist_sync(
             *r.status_mut() = StatusCode::NOT_MODIFIED;
             (v, r)
         }
-        crate::offline::Sync::Changes(d) => (
-            d.version,
-            json_response(
-                StatusCode::OK,
-                serde_json::to_vec(&d).expect("a deny-list sync serializes"),
-            ),
-        ),
+        crate::offline::Sync::Changes { version, body } => {
+            let mut r = Response::new(Full::new(body));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            (version, r)
+        }
     };
     if let Ok(v) = HeaderValue::from_str(&crate::offline::etag(version)) {
         r.headers_mut().insert(http::header::ETAG, v);

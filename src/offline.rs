@@ -45,7 +45,11 @@ pub fn etag(version: u64) -> String {
 /// What a deny-list sync answers.
 pub enum Sync {
     NotModified(u64),
-    Changes(DenySync),
+    /// A [`DenySync`], serialized.
+    Changes {
+        version: u64,
+        body: bytes::Bytes,
+    },
 }
 
 fn storage(e: StoreError) -> ApiError {
@@ -96,16 +100,7 @@ impl Gateway {
             _ => None,
         };
         let Some(from) = delta else {
-            let _serial = self.deny.serial().await;
-            let (version, cards) = self.deny.snapshot();
-            let mut add: Vec<String> = cards.iter().map(|c| c.as_str().to_owned()).collect();
-            add.sort_unstable();
-            return Ok(Sync::Changes(DenySync {
-                version,
-                full: true,
-                add,
-                remove: Vec::new(),
-            }));
+            return self.denylist_full().await;
         };
         // Entries up to `current` are durable and applied: the log is
         // written before the version moves in memory.
@@ -142,12 +137,53 @@ impl Gateway {
                 DenyOp::Remove => remove.push(card),
             }
         }
-        Ok(Sync::Changes(DenySync {
+        let body = serde_json::to_vec(&DenySync {
             version: current,
             full: false,
             add,
             remove,
-        }))
+        })
+        .expect("a deny-list sync serializes");
+        Ok(Sync::Changes {
+            version: current,
+            body: body.into(),
+        })
+    }
+
+    /// The whole list, built once per version and shared by every
+    /// validator that asks for it.
+    async fn denylist_full(&self) -> Result<Sync, ApiError> {
+        let _one = self.deny_full_build.lock().await;
+        let cached = self.deny_full.lock().clone();
+        if let Some((version, body)) = cached.filter(|(v, _)| *v == self.deny.version()) {
+            return Ok(Sync::Changes { version, body });
+        }
+        // Copied under the change lock, so the cards match the version;
+        // sorted and serialized off the runtime's threads.
+        let (version, cards) = {
+            let _serial = self.deny.serial().await;
+            self.deny.snapshot()
+        };
+        let body = tokio::task::spawn_blocking(move || {
+            let mut add: Vec<String> = cards.iter().map(|c| c.as_str().to_owned()).collect();
+            add.sort_unstable();
+            let doc = DenySync {
+                version,
+                full: true,
+                add,
+                remove: Vec::new(),
+            };
+            bytes::Bytes::from(serde_json::to_vec(&doc).expect("a deny-list sync serializes"))
+        })
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "building the deny list failed; retry",
+            )
+        })?;
+        *self.deny_full.lock() = Some((version, body.clone()));
+        Ok(Sync::Changes { version, body })
     }
 }
 
@@ -270,12 +306,29 @@ fn parse_event(v: &Value, now_ms: i64, gw: &Gateway) -> Result<OfflineEvent, Api
             "`occurred_at` is older than the idempotency retention; such an event cannot be told from a duplicate and is not accepted",
         ));
     }
+    // The scenario's own rules hold offline too: a validator may not
+    // charge where the scenario is free, nor more than one event may.
     let rule = gw.policy.rule(req.scenario);
-    if approved && rule.charges && req.amount_fen.is_none() {
-        return Err(ApiError::invalid(format!(
-            "missing field `amount_fen` (required for scenario {})",
-            req.scenario
-        )));
+    match (rule.charges, req.amount_fen) {
+        (true, None) if approved => {
+            return Err(ApiError::invalid(format!(
+                "missing field `amount_fen` (required for scenario {})",
+                req.scenario
+            )))
+        }
+        (false, Some(a)) if a > 0 => {
+            return Err(ApiError::invalid(format!(
+                "`amount_fen` must be 0 or absent for scenario {}, which does not charge",
+                req.scenario
+            )))
+        }
+        (true, Some(a)) if a > rule.amount_max_fen => {
+            return Err(ApiError::invalid(format!(
+                "`amount_fen` is above the most one event of scenario {} may charge ({} fen)",
+                req.scenario, rule.amount_max_fen
+            )))
+        }
+        _ => {}
     }
     let mut h = Sha256::new();
     h.update(req.fingerprint());
@@ -304,6 +357,13 @@ impl Gateway {
         body: &[u8],
         now_ms: i64,
     ) -> Result<OfflineAnswer, ApiError> {
+        let allowed = &self.config.offline.terminal_prefixes;
+        if !allowed.iter().any(|p| terminal.starts_with(p.as_str())) {
+            return Err(ApiError::new(
+                ErrorKind::Forbidden,
+                "this terminal is not configured as an offline validator (offline.terminal_prefixes)",
+            ));
+        }
         let m = wire::parse_object(body)?;
         wire::reject_unknown(&m, &["events"])?;
         let Some(Value::Array(events)) = m.get("events") else {
@@ -328,7 +388,9 @@ impl Gateway {
                 .get("event_id")
                 .and_then(Value::as_str)
                 .unwrap_or("")
-                .to_owned();
+                .chars()
+                .take(64)
+                .collect::<String>();
             let e = match parse_event(v, now_ms, self) {
                 Ok(e) => e,
                 Err(err) => {
@@ -478,9 +540,11 @@ impl Gateway {
         let mut ops = vec![Op::Put(
             Cf::Idem,
             guard.key().to_vec(),
+            // Dated by the tap, not the upload: a reversal gives the fare
+            // back to the day it was counted in.
             idempotency::encode(
                 &e.fingerprint,
-                now_ms,
+                e.occurred_ms,
                 &auth_id,
                 Tail::Origin(origin),
                 &answer,

@@ -579,6 +579,18 @@ impl ReplayCache {
         Ok(())
     }
 
+    /// Forgets a pair remembered by [`ReplayCache::check_and_remember`]: the
+    /// scan that spent it was never recorded (the journal refused it), so a
+    /// retry of that scan must not count as a replay.
+    pub fn forget(&self, sub: &str, jti: &str) {
+        let key = format!("{}:{sub}{jti}", sub.len());
+        let idx = (self.hasher.hash_one(&key) as usize) & (self.shards.len() - 1);
+        if let Some(shard) = self.shards.get(idx) {
+            // Its heap entry stays and is skipped when due (no map entry).
+            shard.0.lock().map.remove(key.as_str());
+        }
+    }
+
     /// Entries currently held, including any past their forget time not yet swept.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.0.lock().map.len()).sum()
@@ -1340,6 +1352,18 @@ FsA4dPBZ09S3VNjREKF/z/vi+BozO+h9dYqNKc66Hz+7oL/ZDVU3aD2z
         assert_eq!(CredType::parse("Essc"), None);
         let t: CredType = serde_json::from_str("\"ykm\"").expect("de");
         assert_eq!(t, CredType::Ykm);
+    }
+
+    #[test]
+    fn a_forgotten_pair_can_be_used_again() {
+        let c = ReplayCache::new(16);
+        assert_eq!(c.check_and_remember("sub-1", "jti-00001", 200, 100), Ok(()));
+        c.forget("sub-1", "jti-00001");
+        assert_eq!(c.check_and_remember("sub-1", "jti-00001", 200, 100), Ok(()));
+        assert_eq!(
+            c.check_and_remember("sub-1", "jti-00001", 200, 100),
+            Err(Seen::Replayed)
+        );
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/cards/{card_no}",
         RouteId::CardGet,
-        Access::Agent,
+        Access::Operator,
     ),
     route(
         Listener::Admin,

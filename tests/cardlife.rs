@@ -170,6 +170,7 @@ async fn a_loss_report_stops_the_card_on_every_terminal_from_its_answer_on() {
             Some(json!({"status": "active"})),
         ),
         (Method::GET, "/admin/v1/audit".to_owned(), None),
+        (Method::GET, format!("/admin/v1/cards/{CARD}"), None),
     ] {
         let a = as_agent(&gw, m.clone(), &path, body).await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{m} {path}");

@@ -177,7 +177,7 @@ fn rfc3339(ms: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_uploads_are_idempotent_and_count_risk() {
-    let gw = TestGateway::start(|_| {}).await;
+    let gw = TestGateway::start(|c| c.offline.terminal_prefixes = vec!["term-".into()]).await;
     let (good, stolen, later) = (card(1), card(2), card(3));
     for c in [&good, &stolen, &later] {
         gw.put_card(c, json!({"status": "active", "functions": ["transit"]}))
@@ -199,6 +199,9 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
         json!({"event_id": "o-6", "kind": "tap", "card_no": good, "scenario": "transit", "amount_fen": 200, "decision": "approve"}),
         offline_tap("o-7", "not-a-card", 200, &tap_time, "approve"),
         offline_tap("o-8", &good, 200, &rfc3339(now + 86_400_000), "approve"),
+        offline_tap("o-10", &good, 1_000_000, &tap_time, "approve"),
+        json!({"event_id": "o-11", "kind": "tap", "card_no": good, "scenario": "access", "amount_fen": 5,
+               "occurred_at": tap_time, "decision": "approve"}),
     ]);
     let a = t
         .send(
@@ -223,7 +226,7 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
             v["rejected"].as_u64(),
             v["risk"].as_u64()
         ),
-        (Some(5), Some(3), Some(2)),
+        (Some(5), Some(5), Some(2)),
         "{v}"
     );
     assert_eq!(v["events"][1]["risk"], true);
@@ -233,7 +236,13 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
         "listed after the tap: no risk"
     );
     assert!(v["events"][4].get("risk").is_none(), "a decline is no risk");
-    for (i, field) in [(5, "occurred_at"), (6, "card_no"), (7, "future")] {
+    for (i, field) in [
+        (5, "occurred_at"),
+        (6, "card_no"),
+        (7, "future"),
+        (8, "most"),
+        (9, "does not charge"),
+    ] {
         assert_eq!(status(&v, i), "rejected");
         let msg = v["events"][i]["error"]["message"].as_str().unwrap();
         assert!(msg.contains(field), "{msg}");
@@ -310,6 +319,31 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
             .await
             .unwrap();
         assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_configured_validators_may_upload() {
+    let gw = TestGateway::start(|c| c.offline.terminal_prefixes = vec!["term-00002".into()]).await;
+    let body = json!({"events": [offline_tap("x-1", &card(1), 200, &rfc3339(onecard::clock::now_ms()), "approve")]});
+    for (n, want) in [(1, StatusCode::FORBIDDEN), (2, StatusCode::OK)] {
+        let mut t = gw.terminal(n, Protocol::Http1).await;
+        let a = t
+            .send(
+                Method::POST,
+                "/v1/offline-batch",
+                &[("content-type", "application/json")],
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            a.status,
+            want,
+            "terminal {n}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
     }
     gw.shutdown().await;
 }

@@ -82,6 +82,7 @@ async fn setup_with(
     ))
     .unwrap();
     config.settlement.sinks = vec![sink_config];
+    config.offline.terminal_prefixes = vec!["term-".into()];
     config.validate().unwrap();
     let gw = TestGateway {
         running: Some(onecard::server::start(config.clone()).await.unwrap()),

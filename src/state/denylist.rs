@@ -5,11 +5,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::authz::DenySet;
+use crate::authz::{DenySet, Listing};
 use crate::journal::{Commit, Journal, JournalError, Op};
 use crate::model::CardNo;
 use crate::state::store::meta;
 use crate::state::{Cf, Store, StoreError};
+
+/// The reasons card-life changes (loss, freeze, cancellation, replacement)
+/// list a card with, as opposed to an operator's own reasons.
+pub const DENY_LOST: &str = "card reported lost";
+pub const DENY_FROZEN: &str = "card frozen";
+pub const DENY_CANCELLED: &str = "card cancelled";
+pub const DENY_REPLACED: &str = "card replaced";
+
+/// Whether a deny-list entry was put there by a card-life change.
+pub fn is_life_reason(reason: &str) -> bool {
+    [DENY_LOST, DENY_FROZEN, DENY_CANCELLED, DENY_REPLACED].contains(&reason)
+}
 
 /// A deny-list reason: 1 to this many characters.
 pub const DENY_REASON_LEN_MAX: usize = 64;
@@ -19,6 +31,7 @@ pub struct DenyEntry {
     pub reason: String,
     /// The deny-list version that added (or last changed) this entry.
     pub version: u64,
+    /// When the card was first listed (kept when the reason changes).
     pub added_at_ms: i64,
 }
 
@@ -57,6 +70,14 @@ pub struct DenyList {
 impl DenySet for DenyList {
     fn contains(&self, card: &CardNo) -> bool {
         self.map.pin().contains_key(card)
+    }
+
+    fn listing(&self, card: &CardNo) -> Listing {
+        match self.map.pin().get(card) {
+            None => Listing::No,
+            Some(e) if is_life_reason(&e.reason) => Listing::CardLife,
+            Some(_) => Listing::Operator,
+        }
     }
 }
 
@@ -234,10 +255,13 @@ impl DenyList {
             let key = card.as_str().as_bytes().to_vec();
             match reason {
                 Some(reason) => {
+                    // A new reason for a listed card keeps the time it was
+                    // first listed: offline risk counts taps from then.
+                    let since = self.get(card).map_or(now_ms, |e| e.added_at_ms);
                     let entry = DenyEntry {
                         reason: reason.clone(),
                         version,
-                        added_at_ms: now_ms,
+                        added_at_ms: since,
                     };
                     ops.push(Op::Put(Cf::Denylist, key, to_json(&entry)));
                     effects.push((card.clone(), Some(entry)));
