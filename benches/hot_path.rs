@@ -1,7 +1,9 @@
 //! Criterion benches for every step of the hot path: decode, decide,
 //! deny-list lookup (1 M entries), idempotency fingerprint and key, the
 //! idempotency check on a real RocksDB (a new event and a replay), and a
-//! journal group commit on a real RocksDB in both durability modes.
+//! journal group commit on a real RocksDB in both durability modes; the QR
+//! verification of a scan (whole token: parse, decode, signature, claims)
+//! for both algorithms, and the single-use check of its `jti`.
 //!
 //! `cargo bench --bench hot_path` (figures in README.md, "Performance").
 
@@ -170,8 +172,47 @@ fn bench_journal(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_qr(c: &mut Criterion) {
+    use onecard::qr::{self, Alg, CredType, IssuerKey, Keyring, ReplayCache, Rules, SigningKey};
+    let now = 1_795_851_912;
+    for (alg, name) in [(Alg::Ed25519, "ed25519"), (Alg::Sm2, "sm2")] {
+        let key = SigningKey::generate(alg);
+        let public = IssuerKey::from_public_pem("k1", alg, &key.public_pem(), 0, None).unwrap();
+        let keys = Keyring::new(vec![public]).unwrap();
+        let token = qr::issue(
+            &key,
+            "k1",
+            "essc-0001",
+            CredType::Essc,
+            now,
+            60,
+            "jti-00000001",
+        )
+        .unwrap();
+        c.bench_function(&format!("qr/verify_{name}"), |b| {
+            b.iter(|| qr::verify(black_box(&token), &keys, Rules::default(), now).unwrap())
+        });
+    }
+    let cache = ReplayCache::new(2_000_000);
+    let mut i = 0u64;
+    c.bench_function("qr/replay_check_new", |b| {
+        b.iter(|| {
+            i += 1;
+            let jti = format!("jti-{i:012}");
+            // Forgotten a minute later, as a live code would be.
+            cache.check_and_remember(
+                "essc-0001",
+                &jti,
+                (now + (i as i64) / 10_000) + 60,
+                now + (i as i64) / 10_000,
+            )
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    bench_qr,
     bench_decode,
     bench_decide,
     bench_idempotency_check,

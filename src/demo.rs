@@ -261,3 +261,239 @@ pub async fn settlement(
     }
     Ok(())
 }
+
+/// The dev issuer keys (config/dev.toml lists their public halves).
+pub const DEV_QR_KEYS: [(&str, &str, &str); 2] = [
+    ("dev-ed-1", "config/dev-qr/dev-ed25519.pem", "essc"),
+    ("dev-sm2-1", "config/dev-qr/dev-sm2.pem", "ykm"),
+];
+/// The dev hotline agent's token (config/dev.toml).
+pub const DEV_AGENT_TOKEN: &str = "dev-agent-token-0001";
+
+/// Credentials and card life, shown: a resident's two codes (Ed25519 and
+/// SM2) scanned, a replayed and an expired code refused, a loss reported
+/// through the hotline and the card stopped, an offline validator catching
+/// up on the deny list and uploading its taps, and the replacement card
+/// taking over the codes.
+pub async fn credentials(
+    admin: SocketAddr,
+    terminal: SocketAddr,
+    certs_dir: &Path,
+    token: &str,
+) -> anyhow::Result<()> {
+    use crate::qr;
+    // Cards and credentials of this run: a second run of the demo on the
+    // same data finds the first run's card replaced and its codes moved.
+    let stamp = crate::clock::now_ms() % 1_000_000_000;
+    let card = &format!("500118F{stamp:09}");
+    let new_card = format!("500118E{stamp:09}");
+    let call =
+        |method: Method, path: String, body: Option<serde_json::Value>, who: &'static str| {
+            let token = if who == "agent" {
+                DEV_AGENT_TOKEN
+            } else {
+                token
+            };
+            let token = token.to_owned();
+            async move {
+                let a = client::admin(admin, Some(&token), method, &path, body.as_ref()).await?;
+                anyhow::ensure!(
+                    a.status == StatusCode::OK,
+                    "{path}: {} {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body)
+                );
+                Ok::<_, anyhow::Error>(a.json())
+            }
+        };
+    call(
+        Method::PUT,
+        format!("/admin/v1/cards/{card}"),
+        Some(json!({"status": "active", "functions": ["transit", "medical"]})),
+        "operator",
+    )
+    .await?;
+    call(
+        Method::PUT,
+        format!("/admin/v1/cards/{card}/holder"),
+        Some(json!({"personal_id": "11010519491231002X"})),
+        "operator",
+    )
+    .await?;
+    let mut conn = client::connect_terminal(terminal, Some(certs_dir), 2, Protocol::Http1).await?;
+    let run_id = crate::clock::now_ms();
+    let now = run_id / 1000;
+    let mut codes = Vec::new();
+    for (kid, path, typ) in DEV_QR_KEYS {
+        let key = qr::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path)?)
+            .map_err(anyhow::Error::msg)?;
+        let typ = qr::CredType::parse(typ).expect("a known type");
+        let sub = format!("{}-demo-{stamp}", typ.as_str());
+        call(
+            Method::POST,
+            format!("/admin/v1/cards/{card}/credentials"),
+            Some(json!({"credential_id": sub, "typ": typ.as_str()})),
+            "operator",
+        )
+        .await?;
+        let code = qr::issue(&key, kid, &sub, typ, now, 60, &qr::random_jti())
+            .map_err(anyhow::Error::msg)?;
+        let expired = qr::issue(&key, kid, &sub, typ, now - 600, 60, &qr::random_jti())
+            .map_err(anyhow::Error::msg)?;
+        codes.push((key.alg().as_str(), sub, code, expired, kid, typ));
+    }
+    let mut n = 0;
+    let mut next_id = || {
+        n += 1;
+        format!("demo-scan-{run_id}-{n}")
+    };
+    for (alg, _, code, expired, _, typ) in &codes {
+        scan(
+            &mut conn,
+            next_id(),
+            code,
+            format!("{} code ({alg})", typ.as_str()),
+        )
+        .await?;
+        scan(
+            &mut conn,
+            next_id(),
+            code,
+            format!("the same {} code again", typ.as_str()),
+        )
+        .await?;
+        scan(
+            &mut conn,
+            next_id(),
+            expired,
+            format!("{} code expired 9 minutes ago", typ.as_str()),
+        )
+        .await?;
+    }
+    let version = call(Method::GET, "/admin/v1/status".into(), None, "operator").await?["denylist"]
+        ["version"]
+        .as_u64()
+        .unwrap_or(0);
+
+    // The resident calls the hotline: found by ID number, card reported lost.
+    let found = call(
+        Method::POST,
+        "/admin/v1/cards/find".into(),
+        Some(json!({"personal_id": "11010519491231002X"})),
+        "agent",
+    )
+    .await?;
+    let lost = call(
+        Method::POST,
+        format!("/admin/v1/cards/{card}/loss"),
+        Some(json!({"note": "demo: wallet lost on metro line 2"})),
+        "agent",
+    )
+    .await?;
+    println!(
+        "demo: hotline agent finds card {} by ID number and reports it lost -> {} (deny-list version {})",
+        mask_card_no(found["card_no"].as_str().unwrap_or("")),
+        lost["status"].as_str().unwrap_or("-"),
+        lost["denylist_version"]
+    );
+    let (alg, _, _, _, kid, typ) = &codes[0];
+    let key = qr::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(DEV_QR_KEYS[0].1)?)
+        .map_err(anyhow::Error::msg)?;
+    let sub = format!("{}-demo-{stamp}", typ.as_str());
+    let fresh =
+        qr::issue(&key, kid, &sub, *typ, now, 60, &qr::random_jti()).map_err(anyhow::Error::msg)?;
+    scan(
+        &mut conn,
+        next_id(),
+        &fresh,
+        format!("a fresh {alg} code of the lost card"),
+    )
+    .await?;
+
+    // An offline validator catches up on the deny list, then uploads a
+    // tap of the lost card it let through while offline.
+    let path = format!("/v1/denylist?since={version}");
+    let d = conn.send(Method::GET, &path, &[], Vec::new()).await?;
+    let v = d.json();
+    println!(
+        "demo: validator syncs the deny list since version {version} -> {} added, {} removed, now version {}",
+        v["add"].as_array().map_or(0, Vec::len),
+        v["remove"].as_array().map_or(0, Vec::len),
+        v["version"]
+    );
+    let at = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let upload = json!({"events": [
+        {"event_id": format!("demo-off-{run_id}-1"), "kind": "tap", "card_no": "500118D000000001", "scenario": "transit",
+         "amount_fen": 200, "occurred_at": at, "decision": "approve"},
+        {"event_id": format!("demo-off-{run_id}-2"), "kind": "tap", "card_no": card, "scenario": "transit",
+         "amount_fen": 200, "occurred_at": at, "decision": "approve"},
+    ]});
+    let o = conn
+        .send(
+            Method::POST,
+            "/v1/offline-batch",
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&upload)?,
+        )
+        .await?
+        .json();
+    println!(
+        "demo: validator uploads 2 offline taps -> {} accepted, {} offline risk (the lost card)",
+        o["accepted"], o["risk"]
+    );
+
+    // A replacement card takes over the codes.
+    call(
+        Method::POST,
+        format!("/admin/v1/cards/{card}/replace"),
+        Some(json!({"new_card_no": new_card})),
+        "operator",
+    )
+    .await?;
+    let fresh =
+        qr::issue(&key, kid, &sub, *typ, now, 60, &qr::random_jti()).map_err(anyhow::Error::msg)?;
+    scan(
+        &mut conn,
+        next_id(),
+        &fresh,
+        format!("the same credential, card replaced ({alg})"),
+    )
+    .await?;
+    let look = call(
+        Method::GET,
+        format!("/admin/v1/cards/{new_card}/transactions?limit=50"),
+        None,
+        "agent",
+    )
+    .await?;
+    println!(
+        "demo: hotline look-up of the new card: {} decisions (the lost card's included, masked); audited",
+        look["transactions"].as_array().map_or(0, Vec::len)
+    );
+    Ok(())
+}
+
+/// One scan, printed with its decision and latency.
+async fn scan(
+    conn: &mut client::Connection,
+    event_id: String,
+    qr: &str,
+    what: String,
+) -> anyhow::Result<()> {
+    let body = json!({"event_id": event_id, "kind": "scan", "qr": qr,
+                      "scenario": "transit", "amount_fen": 200, "site": "demo-metro-2"});
+    let t = Instant::now();
+    let v = conn.authorize(&body).await?.json();
+    println!(
+        "demo: scan {what:<44} -> {:<7} {:<18} {:>6.2} ms",
+        v["decision"].as_str().unwrap_or("-"),
+        v["reason"]
+            .as_str()
+            .or(v["error"]["code"].as_str())
+            .unwrap_or("-"),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}

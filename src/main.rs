@@ -295,6 +295,13 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
     let certs_dir = config.certs_dir();
     let token = config.admin.token.clone().unwrap_or_default();
     let first_sink = config.settlement.sinks.first().cloned();
+    // The credentials demo needs the dev issuer keys and hotline token.
+    let qr_demo = config
+        .qr
+        .keys
+        .iter()
+        .any(|k| k.kid == demo::DEV_QR_KEYS[0].0)
+        && std::path::Path::new(demo::DEV_QR_KEYS[0].1).exists();
     let data_dir = config.data_dir.clone();
     let running = server::start(config)
         .await
@@ -350,6 +357,12 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
             if let Err(e) = demo::settlement(addrs.admin, addrs.terminal, &certs_dir, &token).await
             {
                 eprintln!("settlement demo failed: {e:#}");
+            }
+        }
+        if qr_demo {
+            if let Err(e) = demo::credentials(addrs.admin, addrs.terminal, &certs_dir, &token).await
+            {
+                eprintln!("credentials demo failed: {e:#}");
             }
         }
         println!(

@@ -361,3 +361,83 @@ async fn bindings_are_checked_and_scans_need_keys() {
         .contains("not configured"));
     plain.shutdown().await;
 }
+
+/// `onecard qr keygen` and `onecard qr issue`, as an operator runs them:
+/// the key pair goes into the config and a printed code is approved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_from_the_command_line_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_onecard");
+    let mut configs = Vec::new();
+    let mut codes = Vec::new();
+    for (alg, kid, sub, typ) in [
+        ("sm2", "cli-sm2", "ykm-cli1", "ykm"),
+        ("ed25519", "cli-ed", "essc-cli1", "essc"),
+    ] {
+        let key = dir.path().join(format!("{alg}.pem"));
+        let out = std::process::Command::new(bin)
+            .args(["qr", "keygen", "--alg", alg, "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key).unwrap().permissions(),
+        );
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the private key is readable by its owner only"
+        );
+        configs.push(QrKeyConfig {
+            kid: kid.into(),
+            alg: alg.into(),
+            public_key: dir.path().join(format!("{alg}.pem.pub")),
+            valid_from: None,
+            valid_until: None,
+        });
+        let out = std::process::Command::new(bin)
+            .args([
+                "qr", "issue", "--kid", kid, "--sub", sub, "--typ", typ, "--ttl", "60", "--key",
+            ])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        codes.push((
+            sub,
+            typ,
+            String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+        ));
+    }
+    let bad = std::process::Command::new(bin)
+        .args(["qr", "keygen", "--alg", "rsa", "--out"])
+        .arg(dir.path().join("x.pem"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sm2 or ed25519"));
+
+    let gw = TestGateway::start(|c| c.qr.keys = configs).await;
+    gw.put_card(CARD, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    for (i, (sub, typ, code)) in codes.iter().enumerate() {
+        bind(&gw, CARD, sub, typ).await;
+        assert!(code.starts_with("OC1."), "{code}");
+        let a = t
+            .authorize(&scan(&format!("cli-{i}"), code, "transit", 200))
+            .await
+            .unwrap();
+        assert_eq!(decision(&a), ("approve".into(), "OK".into()), "{sub}");
+    }
+    gw.shutdown().await;
+}
