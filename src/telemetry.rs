@@ -163,6 +163,26 @@ fn describe() {
         "onecard_reversals_total",
         "Reversals by status (reversed, not_charged, unknown_event)"
     );
+    describe_counter!(
+        "onecard_qr_rejects_total",
+        "Scanned codes refused, by why (malformed, unknown_kid, key_not_valid, bad_signature, lifetime_too_long, not_yet_valid, expired, type_mismatch)"
+    );
+    describe_counter!(
+        "onecard_qr_replay_cache_full_total",
+        "Scans refused because the replay cache held only live codes (raise qr.replay_cache_max)"
+    );
+    describe_counter!(
+        "onecard_card_life_total",
+        "Card-life changes by op (report_loss, lift_loss, freeze, unfreeze, cancel, replace)"
+    );
+    describe_counter!(
+        "onecard_offline_events_total",
+        "Offline validator events uploaded, by result (accepted, duplicate, rejected)"
+    );
+    describe_counter!(
+        "onecard_offline_risk_taps_total",
+        "Offline approvals of cards deny-listed before the tap"
+    );
     describe_gauge!(
         "onecard_settle_failed",
         "1 when a sink's settlement stopped on a storage failure (see the log)"
