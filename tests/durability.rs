@@ -251,3 +251,114 @@ async fn kill_9_mid_delivery_books_every_event_once() {
         "{l:?}"
     );
 }
+
+/// A loss report, a replacement and a spent code survive `kill -9`: after
+/// the restart the lost card is still stopped (online and in the deny list
+/// validators sync), the new card has the credential, and the code already
+/// used is still refused as a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_loss_reports_replacements_and_spent_codes() {
+    use common::qr::{now_s, scan, TestKey};
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestKey::ed25519(31);
+    let public = issuer.write_public(dir.path(), "ed-1");
+    let extra =
+        format!("[[qr.keys]]\nkid = \"ed-1\"\nalg = \"ed25519\"\npublic_key = {public:?}\n");
+    let mut child = spawn_gateway_with(dir.path(), &extra);
+    let addrs = wait_ready(&mut child, dir.path());
+    let certs = dir.path().join("data").join("certs");
+    let admin = |method: Method, path: String, body: Option<serde_json::Value>| async move {
+        let a = client::admin(addrs.admin, Some(TOKEN), method, &path, body.as_ref())
+            .await
+            .unwrap();
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        a.json()
+    };
+    let (lost, old, new) = (card(90), card(91), card(92));
+    for c in [&lost, &old] {
+        admin(
+            Method::PUT,
+            format!("/admin/v1/cards/{c}"),
+            Some(json!({"status": "active", "functions": ["transit"]})),
+        )
+        .await;
+    }
+    admin(
+        Method::POST,
+        format!("/admin/v1/cards/{old}/credentials"),
+        Some(json!({"credential_id": "essc-k9", "typ": "essc"})),
+    )
+    .await;
+    let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http1).await;
+    let code = issuer.code("ed-1", "essc-k9", "essc", now_s(), 60, "jti-k9-000001");
+    let a = t
+        .authorize(&scan("k9-s1", &code, "transit", 1))
+        .await
+        .unwrap();
+    assert_eq!(a.json()["decision"], "approve");
+    admin(Method::POST, format!("/admin/v1/cards/{lost}/loss"), None).await;
+    admin(
+        Method::POST,
+        format!("/admin/v1/cards/{old}/replace"),
+        Some(json!({"new_card_no": new})),
+    )
+    .await;
+    let version = admin(Method::GET, "/admin/v1/status".into(), None).await["denylist"]["version"]
+        .as_u64()
+        .unwrap();
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = spawn_gateway_with(dir.path(), &extra);
+    let addrs = wait_ready(&mut child, dir.path());
+    let mut t = connect_terminal(&certs, addrs.terminal, 2, Protocol::Http1).await;
+    let a = t
+        .authorize(&tap("k9-t1", &lost, "transit", 1))
+        .await
+        .unwrap();
+    assert_eq!(a.json()["reason"], "CARD_LOST");
+    let a = t
+        .authorize(&tap("k9-t2", &old, "transit", 1))
+        .await
+        .unwrap();
+    assert_eq!(a.json()["reason"], "CARD_CANCELLED");
+    let a = t
+        .authorize(&scan("k9-s2", &code, "transit", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.json()["reason"],
+        "QR_REPLAYED",
+        "a spent code stays spent"
+    );
+    let fresh = issuer.code("ed-1", "essc-k9", "essc", now_s(), 60, "jti-k9-000002");
+    let a = t
+        .authorize(&scan("k9-s3", &fresh, "transit", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.json()["decision"],
+        "approve",
+        "the credential leads to the new card"
+    );
+    let full = t
+        .send(Method::GET, "/v1/denylist", &[], Vec::new())
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(full["version"].as_u64(), Some(version));
+    let listed: Vec<&str> = full["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [lost.as_str(), old.as_str()]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
