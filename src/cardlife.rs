@@ -578,7 +578,13 @@ mod tests {
     #[test]
     fn transitions() {
         let ok = |status, deny| Ok(Transition { status, deny });
-        let cases: &[(LifeOp, CardStatus, Option<&str>, Result<Transition, &str>)] = &[
+        type Case<'a> = (
+            LifeOp,
+            CardStatus,
+            Option<&'a str>,
+            Result<Transition, &'a str>,
+        );
+        let cases: &[Case] = &[
             (
                 ReportLoss,
                 Active,

@@ -206,6 +206,20 @@ impl Connection {
         self.post_json("/v1/reverse", body).await
     }
 
+    /// `POST /v1/offline-batch` with `body` (`{"events": [...]}`).
+    pub async fn offline_batch(&mut self, body: &serde_json::Value) -> Result<Answer, ClientError> {
+        self.post_json("/v1/offline-batch", body).await
+    }
+
+    /// `GET /v1/denylist`, from version `since` (the whole list without).
+    pub async fn denylist(&mut self, since: Option<u64>) -> Result<Answer, ClientError> {
+        let path = match since {
+            Some(v) => format!("/v1/denylist?since={v}"),
+            None => "/v1/denylist".to_owned(),
+        };
+        self.send(Method::GET, &path, &[], Vec::new()).await
+    }
+
     async fn post_json(
         &mut self,
         path: &str,

@@ -412,8 +412,7 @@ pub async fn credentials(
 
     // An offline validator catches up on the deny list, then uploads a
     // tap of the lost card it let through while offline.
-    let path = format!("/v1/denylist?since={version}");
-    let d = conn.send(Method::GET, &path, &[], Vec::new()).await?;
+    let d = conn.denylist(Some(version)).await?;
     let v = d.json();
     println!(
         "demo: validator syncs the deny list since version {version} -> {} added, {} removed, now version {}",
@@ -430,15 +429,7 @@ pub async fn credentials(
         {"event_id": format!("demo-off-{run_id}-2"), "kind": "tap", "card_no": card, "scenario": "transit",
          "amount_fen": 200, "occurred_at": at, "decision": "approve"},
     ]});
-    let o = conn
-        .send(
-            Method::POST,
-            "/v1/offline-batch",
-            &[("content-type", "application/json")],
-            serde_json::to_vec(&upload)?,
-        )
-        .await?
-        .json();
+    let o = conn.offline_batch(&upload).await?.json();
     println!(
         "demo: validator uploads 2 offline taps -> {} accepted, {} offline risk (the lost card)",
         o["accepted"], o["risk"]

@@ -82,6 +82,26 @@ pub struct Gateway {
     pub deny_full_build: tokio::sync::Mutex<()>,
 }
 
+/// The amount an event asks to charge, checked against its scenario:
+/// present where the scenario charges (when `required`), 0 or absent where
+/// it does not.
+pub fn amount_for(
+    policy: &Policy,
+    scenario: crate::model::Scenario,
+    amount_fen: Option<i64>,
+    required: bool,
+) -> Result<i64, ApiError> {
+    match (policy.rule(scenario).charges, amount_fen) {
+        (true, None) if required => Err(ApiError::invalid(format!(
+            "missing field `amount_fen` (required for scenario {scenario})"
+        ))),
+        (false, Some(a)) if a > 0 => Err(ApiError::invalid(format!(
+            "`amount_fen` must be 0 or absent for scenario {scenario}, which does not charge"
+        ))),
+        (_, a) => Ok(a.unwrap_or(0)),
+    }
+}
+
 /// A storage failure seen by a client: the gateway cannot record decisions.
 fn storage_error(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "storage read failed");
@@ -211,22 +231,7 @@ impl Gateway {
     ) -> Result<Vec<u8>, ApiError> {
         let started = Instant::now();
         let req = wire::parse_authorize(body)?;
-        let rule = self.policy.rule(req.scenario);
-        let amount_fen = match (rule.charges, req.amount_fen) {
-            (true, None) => {
-                return Err(ApiError::invalid(format!(
-                    "missing field `amount_fen` (required for scenario {})",
-                    req.scenario
-                )))
-            }
-            (false, Some(a)) if a > 0 => {
-                return Err(ApiError::invalid(format!(
-                    "`amount_fen` must be 0 or absent for scenario {}, which does not charge",
-                    req.scenario
-                )))
-            }
-            (_, a) => a.unwrap_or(0),
-        };
+        let amount_fen = amount_for(&self.policy, req.scenario, req.amount_fen, true)?;
         let scanner = self.scanner.as_ref();
         if scanner.is_none() && matches!(req.credential, wire::Credential::Scan(_)) {
             // Refused before anything is recorded: a configuration matter.
@@ -523,7 +528,6 @@ impl Gateway {
             .and_then(|o| CardNo::parse(o.card_no).ok());
         let event_at_ms = stored.as_ref().map_or(now_ms, |s| s.created_ms);
         let indexed: Option<Box<str>> = origin.map(|o| o.card_no.into());
-        drop(stored);
         let hold: Box<dyn Send> = Box::new((own, event_guard));
         let pending = match card {
             Some(card_no) => {

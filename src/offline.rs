@@ -308,27 +308,13 @@ fn parse_event(v: &Value, now_ms: i64, gw: &Gateway) -> Result<OfflineEvent, Api
     }
     // The scenario's own rules hold offline too: a validator may not
     // charge where the scenario is free, nor more than one event may.
-    let rule = gw.policy.rule(req.scenario);
-    match (rule.charges, req.amount_fen) {
-        (true, None) if approved => {
-            return Err(ApiError::invalid(format!(
-                "missing field `amount_fen` (required for scenario {})",
-                req.scenario
-            )))
-        }
-        (false, Some(a)) if a > 0 => {
-            return Err(ApiError::invalid(format!(
-                "`amount_fen` must be 0 or absent for scenario {}, which does not charge",
-                req.scenario
-            )))
-        }
-        (true, Some(a)) if a > rule.amount_max_fen => {
-            return Err(ApiError::invalid(format!(
-                "`amount_fen` is above the most one event of scenario {} may charge ({} fen)",
-                req.scenario, rule.amount_max_fen
-            )))
-        }
-        _ => {}
+    let amount = crate::gateway::amount_for(&gw.policy, req.scenario, req.amount_fen, approved)?;
+    let most = gw.policy.rule(req.scenario).amount_max_fen;
+    if amount > most {
+        return Err(ApiError::invalid(format!(
+            "`amount_fen` is above the most one event of scenario {} may charge ({most} fen)",
+            req.scenario
+        )));
     }
     let mut h = Sha256::new();
     h.update(req.fingerprint());

@@ -14,17 +14,18 @@ use onecard::rng::Rng;
 use serde_json::{json, Value};
 
 async fn sync(t: &mut Connection, since: Option<u64>, etag: Option<&str>) -> Answer {
-    let path = match since {
-        Some(v) => format!("/v1/denylist?since={v}"),
-        None => "/v1/denylist".to_owned(),
-    };
-    let mut headers = Vec::new();
-    if let Some(e) = etag {
-        headers.push(("if-none-match", e));
+    match etag {
+        None => t.denylist(since).await.unwrap(),
+        Some(e) => t
+            .send(
+                Method::GET,
+                "/v1/denylist",
+                &[("if-none-match", e)],
+                Vec::new(),
+            )
+            .await
+            .unwrap(),
     }
-    t.send(Method::GET, &path, &headers, Vec::new())
-        .await
-        .unwrap()
 }
 
 fn card(i: u64) -> String {
@@ -203,15 +204,7 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
         json!({"event_id": "o-11", "kind": "tap", "card_no": good, "scenario": "access", "amount_fen": 5,
                "occurred_at": tap_time, "decision": "approve"}),
     ]);
-    let a = t
-        .send(
-            Method::POST,
-            "/v1/offline-batch",
-            &[("content-type", "application/json")],
-            serde_json::to_vec(&first).unwrap(),
-        )
-        .await
-        .unwrap();
+    let a = t.offline_batch(&first).await.unwrap();
     assert_eq!(
         a.status,
         StatusCode::OK,
@@ -257,15 +250,7 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
         offline_tap("o-3", &stolen, 999, &tap_time, "approve"),
         offline_tap("o-9", &good, 200, &tap_time, "approve"),
     ]);
-    let a = t
-        .send(
-            Method::POST,
-            "/v1/offline-batch",
-            &[("content-type", "application/json")],
-            serde_json::to_vec(&second).unwrap(),
-        )
-        .await
-        .unwrap();
+    let a = t.offline_batch(&second).await.unwrap();
     let w = a.json();
     assert_eq!(status(&w, 0), "duplicate");
     assert_eq!(w["events"][0]["auth_id"], v["events"][0]["auth_id"]);
@@ -309,15 +294,7 @@ async fn offline_uploads_are_idempotent_and_count_risk() {
         vec![],
         vec![offline_tap("x", &good, 1, &tap_time, "approve"); 501],
     ] {
-        let a = t
-            .send(
-                Method::POST,
-                "/v1/offline-batch",
-                &[("content-type", "application/json")],
-                serde_json::to_vec(&upload(events)).unwrap(),
-            )
-            .await
-            .unwrap();
+        let a = t.offline_batch(&upload(events)).await.unwrap();
         assert_eq!(a.status, StatusCode::BAD_REQUEST);
     }
     gw.shutdown().await;
@@ -329,15 +306,7 @@ async fn only_configured_validators_may_upload() {
     let body = json!({"events": [offline_tap("x-1", &card(1), 200, &rfc3339(onecard::clock::now_ms()), "approve")]});
     for (n, want) in [(1, StatusCode::FORBIDDEN), (2, StatusCode::OK)] {
         let mut t = gw.terminal(n, Protocol::Http1).await;
-        let a = t
-            .send(
-                Method::POST,
-                "/v1/offline-batch",
-                &[("content-type", "application/json")],
-                serde_json::to_vec(&body).unwrap(),
-            )
-            .await
-            .unwrap();
+        let a = t.offline_batch(&body).await.unwrap();
         assert_eq!(
             a.status,
             want,

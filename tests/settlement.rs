@@ -458,15 +458,7 @@ async fn offline_approvals_are_settled_like_online_ones() {
     let body = json!({"events": [event("off-1", "approve"), event("off-2", "approve"),
                                  event("off-3", "decline"), event("off-4", "approve")]});
     let mut t = gw.terminal(3, Protocol::Http1).await;
-    let a = t
-        .send(
-            Method::POST,
-            "/v1/offline-batch",
-            &[("content-type", "application/json")],
-            serde_json::to_vec(&body).unwrap(),
-        )
-        .await
-        .unwrap();
+    let a = t.offline_batch(&body).await.unwrap();
     assert_eq!(
         a.json()["accepted"],
         4,

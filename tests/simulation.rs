@@ -166,8 +166,10 @@ fn booked(ledger: &Path) -> (BTreeMap<String, BTreeMap<String, i64>>, Vec<String
     let text = std::fs::read_to_string(ledger).unwrap_or_default();
     let mut charges: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     let mut reversals: Vec<(String, String, i64)> = Vec::new();
-    for line in text.lines() {
-        let b: Value = serde_json::from_str(line).unwrap();
+    // The receiver may be appending a line as this reads: a last line
+    // without its newline is not booked yet (it is read next time).
+    for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        let b: Value = serde_json::from_str(line.trim_end()).unwrap();
         let batch = b["ack"]["batch_id"].as_str().unwrap();
         let sink = batch.split('-').next().unwrap().to_owned();
         for e in b["events"].as_array().unwrap() {

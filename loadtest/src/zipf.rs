@@ -14,7 +14,7 @@ impl Zipf {
     /// Ranks 0..n, rank k drawn with weight 1 / (k + 1)^s.
     pub fn new(n: usize, s: f64) -> Zipf {
         assert!(
-            n >= 1 && n <= POPULATION_MAX,
+            (1..=POPULATION_MAX).contains(&n),
             "population must be 1..={POPULATION_MAX}"
         );
         let mut cdf = Vec::with_capacity(n);

@@ -176,23 +176,9 @@ impl Store {
         &self,
         cf: Cf,
         start: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+        f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        // In key order over every key, whatever the column family's
-        // prefix extractor (the hash memtables of `idem` and `cards`).
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_total_order_seek(true);
-        for item in self.db.iterator_cf_opt(
-            self.cf(cf),
-            ro,
-            IteratorMode::From(start, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if !f(&k, &v) {
-                break;
-            }
-        }
-        Ok(())
+        self.iterate(cf, start, Direction::Forward, f)
     }
 
     /// Calls `f` for each record of `cf` at or before `start`, in reverse
@@ -201,15 +187,26 @@ impl Store {
         &self,
         cf: Cf,
         start: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.iterate(cf, start, Direction::Reverse, f)
+    }
+
+    fn iterate(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        direction: Direction,
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
+        // In key order over every key, whatever the column family's
+        // prefix extractor (the hash memtables of `idem` and `cards`).
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_total_order_seek(true);
-        for item in self.db.iterator_cf_opt(
-            self.cf(cf),
-            ro,
-            IteratorMode::From(start, Direction::Reverse),
-        ) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(start, direction))
+        {
             let (k, v) = item?;
             if !f(&k, &v) {
                 break;
