@@ -525,10 +525,12 @@ impl Admin {
         req: Request<Incoming>,
     ) -> Result<serde_json::Map<String, Value>, ApiError> {
         let timeout = Duration::from_millis(self.gateway.config.limits.header_read_timeout_ms);
-        let empty = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() == b"0");
+        // No body at all (`curl -X POST` without data sends neither a
+        // length nor a type): nothing to read and no type to require.
+        let empty = {
+            use hyper::body::Body as _;
+            req.body().is_end_stream() || req.body().size_hint().exact() == Some(0)
+        };
         if empty {
             return Ok(serde_json::Map::new());
         }

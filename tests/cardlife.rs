@@ -251,9 +251,20 @@ async fn a_loss_report_stops_the_card_on_every_terminal_from_its_answer_on() {
     assert_eq!(a.status, StatusCode::CONFLICT);
 
     // Freeze and unfreeze, and a lift of a loss report that is not there.
-    ok(&gw
-        .admin(Method::POST, &format!("/admin/v1/cards/{NEW}/freeze"), None)
-        .await);
+    // As `curl -X POST` sends it: no body, no Content-Type.
+    let mut raw = client::Connection::plain(gw.admin_addr(), Protocol::Http1)
+        .await
+        .unwrap();
+    let auth = format!("Bearer {}", common::TOKEN);
+    ok(&raw
+        .send(
+            Method::POST,
+            &format!("/admin/v1/cards/{NEW}/freeze"),
+            &[("authorization", auth.as_str())],
+            Vec::new(),
+        )
+        .await
+        .unwrap());
     let a = t.authorize(&tap("new-1", NEW, "transit", 0)).await.unwrap();
     assert_eq!(decision(&a), ("decline".into(), "CARD_FROZEN".into()));
     ok(&gw
