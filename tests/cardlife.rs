@@ -64,13 +64,7 @@ async fn a_loss_report_stops_the_card_on_every_terminal_from_its_answer_on() {
         json!({"status": "active", "functions": ["transit"], "concessions": ["student"]}),
     )
     .await;
-    ok(&gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/cards/{CARD}/credentials"),
-            Some(json!({"credential_id": "essc-L1", "typ": "essc"})),
-        )
-        .await);
+    gw.bind(CARD, "essc-L1", "essc").await;
     ok(&gw
         .admin(
             Method::PUT,

@@ -63,22 +63,6 @@ fn with_keys(k: &Keys) -> impl FnOnce(&mut Config) + '_ {
     }
 }
 
-async fn bind(gw: &TestGateway, card: &str, cred: &str, typ: &str) {
-    let a = gw
-        .admin(
-            Method::POST,
-            &format!("/admin/v1/cards/{card}/credentials"),
-            Some(json!({"credential_id": cred, "typ": typ})),
-        )
-        .await;
-    assert_eq!(
-        a.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&a.body)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scans_resolve_to_cards_and_every_refusal_has_its_reason() {
     let k = keys();
@@ -90,9 +74,9 @@ async fn scans_resolve_to_cards_and_every_refusal_has_its_reason() {
         )
         .await;
     }
-    bind(&gw, CARD, "essc-0001", "essc").await;
-    bind(&gw, CARD, "ykm-0001", "ykm").await;
-    bind(&gw, LOST, "essc-0002", "essc").await;
+    gw.bind(CARD, "essc-0001", "essc").await;
+    gw.bind(CARD, "ykm-0001", "ykm").await;
+    gw.bind(LOST, "essc-0002", "essc").await;
     let lost = gw
         .admin(Method::POST, &format!("/admin/v1/cards/{LOST}/loss"), None)
         .await;
@@ -277,9 +261,9 @@ async fn bindings_are_checked_and_scans_need_keys() {
         .await;
     gw.put_card(LOST, json!({"status": "active", "functions": ["transit"]}))
         .await;
-    bind(&gw, CARD, "essc-0001", "essc").await;
+    gw.bind(CARD, "essc-0001", "essc").await;
     // Binding again is harmless; to another card is a conflict.
-    bind(&gw, CARD, "essc-0001", "essc").await;
+    gw.bind(CARD, "essc-0001", "essc").await;
     let a = gw
         .admin(
             Method::POST,
@@ -431,7 +415,7 @@ async fn codes_from_the_command_line_are_accepted() {
         .await;
     let mut t = gw.terminal(1, Protocol::Http1).await;
     for (i, (sub, typ, code)) in codes.iter().enumerate() {
-        bind(&gw, CARD, sub, typ).await;
+        gw.bind(CARD, sub, typ).await;
         assert!(code.starts_with("OC1."), "{code}");
         let a = t
             .authorize(&scan(&format!("cli-{i}"), code, "transit", 200))

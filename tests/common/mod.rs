@@ -102,6 +102,23 @@ impl TestGateway {
         );
     }
 
+    /// Binds a credential id of type `typ` (`essc`, `ykm`) to a card.
+    pub async fn bind(&self, card: &str, credential_id: &str, typ: &str) {
+        let a = self
+            .admin(
+                Method::POST,
+                &format!("/admin/v1/cards/{card}/credentials"),
+                Some(json!({"credential_id": credential_id, "typ": typ})),
+            )
+            .await;
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+
     pub async fn deny(&self, card: &str) {
         let a = self
             .admin(

@@ -219,32 +219,24 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
     let run = onecard::clock::now_ms();
     for c in 0..r.cards {
         let card = format!("500118C{c:08}");
-        let put = client::admin(
+        admin_ok(
             r.admin,
-            Some(&r.token),
+            &r.token,
             http::Method::PUT,
             &format!("/admin/v1/cards/{card}"),
             Some(&json!({"status": "active", "functions": ["transit"]})),
+            "card",
         )
         .await?;
-        anyhow::ensure!(
-            put.status == 200,
-            "card: {}",
-            String::from_utf8_lossy(&put.body)
-        );
-        let bind = client::admin(
+        admin_ok(
             r.admin,
-            Some(&r.token),
+            &r.token,
             http::Method::POST,
             &format!("/admin/v1/cards/{card}/credentials"),
             Some(&json!({"credential_id": format!("cred-{alg}-{c}"), "typ": "essc"})),
+            "bind",
         )
         .await?;
-        anyhow::ensure!(
-            bind.status == 200,
-            "bind: {}",
-            String::from_utf8_lossy(&bind.body)
-        );
     }
     let now = onecard::clock::now_ms() / 1000;
     let made = Instant::now();
@@ -311,19 +303,15 @@ async fn loss(
     rounds: u32,
 ) -> anyhow::Result<()> {
     let card = "500118C99999999";
-    let put = client::admin(
+    admin_ok(
         admin,
-        Some(token),
+        token,
         http::Method::PUT,
         &format!("/admin/v1/cards/{card}"),
         Some(&json!({"status": "active", "functions": ["transit"]})),
+        "card",
     )
     .await?;
-    anyhow::ensure!(
-        put.status == 200,
-        "card: {}",
-        String::from_utf8_lossy(&put.body)
-    );
     let run = onecard::clock::now_ms();
     let mut delays = Vec::new();
     let mut late_approvals = 0u64;
@@ -382,19 +370,15 @@ async fn loss(
         delays.push(
             first_decline.ok_or_else(|| anyhow::anyhow!("no decline seen in round {round}"))?,
         );
-        let lift = client::admin(
+        admin_ok(
             admin,
-            Some(token),
+            token,
             http::Method::DELETE,
             &format!("/admin/v1/cards/{card}/loss"),
             None,
+            "lift",
         )
         .await?;
-        anyhow::ensure!(
-            lift.status == 200,
-            "lift: {}",
-            String::from_utf8_lossy(&lift.body)
-        );
     }
     delays.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -406,6 +390,24 @@ async fn loss(
     anyhow::ensure!(
         late_approvals == 0,
         "a tap sent after the loss report's answer was approved"
+    );
+    Ok(())
+}
+
+/// One admin call that must answer `200`; `what` names it in the error.
+async fn admin_ok(
+    admin: SocketAddr,
+    token: &str,
+    method: http::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let a = client::admin(admin, Some(token), method, path, body).await?;
+    anyhow::ensure!(
+        a.status == 200,
+        "{what}: {}",
+        String::from_utf8_lossy(&a.body)
     );
     Ok(())
 }
