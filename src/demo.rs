@@ -348,27 +348,14 @@ pub async fn credentials(
         format!("demo-scan-{run_id}-{n}")
     };
     for (alg, _, code, expired, _, typ) in &codes {
-        scan(
-            &mut conn,
-            next_id(),
-            code,
-            format!("{} code ({alg})", typ.as_str()),
-        )
-        .await?;
-        scan(
-            &mut conn,
-            next_id(),
-            code,
-            format!("the same {} code again", typ.as_str()),
-        )
-        .await?;
-        scan(
-            &mut conn,
-            next_id(),
-            expired,
-            format!("{} code expired 9 minutes ago", typ.as_str()),
-        )
-        .await?;
+        let typ = typ.as_str();
+        for (qr, what) in [
+            (code, format!("{typ} code ({alg})")),
+            (code, format!("the same {typ} code again")),
+            (expired, format!("{typ} code expired 9 minutes ago")),
+        ] {
+            scan(&mut conn, next_id(), qr, what).await?;
+        }
     }
     let version = call(Method::GET, "/admin/v1/status".into(), None, "operator").await?["denylist"]
         ["version"]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,10 +76,11 @@ async fn a_loss_report_stops_the_card_on_every_terminal_from_its_answer_on() {
     // Three terminals tap the card without pause; each answer is kept with
     // the moment its request was sent.
     let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(AtomicUsize::new(0));
     let mut tappers = Vec::new();
     for n in 1..=3u32 {
         let mut t = gw.terminal(n, Protocol::Http2).await;
-        let stop = stop.clone();
+        let (stop, answers) = (stop.clone(), answers.clone());
         tappers.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             let mut i = 0u64;
@@ -90,12 +91,22 @@ async fn a_loss_report_stops_the_card_on_every_terminal_from_its_answer_on() {
                     .await
                     .unwrap();
                 seen.push((sent, decision(&a)));
+                answers.fetch_add(1, Ordering::Release);
                 i += 1;
             }
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Taps on both sides of the report: wait for answers, not for time.
+    let answered_at_least = |n: usize| {
+        let answers = answers.clone();
+        async move {
+            while answers.load(Ordering::Acquire) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    answered_at_least(30).await;
 
     // The hotline agent finds the card by the caller's ID and reports it lost.
     let found = ok(&as_agent(
@@ -117,7 +128,7 @@ async fn a_loss_report_stops_the_card_on_every_terminal_from_its_answer_on() {
     let v = ok(&report);
     assert_eq!(v["status"], "lost");
     assert_eq!(v["denylisted"], true);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    answered_at_least(answers.load(Ordering::Acquire) + 30).await;
     stop.store(true, Ordering::Release);
     let mut before = 0;
     let mut after = 0;

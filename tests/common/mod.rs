@@ -90,49 +90,40 @@ impl TestGateway {
             .unwrap()
     }
 
-    pub async fn put_card(&self, card: &str, body: Value) {
-        let a = self
-            .admin(Method::PUT, &format!("/admin/v1/cards/{card}"), Some(body))
-            .await;
+    /// An admin call that must answer `200`; its JSON answer.
+    pub async fn admin_ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        let a = self.admin(method, path, body).await;
         assert_eq!(
             a.status,
             StatusCode::OK,
-            "{}",
+            "{path}: {}",
             String::from_utf8_lossy(&a.body)
         );
+        a.json()
+    }
+
+    pub async fn put_card(&self, card: &str, body: Value) {
+        self.admin_ok(Method::PUT, &format!("/admin/v1/cards/{card}"), Some(body))
+            .await;
     }
 
     /// Binds a credential id of type `typ` (`essc`, `ykm`) to a card.
     pub async fn bind(&self, card: &str, credential_id: &str, typ: &str) {
-        let a = self
-            .admin(
-                Method::POST,
-                &format!("/admin/v1/cards/{card}/credentials"),
-                Some(json!({"credential_id": credential_id, "typ": typ})),
-            )
-            .await;
-        assert_eq!(
-            a.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&a.body)
-        );
+        self.admin_ok(
+            Method::POST,
+            &format!("/admin/v1/cards/{card}/credentials"),
+            Some(json!({"credential_id": credential_id, "typ": typ})),
+        )
+        .await;
     }
 
     pub async fn deny(&self, card: &str) {
-        let a = self
-            .admin(
-                Method::PUT,
-                &format!("/admin/v1/denylist/{card}"),
-                Some(json!({"reason": "lost"})),
-            )
-            .await;
-        assert_eq!(
-            a.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&a.body)
-        );
+        self.admin_ok(
+            Method::PUT,
+            &format!("/admin/v1/denylist/{card}"),
+            Some(json!({"reason": "lost"})),
+        )
+        .await;
     }
 
     pub async fn shutdown(mut self) {

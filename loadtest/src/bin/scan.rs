@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ed25519_dalek::Signer as _;
 use onecard::client::{self, Protocol};
 use onecard::qr;
@@ -28,6 +28,29 @@ use serde_json::json;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+// The gateway under test (loopback only) and its admin API. (A plain
+// comment: a doc comment would become the subcommands' help text.)
+#[derive(Args)]
+struct Target {
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long)]
+    admin: SocketAddr,
+    #[arg(long, env = "ONECARD_ADMIN_TOKEN")]
+    token: String,
+    #[arg(long)]
+    certs: PathBuf,
+}
+
+impl Target {
+    fn checked(self) -> anyhow::Result<Target> {
+        for a in [self.addr, self.admin] {
+            anyhow::ensure!(a.ip().is_loopback(), "load goes to loopback addresses only");
+        }
+        Ok(self)
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,14 +64,8 @@ enum Cmd {
         seconds: u64,
     },
     Gateway {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        admin: SocketAddr,
-        #[arg(long, env = "ONECARD_ADMIN_TOKEN")]
-        token: String,
-        #[arg(long)]
-        certs: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The issuer's private key (PKCS#8 PEM) and its kid in the config.
         #[arg(long)]
         key: PathBuf,
@@ -65,24 +82,13 @@ enum Cmd {
         cards: u32,
     },
     Loss {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        admin: SocketAddr,
-        #[arg(long, env = "ONECARD_ADMIN_TOKEN")]
-        token: String,
-        #[arg(long)]
-        certs: PathBuf,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 8)]
         terminals: u32,
         #[arg(long, default_value_t = 20)]
         rounds: u32,
     },
-}
-
-fn loopback(a: SocketAddr) -> anyhow::Result<()> {
-    anyhow::ensure!(a.ip().is_loopback(), "load goes to loopback addresses only");
-    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,10 +99,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
         } => raw(&alg, threads.clamp(1, 64), seconds.clamp(1, 600)),
         Cmd::Gateway {
-            addr,
-            admin,
-            token,
-            certs,
+            target,
             key,
             kid,
             terminals,
@@ -104,14 +107,10 @@ fn main() -> anyhow::Result<()> {
             codes,
             cards,
         } => {
-            loopback(addr)?;
-            loopback(admin)?;
+            let target = target.checked()?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(gateway(GatewayRun {
-                addr,
-                admin,
-                token,
-                certs,
+                target,
                 key,
                 kid,
                 terminals: terminals.clamp(1, 1000),
@@ -121,24 +120,13 @@ fn main() -> anyhow::Result<()> {
             }))
         }
         Cmd::Loss {
-            addr,
-            admin,
-            token,
-            certs,
+            target,
             terminals,
             rounds,
         } => {
-            loopback(addr)?;
-            loopback(admin)?;
+            let target = target.checked()?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(loss(
-                addr,
-                admin,
-                &token,
-                &certs,
-                terminals.clamp(1, 100),
-                rounds.clamp(1, 1000),
-            ))
+            rt.block_on(loss(target, terminals.clamp(1, 100), rounds.clamp(1, 1000)))
         }
     }
 }
@@ -199,10 +187,7 @@ fn raw(alg: &str, threads: usize, seconds: u64) -> anyhow::Result<()> {
 }
 
 struct GatewayRun {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    token: String,
-    certs: PathBuf,
+    target: Target,
     key: PathBuf,
     kid: String,
     terminals: u32,
@@ -220,8 +205,8 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
     for c in 0..r.cards {
         let card = format!("500118C{c:08}");
         admin_ok(
-            r.admin,
-            &r.token,
+            r.target.admin,
+            &r.target.token,
             http::Method::PUT,
             &format!("/admin/v1/cards/{card}"),
             Some(&json!({"status": "active", "functions": ["transit"]})),
@@ -229,8 +214,8 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
         )
         .await?;
         admin_ok(
-            r.admin,
-            &r.token,
+            r.target.admin,
+            &r.target.token,
             http::Method::POST,
             &format!("/admin/v1/cards/{card}/credentials"),
             Some(&json!({"credential_id": format!("cred-{alg}-{c}"), "typ": "essc"})),
@@ -259,7 +244,9 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(r.seconds);
     let mut tasks = Vec::new();
     for n in 1..=r.terminals {
-        let mut conn = client::connect_terminal(r.addr, Some(&r.certs), n, Protocol::Http1).await?;
+        let mut conn =
+            client::connect_terminal(r.target.addr, Some(&r.target.certs), n, Protocol::Http1)
+                .await?;
         let (codes, next) = (codes.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let (mut approved, mut other) = (0u64, 0u64);
@@ -294,14 +281,8 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn loss(
-    addr: SocketAddr,
-    admin: SocketAddr,
-    token: &str,
-    certs: &std::path::Path,
-    terminals: u32,
-    rounds: u32,
-) -> anyhow::Result<()> {
+async fn loss(t: Target, terminals: u32, rounds: u32) -> anyhow::Result<()> {
+    let (addr, admin, token, certs) = (t.addr, t.admin, t.token.as_str(), t.certs.as_path());
     let card = "500118C99999999";
     admin_ok(
         admin,
