@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use onecard::authz::{decide, DenySet, Event, Policy};
+use onecard::authz::{decide, DenySet, Event, Facts, Policy};
 use onecard::config::Durability;
 use onecard::idempotency;
 use onecard::journal::{Commit, Journal, Op};
@@ -53,6 +53,128 @@ fn bench_decode(c: &mut Criterion) {
     });
 }
 
+/// One decision per scenario under the pilot's rules (`config/dev.toml`:
+/// route tariffs, concessions, transfers, caps, anti-passback, quotas,
+/// allow-lists, purposes, a partner region), each against the 1 M-entry
+/// deny list: no scenario may make a decision slower than a microsecond.
+fn bench_scenarios(c: &mut Criterion, deny: &impl onecard::authz::DenySet) {
+    use onecard::scenario::{
+        access::{Allow, Windows},
+        place_hash,
+    };
+    let config = onecard::config::Config::load(std::path::Path::new("config/dev.toml")).unwrap();
+    let policy = config.policy().unwrap();
+    let now = 1_795_851_912;
+    let home = CardNo::parse("500118A12345678").unwrap();
+    let partner = CardNo::parse("510104A12345678").unwrap();
+    let mut card = Card::new(
+        CardStatus::Active,
+        &[Function::Transit, Function::Financial, Function::Medical],
+        &[Concession::Student],
+    );
+    // A card mid-journey: the transfer and cap rules have work to do.
+    card.transit.place = place_hash("line-13");
+    card.transit.tap_s = now - 600;
+    card.transit.journey_s = now - 600;
+    card.transit.legs = 1;
+    card.transit.day = policy.local_day(now);
+    card.transit.day_fen = 300;
+    let purpose = policy.identity.purpose_of("term-00010").clone();
+    let at = |site: &'static str| Facts {
+        site: Some(site),
+        place: place_hash(site),
+        ..Facts::default()
+    };
+    let windows = Windows::parse(&["06:00-23:00"]).unwrap();
+    let cases: Vec<(&str, &CardNo, Scenario, i64, Facts<'_>)> = vec![
+        (
+            "transit_route_transfer",
+            &home,
+            Scenario::Transit,
+            0,
+            at("line-12"),
+        ),
+        (
+            "transit_stops",
+            &home,
+            Scenario::Transit,
+            0,
+            Facts {
+                units: Some(9),
+                ..at("metro-1")
+            },
+        ),
+        (
+            "culture_quota_venue",
+            &home,
+            Scenario::Culture,
+            0,
+            Facts {
+                venue_entries: 1200,
+                ..at("museum-1")
+            },
+        ),
+        (
+            "access_allow_list",
+            &home,
+            Scenario::Access,
+            0,
+            Facts {
+                allow: Allow::Listed(windows),
+                ..at("community-7")
+            },
+        ),
+        ("payment", &home, Scenario::Payment, 4_500, Facts::default()),
+        (
+            "medical",
+            &home,
+            Scenario::Medical,
+            12_000,
+            Facts::default(),
+        ),
+        (
+            "identity_purpose",
+            &home,
+            Scenario::Identity,
+            0,
+            Facts {
+                purpose: Some(&purpose),
+                ..Facts::default()
+            },
+        ),
+        ("health", &home, Scenario::Health, 0, Facts::default()),
+        (
+            "partner_transit",
+            &partner,
+            Scenario::Transit,
+            0,
+            at("line-12"),
+        ),
+    ];
+    for (name, card_no, scenario, amount_fen, facts) in cases {
+        let event = Event {
+            card_no,
+            scenario,
+            amount_fen,
+        };
+        let known = (card_no == &home).then_some(&card);
+        let out = decide(event, known, deny, &policy, &facts, now);
+        assert!(out.decision.is_approve(), "{name}: {:?}", out.decision);
+        c.bench_function(&format!("decide/scenario/{name}"), |b| {
+            b.iter(|| {
+                decide(
+                    black_box(event),
+                    black_box(known),
+                    deny,
+                    &policy,
+                    black_box(&facts),
+                    black_box(now),
+                )
+            })
+        });
+    }
+}
+
 fn bench_decide(c: &mut Criterion) {
     let deny = deny_list(DENY_ENTRIES);
     let policy = Policy::with_defaults(100_000, 480);
@@ -74,10 +196,12 @@ fn bench_decide(c: &mut Criterion) {
                 black_box(Some(&card)),
                 &deny,
                 &policy,
+                &Facts::default(),
                 black_box(1_795_851_912),
             )
         })
     });
+    bench_scenarios(c, &deny);
     let hit = CardNo::parse("5001180000424242").unwrap();
     let miss = CardNo::parse("500118A99999999").unwrap();
     c.bench_function("denylist/lookup_hit_1M", |b| {

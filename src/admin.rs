@@ -5,6 +5,8 @@
 //! very next authorization: it goes through the journal writer and then into
 //! the in-memory tables the hot path reads.
 
+mod scenes;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -236,6 +238,12 @@ impl Admin {
                 })))
             }
             RouteId::ImportCards | RouteId::ImportDenylist => self.import(id, req).await,
+            RouteId::CardHealth
+            | RouteId::AccessAllowPost
+            | RouteId::AccessAllowGet
+            | RouteId::PartnerDenyPut
+            | RouteId::PartnerDenyGet
+            | RouteId::Venues => self.scenes(id, param, req, actor(), now).await,
             RouteId::Settlement => self.settlement_status(),
             RouteId::SettlementParked
             | RouteId::SettlementReplay
@@ -333,12 +341,21 @@ impl Admin {
             RouteId::CardHolder => {
                 let card_no = card()?;
                 let m = self.body(req).await?;
-                wire::reject_unknown(&m, &["personal_id"])?;
+                wire::reject_unknown(&m, &["personal_id", "name"])?;
                 let id = wire::req_str(&m, "personal_id")?.to_owned();
+                let name = match wire::opt_str(&m, "name")? {
+                    None => None,
+                    Some(n) => Some(crate::privacy::mask_name(n).ok_or_else(|| {
+                        ApiError::invalid(
+                            "`name` must be 1 to 64 characters without control characters",
+                        )
+                    })?),
+                };
                 let (gw, actor, c) = (self.gateway.clone(), actor(), card_no.clone());
-                completed(async move { gw.set_holder(&actor, &c, &id, now).await }).await?;
+                let masked = name.clone();
+                completed(async move { gw.set_holder(&actor, &c, &id, masked, now).await }).await?;
                 Ok(ok_json(&serde_json::json!({
-                    "card_no": card_no.as_str(), "holder_recorded": true,
+                    "card_no": card_no.as_str(), "holder_recorded": true, "name": name,
                 })))
             }
             RouteId::CardFind => {

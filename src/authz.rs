@@ -7,6 +7,7 @@
 //! never an error: there is no way for this function to fail.
 
 use crate::model::{Card, CardNo, CardStatus, Function, Reason, Scenario};
+use crate::scenario::{self, access, culture, identity, region, transit, Fare};
 
 /// What one scenario requires and allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,11 +22,15 @@ pub struct ScenarioRule {
 }
 
 /// The scenario rules and card-wide limits, built once from the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     rules: [ScenarioRule; Scenario::ALL.len()],
     pub card_daily_spend_max_fen: i64,
     pub day_offset_minutes: i32,
+    pub transit: transit::Rules,
+    pub culture: culture::Rules,
+    pub identity: identity::Rules,
+    pub regions: region::Rules,
 }
 
 impl Policy {
@@ -42,6 +47,10 @@ impl Policy {
             rules,
             card_daily_spend_max_fen,
             day_offset_minutes,
+            transit: transit::Rules::default(),
+            culture: culture::Rules::default(),
+            identity: identity::Rules::default(),
+            regions: region::Rules::default(),
         }
     }
 
@@ -58,6 +67,21 @@ impl Policy {
         let local = now_unix + i64::from(self.day_offset_minutes) * 60;
         local.div_euclid(86_400) as i32
     }
+
+    /// Whether the scenario's price at this site comes from the config (a
+    /// transit route's tariff, a venue's fee), so that the terminal need
+    /// not send an amount.
+    pub fn priced_here(&self, scenario: Scenario, site: Option<&str>) -> bool {
+        let Some(site) = site else { return false };
+        match scenario {
+            Scenario::Transit => self.transit.route(site).is_some(),
+            Scenario::Culture => self
+                .culture
+                .venue(site)
+                .is_some_and(|v| v.fee_fen.is_some()),
+            _ => false,
+        }
+    }
 }
 
 /// The part of a request the decision depends on.
@@ -66,6 +90,40 @@ pub struct Event<'a> {
     pub card_no: &'a CardNo,
     pub scenario: Scenario,
     pub amount_fen: i64,
+}
+
+/// What the gateway looked up for the decision besides the card and the
+/// deny list; [`Facts::default`] for a scenario that needs none.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub site: Option<&'a str>,
+    /// A hash of the site (of the terminal without one): anti-passback
+    /// and transfers compare places.
+    pub place: u64,
+    /// Stops or zones travelled, on a route that charges by them.
+    pub units: Option<u32>,
+    /// The venue's approved entries so far today.
+    pub venue_entries: u32,
+    /// The card's allow-list entry at a door.
+    pub allow: access::Allow,
+    /// The purpose of the identity counter asking.
+    pub purpose: Option<&'a identity::Purpose>,
+    /// Whether a partner region's own deny list names the card.
+    pub partner_listed: bool,
+}
+
+impl Default for Facts<'_> {
+    fn default() -> Self {
+        Facts {
+            site: None,
+            place: 0,
+            units: None,
+            venue_entries: 0,
+            allow: access::Allow::Open,
+            purpose: None,
+            partner_listed: false,
+        }
+    }
 }
 
 /// Membership in the deny list, as the decision needs it.
@@ -120,33 +178,48 @@ impl Decision {
     }
 }
 
-/// A decision and the card state to store with it (`None`: unchanged).
+/// A decision and the state to store with it (`None`: unchanged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
     pub decision: Decision,
     pub card_after: Option<Card>,
+    /// How the charge was worked out, where a tariff applied (transit,
+    /// culture).
+    pub fare: Option<Fare>,
+    /// The venue's entries today with this one, where the venue has a
+    /// quota.
+    pub venue_entries: Option<u32>,
+}
+
+impl Outcome {
+    fn decline(reason: Reason) -> Outcome {
+        Outcome {
+            decision: Decision::Decline(reason),
+            card_after: None,
+            fare: None,
+            venue_entries: None,
+        }
+    }
 }
 
 /// Decides one event. The checks run in a fixed order and the first that
 /// fails names the reason: the deny list first where an operator listed the
 /// card (their "stop everywhere" switch, which may list cards this gateway
 /// holds no state for), then a stopped card's status (its card-life deny
-/// entry says less), existence, the scenario's function, and the amount
-/// limits.
+/// entry says less), the issuing region (a partner's card: the agreement's
+/// scenarios and the partner's deny list), existence, the scenario's
+/// function, the scenario's own rules, and the amount limits.
 pub fn decide(
     event: Event<'_>,
     card: Option<&Card>,
     deny: &impl DenySet,
     policy: &Policy,
+    facts: &Facts<'_>,
     now_unix: i64,
 ) -> Outcome {
-    let decline = |r| Outcome {
-        decision: Decision::Decline(r),
-        card_after: None,
-    };
     let listing = deny.listing(event.card_no);
     if listing == Listing::Operator {
-        return decline(Reason::Denylisted);
+        return Outcome::decline(Reason::Denylisted);
     }
     // A card stopped by a card-life change is also listed (for offline
     // validators); its own status says more: CARD_LOST tells the counter
@@ -158,46 +231,127 @@ pub fn decide(
         CardStatus::Cancelled => Some(Reason::CardCancelled),
     });
     if let Some(reason) = status {
-        return decline(reason);
+        return Outcome::decline(reason);
     }
     if listing == Listing::CardLife {
-        return decline(Reason::Denylisted);
+        return Outcome::decline(Reason::Denylisted);
     }
-    let Some(card) = card else {
-        return decline(Reason::CardNotFound);
+    let origin = policy.regions.origin(event.card_no);
+    // A partner's card this gateway has not seen yet starts from a blank
+    // active card: its transit state (anti-passback, caps) is kept here.
+    let partner_card = Card::new(CardStatus::Active, &[], &[]);
+    let card = match (origin, card) {
+        (region::Origin::Foreign, _) => return Outcome::decline(Reason::RegionNotAccepted),
+        (region::Origin::Partner(p), c) => {
+            if !policy.regions.covers(p, event.scenario) {
+                return Outcome::decline(Reason::RegionNotAccepted);
+            }
+            if facts.partner_listed {
+                return Outcome::decline(Reason::Denylisted);
+            }
+            c.unwrap_or(&partner_card)
+        }
+        (region::Origin::Home, Some(c)) => c,
+        (region::Origin::Home, None) => return Outcome::decline(Reason::CardNotFound),
     };
     let rule = policy.rule(event.scenario);
-    if let Some(f) = rule.function {
+    // A partner's cards carry the partner's functions, which this gateway
+    // does not know: the agreement covering the scenario stands for them.
+    if let (Some(f), region::Origin::Home) = (rule.function, origin) {
         if !card.has_function(f) {
-            return decline(Reason::FunctionNotEnabled);
+            return Outcome::decline(Reason::FunctionNotEnabled);
         }
-    }
-    if !rule.charges || event.amount_fen == 0 {
-        return Outcome {
-            decision: Decision::Approve { amount_fen: 0 },
-            card_after: None,
-        };
-    }
-    if event.amount_fen > rule.amount_max_fen {
-        return decline(Reason::LimitExceeded);
     }
     let day = policy.local_day(now_unix);
-    let spent = card.spent_on(day);
-    match spent.checked_add(event.amount_fen) {
-        Some(total) if total <= policy.card_daily_spend_max_fen => {
-            let after = Card {
-                spent_day: day,
-                spent_fen: total,
-                ..*card
+    let mut after = *card;
+    let mut changed = false;
+    let mut fare = None;
+    let mut venue_entries = None;
+    let charge = match event.scenario {
+        Scenario::Transit => {
+            let base = match facts.site.and_then(|s| policy.transit.route(s)) {
+                Some(route) => route.fare_fen(facts.units.unwrap_or(0)),
+                None => event.amount_fen,
             };
-            Outcome {
-                decision: Decision::Approve {
-                    amount_fen: event.amount_fen,
-                },
-                card_after: Some(after),
+            if rule.charges && base > rule.amount_max_fen {
+                return Outcome::decline(Reason::LimitExceeded);
+            }
+            let boarding = transit::Boarding {
+                base_fen: base,
+                place: facts.place,
+                day,
+                now_s: now_unix,
+            };
+            match transit::board(&policy.transit, card, boarding) {
+                Err(r) => return Outcome::decline(r),
+                Ok((f, t)) => {
+                    after.transit = t;
+                    changed = true;
+                    fare = Some(f);
+                    f.charged_fen
+                }
             }
         }
-        _ => decline(Reason::LimitExceeded),
+        Scenario::Culture => {
+            let venue = facts.site.and_then(|s| policy.culture.venue(s));
+            if rule.charges && event.amount_fen > rule.amount_max_fen {
+                return Outcome::decline(Reason::LimitExceeded);
+            }
+            match culture::enter(
+                &policy.culture,
+                card,
+                venue,
+                event.amount_fen,
+                facts.venue_entries,
+            ) {
+                Err(r) => return Outcome::decline(r),
+                Ok(e) => {
+                    after.visits = after.visits.saturating_add(1);
+                    changed = true;
+                    fare = Some(e.fare);
+                    venue_entries = venue.filter(|v| v.quota_daily > 0).map(|_| e.entries_today);
+                    e.fare.charged_fen
+                }
+            }
+        }
+        Scenario::Access => {
+            let minute = scenario::local_minute(now_unix, policy.day_offset_minutes);
+            if let Err(r) = access::admit(facts.allow, minute) {
+                return Outcome::decline(r);
+            }
+            0
+        }
+        Scenario::Identity => {
+            if let Some(purpose) = facts.purpose {
+                if let Err(r) = identity::check(purpose, card) {
+                    return Outcome::decline(r);
+                }
+            }
+            0
+        }
+        _ => {
+            if rule.charges && event.amount_fen > rule.amount_max_fen {
+                return Outcome::decline(Reason::LimitExceeded);
+            }
+            event.amount_fen
+        }
+    };
+    let charge = if rule.charges { charge } else { 0 };
+    if charge > 0 {
+        match card.spent_on(day).checked_add(charge) {
+            Some(total) if total <= policy.card_daily_spend_max_fen => {
+                after.spent_day = day;
+                after.spent_fen = total;
+                changed = true;
+            }
+            _ => return Outcome::decline(Reason::LimitExceeded),
+        }
+    }
+    Outcome {
+        decision: Decision::Approve { amount_fen: charge },
+        card_after: changed.then_some(after),
+        fare,
+        venue_entries,
     }
 }
 
@@ -243,7 +397,14 @@ mod tests {
             scenario: case.scenario,
             amount_fen: case.amount_fen,
         };
-        let out = decide(event, case.card.as_ref(), &deny, &policy(), NOW);
+        let out = decide(
+            event,
+            case.card.as_ref(),
+            &deny,
+            &policy(),
+            &Facts::default(),
+            NOW,
+        );
         assert_eq!(out.decision, case.want, "case {}", case.name);
         if !out.decision.is_approve() {
             assert_eq!(
@@ -449,8 +610,370 @@ mod tests {
                     | Reason::Reversed
                     | Reason::CredentialUnbound
             );
-            assert!(elsewhere || covered.contains(r), "no case for {r:?}");
+            // The scenarios' own reasons have their table below.
+            let scenario = SCENARIO_REASONS.contains(r);
+            assert!(
+                elsewhere || scenario || covered.contains(r),
+                "no case for {r:?}"
+            );
         }
+    }
+
+    const SCENARIO_REASONS: &[Reason] = &[
+        Reason::DuplicateTap,
+        Reason::QuotaExhausted,
+        Reason::RegionNotAccepted,
+        Reason::NotAllowed,
+        Reason::OutsideHours,
+    ];
+
+    /// The pilot's rules, as `config/dev.toml` has them.
+    fn scenario_policy() -> Policy {
+        crate::config::Config::parse(
+            r#"
+            [policy]
+            card_daily_spend_max_fen = 5000
+            [transit]
+            passback_s = 30
+            transfer_window_s = 3600
+            transfer_off_fen = 100
+            transfers_max = 1
+            cap_daily_fen = 1000
+            concessions = { elderly = 0, student = 50 }
+            [[transit.routes]]
+            site = "line-12"
+            fare = "flat"
+            base_fen = 200
+            [[transit.routes]]
+            site = "metro-1"
+            fare = "stops"
+            base_fen = 300
+            base_units = 6
+            step_fen = 100
+            step_units = 4
+            [[transit.routes]]
+            site = "express-9"
+            fare = "flat"
+            base_fen = 5000
+            [culture]
+            concessions = { student = 50 }
+            [[culture.venues]]
+            site = "museum-1"
+            quota_daily = 100
+            fee_fen = 3000
+            [identity.purposes.hr]
+            disclose = ["name"]
+            require_functions = ["medical"]
+            [regions]
+            home = ["50"]
+            [[regions.partners]]
+            name = "sichuan"
+            prefixes = ["51"]
+            scenarios = ["transit", "culture"]
+            "#,
+        )
+        .unwrap()
+        .policy()
+        .unwrap()
+    }
+
+    #[test]
+    fn every_scenario_rule_through_decide() {
+        use crate::scenario::{access::Windows, identity, place_hash};
+        let p = scenario_policy();
+        let hr = p.identity.purpose_of("x").clone();
+        let hr = identity::Purpose {
+            name: "hr".into(),
+            require: vec![Function::Medical],
+            ..hr
+        };
+        let line_12 = place_hash("line-12");
+        let day = p.local_day(NOW);
+        let card = |concessions: &[Concession]| {
+            Card::new(CardStatus::Active, &[Function::Transit], concessions)
+        };
+        let just_tapped = Card {
+            transit: crate::model::TransitState {
+                place: line_12,
+                tap_s: NOW - 5,
+                journey_s: NOW - 5,
+                legs: 1,
+                day,
+                day_fen: 200,
+                week: crate::scenario::week_of(day),
+                week_fen: 200,
+            },
+            ..card(&[])
+        };
+        let at = |site: &'static str| Facts {
+            site: Some(site),
+            place: place_hash(site),
+            ..Facts::default()
+        };
+        let open_day = Windows::parse(&["07:00-22:00"]).unwrap();
+        let night = Windows::parse(&["22:00-06:00"]).unwrap();
+        struct Case<'a> {
+            name: &'static str,
+            card_no: &'static str,
+            card: Option<Card>,
+            scenario: Scenario,
+            amount_fen: i64,
+            facts: Facts<'a>,
+            want: Decision,
+        }
+        let cases = [
+            Case {
+                name: "the route's tariff, not the validator's amount",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: at("line-12"),
+                want: Decision::Approve { amount_fen: 200 },
+            },
+            Case {
+                name: "by stops travelled",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: Facts {
+                    units: Some(10),
+                    ..at("metro-1")
+                },
+                want: Decision::Approve { amount_fen: 400 },
+            },
+            Case {
+                name: "a double tap",
+                card_no: CARD,
+                card: Some(just_tapped),
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: at("line-12"),
+                want: Decision::Decline(Reason::DuplicateTap),
+            },
+            Case {
+                name: "a transfer right after, on another route",
+                card_no: CARD,
+                card: Some(just_tapped),
+                scenario: Scenario::Transit,
+                amount_fen: 200,
+                facts: at("line-13"),
+                want: Decision::Approve { amount_fen: 100 },
+            },
+            Case {
+                name: "elderly ride free",
+                card_no: CARD,
+                card: Some(card(&[Concession::Elderly])),
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: at("line-12"),
+                want: Decision::Approve { amount_fen: 0 },
+            },
+            Case {
+                name: "a tariff above the scenario's maximum",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: at("express-9"),
+                want: Decision::Decline(Reason::LimitExceeded),
+            },
+            Case {
+                name: "a venue's fee with a student's half",
+                card_no: CARD,
+                card: Some(card(&[Concession::Student])),
+                scenario: Scenario::Culture,
+                amount_fen: 0,
+                facts: at("museum-1"),
+                want: Decision::Approve { amount_fen: 1500 },
+            },
+            Case {
+                name: "a full venue",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Culture,
+                amount_fen: 0,
+                facts: Facts {
+                    venue_entries: 100,
+                    ..at("museum-1")
+                },
+                want: Decision::Decline(Reason::QuotaExhausted),
+            },
+            Case {
+                name: "a door not on the card's list",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Access,
+                amount_fen: 0,
+                facts: Facts {
+                    allow: access::Allow::NotListed,
+                    ..at("community-1")
+                },
+                want: Decision::Decline(Reason::NotAllowed),
+            },
+            Case {
+                name: "a door on the list, within its hours (15:45 local)",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Access,
+                amount_fen: 0,
+                facts: Facts {
+                    allow: access::Allow::Listed(open_day),
+                    ..at("community-1")
+                },
+                want: Decision::Approve { amount_fen: 0 },
+            },
+            Case {
+                name: "a door on the list, outside its hours",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Access,
+                amount_fen: 0,
+                facts: Facts {
+                    allow: access::Allow::Listed(night),
+                    ..at("community-1")
+                },
+                want: Decision::Decline(Reason::OutsideHours),
+            },
+            Case {
+                name: "an HR counter serving the insured only",
+                card_no: CARD,
+                card: Some(card(&[])),
+                scenario: Scenario::Identity,
+                amount_fen: 0,
+                facts: Facts {
+                    purpose: Some(&hr),
+                    ..Facts::default()
+                },
+                want: Decision::Decline(Reason::FunctionNotEnabled),
+            },
+            Case {
+                name: "a card of a region with no agreement",
+                card_no: "110101A12345678",
+                card: None,
+                scenario: Scenario::Transit,
+                amount_fen: 200,
+                facts: at("line-12"),
+                want: Decision::Decline(Reason::RegionNotAccepted),
+            },
+            Case {
+                name: "a partner's card outside the agreement",
+                card_no: "510104A12345678",
+                card: None,
+                scenario: Scenario::Medical,
+                amount_fen: 200,
+                facts: Facts::default(),
+                want: Decision::Decline(Reason::RegionNotAccepted),
+            },
+            Case {
+                name: "a partner's card on the bus, never seen here",
+                card_no: "510104A12345678",
+                card: None,
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: at("line-12"),
+                want: Decision::Approve { amount_fen: 200 },
+            },
+            Case {
+                name: "a partner's card on the partner's deny list",
+                card_no: "510104A12345678",
+                card: None,
+                scenario: Scenario::Transit,
+                amount_fen: 0,
+                facts: Facts {
+                    partner_listed: true,
+                    ..at("line-12")
+                },
+                want: Decision::Decline(Reason::Denylisted),
+            },
+        ];
+        let deny: HashSet<CardNo> = HashSet::new();
+        for case in &cases {
+            let card_no = CardNo::parse(case.card_no).unwrap();
+            let event = Event {
+                card_no: &card_no,
+                scenario: case.scenario,
+                amount_fen: case.amount_fen,
+            };
+            let out = decide(event, case.card.as_ref(), &deny, &p, &case.facts, NOW);
+            assert_eq!(out.decision, case.want, "{}", case.name);
+            if !out.decision.is_approve() {
+                assert_eq!(out.card_after, None, "{}", case.name);
+            }
+        }
+        let covered: HashSet<Reason> = cases.iter().map(|c| c.want.reason()).collect();
+        for r in SCENARIO_REASONS {
+            assert!(covered.contains(r), "no case for {r:?}");
+        }
+    }
+
+    #[test]
+    fn approvals_carry_their_state_changes() {
+        let p = scenario_policy();
+        let deny: HashSet<CardNo> = HashSet::new();
+        let card_no = CardNo::parse(CARD).unwrap();
+        let card = Card::new(
+            CardStatus::Active,
+            &[Function::Transit],
+            &[Concession::Student],
+        );
+        let facts = Facts {
+            site: Some("museum-1"),
+            venue_entries: 7,
+            ..Facts::default()
+        };
+        let event = Event {
+            card_no: &card_no,
+            scenario: Scenario::Culture,
+            amount_fen: 0,
+        };
+        let out = decide(event, Some(&card), &deny, &p, &facts, NOW);
+        let after = out.card_after.unwrap();
+        assert_eq!(after.visits, 1);
+        assert_eq!(after.spent_fen, 1500);
+        assert_eq!(out.venue_entries, Some(8));
+        let fare = out.fare.unwrap();
+        assert_eq!((fare.base_fen, fare.concession_off_fen), (3000, 1500));
+        // A boarding remembers where and when, even when it is free.
+        let elderly = Card::new(
+            CardStatus::Active,
+            &[Function::Transit],
+            &[Concession::Elderly],
+        );
+        let ride = Event {
+            scenario: Scenario::Transit,
+            ..event
+        };
+        let bus = Facts {
+            site: Some("line-12"),
+            place: crate::scenario::place_hash("line-12"),
+            ..Facts::default()
+        };
+        let out = decide(ride, Some(&elderly), &deny, &p, &bus, NOW);
+        assert_eq!(out.decision, Decision::Approve { amount_fen: 0 });
+        let t = out.card_after.unwrap().transit;
+        assert_eq!((t.place, t.tap_s), (bus.place, NOW));
+        let again = decide(ride, out.card_after.as_ref(), &deny, &p, &bus, NOW + 1);
+        assert_eq!(again.decision, Decision::Decline(Reason::DuplicateTap));
+        // The daily transit cap: rides past it are approved at zero fare
+        // (from 07:45 local, more than an hour apart: no transfers).
+        let morning = NOW - 8 * 3600;
+        let mut c = Card::new(CardStatus::Active, &[Function::Transit], &[]);
+        let mut charged = Vec::new();
+        for i in 0..7 {
+            let site = if i % 2 == 0 { "line-12" } else { "metro-1" };
+            let f = Facts {
+                site: Some(site),
+                place: crate::scenario::place_hash(site),
+                units: Some(1),
+                ..Facts::default()
+            };
+            let out = decide(ride, Some(&c), &deny, &p, &f, morning + i * 4000);
+            charged.push(out.decision.amount_fen());
+            c = out.card_after.unwrap();
+        }
+        assert_eq!(charged, [200, 300, 200, 300, 0, 0, 0]);
     }
 
     #[test]
@@ -482,7 +1005,15 @@ mod tests {
                 status: s,
                 ..active(&[Function::Transit])
             });
-            let got = decide(event, card.as_ref(), &Life, &policy(), NOW).decision;
+            let got = decide(
+                event,
+                card.as_ref(),
+                &Life,
+                &policy(),
+                &Facts::default(),
+                NOW,
+            )
+            .decision;
             assert_eq!(got, Decision::Decline(want), "{st:?}");
         }
     }
@@ -503,6 +1034,7 @@ mod tests {
                 Some(&card),
                 &deny,
                 &p,
+                &Facts::default(),
                 NOW,
             );
             card = out.card_after.expect("approval changes the counter");
@@ -517,6 +1049,7 @@ mod tests {
             Some(&card),
             &deny,
             &p,
+            &Facts::default(),
             NOW,
         );
         assert_eq!(out.decision, Decision::Decline(Reason::LimitExceeded));

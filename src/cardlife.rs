@@ -128,7 +128,7 @@ pub struct Actor {
 }
 
 impl Actor {
-    fn entry(
+    pub(crate) fn entry(
         &self,
         action: &str,
         card: Option<&CardNo>,
@@ -332,6 +332,7 @@ impl Gateway {
             }
             let new_profile = Profile {
                 holder: old_profile.holder.clone(),
+                name_masked: old_profile.name_masked.clone(),
                 credentials: old_profile.credentials.clone(),
                 replaces: Some(old.as_str().to_owned()),
                 replaced_by: None,
@@ -507,6 +508,7 @@ impl Gateway {
         actor: &Actor,
         card_no: &CardNo,
         personal_id: &str,
+        name_masked: Option<String>,
         now_ms: i64,
     ) -> Result<(), ApiError> {
         let hash = self.id_hash(personal_id)?;
@@ -524,6 +526,9 @@ impl Gateway {
             }
         }
         profile.holder = Some(hash.clone());
+        if name_masked.is_some() {
+            profile.name_masked = name_masked;
+        }
         ops.push(Op::Put(
             Cf::Profiles,
             card_no.as_str().as_bytes().to_vec(),

@@ -61,6 +61,12 @@ pub struct Config {
     pub qr: QrConfig,
     pub privacy: PrivacyConfig,
     pub offline: OfflineConfig,
+    pub transit: crate::scenario::transit::TransitConfig,
+    pub culture: crate::scenario::culture::CultureConfig,
+    pub access: crate::scenario::access::AccessConfig,
+    pub identity: crate::scenario::identity::IdentityConfig,
+    pub payment: crate::scenario::payment::PaymentConfig,
+    pub regions: crate::scenario::region::RegionsConfig,
 }
 
 pub const QR_LIFETIME_MAX_S_DEFAULT: i64 = 120;
@@ -238,6 +244,10 @@ pub struct SinkConfig {
     pub ca: PathBuf,
     /// Scenarios whose approved, charged events this sink settles.
     pub scenarios: Vec<String>,
+    /// Partner regions (`[[regions.partners]]` names) whose cards this
+    /// sink settles, and only theirs; empty: cards of home regions only.
+    #[serde(default)]
+    pub partners: Vec<String>,
     #[serde(default = "default_algorithm")]
     pub algorithm: crate::settle::sign::Algorithm,
     /// The signing key shared with the receiver (or `key_env`).
@@ -385,6 +395,12 @@ impl Default for Config {
             qr: QrConfig::default(),
             privacy: PrivacyConfig::default(),
             offline: OfflineConfig::default(),
+            transit: Default::default(),
+            culture: Default::default(),
+            access: Default::default(),
+            identity: Default::default(),
+            payment: Default::default(),
+            regions: Default::default(),
         }
     }
 }
@@ -807,7 +823,20 @@ impl Config {
         if !(-14 * 60..=14 * 60).contains(&self.policy.day_offset_minutes) {
             return bad("policy.day_offset_minutes must be within -840..=840");
         }
-        self.policy()?;
+        let policy = self.policy()?;
+        self.access.validate().map_err(ConfigError::Invalid)?;
+        for sink in &self.settlement.sinks {
+            if let Some(p) = sink
+                .partners
+                .iter()
+                .find(|p| policy.regions.partner(p).is_none())
+            {
+                return bad(&format!(
+                    "settlement.sinks.{}.partners: `{p}` is not a [[regions.partners]] name",
+                    sink.name
+                ));
+            }
+        }
         self.admin.principals()?;
         self.privacy.id_hash_key()?;
         let q = &self.qr;
@@ -868,6 +897,14 @@ impl Config {
             }
             policy.set_rule(scenario, rule);
         }
+        use crate::scenario::{culture, identity, region, transit};
+        policy.transit =
+            transit::Rules::from_config(&self.transit).map_err(ConfigError::Invalid)?;
+        policy.culture =
+            culture::Rules::from_config(&self.culture).map_err(ConfigError::Invalid)?;
+        policy.identity =
+            identity::Rules::from_config(&self.identity).map_err(ConfigError::Invalid)?;
+        policy.regions = region::Rules::from_config(&self.regions).map_err(ConfigError::Invalid)?;
         Ok(policy)
     }
 

@@ -15,8 +15,10 @@ use crate::authz::{self, Event, Policy};
 use crate::config::Config;
 use crate::idempotency::{self, Idempotency, Lookup, Origin, Tail};
 use crate::journal::{Commit, DecisionRecord, Journal, JournalError, Op};
-use crate::model::{Card, CardNo, Reason};
+use crate::model::{Card, CardNo, Reason, Scenario};
+use crate::scenario::{self, access, health, identity, region};
 use crate::state::store::meta;
+use crate::state::{allow::AllowList, partners::PartnerLists, profiles, venues};
 use crate::state::{cards, CardTable, Cf, DenyList, Store, StoreError};
 use crate::telemetry::HotMetrics;
 use crate::wire::{self, ApiError, AuthorizeAnswer, ErrorKind, ReverseAnswer, ReverseStatus};
@@ -80,6 +82,15 @@ pub struct Gateway {
     pub deny_full: parking_lot::Mutex<Option<(u64, bytes::Bytes)>>,
     /// One full deny list built at a time.
     pub deny_full_build: tokio::sync::Mutex<()>,
+    /// Culture venues' entries today, for their quotas.
+    pub venues: venues::Venues,
+    /// Allow-lists of controlled doors and gates.
+    pub allow: AllowList,
+    /// Partner regions' deny lists.
+    pub partners: PartnerLists,
+    /// Serializes allow-list changes and partner deny-list imports (rare,
+    /// and each reads then writes).
+    pub lists: tokio::sync::Mutex<()>,
 }
 
 /// The amount an event asks to charge, checked against its scenario:
@@ -166,7 +177,20 @@ impl Gateway {
         }
         let audit = crate::audit::Audit::load(&store)?;
         let id_key = config.privacy.id_hash_key().expect("config was validated");
+        let venues = venues::Venues::load(&store, &policy.culture)?;
+        let allow = AllowList::load(&store)?;
+        let partner_names: Vec<String> = policy
+            .regions
+            .partners
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let partners = PartnerLists::load(&store, &partner_names)?;
         Ok(Gateway {
+            venues,
+            allow,
+            partners,
+            lists: tokio::sync::Mutex::new(()),
             scanner,
             audit,
             life: tokio::sync::Mutex::new(()),
@@ -231,7 +255,9 @@ impl Gateway {
     ) -> Result<Vec<u8>, ApiError> {
         let started = Instant::now();
         let req = wire::parse_authorize(body)?;
-        let amount_fen = amount_for(&self.policy, req.scenario, req.amount_fen, true)?;
+        let priced = self.policy.priced_here(req.scenario, req.site.as_deref());
+        let amount_fen = amount_for(&self.policy, req.scenario, req.amount_fen, !priced)?;
+        self.check_scenario_fields(&req)?;
         let scanner = self.scanner.as_ref();
         if scanner.is_none() && matches!(req.credential, wire::Credential::Scan(_)) {
             // Refused before anything is recorded: a configuration matter.
@@ -259,17 +285,55 @@ impl Gateway {
                 (c.map(std::borrow::Cow::Owned), scan, Some(reason))
             }
         };
+        let now_s = now_ms.div_euclid(1000);
+        // What the scenario's rules need besides the card, looked up
+        // before the card's lock: none of it is changed by a tap.
+        let site = req.site.as_deref();
+        let purpose =
+            (req.scenario == Scenario::Identity).then(|| self.policy.identity.purpose_of(terminal));
+        let name_masked = match (&card_no, purpose) {
+            (Some(c), Some(p)) if p.disclose.contains(&identity::Field::Name) => {
+                profiles::profile(&self.store, c)
+                    .map_err(storage_error)?
+                    .name_masked
+            }
+            _ => None,
+        };
+        let mut facts = authz::Facts {
+            site,
+            place: scenario::place_hash(site.unwrap_or(terminal)),
+            units: req.stops.or(req.zones),
+            purpose,
+            ..authz::Facts::default()
+        };
+        if let Some(c) = &card_no {
+            facts.allow = self.allow_fact(req.scenario, site, c);
+            if let region::Origin::Partner(p) = self.policy.regions.origin(c) {
+                facts.partner_listed = self.partners.contains(p, c);
+            }
+        }
         let auth_id = self.auth_ids.next();
         let (pending, decision, answer) = {
             // Decide and queue the write under the card's lock: the next tap
             // of this card sees this one's counters, and the journal gets the
-            // two in the same order.
+            // two in the same order. A venue with a quota is locked after
+            // the card (never the other way round).
             let _card_lock = card_no.as_deref().map(|c| self.cards.lock(c));
             let snapshot = card_no.as_deref().and_then(|c| self.cards.get(c));
+            let mut venue = match (req.scenario, site) {
+                (Scenario::Culture, Some(s)) if card_no.is_some() && early.is_none() => {
+                    self.venues.lock(s)
+                }
+                _ => None,
+            };
+            let day = self.policy.local_day(now_s);
+            facts.venue_entries = venue.as_ref().map_or(0, |v| v.on(day));
             let decide_started = Instant::now();
             let decline = |r| authz::Outcome {
                 decision: authz::Decision::Decline(r),
                 card_after: None,
+                fare: None,
+                venue_entries: None,
             };
             let outcome = match (&card_no, early) {
                 // Reversed by its terminal before it got here: a late copy
@@ -286,7 +350,8 @@ impl Gateway {
                     snapshot.as_ref(),
                     &self.deny,
                     &self.policy,
-                    now_ms.div_euclid(1000),
+                    &facts,
+                    now_s,
                 ),
             };
             let card_str = card_no.as_deref().map_or("", |c| c.as_str());
@@ -294,12 +359,28 @@ impl Gateway {
                 .decide_latency
                 .record(decide_started.elapsed().as_secs_f64());
             let d = outcome.decision;
+            let approved_card = outcome.card_after.or(snapshot).filter(|_| d.is_approve());
+            let disclosure = match (purpose, &card_no, approved_card) {
+                (Some(p), Some(c), Some(card)) => {
+                    Some(identity::disclose(p, c, &card, name_masked.as_deref()))
+                }
+                _ => None,
+            };
+            let health = approved_card
+                .filter(|_| req.scenario == Scenario::Health)
+                .map(|c| health::attest(&c));
             let answer = AuthorizeAnswer {
                 event_id: &req.event_id,
                 auth_id: &auth_id,
                 decision: if d.is_approve() { "approve" } else { "decline" },
                 reason: d.reason().code(),
                 amount_fen: d.amount_fen(),
+                fare: outcome.fare.as_ref().filter(|_| d.is_approve()),
+                visits: approved_card
+                    .filter(|_| req.scenario == Scenario::Culture)
+                    .map(|c| c.visits),
+                identity: disclosure.as_ref(),
+                health: health.as_ref(),
             }
             .to_vec();
             let record = DecisionRecord {
@@ -319,6 +400,8 @@ impl Gateway {
                 reverses: None,
                 scan: scan.clone(),
                 offline: false,
+                fare: outcome.fare.filter(|_| d.is_approve()),
+                bill_ref: req.bill_ref.clone(),
             };
             let spent = scan;
             let origin = Origin {
@@ -347,6 +430,14 @@ impl Gateway {
                     cards::encode(&after),
                 ));
             }
+            if let (Some(entries), Some(site)) = (outcome.venue_entries, site) {
+                let count = venues::Count { day, entries };
+                ops.push(Op::Put(
+                    Cf::Venues,
+                    site.as_bytes().to_vec(),
+                    count.encode(),
+                ));
+            }
             let record = serde_json::to_vec(&record).expect("a decision record always serializes");
             // The idempotency guard travels with the commit: the writer drops
             // it once the batch is on disk, even if this request is cancelled
@@ -371,6 +462,9 @@ impl Gateway {
             if let (Some(after), Some(c)) = (outcome.card_after, &card_no) {
                 self.cards.set(c.clone().into_owned(), after);
             }
+            if let (Some(entries), Some(v)) = (outcome.venue_entries, venue.as_mut()) {
+                **v = venues::Count { day, entries };
+            }
             (pending, d, answer)
         };
         pending
@@ -390,6 +484,70 @@ impl Gateway {
             }
         }
         Ok(answer)
+    }
+
+    /// Request fields a scenario's config makes required or meaningless:
+    /// a route charging by stops needs `stops`, a payment may need its
+    /// bill reference. Checked before anything is recorded.
+    fn check_scenario_fields(&self, req: &wire::AuthorizeRequest) -> Result<(), ApiError> {
+        if req.scenario == Scenario::Transit {
+            let kind = req
+                .site
+                .as_deref()
+                .and_then(|s| self.policy.transit.route(s))
+                .map(|r| r.fare);
+            let needed = kind.and_then(|k| k.field());
+            for (name, v) in [("stops", req.stops), ("zones", req.zones)] {
+                match (v, needed) {
+                    (None, Some(n)) if n == name => {
+                        return Err(ApiError::invalid(format!(
+                            "missing field `{name}` (this route charges by {name} travelled)"
+                        )))
+                    }
+                    (Some(_), n) if n != Some(name) => {
+                        return Err(ApiError::invalid(format!(
+                            "`{name}` is not used on this route (its fare is {})",
+                            match n {
+                                Some(other) => format!("by {other}"),
+                                None if kind.is_some() => "flat".to_owned(),
+                                None => "the amount the validator sends".to_owned(),
+                            }
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if req.scenario == Scenario::Payment
+            && self.config.payment.bill_ref_required
+            && req.bill_ref.is_none()
+        {
+            return Err(ApiError::invalid(
+                "missing field `bill_ref` (a public payment names the bill it pays)",
+            ));
+        }
+        if req.scenario == Scenario::Access
+            && req.site.is_none()
+            && !self.config.access.controlled_site_prefixes.is_empty()
+        {
+            return Err(ApiError::invalid(
+                "missing field `site` (doors and gates name themselves: allow-lists are per site)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The card's allow-list entry at a door, where the site is controlled.
+    fn allow_fact(&self, scenario: Scenario, site: Option<&str>, card: &CardNo) -> access::Allow {
+        match site {
+            Some(s) if scenario == Scenario::Access && self.config.access.controls(s) => {
+                match self.allow.get(s, card) {
+                    Some(w) => access::Allow::Listed(w),
+                    None => access::Allow::NotListed,
+                }
+            }
+            _ => access::Allow::Open,
+        }
     }
 
     /// The idempotency step of a terminal request: the first answer again,
@@ -509,6 +667,8 @@ impl Gateway {
             reverses: auth_id.map(str::to_owned),
             scan: None,
             offline: false,
+            fare: None,
+            bill_ref: None,
         };
         let mut ops = vec![Op::Put(
             Cf::Idem,
@@ -535,14 +695,17 @@ impl Gateway {
                 // card's lock like a tap.
                 let _card_lock = self.cards.lock(&card_no);
                 let day = self.policy.local_day(event_at_ms.div_euclid(1000));
-                let after = self
-                    .cards
-                    .get(&card_no)
-                    .filter(|c| c.spent_day == day)
-                    .map(|mut c| {
+                let transit = origin.is_some_and(|o| o.scenario == Scenario::Transit);
+                let after = self.cards.get(&card_no).and_then(|before| {
+                    let mut c = before;
+                    if c.spent_day == day {
                         c.spent_fen = (c.spent_fen - given_back).max(0);
-                        c
-                    });
+                    }
+                    if transit {
+                        c.transit = scenario::transit::give_back(c.transit, day, given_back);
+                    }
+                    (c != before).then_some(c)
+                });
                 if let Some(after) = after {
                     ops.push(Op::Put(
                         Cf::Cards,
@@ -608,6 +771,50 @@ impl Gateway {
         metrics::gauge!("onecard_cards").set(self.cards.len() as f64);
         tracing::info!(card = %card_no, status = %stored.status, "card stored");
         Ok(stored)
+    }
+
+    /// Records a card's health status (colour and vaccination flag, with
+    /// the time of the report), audited. Nothing else about the card
+    /// changes. Durable when this returns.
+    pub async fn set_health(
+        &self,
+        actor: &crate::cardlife::Actor,
+        card_no: &CardNo,
+        health: crate::model::Health,
+        now_ms: i64,
+    ) -> Result<crate::model::Health, ApiError> {
+        let pending = {
+            let _card_lock = self.cards.lock(card_no);
+            let card = self.cards.get(card_no).ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("card {card_no} is not registered"),
+                )
+            })?;
+            let after = Card { health, ..card };
+            let detail =
+                serde_json::json!({"colour": health.colour, "vaccinated": health.vaccinated});
+            let ops = vec![
+                Op::Put(
+                    Cf::Cards,
+                    card_no.as_str().as_bytes().to_vec(),
+                    cards::encode(&after),
+                ),
+                self.audit
+                    .op(&actor.entry("health", Some(card_no), Some(detail), now_ms)),
+            ];
+            let pending = self
+                .journal
+                .submit(Commit::new(None, ops))
+                .map_err(journal_error)?;
+            self.cards.set(card_no.clone(), after);
+            pending
+        };
+        pending
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+            .map_err(journal_error)?;
+        Ok(health)
     }
 
     pub fn now_ms(&self) -> i64 {

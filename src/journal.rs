@@ -456,4 +456,11 @@ pub struct DecisionRecord {
     /// Decided by the terminal while offline, uploaded later.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub offline: bool,
+    /// Transit and culture: how the charge was worked out (base,
+    /// concession, transfer, cap).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fare: Option<crate::scenario::Fare>,
+    /// A public payment's bill reference, settled with the charge.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bill_ref: Option<String>,
 }

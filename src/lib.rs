@@ -44,6 +44,7 @@ pub mod privacy;
 pub mod qr;
 pub mod rng;
 pub mod routes;
+pub mod scenario;
 pub mod server;
 pub mod settle;
 pub mod state;

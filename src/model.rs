@@ -217,6 +217,62 @@ pub struct Card {
     pub spent_day: i32,
     /// Fen approved on `spent_day`, over all charging scenarios.
     pub spent_fen: i64,
+    /// Transit: the last boarding, the journey it belongs to, fare caps.
+    pub transit: TransitState,
+    /// Culture and tourism: approved entries, ever.
+    pub visits: u32,
+    /// Health status as last reported for this card.
+    pub health: Health,
+}
+
+/// What the transit rules remember of a card between taps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TransitState {
+    /// Where the last approved boarding was (a hash of its site), and when
+    /// (unix seconds): anti-passback.
+    pub place: u64,
+    pub tap_s: i64,
+    /// When the journey the last boarding belongs to began, and how many
+    /// boardings it has had: transfers.
+    pub journey_s: i64,
+    pub legs: u8,
+    /// Transit fares of `day` and of `week` (days since the epoch, weeks
+    /// starting on Monday): fare caps.
+    pub day: i32,
+    pub day_fen: i64,
+    pub week: i32,
+    pub week_fen: i64,
+}
+
+string_enum!(
+    /// A health status colour as the health authority reports it; `unknown`
+    /// when none has been reported for the card.
+    HealthColour {
+        Unknown = "unknown",
+        Green = "green",
+        Yellow = "yellow",
+        Red = "red",
+    }
+);
+
+/// The health status kept per card: a colour, a vaccination flag and when
+/// they were last reported. Nothing else is kept or shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub colour: HealthColour,
+    pub vaccinated: bool,
+    /// Unix seconds of the last report; 0 when there was none.
+    pub updated_s: i64,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            colour: HealthColour::Unknown,
+            vaccinated: false,
+            updated_s: 0,
+        }
+    }
 }
 
 impl Card {
@@ -235,6 +291,9 @@ impl Card {
             concessions: c,
             spent_day: 0,
             spent_fen: 0,
+            transit: TransitState::default(),
+            visits: 0,
+            health: Health::default(),
         }
     }
 
@@ -288,6 +347,17 @@ pub enum Reason {
     Reversed,
     /// A scanned code is valid but names a credential bound to no card.
     CredentialUnbound,
+    /// Transit anti-passback: the same card at the same site again within
+    /// the configured seconds; the first tap was charged, this one is not.
+    DuplicateTap,
+    /// A venue's quota for the day is used up.
+    QuotaExhausted,
+    /// The card's issuing region has no agreement for this scenario.
+    RegionNotAccepted,
+    /// A controlled door or gate whose allow-list does not name the card.
+    NotAllowed,
+    /// On the allow-list, but outside its time-of-day windows.
+    OutsideHours,
 }
 
 impl Reason {
@@ -305,6 +375,11 @@ impl Reason {
         Reason::LimitExceeded,
         Reason::Reversed,
         Reason::CredentialUnbound,
+        Reason::DuplicateTap,
+        Reason::QuotaExhausted,
+        Reason::RegionNotAccepted,
+        Reason::NotAllowed,
+        Reason::OutsideHours,
     ];
 
     /// The reason with this wire code.
@@ -328,6 +403,11 @@ impl Reason {
             Reason::LimitExceeded => "LIMIT_EXCEEDED",
             Reason::Reversed => "REVERSED",
             Reason::CredentialUnbound => "CREDENTIAL_UNBOUND",
+            Reason::DuplicateTap => "DUPLICATE_TAP",
+            Reason::QuotaExhausted => "QUOTA_EXHAUSTED",
+            Reason::RegionNotAccepted => "REGION_NOT_ACCEPTED",
+            Reason::NotAllowed => "NOT_ALLOWED",
+            Reason::OutsideHours => "OUTSIDE_HOURS",
         }
     }
 }

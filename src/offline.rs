@@ -515,6 +515,8 @@ impl Gateway {
             reverses: None,
             scan: None,
             offline: true,
+            fare: None,
+            bill_ref: None,
         };
         let origin = Origin {
             approved,

@@ -65,9 +65,40 @@ pub fn mask_id(normalized: &str) -> String {
         .collect()
 }
 
+/// A holder's name as it may be kept and shown: the first character and
+/// one `*` per other character ("张三丰" → "张**"); `None` for a name that
+/// is empty, longer than 64 characters or holds control characters. The
+/// name in the clear is never stored.
+pub fn mask_name(name: &str) -> Option<String> {
+    let name = name.trim();
+    let n = name.chars().count();
+    if n == 0 || n > 64 || name.chars().any(char::is_control) {
+        return None;
+    }
+    let mut out = String::with_capacity(name.len());
+    out.extend(name.chars().take(1));
+    out.extend(std::iter::repeat_n('*', n - 1));
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_masked() {
+        let cases = [
+            ("张三丰", Some("张**")),
+            ("李四", Some("李*")),
+            ("王", Some("王")),
+            (" Wang Fang ", Some("W********")),
+            ("", None),
+            ("a\nb", None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(mask_name(name).as_deref(), want, "{name:?}");
+        }
+    }
 
     #[test]
     fn id_numbers_are_checked() {

@@ -52,6 +52,12 @@ pub enum RouteId {
     CardTransactions,
     Audit,
     OfflineRisk,
+    CardHealth,
+    AccessAllowPost,
+    AccessAllowGet,
+    PartnerDenyPut,
+    PartnerDenyGet,
+    Venues,
 }
 
 /// Who may call a route.
@@ -341,6 +347,48 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/offline-risk",
         RouteId::OfflineRisk,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/cards/{card_no}/health",
+        RouteId::CardHealth,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/access/{site}/allow",
+        RouteId::AccessAllowPost,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/access/{site}/allow",
+        RouteId::AccessAllowGet,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/partners/{partner}/denylist",
+        RouteId::PartnerDenyPut,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/partners/{partner}/denylist",
+        RouteId::PartnerDenyGet,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/venues",
+        RouteId::Venues,
         Access::Operator,
     ),
 ];

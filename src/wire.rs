@@ -164,6 +164,11 @@ pub struct AuthorizeRequest {
     pub site: Option<String>,
     /// As sent, validated as RFC 3339.
     pub occurred_at: Option<String>,
+    /// Transit, on a route that charges by stops or zones travelled.
+    pub stops: Option<u32>,
+    pub zones: Option<u32>,
+    /// A public payment's bill reference.
+    pub bill_ref: Option<String>,
 }
 
 impl AuthorizeRequest {
@@ -203,6 +208,22 @@ impl AuthorizeRequest {
         field(&amount);
         field(self.site.as_deref().unwrap_or("\u{0}"));
         field(self.occurred_at.as_deref().unwrap_or("\u{0}"));
+        // Later fields only when present: the fingerprint of a request
+        // without them is what it was before they existed, so a retry
+        // across an upgrade still replays.
+        let mut n = String::new();
+        for (name, v) in [("stops", self.stops), ("zones", self.zones)] {
+            if let Some(v) = v {
+                n.clear();
+                let _ = write!(n, "{v}");
+                field(name);
+                field(&n);
+            }
+        }
+        if let Some(b) = &self.bill_ref {
+            field("bill_ref");
+            field(b);
+        }
         h.finalize().into()
     }
 }
@@ -216,6 +237,9 @@ const AUTHORIZE_FIELDS: &[&str] = &[
     "amount_fen",
     "site",
     "occurred_at",
+    "stops",
+    "zones",
+    "bill_ref",
 ];
 
 /// Names an unknown field only when it looks like a field name, so that a
@@ -361,6 +385,12 @@ struct RawAuthorize<'a> {
     site: Option<&'a str>,
     #[serde(borrow, default)]
     occurred_at: Option<&'a str>,
+    #[serde(default)]
+    stops: Option<i64>,
+    #[serde(default)]
+    zones: Option<i64>,
+    #[serde(borrow, default)]
+    bill_ref: Option<&'a str>,
 }
 
 /// Decodes and validates an authorize body.
@@ -403,6 +433,9 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
         amount_fen,
         site: opt_str(&m, "site")?,
         occurred_at: opt_str(&m, "occurred_at")?,
+        stops: opt_count(&m, "stops")?,
+        zones: opt_count(&m, "zones")?,
+        bill_ref: opt_str(&m, "bill_ref")?,
     };
     validate_authorize(raw)
 }
@@ -475,6 +508,33 @@ fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiErro
     };
 
     let occurred_at = occurred_at_field(raw.occurred_at)?;
+    let count = |name: &str, v: Option<i64>| match v {
+        None => Ok(None),
+        Some(n) if (1..=i64::from(UNITS_MAX)).contains(&n) => Ok(Some(n as u32)),
+        Some(_) => Err(ApiError::invalid(format!(
+            "`{name}` must be a whole number from 1 to {UNITS_MAX}"
+        ))),
+    };
+    let stops = count("stops", raw.stops)?;
+    let zones = count("zones", raw.zones)?;
+    if (stops.is_some() || zones.is_some()) && scenario != Scenario::Transit {
+        return Err(ApiError::invalid(
+            "`stops` and `zones` are only allowed with scenario transit",
+        ));
+    }
+    let bill_ref =
+        match raw.bill_ref {
+            None => None,
+            Some(_) if scenario != Scenario::Payment => {
+                return Err(ApiError::invalid(
+                    "`bill_ref` is only allowed with scenario payment",
+                ))
+            }
+            Some(b) if crate::scenario::payment::valid_bill_ref(b) => Some(b.to_owned()),
+            Some(_) => return Err(ApiError::invalid(
+                "`bill_ref` must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':', '/', '-'",
+            )),
+        };
 
     Ok(AuthorizeRequest {
         event_id: event_id.to_owned(),
@@ -483,7 +543,25 @@ fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiErro
         amount_fen: raw.amount_fen,
         site,
         occurred_at,
+        stops,
+        zones,
+        bill_ref,
     })
+}
+
+/// Stops or zones in one ride, at most.
+pub const UNITS_MAX: u32 = 1_000;
+
+/// An optional integer field of the slow path.
+fn opt_count(m: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "`{field}` must be a whole number from 1 to {UNITS_MAX}"
+            ))
+        }),
+    }
 }
 
 fn event_id_field(v: Option<&str>) -> Result<&str, ApiError> {
@@ -588,6 +666,18 @@ pub struct AuthorizeAnswer<'a> {
     pub decision: &'static str,
     pub reason: &'static str,
     pub amount_fen: i64,
+    /// Transit and culture: how the charge was worked out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fare: Option<&'a crate::scenario::Fare>,
+    /// Culture: the card's approved entries, this one included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visits: Option<u32>,
+    /// Identity: what the counter's purpose may see.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<&'a crate::scenario::identity::Disclosure>,
+    /// Health: the status colour and vaccination flag, nothing more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<&'a crate::scenario::health::Attestation>,
 }
 
 impl AuthorizeAnswer<'_> {

@@ -24,6 +24,7 @@ fn batch(first_seq: u64, events: u64) -> Batch {
     let mut b = Batcher::new(Rules {
         sink: "transport".into(),
         scenarios: vec![Scenario::Transit],
+        cards: Default::default(),
         events_max: 10_000,
         bytes_max: 1 << 20,
         age_max_ms: 60_000,
@@ -49,6 +50,8 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 reverses: None,
                 scan: None,
                 offline: false,
+                fare: None,
+                bill_ref: None,
             },
         );
     }

@@ -23,6 +23,9 @@ use crate::model::Scenario;
 pub struct Rules {
     pub sink: String,
     pub scenarios: Vec<Scenario>,
+    /// Whose cards: a partner region's sink settles only its cards, a
+    /// home sink none of them.
+    pub cards: Cards,
     pub events_max: usize,
     pub bytes_max: usize,
     pub age_max_ms: i64,
@@ -37,11 +40,55 @@ impl Rules {
         (r.decision == "approve" || r.decision == "reverse")
             && r.charged_fen > 0
             && r.scenario.is_some_and(|s| self.scenarios.contains(&s))
+            && self.cards.takes(&r.card_no)
     }
 
     /// The local calendar day of a time, as days since 1970-01-01.
     pub fn day(&self, at_ms: i64) -> i32 {
         (at_ms.div_euclid(1000) + i64::from(self.day_offset_minutes) * 60).div_euclid(86_400) as i32
+    }
+}
+
+/// Which cards' events a sink settles, by issuing-region prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cards {
+    /// Every card but those of these (partner) prefixes.
+    #[default]
+    Home,
+    HomeExcept(Vec<String>),
+    /// Only cards of these (partner) prefixes.
+    Only(Vec<String>),
+}
+
+impl Cards {
+    /// For a sink naming `partners` (empty: a home sink).
+    pub fn of(regions: &crate::scenario::region::Rules, partners: &[String]) -> Cards {
+        if partners.is_empty() {
+            let all = regions.partner_prefixes();
+            if all.is_empty() {
+                Cards::Home
+            } else {
+                Cards::HomeExcept(all)
+            }
+        } else {
+            Cards::Only(
+                regions
+                    .partners
+                    .iter()
+                    .filter(|p| partners.contains(&p.name))
+                    .flat_map(|p| p.prefixes.clone())
+                    .collect(),
+            )
+        }
+    }
+
+    pub fn takes(&self, card_no: &str) -> bool {
+        let any = |ps: &[String]| ps.iter().any(|p| card_no.starts_with(p.as_str()));
+        match self {
+            Cards::Home => true,
+            Cards::HomeExcept(ps) => !any(ps),
+            Cards::Only(ps) => any(ps),
+        }
     }
 }
 
@@ -73,6 +120,9 @@ pub struct Line<'a> {
     pub at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<&'a str>,
+    /// A public payment's bill reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bill_ref: Option<&'a str>,
 }
 
 impl<'a> Line<'a> {
@@ -98,6 +148,7 @@ impl<'a> Line<'a> {
             },
             at_ms: r.at_ms,
             site: r.site.as_deref(),
+            bill_ref: r.bill_ref.as_deref(),
         }
     }
 }
@@ -327,6 +378,8 @@ mod tests {
             reverses: None,
             scan: None,
             offline: false,
+            fare: None,
+            bill_ref: None,
         }
     }
 
@@ -347,6 +400,7 @@ mod tests {
         Batcher::new(Rules {
             sink: "transport".into(),
             scenarios: vec![Scenario::Transit],
+            cards: Cards::Home,
             events_max,
             bytes_max,
             age_max_ms,
@@ -369,6 +423,34 @@ mod tests {
         assert_eq!((batch.first_seq, batch.last_seq), (1, 5));
         assert_eq!(batch.id, "transport-0000000000000001-0000000000000005");
         assert!(b.seal().is_none());
+    }
+
+    #[test]
+    fn partner_cards_go_to_their_own_sink_only() {
+        let regions = crate::scenario::region::Rules::from_config(
+            &toml::from_str(
+                "home = [\"50\"]\n[[partners]]\nname = \"sichuan\"\nprefixes = [\"51\"]\nscenarios = [\"transit\"]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let home = Cards::of(&regions, &[]);
+        let partner = Cards::of(&regions, &["sichuan".to_owned()]);
+        assert!(home.takes("500118A12345678"));
+        assert!(!home.takes("510104A12345678"));
+        assert!(partner.takes("510104A12345678"));
+        assert!(!partner.takes("500118A12345678"));
+        let no_partners = Cards::of(&crate::scenario::region::Rules::default(), &[]);
+        assert_eq!(no_partners, Cards::Home);
+        let mut rules = transport(10, 1 << 20, 1_000).rules().clone();
+        rules.cards = partner;
+        let r = record(Scenario::Transit, true, 200, 0);
+        assert!(!rules.takes(&r), "a home card is not the partner's");
+        let partner_record = DecisionRecord {
+            card_no: "510104A12345678".into(),
+            ..r
+        };
+        assert!(rules.takes(&partner_record));
     }
 
     #[test]

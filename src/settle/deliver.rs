@@ -24,7 +24,7 @@ use crate::client::{Connection, Protocol};
 use crate::config::SinkConfig;
 use crate::gateway::Gateway;
 use crate::journal::DecisionRecord;
-use crate::settle::batch::{Batch, Batcher, DaySite, Rules};
+use crate::settle::batch::{Batch, Batcher, Cards, DaySite, Rules};
 use crate::settle::receiver::Ack;
 use crate::settle::retry::{Backoff, Circuit, CircuitState};
 use crate::settle::sign::Signer;
@@ -461,6 +461,7 @@ async fn run_inner(
     let mut batcher = Batcher::new(Rules {
         sink: name.clone(),
         scenarios: cfg.scenario_list().expect("validated"),
+        cards: Cards::of(&gw.policy.regions, &cfg.partners),
         events_max: cfg.events_max,
         bytes_max: cfg.bytes_max,
         age_max_ms: cfg.age_max_ms,

@@ -5,7 +5,9 @@ use std::hash::BuildHasher;
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Card, CardNo, CardStatus, Concession, Function};
+use crate::model::{
+    Card, CardNo, CardStatus, Concession, Function, Health, HealthColour, TransitState,
+};
 use crate::state::{Cf, Store, StoreError};
 
 /// Writers to one card take one of this many locks, chosen by hash. Enough
@@ -21,38 +23,113 @@ pub struct CardRecord {
     pub concessions: Vec<Concession>,
     pub spent_day: i32,
     pub spent_fen: i64,
+    /// Transit state (last boarding, journey, fare caps); absent until
+    /// the card's first ride.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transit: Option<TransitRecord>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub visits: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthRecord>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// [`TransitState`] as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitRecord {
+    pub place: u64,
+    pub tap_s: i64,
+    pub journey_s: i64,
+    pub legs: u8,
+    pub day: i32,
+    pub day_fen: i64,
+    pub week: i32,
+    pub week_fen: i64,
+}
+
+/// [`Health`] as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthRecord {
+    pub colour: HealthColour,
+    pub vaccinated: bool,
+    pub updated_s: i64,
 }
 
 impl From<&Card> for CardRecord {
     fn from(c: &Card) -> CardRecord {
+        let t = c.transit;
+        let h = c.health;
         CardRecord {
             status: c.status,
             functions: c.function_list(),
             concessions: c.concession_list(),
             spent_day: c.spent_day,
             spent_fen: c.spent_fen,
+            transit: (t != TransitState::default()).then_some(TransitRecord {
+                place: t.place,
+                tap_s: t.tap_s,
+                journey_s: t.journey_s,
+                legs: t.legs,
+                day: t.day,
+                day_fen: t.day_fen,
+                week: t.week,
+                week_fen: t.week_fen,
+            }),
+            visits: c.visits,
+            health: (h != Health::default()).then_some(HealthRecord {
+                colour: h.colour,
+                vaccinated: h.vaccinated,
+                updated_s: h.updated_s,
+            }),
         }
     }
 }
 
 impl From<&CardRecord> for Card {
     fn from(r: &CardRecord) -> Card {
+        let transit = r.transit.map_or(TransitState::default(), |t| TransitState {
+            place: t.place,
+            tap_s: t.tap_s,
+            journey_s: t.journey_s,
+            legs: t.legs,
+            day: t.day,
+            day_fen: t.day_fen,
+            week: t.week,
+            week_fen: t.week_fen,
+        });
+        let health = r.health.map_or(Health::default(), |h| Health {
+            colour: h.colour,
+            vaccinated: h.vaccinated,
+            updated_s: h.updated_s,
+        });
         Card {
             spent_day: r.spent_day,
             spent_fen: r.spent_fen,
+            transit,
+            visits: r.visits,
+            health,
             ..Card::new(r.status, &r.functions, &r.concessions)
         }
     }
 }
 
 /// A card as (re-)registered: the new status, functions and concessions,
-/// with the spending counters of the card it replaces, so that registering a
-/// card again can never reset its daily cap.
+/// with the counters and state of the card it replaces (spending, transit
+/// fares and last boarding, visits, health status), so that registering a
+/// card again can never reset a cap or lift anti-passback.
 pub fn keep_counters(old: Option<Card>, new: Card) -> Card {
     match old {
         Some(old) => Card {
             spent_day: old.spent_day,
             spent_fen: old.spent_fen,
+            transit: old.transit,
+            visits: old.visits,
+            health: old.health,
             ..new
         },
         None => new,

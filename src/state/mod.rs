@@ -8,10 +8,13 @@
 //! striped lock ([`cards::CardTable::lock`]) so that counters never lose an
 //! update.
 
+pub mod allow;
 pub mod cards;
 pub mod denylist;
+pub mod partners;
 pub mod profiles;
 pub mod store;
+pub mod venues;
 
 pub use cards::CardTable;
 pub use denylist::DenyList;

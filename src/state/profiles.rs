@@ -44,6 +44,10 @@ pub struct Profile {
     /// The keyed hash of the holder's personal ID number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+    /// The holder's name, masked before it was stored (first character
+    /// kept): all an identity check may show of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_masked: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<BoundCredential>,
     /// The card this one replaced.

@@ -46,10 +46,19 @@ pub enum Cf {
     /// card_no 0x00 terminal → offline risk (JSON): offline taps of cards
     /// that were deny-listed at the time.
     OfflineRisk,
+    /// site → the local day and its approved entries (u32 BE each): a
+    /// culture venue's daily quota.
+    Venues,
+    /// site 0x00 card_no → allow-list entry (JSON: time-of-day windows):
+    /// who opens a controlled door.
+    Allow,
+    /// partner 0x00 card_no → empty: a partner region's deny list (its
+    /// version in `meta`, `partner_version/<partner>`).
+    PartnerDeny,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 13] = [
+    pub const ALL: [Cf; 16] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -63,6 +72,9 @@ impl Cf {
         Cf::Audit,
         Cf::CardTx,
         Cf::OfflineRisk,
+        Cf::Venues,
+        Cf::Allow,
+        Cf::PartnerDeny,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +92,9 @@ impl Cf {
             Cf::Audit => "audit",
             Cf::CardTx => "card_tx",
             Cf::OfflineRisk => "offline_risk",
+            Cf::Venues => "venues",
+            Cf::Allow => "allow",
+            Cf::PartnerDeny => "partner_deny",
         }
     }
 }
