@@ -319,6 +319,7 @@ impl Gateway {
                 reverses: None,
                 scan: scan.clone(),
                 offline: false,
+                credit: None,
             };
             let spent = scan;
             let origin = Origin {
@@ -356,6 +357,7 @@ impl Gateway {
                 ops,
                 hold_until_written: Some(Box::new(guard)),
                 card: Some(card_str.into()),
+                also: Vec::new(),
             };
             let pending = match self.journal.submit(commit) {
                 Ok(p) => p,
@@ -509,6 +511,7 @@ impl Gateway {
             reverses: auth_id.map(str::to_owned),
             scan: None,
             offline: false,
+            credit: None,
         };
         let mut ops = vec![Op::Put(
             Cf::Idem,
@@ -557,6 +560,7 @@ impl Gateway {
                         ops,
                         hold_until_written: Some(hold),
                         card: indexed,
+                        also: Vec::new(),
                     })
                     .map_err(journal_error)?;
                 if let Some(after) = after {
@@ -571,6 +575,7 @@ impl Gateway {
                     ops,
                     hold_until_written: Some(hold),
                     card: indexed,
+                    also: Vec::new(),
                 })
                 .map_err(journal_error)?,
         };

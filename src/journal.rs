@@ -41,7 +41,8 @@ pub enum Op {
 }
 
 /// What one caller wants written atomically. `record`, when present, is a
-/// decision record: the writer gives it the next sequence number.
+/// decision record: the writer gives it the next sequence number (and the
+/// records of `also` the ones after it); the reply carries the first.
 #[derive(Default)]
 pub struct Commit {
     pub record: Option<Vec<u8>>,
@@ -54,6 +55,11 @@ pub struct Commit {
     /// The card the record is about: the writer indexes the record's
     /// sequence number under it (`card_tx`), for the hotline's look-up.
     pub card: Option<Box<str>>,
+    /// Further decision records, each with its card, numbered after
+    /// `record` in this order and written in the same batch: a
+    /// disbursement batch is all its credits or none of them, whatever
+    /// crash comes between.
+    pub also: Vec<(Vec<u8>, Box<str>)>,
 }
 
 impl Commit {
@@ -63,6 +69,7 @@ impl Commit {
             ops,
             hold_until_written: None,
             card: None,
+            also: Vec::new(),
         }
     }
 }
@@ -335,15 +342,18 @@ impl Writer {
         let mut seqs = Vec::with_capacity(group.len());
         let mut records = 0u64;
         for (commit, _) in &group {
-            let assigned = commit.record.as_ref().map(|record| {
+            let mut assigned = None;
+            let first = commit.record.as_ref().map(|r| (r, commit.card.as_deref()));
+            let also = commit.also.iter().map(|(r, c)| (r, Some(&**c)));
+            for (record, card) in first.into_iter().chain(also) {
                 batch.put_cf(self.store.cf(Cf::Journal), seq.to_be_bytes(), record);
-                if let Some(card) = commit.card.as_deref().filter(|c| !c.is_empty()) {
+                if let Some(card) = card.filter(|c| !c.is_empty()) {
                     batch.put_cf(self.store.cf(Cf::CardTx), card_tx_key(card, seq), b"");
                 }
+                assigned.get_or_insert(seq);
+                records += 1;
                 seq += 1;
-                seq - 1
-            });
-            records += u64::from(assigned.is_some());
+            }
             seqs.push(assigned);
             for op in &commit.ops {
                 match op {
@@ -456,4 +466,21 @@ pub struct DecisionRecord {
     /// Decided by the terminal while offline, uploaded later.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub offline: bool,
+    /// For a credit (`decision: "credit"`, money paid to the card's
+    /// account): the disbursement record that paid it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credit: Option<CreditRef>,
+}
+
+/// What a credit pays: a disbursement batch's record and its programme.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreditRef {
+    pub batch_id: String,
+    pub record_id: String,
+    pub programme: String,
+    /// A wages programme's project and month (`YYYY-MM`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub month: Option<String>,
 }

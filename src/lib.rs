@@ -32,6 +32,7 @@ pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod disburse;
 pub mod gateway;
 pub mod hotline;
 pub mod idempotency;

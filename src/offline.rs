@@ -515,6 +515,7 @@ impl Gateway {
             reverses: None,
             scan: None,
             offline: true,
+            credit: None,
         };
         let origin = Origin {
             approved,
@@ -596,6 +597,7 @@ impl Gateway {
                 ops,
                 hold_until_written: Some(Box::new(guard)),
                 card: Some(e.card_no.as_str().into()),
+                also: Vec::new(),
             })
             .map_err(journal_error)?;
         if let Some(after) = after {

@@ -52,6 +52,10 @@ pub enum RouteId {
     CardTransactions,
     Audit,
     OfflineRisk,
+    DisbursementPost,
+    DisbursementGet,
+    ProjectWorkers,
+    ProjectUnpaid,
 }
 
 /// Who may call a route.
@@ -341,6 +345,34 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/offline-risk",
         RouteId::OfflineRisk,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/disbursements/{batch_id}",
+        RouteId::DisbursementPost,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/disbursements/{batch_id}",
+        RouteId::DisbursementGet,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/projects/{project}/workers",
+        RouteId::ProjectWorkers,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/projects/{project}/unpaid",
+        RouteId::ProjectUnpaid,
         Access::Operator,
     ),
 ];

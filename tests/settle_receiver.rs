@@ -49,6 +49,7 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 reverses: None,
                 scan: None,
                 offline: false,
+                credit: None,
             },
         );
     }

@@ -46,10 +46,14 @@ pub enum Cf {
     /// card_no 0x00 terminal → offline risk (JSON): offline taps of cards
     /// that were deny-listed at the time.
     OfflineRisk,
+    /// disbursements: `b/<batch_id>` → the body's fingerprint and the
+    /// report; `w/<project> 0x00 <month> 0x00 <card_no> 0x00 <event_id>` →
+    /// a credited wage; `p/<project>` → the project's roster of workers.
+    Disburse,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 13] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -63,6 +67,7 @@ impl Cf {
         Cf::Audit,
         Cf::CardTx,
         Cf::OfflineRisk,
+        Cf::Disburse,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +85,7 @@ impl Cf {
             Cf::Audit => "audit",
             Cf::CardTx => "card_tx",
             Cf::OfflineRisk => "offline_risk",
+            Cf::Disburse => "disburse",
         }
     }
 }
