@@ -113,6 +113,7 @@ async fn a_batch_is_booked_once_and_checked() {
             events: 5,
             total_fen: 1_000,
             reversals: 0,
+            ..Ledger::default()
         }
     );
 
@@ -169,6 +170,7 @@ async fn a_batch_is_booked_once_and_checked() {
             events: 7,
             total_fen: 1_400,
             reversals: 0,
+            ..Ledger::default()
         }
     );
     r.stop().await;
