@@ -484,3 +484,60 @@ pub struct CreditRef {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub month: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_with_several_records_numbers_and_indexes_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let journal = Journal::start(store.clone(), Durability::Sync, 16, 16).unwrap();
+        let one = journal
+            .commit(Commit::new(Some(b"r1".to_vec()), Vec::new()))
+            .await
+            .unwrap();
+        assert_eq!(one, Some(1));
+        let mut batch = Commit::new(None, vec![Op::Put(Cf::Meta, b"k".to_vec(), b"v".to_vec())]);
+        batch.also = vec![
+            (b"c1".to_vec(), "500118D00000001".into()),
+            (b"c2".to_vec(), "500118D00000002".into()),
+            (b"c3".to_vec(), "500118D00000001".into()),
+        ];
+        // The reply names the first of the commit's records.
+        assert_eq!(journal.commit(batch).await.unwrap(), Some(2));
+        assert_eq!(journal.last_seq(), 4);
+        for (seq, want) in [(2u64, &b"c1"[..]), (3, b"c2"), (4, b"c3")] {
+            assert_eq!(
+                store
+                    .get(Cf::Journal, &seq.to_be_bytes())
+                    .unwrap()
+                    .as_deref(),
+                Some(want)
+            );
+        }
+        for (card, seq) in [
+            ("500118D00000001", 2),
+            ("500118D00000002", 3),
+            ("500118D00000001", 4),
+        ] {
+            assert!(store
+                .get(Cf::CardTx, &card_tx_key(card, seq))
+                .unwrap()
+                .is_some());
+        }
+        assert!(store
+            .get(Cf::CardTx, &card_tx_key("500118D00000002", 2))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store.get(Cf::Meta, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        // Without records the reply names none.
+        let none = journal.commit(Commit::new(None, Vec::new())).await.unwrap();
+        assert_eq!(none, None);
+        journal.close();
+    }
+}
