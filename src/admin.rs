@@ -22,6 +22,7 @@ use serde_json::Value;
 use crate::audit;
 use crate::cardlife::{Actor, LifeOp};
 use crate::config::{Principal, Role};
+use crate::disburse;
 use crate::gateway::{journal_error, Gateway};
 use crate::hotline;
 use crate::import;
@@ -56,6 +57,9 @@ pub struct Admin {
     /// One bulk import at a time: each holds up to 32 MiB of body and a
     /// parsed copy, and two would only compete for the journal.
     imports: Arc<tokio::sync::Semaphore>,
+    /// One disbursement batch at a time: a batch id is looked up, then
+    /// recorded, and two uploads of one id must not both find it new.
+    disbursements: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +81,7 @@ impl Admin {
             principals,
             prometheus,
             imports: Arc::new(tokio::sync::Semaphore::new(1)),
+            disbursements: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 }
@@ -397,6 +402,31 @@ impl Admin {
                 let risks = offline::risk_list(&self.gateway, 1_000)?;
                 Ok(ok_json(&serde_json::json!({"risks": risks})))
             }
+            RouteId::DisbursementPost => self.disburse(param, req, actor()).await,
+            RouteId::DisbursementGet => Ok(json_response(
+                StatusCode::OK,
+                disburse::report(&self.gateway, param)?,
+            )),
+            RouteId::ProjectWorkers => {
+                disburse::check_project(param)?;
+                let timeout =
+                    Duration::from_millis(self.gateway.config.limits.header_read_timeout_ms);
+                let body = read_json_body(req, disburse::ROSTER_BODY_BYTES_MAX, timeout).await?;
+                let workers = disburse::parse_roster(&body)?;
+                let (gw, actor, project) = (self.gateway.clone(), actor(), param.to_owned());
+                let n =
+                    completed(
+                        async move { disburse::put_roster(&gw, &actor, &project, workers).await },
+                    )
+                    .await?;
+                Ok(ok_json(
+                    &serde_json::json!({"project": param, "workers": n}),
+                ))
+            }
+            RouteId::ProjectUnpaid => {
+                let month = disburse::month_query(req.uri().query())?;
+                Ok(ok_json(&disburse::unpaid(&self.gateway, param, &month)?))
+            }
             RouteId::Authorize
             | RouteId::Reverse
             | RouteId::Ping
@@ -434,6 +464,45 @@ impl Admin {
             _ => import::denylist(gw, body, slot).await?,
         };
         Ok(ok_json(&report))
+    }
+
+    /// `POST /admin/v1/disbursements/{batch_id}`: NDJSON or CSV, one batch
+    /// at a time (a second is refused at once, not queued).
+    async fn disburse(
+        &self,
+        batch_id: &str,
+        req: Request<Incoming>,
+        actor: Actor,
+    ) -> Result<Response<Body>, ApiError> {
+        disburse::check_batch_id(batch_id)?;
+        let ct = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let Some((format, media)) = disburse::Format::from_content_type(ct) else {
+            return Err(ApiError::new(
+                ErrorKind::UnsupportedMediaType,
+                "Content-Type must be application/x-ndjson, application/json (JSON lines) or text/csv",
+            ));
+        };
+        let Ok(slot) = self.disbursements.clone().try_acquire_owned() else {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "another disbursement batch is being recorded; send this one when it has finished",
+            ));
+        };
+        let body = read_body(req, media, disburse::BODY_BYTES_MAX, IMPORT_BODY_TIMEOUT).await?;
+        let report = disburse::upload(
+            self.gateway.clone(),
+            actor,
+            batch_id.to_owned(),
+            format,
+            body,
+            slot,
+        )
+        .await?;
+        Ok(json_response(StatusCode::OK, report))
     }
 
     fn parked(&self, sink: &str, n: usize) -> Result<Vec<deliver::Stored>, ApiError> {
@@ -709,14 +778,16 @@ fn audit_query(query: Option<&str>) -> Result<(usize, Option<u64>), ApiError> {
     Ok((limit, before))
 }
 
-/// One line of the daily report: charges, reversals, and the net amount
-/// the receiver should have booked.
+/// One line of the daily report: charges, reversals, credits (money paid
+/// to card holders), and the net amount the receiver should have booked.
 fn report_figures(d: &DaySite) -> Value {
     serde_json::json!({
         "charges": d.charges,
         "charged_fen": d.charged_fen,
         "reversals": d.reversals,
         "reversed_fen": d.reversed_fen,
-        "net_fen": d.charged_fen - d.reversed_fen,
+        "credits": d.credits,
+        "credited_fen": d.credited_fen,
+        "net_fen": d.net_fen(),
     })
 }

@@ -21,7 +21,9 @@ pub struct AuditEntry {
     pub who: String,
     pub role: String,
     /// `report_loss`, `lift_loss`, `freeze`, `unfreeze`, `replace`,
-    /// `cancel`, `bind`, `unbind`, `holder`, `find`, `transactions`.
+    /// `cancel`, `bind`, `unbind`, `holder`, `find`, `transactions`;
+    /// `disburse` (a disbursement batch recorded) and `roster` (a
+    /// project's workers replaced).
     pub action: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub card_no: Option<String>,

@@ -67,6 +67,33 @@ pub struct Config {
     pub identity: crate::scenario::identity::IdentityConfig,
     pub payment: crate::scenario::payment::PaymentConfig,
     pub regions: crate::scenario::region::RegionsConfig,
+    pub disbursement: DisbursementConfig,
+}
+
+pub const DISBURSEMENT_RECORDS_MAX_DEFAULT: usize = 10_000;
+/// `disbursement.records_max` may be raised this far: one batch is one
+/// journal commit, and ten times the default is still a few tens of MB.
+pub const DISBURSEMENT_RECORDS_MAX_LIMIT: usize = 100_000;
+
+/// Disbursements: subsidies and wages paid into card accounts, and the
+/// programmes they are paid under. No programmes: every record is refused
+/// `UNKNOWN_PROGRAMME`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DisbursementConfig {
+    /// Records in one batch at most.
+    pub records_max: usize,
+    /// `[disbursement.programmes.<name>]`, by name.
+    pub programmes: std::collections::BTreeMap<String, crate::disburse::Programme>,
+}
+
+impl Default for DisbursementConfig {
+    fn default() -> Self {
+        DisbursementConfig {
+            records_max: DISBURSEMENT_RECORDS_MAX_DEFAULT,
+            programmes: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 pub const QR_LIFETIME_MAX_S_DEFAULT: i64 = 120;
@@ -401,6 +428,7 @@ impl Default for Config {
             identity: Default::default(),
             payment: Default::default(),
             regions: Default::default(),
+            disbursement: DisbursementConfig::default(),
         }
     }
 }
@@ -727,7 +755,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        let mut taken: Vec<(Scenario, &str)> = Vec::new();
+        // Each scenario goes to one home sink and to one sink per partner
+        // region: an event is settled once.
+        let mut taken: Vec<(Scenario, Option<&str>, &str)> = Vec::new();
         for (i, sink) in self.settlement.sinks.iter().enumerate() {
             let n = &sink.name;
             if n.is_empty()
@@ -754,13 +784,20 @@ impl Config {
                     "settlement.sinks.{n}.url must be an https://host[:port]/path URL without credentials"
                 ));
             }
+            let whose: Vec<Option<&str>> = if sink.partners.is_empty() {
+                vec![None]
+            } else {
+                sink.partners.iter().map(|p| Some(p.as_str())).collect()
+            };
             for sc in sink.scenario_list()? {
-                if let Some((_, other)) = taken.iter().find(|(t, _)| *t == sc) {
-                    return bad(&format!(
-                        "settlement: scenario {sc} is routed to both {other} and {n}; an event is settled once"
-                    ));
+                for w in &whose {
+                    if let Some((_, _, other)) = taken.iter().find(|(t, o, _)| *t == sc && o == w) {
+                        return bad(&format!(
+                            "settlement: scenario {sc} is routed to both {other} and {n}; an event is settled once"
+                        ));
+                    }
+                    taken.push((sc, *w, n));
                 }
-                taken.push((sc, n));
             }
             sink.signing_key()?;
             if sink.events_max == 0 || sink.bytes_max < 1024 || sink.age_max_ms <= 0 {
@@ -851,6 +888,43 @@ impl Config {
         }
         if self.offline.future_skew_s < 0 {
             return bad("offline.future_skew_s must not be negative");
+        }
+        self.validate_disbursement()
+    }
+
+    fn validate_disbursement(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let d = &self.disbursement;
+        if !(1..=DISBURSEMENT_RECORDS_MAX_LIMIT).contains(&d.records_max) {
+            return bad(format!(
+                "disbursement.records_max must be 1 to {DISBURSEMENT_RECORDS_MAX_LIMIT}"
+            ));
+        }
+        for (name, p) in &d.programmes {
+            if !crate::disburse::valid_programme_name(name) {
+                return bad(format!(
+                    "disbursement.programmes: a name must be 1 to 32 of a-z, 0-9 and _ ({} characters given)",
+                    name.chars().count()
+                ));
+            }
+            if !(1..=crate::wire::AMOUNT_FEN_MAX).contains(&p.amount_max_fen) {
+                return bad(format!(
+                    "disbursement.programmes.{name}.amount_max_fen must be 1 to {}",
+                    crate::wire::AMOUNT_FEN_MAX
+                ));
+            }
+        }
+        // A credit is paid by the payment sink: without one, accepted
+        // records would be journaled and never reach anyone's account.
+        let paid = self.settlement.sinks.iter().any(|s| {
+            s.scenario_list()
+                .is_ok_and(|l| l.contains(&Scenario::Payment))
+        });
+        if !d.programmes.is_empty() && !paid {
+            return bad(
+                "disbursement.programmes need a settlement sink whose scenarios include payment: it pays the credits"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -968,6 +1042,48 @@ mod tests {
         assert_eq!(rule.amount_max_fen, 500);
         assert_eq!(rule.function, Some(Function::Transit));
         assert!(rule.charges);
+    }
+
+    #[test]
+    fn the_shipped_files_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let default = Config::load(&root.join("config/default.toml")).unwrap();
+        assert!(default.disbursement.programmes.is_empty());
+        // dev.toml names its QR keys relative to the checkout.
+        let dev = std::fs::read_to_string(root.join("config/dev.toml")).unwrap();
+        let dev = dev.replace(
+            "\"./config/dev-qr/",
+            &format!("\"{}/config/dev-qr/", root.display()),
+        );
+        let dev = Config::parse(&dev).unwrap();
+        assert_eq!(
+            dev.disbursement.programmes["project_wages"].kind,
+            crate::disburse::ProgrammeKind::Wages
+        );
+    }
+
+    #[test]
+    fn disbursement_programmes_are_checked() {
+        let sink = "[[settlement.sinks]]\nname = \"payment\"\nurl = \"https://127.0.0.1:9/b\"\nca = \"ca.pem\"\nscenarios = [\"payment\"]\nkey = \"payment-signing-key-01\"\n";
+        let grant = "[disbursement.programmes.student_grant]\nkind = \"subsidy\"\namount_max_fen = 100000\n";
+        let c = Config::parse(&format!("{sink}{grant}")).unwrap();
+        let p = c.disbursement.programmes["student_grant"];
+        assert_eq!(p.kind, crate::disburse::ProgrammeKind::Subsidy);
+        assert_eq!(c.disbursement.records_max, DISBURSEMENT_RECORDS_MAX_DEFAULT);
+        let refused = [
+            // No payment sink: credits would never be paid.
+            grant.to_owned(),
+            format!("{sink}[disbursement.programmes.Grant]\nkind = \"subsidy\"\namount_max_fen = 1\n"),
+            format!("{sink}[disbursement.programmes.g]\nkind = \"loan\"\namount_max_fen = 1\n"),
+            format!("{sink}[disbursement.programmes.g]\nkind = \"wages\"\namount_max_fen = 0\n"),
+            format!("{sink}[disbursement.programmes.g]\nkind = \"wages\"\n"),
+            format!("{sink}[disbursement.programmes.g]\nkind = \"wages\"\namount_max_fen = 1\ncolour = 1\n"),
+            "[disbursement]\nrecords_max = 0\n".to_owned(),
+            "[disbursement]\nrecords_max = 100001\n".to_owned(),
+        ];
+        for text in refused {
+            assert!(Config::parse(&text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -402,6 +402,7 @@ impl Gateway {
                 offline: false,
                 fare: outcome.fare.filter(|_| d.is_approve()),
                 bill_ref: req.bill_ref.clone(),
+                credit: None,
             };
             let spent = scan;
             let origin = Origin {
@@ -447,6 +448,7 @@ impl Gateway {
                 ops,
                 hold_until_written: Some(Box::new(guard)),
                 card: Some(card_str.into()),
+                also: Vec::new(),
             };
             let pending = match self.journal.submit(commit) {
                 Ok(p) => p,
@@ -669,6 +671,7 @@ impl Gateway {
             offline: false,
             fare: None,
             bill_ref: None,
+            credit: None,
         };
         let mut ops = vec![Op::Put(
             Cf::Idem,
@@ -720,6 +723,7 @@ impl Gateway {
                         ops,
                         hold_until_written: Some(hold),
                         card: indexed,
+                        also: Vec::new(),
                     })
                     .map_err(journal_error)?;
                 if let Some(after) = after {
@@ -734,6 +738,7 @@ impl Gateway {
                     ops,
                     hold_until_written: Some(hold),
                     card: indexed,
+                    also: Vec::new(),
                 })
                 .map_err(journal_error)?,
         };

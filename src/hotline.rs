@@ -292,7 +292,8 @@ impl Gateway {
 
     /// Where journal record `seq` stands in settlement.
     fn settlement_state(&self, seq: u64, r: &DecisionRecord) -> Result<&'static str, StoreError> {
-        let settles = (r.decision == "approve" || r.decision == "reverse") && r.charged_fen > 0;
+        let settles =
+            matches!(r.decision.as_str(), "approve" | "reverse" | "credit") && r.charged_fen > 0;
         let Some(scenario) = r.scenario.filter(|_| settles) else {
             return Ok("none");
         };

@@ -41,7 +41,8 @@ pub enum Op {
 }
 
 /// What one caller wants written atomically. `record`, when present, is a
-/// decision record: the writer gives it the next sequence number.
+/// decision record: the writer gives it the next sequence number (and the
+/// records of `also` the ones after it); the reply carries the first.
 #[derive(Default)]
 pub struct Commit {
     pub record: Option<Vec<u8>>,
@@ -54,6 +55,11 @@ pub struct Commit {
     /// The card the record is about: the writer indexes the record's
     /// sequence number under it (`card_tx`), for the hotline's look-up.
     pub card: Option<Box<str>>,
+    /// Further decision records, each with its card, numbered after
+    /// `record` in this order and written in the same batch: a
+    /// disbursement batch is all its credits or none of them, whatever
+    /// crash comes between.
+    pub also: Vec<(Vec<u8>, Box<str>)>,
 }
 
 impl Commit {
@@ -63,6 +69,7 @@ impl Commit {
             ops,
             hold_until_written: None,
             card: None,
+            also: Vec::new(),
         }
     }
 }
@@ -335,15 +342,18 @@ impl Writer {
         let mut seqs = Vec::with_capacity(group.len());
         let mut records = 0u64;
         for (commit, _) in &group {
-            let assigned = commit.record.as_ref().map(|record| {
+            let mut assigned = None;
+            let first = commit.record.as_ref().map(|r| (r, commit.card.as_deref()));
+            let also = commit.also.iter().map(|(r, c)| (r, Some(&**c)));
+            for (record, card) in first.into_iter().chain(also) {
                 batch.put_cf(self.store.cf(Cf::Journal), seq.to_be_bytes(), record);
-                if let Some(card) = commit.card.as_deref().filter(|c| !c.is_empty()) {
+                if let Some(card) = card.filter(|c| !c.is_empty()) {
                     batch.put_cf(self.store.cf(Cf::CardTx), card_tx_key(card, seq), b"");
                 }
+                assigned.get_or_insert(seq);
+                records += 1;
                 seq += 1;
-                seq - 1
-            });
-            records += u64::from(assigned.is_some());
+            }
             seqs.push(assigned);
             for op in &commit.ops {
                 match op {
@@ -463,4 +473,78 @@ pub struct DecisionRecord {
     /// A public payment's bill reference, settled with the charge.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bill_ref: Option<String>,
+    /// For a credit (`decision: "credit"`, money paid to the card's
+    /// account): the disbursement record that paid it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub credit: Option<CreditRef>,
+}
+
+/// What a credit pays: a disbursement batch's record and its programme.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreditRef {
+    pub batch_id: String,
+    pub record_id: String,
+    pub programme: String,
+    /// A wages programme's project and month (`YYYY-MM`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub month: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_with_several_records_numbers_and_indexes_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let journal = Journal::start(store.clone(), Durability::Sync, 16, 16).unwrap();
+        let one = journal
+            .commit(Commit::new(Some(b"r1".to_vec()), Vec::new()))
+            .await
+            .unwrap();
+        assert_eq!(one, Some(1));
+        let mut batch = Commit::new(None, vec![Op::Put(Cf::Meta, b"k".to_vec(), b"v".to_vec())]);
+        batch.also = vec![
+            (b"c1".to_vec(), "500118D00000001".into()),
+            (b"c2".to_vec(), "500118D00000002".into()),
+            (b"c3".to_vec(), "500118D00000001".into()),
+        ];
+        // The reply names the first of the commit's records.
+        assert_eq!(journal.commit(batch).await.unwrap(), Some(2));
+        assert_eq!(journal.last_seq(), 4);
+        for (seq, want) in [(2u64, &b"c1"[..]), (3, b"c2"), (4, b"c3")] {
+            assert_eq!(
+                store
+                    .get(Cf::Journal, &seq.to_be_bytes())
+                    .unwrap()
+                    .as_deref(),
+                Some(want)
+            );
+        }
+        for (card, seq) in [
+            ("500118D00000001", 2),
+            ("500118D00000002", 3),
+            ("500118D00000001", 4),
+        ] {
+            assert!(store
+                .get(Cf::CardTx, &card_tx_key(card, seq))
+                .unwrap()
+                .is_some());
+        }
+        assert!(store
+            .get(Cf::CardTx, &card_tx_key("500118D00000002", 2))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store.get(Cf::Meta, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        // Without records the reply names none.
+        let none = journal.commit(Commit::new(None, Vec::new())).await.unwrap();
+        assert_eq!(none, None);
+        journal.close();
+    }
 }

@@ -13,7 +13,8 @@
 //! - [`state`] holds cards and the deny list in memory (lock-free reads) and
 //!   in RocksDB; [`admin`] changes them (one at a time, or in bulk through
 //!   [`import`]) and serves `/metrics`, `/healthz`, `/readyz`; [`routes`]
-//!   is the table of everything both listeners serve;
+//!   is the table of everything both listeners serve; [`disburse`] takes
+//!   batches of subsidies and wages and journals them as credits;
 //! - [`settle`] (being built, not wired in yet) turns approved events into
 //!   signed batches for the downstream systems;
 //! - [`server`] starts and stops it all; [`config`] is the one typed config;
@@ -32,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod disburse;
 pub mod gateway;
 pub mod hotline;
 pub mod idempotency;

@@ -517,6 +517,7 @@ impl Gateway {
             offline: true,
             fare: None,
             bill_ref: None,
+            credit: None,
         };
         let origin = Origin {
             approved,
@@ -598,6 +599,7 @@ impl Gateway {
                 ops,
                 hold_until_written: Some(Box::new(guard)),
                 card: Some(e.card_no.as_str().into()),
+                also: Vec::new(),
             })
             .map_err(journal_error)?;
         if let Some(after) = after {

@@ -58,6 +58,10 @@ pub enum RouteId {
     PartnerDenyPut,
     PartnerDenyGet,
     Venues,
+    DisbursementPost,
+    DisbursementGet,
+    ProjectWorkers,
+    ProjectUnpaid,
 }
 
 /// Who may call a route.
@@ -389,6 +393,34 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/venues",
         RouteId::Venues,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/disbursements/{batch_id}",
+        RouteId::DisbursementPost,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/disbursements/{batch_id}",
+        RouteId::DisbursementGet,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/projects/{project}/workers",
+        RouteId::ProjectWorkers,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/projects/{project}/unpaid",
+        RouteId::ProjectUnpaid,
         Access::Operator,
     ),
 ];

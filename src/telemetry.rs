@@ -72,6 +72,10 @@ fn describe() {
         "onecard_decisions_total",
         "Authorization decisions by scenario, decision and reason"
     );
+    describe_counter!(
+        "onecard_disbursement_records_total",
+        "Disbursement records recorded, by outcome (accepted, rejected)"
+    );
     describe_histogram!(
         "onecard_authorize_latency_seconds",
         Unit::Seconds,

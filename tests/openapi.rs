@@ -88,7 +88,9 @@ async fn every_documented_operation_is_served() {
             .replace("{card_no}", "500118Z00000001")
             .replace("{sink}", "transport")
             .replace("{day}", "2026-11-28")
-            .replace("{credential_id}", "cred-1");
+            .replace("{credential_id}", "cred-1")
+            .replace("{batch_id}", "batch-1")
+            .replace("{project}", "bridge-7");
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let answer = match listener.as_str() {
             "terminal" => {

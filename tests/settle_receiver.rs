@@ -52,6 +52,7 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 offline: false,
                 fare: None,
                 bill_ref: None,
+                credit: None,
             },
         );
     }
@@ -115,6 +116,7 @@ async fn a_batch_is_booked_once_and_checked() {
             events: 5,
             total_fen: 1_000,
             reversals: 0,
+            ..Ledger::default()
         }
     );
 
@@ -171,6 +173,7 @@ async fn a_batch_is_booked_once_and_checked() {
             events: 7,
             total_fen: 1_400,
             reversals: 0,
+            ..Ledger::default()
         }
     );
     r.stop().await;

@@ -374,7 +374,7 @@ async fn reversals_leave_a_batch_or_follow_it_and_the_daily_report_adds_up() {
         assert_eq!(sk["sink"], "transport");
         assert_eq!(
             sk["acknowledged"],
-            json!({"charges": 5, "charged_fen": 2_500, "reversals": 1, "reversed_fen": 400, "net_fen": 2_100}),
+            json!({"charges": 5, "charged_fen": 2_500, "reversals": 1, "reversed_fen": 400, "credits": 0, "credited_fen": 0, "net_fen": 2_100}),
             "{report}"
         );
         assert_eq!(sk["sites"][0]["site"], "line-12");

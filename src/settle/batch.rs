@@ -12,6 +12,10 @@
 //!   `age_max_ms` old; an event larger than `bytes_max` goes alone.
 //! - Its id is the sink and the journal range it covers, so that sending it
 //!   again (after a timeout, a restart) carries the same idempotency key.
+//! - A credit (a disbursement: money paid *to* the card holder's account)
+//!   goes in as a credit line with the negative amount, like a reversal
+//!   gives money back, so the total stays the net the receiver books; its
+//!   programme, project and month ride along.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,9 +39,9 @@ pub struct Rules {
 
 impl Rules {
     /// Whether this sink settles a record: approved (or the reversal of an
-    /// approval), charged, one of its scenarios.
+    /// approval, or a credit), charged, one of its scenarios.
     pub fn takes(&self, r: &DecisionRecord) -> bool {
-        (r.decision == "approve" || r.decision == "reverse")
+        (r.decision == "approve" || r.decision == "reverse" || r.decision == "credit")
             && r.charged_fen > 0
             && r.scenario.is_some_and(|s| self.scenarios.contains(&s))
             && self.cards.takes(&r.card_no)
@@ -98,6 +102,8 @@ impl Cards {
 pub enum LineType {
     Charge,
     Reversal,
+    /// Money paid to the card holder (a subsidy, wages).
+    Credit,
 }
 
 /// One event as the downstream system books it.
@@ -115,7 +121,7 @@ pub struct Line<'a> {
     pub card_no: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scenario: Option<Scenario>,
-    /// Negative for a reversal.
+    /// Negative for a reversal and a credit.
     pub amount_fen: i64,
     pub at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -123,32 +129,43 @@ pub struct Line<'a> {
     /// A public payment's bill reference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bill_ref: Option<&'a str>,
+    /// A credit's programme, and a wages programme's project and month.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub programme: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub month: Option<&'a str>,
 }
 
 impl<'a> Line<'a> {
     pub fn of(seq: u64, r: &'a DecisionRecord) -> Line<'a> {
-        let reversal = r.decision == "reverse";
+        let kind = match r.decision.as_str() {
+            "reverse" => LineType::Reversal,
+            "credit" => LineType::Credit,
+            _ => LineType::Charge,
+        };
+        let credit = r.credit.as_ref();
         Line {
             seq,
-            kind: if reversal {
-                LineType::Reversal
-            } else {
-                LineType::Charge
-            },
+            kind,
             auth_id: &r.auth_id,
             reverses: r.reverses.as_deref(),
             terminal: &r.terminal,
             event_id: &r.event_id,
             card_no: &r.card_no,
             scenario: r.scenario,
-            amount_fen: if reversal {
-                -r.charged_fen
-            } else {
+            amount_fen: if kind == LineType::Charge {
                 r.charged_fen
+            } else {
+                -r.charged_fen
             },
             at_ms: r.at_ms,
             site: r.site.as_deref(),
             bill_ref: r.bill_ref.as_deref(),
+            programme: credit.map(|c| c.programme.as_str()),
+            project: credit.and_then(|c| c.project.as_deref()),
+            month: credit.and_then(|c| c.month.as_deref()),
         }
     }
 }
@@ -170,8 +187,9 @@ pub struct Batch {
     pub summary: Vec<DaySite>,
 }
 
-/// Lines of one local day and site: charges and reversals, counted and
-/// summed (reversals as positive amounts given back).
+/// Lines of one local day and site: charges, reversals and credits,
+/// counted and summed (reversals and credits as positive amounts paid
+/// out).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DaySite {
     pub day: i32,
@@ -181,6 +199,11 @@ pub struct DaySite {
     pub charged_fen: i64,
     pub reversals: u64,
     pub reversed_fen: i64,
+    /// Absent in reports stored before credits existed.
+    #[serde(default)]
+    pub credits: u64,
+    #[serde(default)]
+    pub credited_fen: i64,
 }
 
 impl DaySite {
@@ -189,6 +212,13 @@ impl DaySite {
         self.charged_fen += o.charged_fen;
         self.reversals += o.reversals;
         self.reversed_fen += o.reversed_fen;
+        self.credits += o.credits;
+        self.credited_fen += o.credited_fen;
+    }
+
+    /// What the receiver books net: charges less what went back out.
+    pub fn net_fen(&self) -> i64 {
+        self.charged_fen - self.reversed_fen - self.credited_fen
     }
 }
 
@@ -196,8 +226,9 @@ impl DaySite {
 #[derive(Debug)]
 struct Open {
     seq: u64,
-    /// Signed: negative for a reversal line.
+    /// Signed: negative for a reversal or credit line.
     fen: i64,
+    kind: LineType,
     at_ms: i64,
     auth_id: String,
     site: Option<String>,
@@ -250,10 +281,9 @@ impl Batcher {
         }
         if r.decision == "reverse" {
             // Its charge not sent yet: take it out, and that is all.
-            let waiting = self
-                .open
-                .iter()
-                .position(|e| e.fen > 0 && Some(e.auth_id.as_str()) == r.reverses.as_deref());
+            let waiting = self.open.iter().position(|e| {
+                e.kind == LineType::Charge && Some(e.auth_id.as_str()) == r.reverses.as_deref()
+            });
             if let Some(i) = waiting {
                 let gone = self.open.remove(i);
                 self.bytes -= gone.line.len() + 1;
@@ -261,7 +291,7 @@ impl Batcher {
             }
         }
         let line = Line::of(seq, r);
-        let fen = line.amount_fen;
+        let (fen, kind) = (line.amount_fen, line.kind);
         let line = serde_json::to_vec(&line).expect("a line always serializes");
         if !self.open.is_empty() && self.bytes + line.len() + 1 > self.rules.bytes_max {
             sealed.extend(self.seal());
@@ -270,6 +300,7 @@ impl Batcher {
         self.open.push(Open {
             seq,
             fen,
+            kind,
             at_ms: r.at_ms,
             auth_id: r.auth_id.clone(),
             site: r.site.clone(),
@@ -312,12 +343,19 @@ impl Batcher {
                 }
             };
             let d = &mut summary[i];
-            if e.fen >= 0 {
-                d.charges += 1;
-                d.charged_fen += e.fen;
-            } else {
-                d.reversals += 1;
-                d.reversed_fen -= e.fen;
+            match e.kind {
+                LineType::Charge => {
+                    d.charges += 1;
+                    d.charged_fen += e.fen;
+                }
+                LineType::Reversal => {
+                    d.reversals += 1;
+                    d.reversed_fen -= e.fen;
+                }
+                LineType::Credit => {
+                    d.credits += 1;
+                    d.credited_fen -= e.fen;
+                }
             }
         }
         let mut body = Vec::with_capacity(self.bytes);
@@ -380,6 +418,7 @@ mod tests {
             offline: false,
             fare: None,
             bill_ref: None,
+            credit: None,
         }
     }
 
@@ -562,6 +601,89 @@ mod tests {
             assert!(b.offer(seq, r).is_empty());
         }
         assert_eq!(b.pending(), 0);
+    }
+
+    /// A disbursement's credit of `fen` to the card, journaled at `at_ms`.
+    fn credit(fen: i64, at_ms: i64) -> DecisionRecord {
+        DecisionRecord {
+            terminal: "@disburse".into(),
+            event_id: format!("B1:r{at_ms}"),
+            auth_id: format!("c-{at_ms}"),
+            decision: "credit".into(),
+            site: None,
+            credit: Some(crate::journal::CreditRef {
+                batch_id: "B1".into(),
+                record_id: format!("r{at_ms}"),
+                programme: "project_wages".into(),
+                project: Some("bridge-7".into()),
+                month: Some("2026-11".into()),
+            }),
+            ..record(Scenario::Payment, true, fen, at_ms)
+        }
+    }
+
+    #[test]
+    fn credits_go_out_as_negative_lines_with_their_programme() {
+        let mut b = Batcher::new(Rules {
+            sink: "payment".into(),
+            scenarios: vec![Scenario::Payment],
+            cards: Cards::Home,
+            events_max: 100,
+            bytes_max: 1 << 20,
+            age_max_ms: 60_000,
+            day_offset_minutes: 480,
+        });
+        let charge = record(Scenario::Payment, true, 1_000, 1);
+        b.offer(1, &charge);
+        b.offer(2, &credit(800_000, 2));
+        let mut subsidy = credit(5_000, 3);
+        subsidy.credit = Some(crate::journal::CreditRef {
+            programme: "student_grant".into(),
+            project: None,
+            month: None,
+            ..subsidy.credit.clone().unwrap()
+        });
+        b.offer(3, &subsidy);
+        // A reversal never takes a credit out of the open batch.
+        let mut odd = reversal(&charge, 4);
+        odd.reverses = Some("c-2".into());
+        b.offer(4, &odd);
+        let batch = b.seal().unwrap();
+        assert_eq!(batch.count, 4);
+        assert_eq!(batch.total_fen, 1_000 - 800_000 - 5_000 - 1_000);
+        let v: serde_json::Value = serde_json::from_slice(&batch.body).unwrap();
+        let line = &v["events"][1];
+        assert_eq!(line["type"], "credit");
+        assert_eq!(line["amount_fen"], -800_000);
+        assert_eq!(line["terminal"], "@disburse");
+        assert_eq!(
+            (&line["programme"], &line["project"], &line["month"]),
+            (
+                &serde_json::json!("project_wages"),
+                &serde_json::json!("bridge-7"),
+                &serde_json::json!("2026-11")
+            )
+        );
+        assert_eq!(v["events"][2]["programme"], "student_grant");
+        assert!(v["events"][2].get("project").is_none());
+        assert!(v["events"][0].get("programme").is_none());
+        let s = &batch.summary;
+        let credits: (u64, i64) = (
+            s.iter().map(|d| d.credits).sum(),
+            s.iter().map(|d| d.credited_fen).sum(),
+        );
+        assert_eq!(credits, (2, 805_000));
+        let mut total = DaySite::default();
+        for d in s {
+            total.add(d);
+        }
+        assert_eq!(total.net_fen(), batch.total_fen);
+        // A report stored before credits existed still decodes.
+        let old: DaySite = serde_json::from_str(
+            r#"{"day":1,"site":"","charges":1,"charged_fen":5,"reversals":0,"reversed_fen":0}"#,
+        )
+        .unwrap();
+        assert_eq!((old.credits, old.net_fen()), (0, 5));
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub struct Ledger {
     /// Reversal lines among `events`.
     #[serde(default)]
     pub reversals: u64,
+    /// Credit lines (disbursements paid to card holders) among `events`,
+    /// and what they paid (a positive sum; `total_fen` has them negative).
+    #[serde(default)]
+    pub credits: u64,
+    #[serde(default)]
+    pub credited_fen: i64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +111,25 @@ struct BatchDoc<'a> {
 #[derive(Deserialize)]
 struct Amount {
     amount_fen: i64,
+    /// `charge`, `reversal` or `credit` (absent: as the amount's sign says).
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+/// Reversal and credit lines among a batch's, and what the credits paid.
+fn tally<'a>(lines: impl Iterator<Item = (i64, Option<&'a str>)>) -> (u64, u64, i64) {
+    let (mut reversals, mut credits, mut credited_fen) = (0, 0, 0);
+    for (fen, kind) in lines {
+        match kind {
+            Some("credit") => {
+                credits += 1;
+                credited_fen -= fen;
+            }
+            _ if fen < 0 => reversals += 1,
+            _ => {}
+        }
+    }
+    (reversals, credits, credited_fen)
 }
 
 #[derive(Deserialize, Serialize)]
@@ -174,7 +199,14 @@ fn load_ledger(
         totals.batches += 1;
         totals.events += b.ack.count;
         totals.total_fen += b.ack.total_fen;
-        totals.reversals += b.events.iter().filter(|e| e.amount_fen < 0).count() as u64;
+        let (reversals, credits, credited_fen) = tally(
+            b.events
+                .iter()
+                .map(|e| (e.amount_fen, e.rest.get("type").and_then(|t| t.as_str()))),
+        );
+        totals.reversals += reversals;
+        totals.credits += credits;
+        totals.credited_fen += credited_fen;
         seen.insert(b.ack.batch_id.clone(), b.ack);
     }
     let file = std::fs::OpenOptions::new()
@@ -248,7 +280,8 @@ impl State {
             match seen.get(&doc.batch_id) {
                 Some(ack) => ack.clone(),
                 None => {
-                    let reversals = amounts.iter().filter(|e| e.amount_fen < 0).count() as u64;
+                    let (reversals, credits, credited_fen) =
+                        tally(amounts.iter().map(|e| (e.amount_fen, e.kind.as_deref())));
                     let ack = Ack {
                         batch_id: doc.batch_id.clone(),
                         count,
@@ -285,6 +318,8 @@ impl State {
                     tracing::debug!(ledger = %self.ledger_path.display(), batch = %ack.batch_id, "booked");
                     seen.insert(ack.batch_id.clone(), ack.clone());
                     totals.reversals += reversals;
+                    totals.credits += credits;
+                    totals.credited_fen += credited_fen;
                     totals.batches += 1;
                     totals.events += ack.count;
                     totals.total_fen += ack.total_fen;

@@ -55,10 +55,14 @@ pub enum Cf {
     /// partner 0x00 card_no → empty: a partner region's deny list (its
     /// version in `meta`, `partner_version/<partner>`).
     PartnerDeny,
+    /// disbursements: `b/<batch_id>` → the body's fingerprint and the
+    /// report; `w/<project> 0x00 <month> 0x00 <card_no> 0x00 <event_id>` →
+    /// a credited wage; `p/<project>` → the project's roster of workers.
+    Disburse,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 16] = [
+    pub const ALL: [Cf; 17] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -75,6 +79,7 @@ impl Cf {
         Cf::Venues,
         Cf::Allow,
         Cf::PartnerDeny,
+        Cf::Disburse,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +100,7 @@ impl Cf {
             Cf::Venues => "venues",
             Cf::Allow => "allow",
             Cf::PartnerDeny => "partner_deny",
+            Cf::Disburse => "disburse",
         }
     }
 }

@@ -1,0 +1,1840 @@
+//! Disbursements: subsidies and wages paid into card accounts.
+//!
+//! An operator uploads a batch (`POST /admin/v1/disbursements/{batch_id}`,
+//! NDJSON or CSV): one record per line naming a card (or the holder's
+//! hashed personal ID), an amount and a programme (a student grant, a farm
+//! subsidy, a construction project's wages for a month). Each record is
+//! checked; the accepted ones become journal records with `decision:
+//! "credit"` in the payment scenario, which the payment sink settles as
+//! credit lines; the operator gets a report with one outcome per record.
+//!
+//! - **Pure core** ([`parse`], [`check`], [`assess`]): parsing and the
+//!   rules, table-tested, no I/O; card and holder look-ups are handed in.
+//! - **One batch, one journal commit**: every credit, the wage index
+//!   entries, the stored report with the body's fingerprint and the audit
+//!   entry are written in one synced batch. A crash mid-batch leaves
+//!   nothing, so uploading the batch again after it pays each record once;
+//!   once stored, the same batch id with the same body answers the stored
+//!   report byte for byte (and writes nothing), with another body `409`.
+//!   One batch is processed at a time, so two uploads of one id cannot both
+//!   find it new. A commit of `records_max` credits (a few MB) holds the
+//!   journal writer for a few milliseconds: taps wait that long, once.
+//! - **Wages**: a wages programme's credits are indexed by project, month
+//!   and card (`w/…` in the `disburse` column family, in the same commit),
+//!   so `GET /admin/v1/projects/{project}/unpaid?month=` lists the workers
+//!   of a project's roster who were credited nothing that month: withheld
+//!   or diverted wages show up.
+//!
+//! Card status is read from memory without the card's lock: a card
+//! reported lost in the same millisecond may still be credited, which pays
+//! the holder's account, not whoever holds the card.
+//!
+//! Never: echo a card number or a personal-ID hash in a message (report
+//! cards are masked), parse on the workers that serve terminals (it runs
+//! on the blocking pool), or take a body or batch without a bound.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::audit::AuditEntry;
+use crate::authz::{DenySet, Listing};
+use crate::cardlife::Actor;
+use crate::gateway::{journal_error, Gateway};
+use crate::journal::{Commit, CreditRef, DecisionRecord, Op};
+use crate::model::{Card, CardNo, CardStatus, EventKind, Function, Reason, Scenario};
+use crate::state::{profiles, Cf, StoreError};
+use crate::wire::{self, ApiError, ErrorKind};
+
+/// One upload's body at most: 10,000 records of about 150 bytes fit many
+/// times over.
+pub const BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// One line at most.
+pub const LINE_BYTES_MAX: usize = 1024;
+/// `batch_id`: 1 to this many of `A-Za-z0-9._:-`. Short, because the
+/// credits' event ids are `<batch_id>:<record_id>` (at most 97 characters).
+pub const BATCH_ID_LEN_MAX: usize = 32;
+/// `record_id`: 1 to this many of `A-Za-z0-9._:-`.
+pub const RECORD_ID_LEN_MAX: usize = 64;
+/// `project`: 1 to this many of `A-Za-z0-9._:-`.
+pub const PROJECT_LEN_MAX: usize = 64;
+/// The terminal of every credit's journal record. `@` is outside the
+/// terminal-id alphabet, so no certificate can name it: a credit's
+/// (terminal, event_id) never meets a terminal's.
+pub const TERMINAL: &str = "@disburse";
+/// Workers on one project's roster at most.
+pub const ROSTER_WORKERS_MAX: usize = 10_000;
+/// A roster body at most (10,000 card numbers of up to 32 characters).
+pub const ROSTER_BODY_BYTES_MAX: usize = 512 * 1024;
+/// How far a roster card's replacements are followed when looking for its
+/// wages (a card is rarely replaced more than a couple of times).
+const REPLACEMENTS_FOLLOWED_MAX: usize = 8;
+
+/// The columns of a CSV batch (and fields of an NDJSON line).
+pub const COLUMNS: &[&str] = &[
+    "record_id",
+    "card_no",
+    "id_hash",
+    "amount_fen",
+    "programme",
+    "project",
+    "month",
+];
+
+// ---------------------------------------------------------------------------
+// Programmes (the config's `[disbursement.programmes.<name>]`)
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgrammeKind {
+    /// A grant or subsidy: per card, no project.
+    Subsidy,
+    /// Wages: each record names its project and month, and is indexed for
+    /// the unpaid-workers view.
+    Wages,
+}
+
+/// One programme's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Programme {
+    pub kind: ProgrammeKind,
+    /// The largest single credit (`LIMIT_EXCEEDED` above it).
+    pub amount_max_fen: i64,
+}
+
+pub type Programmes = BTreeMap<String, Programme>;
+
+/// A programme name: 1 to 32 of `a-z0-9_`.
+pub fn valid_programme_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// 1 to `max` of `A-Za-z0-9._:-` (the event-id alphabet).
+pub fn valid_id(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// `YYYY-MM`, month 01 to 12.
+pub fn valid_month(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 7
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && matches!(s[5..].parse::<u8>(), Ok(1..=12))
+        && b[5..].iter().all(u8::is_ascii_digit)
+}
+
+/// A personal-ID hash as `privacy::id_hash` writes it: 64 lower-case hex.
+pub fn valid_id_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+// ---------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------
+
+/// The body's format, from its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Ndjson,
+    Csv,
+}
+
+impl Format {
+    /// `application/x-ndjson` or `application/json` (JSON lines), or
+    /// `text/csv`; parameters (`; charset=utf-8`) are ignored.
+    pub fn from_content_type(ct: &str) -> Option<(Format, &'static str)> {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        [
+            ("application/x-ndjson", Format::Ndjson),
+            ("application/json", Format::Ndjson),
+            ("text/csv", Format::Csv),
+        ]
+        .into_iter()
+        .find(|(m, _)| essence.eq_ignore_ascii_case(m))
+        .map(|(m, f)| (f, m))
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Format::Ndjson => b'j',
+            Format::Csv => b'c',
+        }
+    }
+}
+
+/// Whom a record pays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Card(CardNo),
+    /// The holder's keyed personal-ID hash: paid to their current card.
+    Holder(String),
+}
+
+/// A well-formed record (not yet checked against cards and programmes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// 1-based line in the body.
+    pub line: u64,
+    pub record_id: String,
+    pub target: Target,
+    pub amount_fen: i64,
+    pub programme: String,
+    pub project: Option<String>,
+    pub month: Option<String>,
+}
+
+/// A line that is not a record: where, which record if that much was
+/// readable, and why (never quoting a card number or ID hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    pub line: u64,
+    pub record_id: Option<String>,
+    pub message: String,
+}
+
+pub type Parsed = Result<Record, BadLine>;
+
+/// The non-blank lines of a body with their 1-based numbers (a trailing
+/// `\r` dropped, and a UTF-8 byte-order mark at the start, as spreadsheet
+/// programs write CSV).
+fn lines(body: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+    body.split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.strip_suffix(b"\r").unwrap_or(l)))
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+}
+
+fn too_many(records_max: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::PayloadTooLarge,
+        format!("the batch has more than {records_max} records; split it into several batches"),
+    )
+}
+
+/// Parses a whole body into records and bad lines, in body order. Errors of
+/// the whole body (no CSV header, an unknown or repeated column, more than
+/// `records_max` records) refuse the batch.
+pub fn parse(format: Format, body: &[u8], records_max: usize) -> Result<Vec<Parsed>, ApiError> {
+    let mut out = Vec::new();
+    let mut lines = lines(body);
+    let header = match format {
+        Format::Ndjson => None,
+        Format::Csv => {
+            let (n, h) = lines.next().ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "a CSV batch starts with a header line naming its columns: {}",
+                    COLUMNS.join(",")
+                ))
+            })?;
+            Some(csv_header(n, h)?)
+        }
+    };
+    for (n, line) in lines {
+        if out.len() == records_max {
+            return Err(too_many(records_max));
+        }
+        let fields = match &header {
+            None => ndjson_fields(line),
+            Some(columns) => csv_fields(columns, line),
+        };
+        out.push(
+            fields
+                .and_then(|f| record(n, f))
+                .map_err(|(id, message)| BadLine {
+                    line: n,
+                    record_id: id,
+                    message,
+                }),
+        );
+    }
+    Ok(out)
+}
+
+/// A line's fields by name; absent or empty ones left out.
+type Fields = BTreeMap<&'static str, FieldValue>;
+
+#[derive(Debug)]
+enum FieldValue {
+    Text(String),
+    /// A JSON number (NDJSON only; CSV amounts are text).
+    Number(serde_json::Number),
+}
+
+type LineError = (Option<String>, String);
+
+fn csv_header(n: u64, line: &[u8]) -> Result<Vec<&'static str>, ApiError> {
+    let text = std::str::from_utf8(line)
+        .map_err(|_| ApiError::invalid(format!("line {n}: the CSV header is not UTF-8")))?;
+    let mut columns: Vec<&'static str> = Vec::new();
+    for (i, name) in text.split(',').enumerate() {
+        let name = unquote(name.trim()).unwrap_or("");
+        let Some(c) = COLUMNS.iter().copied().find(|c| *c == name) else {
+            return Err(ApiError::invalid(format!(
+                "line {n}: column {} of the CSV header is {}; the columns are {}",
+                i + 1,
+                if name.is_empty() {
+                    "empty".to_owned()
+                } else {
+                    wire::describe_unknown_field(name).replace("field", "column")
+                },
+                COLUMNS.join(",")
+            )));
+        };
+        if columns.contains(&c) {
+            return Err(ApiError::invalid(format!(
+                "line {n}: the CSV header names `{c}` twice"
+            )));
+        }
+        columns.push(c);
+    }
+    for needed in ["record_id", "amount_fen", "programme"] {
+        if !columns.contains(&needed) {
+            return Err(ApiError::invalid(format!(
+                "line {n}: the CSV header has no `{needed}` column"
+            )));
+        }
+    }
+    if !columns.contains(&"card_no") && !columns.contains(&"id_hash") {
+        return Err(ApiError::invalid(format!(
+            "line {n}: the CSV header needs a `card_no` or an `id_hash` column"
+        )));
+    }
+    Ok(columns)
+}
+
+/// A field as written, or inside one pair of double quotes (as spreadsheet
+/// programs quote); `None` for a quote anywhere else: no field of a record
+/// needs one.
+fn unquote(s: &str) -> Option<&str> {
+    let inner = match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) => inner,
+        None => s,
+    };
+    (!inner.contains('"')).then_some(inner)
+}
+
+fn csv_fields(columns: &[&'static str], line: &[u8]) -> Result<Fields, LineError> {
+    if line.len() > LINE_BYTES_MAX {
+        return Err((
+            None,
+            format!("the line is longer than {LINE_BYTES_MAX} bytes"),
+        ));
+    }
+    let text = std::str::from_utf8(line).map_err(|_| (None, "the line is not UTF-8".to_owned()))?;
+    let values: Vec<&str> = text.split(',').collect();
+    // The record id, if it can be read, names the line in the report.
+    let id = columns
+        .iter()
+        .position(|c| *c == "record_id")
+        .and_then(|i| values.get(i))
+        .and_then(|v| unquote(v.trim()))
+        .filter(|v| valid_id(v, RECORD_ID_LEN_MAX))
+        .map(str::to_owned);
+    if values.len() != columns.len() {
+        return Err((
+            id,
+            format!(
+                "the line has {} fields; the header names {}",
+                values.len(),
+                columns.len()
+            ),
+        ));
+    }
+    let mut fields = Fields::new();
+    for (c, v) in columns.iter().zip(values) {
+        let v = unquote(v.trim())
+            .ok_or_else(|| (id.clone(), format!("`{c}` has a stray double quote")))?;
+        if !v.is_empty() {
+            fields.insert(c, FieldValue::Text(v.to_owned()));
+        }
+    }
+    Ok(fields)
+}
+
+fn ndjson_fields(line: &[u8]) -> Result<Fields, LineError> {
+    if line.len() > LINE_BYTES_MAX {
+        return Err((
+            None,
+            format!("the line is longer than {LINE_BYTES_MAX} bytes"),
+        ));
+    }
+    let m: Map<String, Value> = wire::parse_object(line).map_err(|e| (None, e.message))?;
+    let id = m
+        .get("record_id")
+        .and_then(Value::as_str)
+        .filter(|v| valid_id(v, RECORD_ID_LEN_MAX))
+        .map(str::to_owned);
+    wire::reject_unknown(&m, COLUMNS).map_err(|e| (id.clone(), e.message))?;
+    let mut fields = Fields::new();
+    for (k, v) in m {
+        let c = COLUMNS
+            .iter()
+            .copied()
+            .find(|c| *c == k)
+            .expect("unknown fields were refused above");
+        let v = match v {
+            Value::Null => continue,
+            Value::String(s) if s.is_empty() => continue,
+            Value::String(s) => FieldValue::Text(s),
+            Value::Number(n) if c == "amount_fen" => FieldValue::Number(n),
+            _ if c == "amount_fen" => {
+                return Err((id, "`amount_fen` must be an integer number of fen".into()))
+            }
+            _ => return Err((id, format!("`{c}` must be a string"))),
+        };
+        fields.insert(c, v);
+    }
+    Ok(fields)
+}
+
+/// Builds a record from its fields: every rule of form, none of the card's
+/// or programme's. Messages name the field and the rule, never the value.
+fn record(line: u64, mut f: Fields) -> Result<Record, LineError> {
+    let mut text = |name: &str| match f.remove(name) {
+        None => Ok(None),
+        Some(FieldValue::Text(s)) => Ok(Some(s)),
+        Some(FieldValue::Number(_)) => Err(format!("`{name}` must be a string")),
+    };
+    let record_id = text("record_id").map_err(|m| (None, m))?;
+    let record_id = match record_id {
+        None => return Err((None, "missing field `record_id`".into())),
+        Some(r) if !valid_id(&r, RECORD_ID_LEN_MAX) => {
+            return Err((
+                None,
+                format!("`record_id` must be 1 to {RECORD_ID_LEN_MAX} of A-Za-z0-9._:-"),
+            ))
+        }
+        Some(r) => r,
+    };
+    let id = Some(record_id.clone());
+    let bad = |m: String| (id.clone(), m);
+    let card_no = text("card_no").map_err(bad)?;
+    let id_hash = text("id_hash").map_err(bad)?;
+    let programme = text("programme").map_err(bad)?;
+    let project = text("project").map_err(bad)?;
+    let month = text("month").map_err(bad)?;
+    let target =
+        match (card_no, id_hash) {
+            (Some(c), None) => {
+                Target::Card(CardNo::parse(&c).map_err(|e| bad(format!("`card_no` {e}")))?)
+            }
+            (None, Some(h)) if valid_id_hash(&h) => Target::Holder(h),
+            (None, Some(_)) => return Err(bad(
+                "`id_hash` must be 64 lower-case hex digits (the keyed hash of the personal ID)"
+                    .into(),
+            )),
+            (None, None) => return Err(bad("one of `card_no` and `id_hash` is required".into())),
+            (Some(_), Some(_)) => {
+                return Err(bad("give one of `card_no` and `id_hash`, not both".into()))
+            }
+        };
+    let amount_fen = match f.remove("amount_fen") {
+        None => return Err(bad("missing field `amount_fen`".into())),
+        Some(FieldValue::Number(n)) => n.as_i64(),
+        Some(FieldValue::Text(s)) => s.parse::<i64>().ok().filter(|_| {
+            // Plain digits only: no sign, no decimal point, no exponent.
+            s.bytes().all(|b| b.is_ascii_digit())
+        }),
+    };
+    let amount_fen = amount_fen
+        .filter(|a| (1..=wire::AMOUNT_FEN_MAX).contains(a))
+        .ok_or_else(|| {
+            bad(format!(
+                "`amount_fen` must be an integer number of fen from 1 to {}",
+                wire::AMOUNT_FEN_MAX
+            ))
+        })?;
+    let programme = programme.ok_or_else(|| bad("missing field `programme`".into()))?;
+    if !valid_programme_name(&programme) {
+        return Err(bad("`programme` must be 1 to 32 of a-z, 0-9 and _".into()));
+    }
+    if project
+        .as_deref()
+        .is_some_and(|p| !valid_id(p, PROJECT_LEN_MAX))
+    {
+        return Err(bad(format!(
+            "`project` must be 1 to {PROJECT_LEN_MAX} of A-Za-z0-9._:-"
+        )));
+    }
+    if month.as_deref().is_some_and(|m| !valid_month(m)) {
+        return Err(bad("`month` must be a month such as 2026-11".into()));
+    }
+    Ok(Record {
+        line,
+        record_id,
+        target,
+        amount_fen,
+        programme,
+        project,
+        month,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The rules
+// ---------------------------------------------------------------------------
+
+/// Why a record is refused. Each has a stable code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    BadLine(String),
+    DuplicateRecord,
+    UnknownProgramme,
+    ProjectRequired,
+    MonthRequired,
+    LimitExceeded {
+        amount_max_fen: i64,
+    },
+    CardNotFound,
+    /// No card is registered to the ID hash.
+    HolderNotFound,
+    Card(Reason),
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::BadLine(_) => "BAD_LINE",
+            Refusal::DuplicateRecord => "DUPLICATE_RECORD",
+            Refusal::UnknownProgramme => "UNKNOWN_PROGRAMME",
+            Refusal::ProjectRequired => "PROJECT_REQUIRED",
+            Refusal::MonthRequired => "MONTH_REQUIRED",
+            Refusal::LimitExceeded { .. } => Reason::LimitExceeded.code(),
+            Refusal::CardNotFound | Refusal::HolderNotFound => Reason::CardNotFound.code(),
+            Refusal::Card(r) => r.code(),
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::BadLine(m) => m.clone(),
+            Refusal::DuplicateRecord => {
+                "the record_id was used by an earlier line of this batch".into()
+            }
+            Refusal::UnknownProgramme => "no such programme is configured".into(),
+            Refusal::ProjectRequired => "a wages programme's record names its `project`".into(),
+            Refusal::MonthRequired => "a wages programme's record names its `month`".into(),
+            Refusal::LimitExceeded { amount_max_fen } => {
+                format!("the amount is above the programme's maximum of {amount_max_fen} fen")
+            }
+            Refusal::CardNotFound => "the card is not known".into(),
+            Refusal::HolderNotFound => "no card is registered to that personal-ID hash".into(),
+            Refusal::Card(Reason::CardLost) => "the card is reported lost".into(),
+            Refusal::Card(Reason::CardFrozen) => "the card is frozen".into(),
+            Refusal::Card(Reason::CardCancelled) => "the card is cancelled".into(),
+            Refusal::Card(Reason::Denylisted) => "the card is on the deny list".into(),
+            Refusal::Card(Reason::FunctionNotEnabled) => {
+                "the card's financial account (function `financial`) is not enabled".into()
+            }
+            Refusal::Card(r) => format!("refused: {}", r.code()),
+        }
+    }
+}
+
+/// Checks one well-formed record. The programme's rules come first (they
+/// are the uploader's to fix whatever the card), then the card as a tap of
+/// the payment scenario sees it: an operator's deny entry, a stopped
+/// card's status, a card-life deny entry, existence, the `financial`
+/// function. `card` is `None` when the card (or the holder) is not known.
+pub fn check(
+    r: &Record,
+    card: Option<&Card>,
+    listing: Listing,
+    programmes: &Programmes,
+) -> Result<(), Refusal> {
+    let p = programmes
+        .get(&r.programme)
+        .ok_or(Refusal::UnknownProgramme)?;
+    if p.kind == ProgrammeKind::Wages {
+        if r.project.is_none() {
+            return Err(Refusal::ProjectRequired);
+        }
+        if r.month.is_none() {
+            return Err(Refusal::MonthRequired);
+        }
+    }
+    if r.amount_fen > p.amount_max_fen {
+        return Err(Refusal::LimitExceeded {
+            amount_max_fen: p.amount_max_fen,
+        });
+    }
+    if listing == Listing::Operator {
+        return Err(Refusal::Card(Reason::Denylisted));
+    }
+    match card.map(|c| c.status) {
+        Some(CardStatus::Lost) => return Err(Refusal::Card(Reason::CardLost)),
+        Some(CardStatus::Frozen) => return Err(Refusal::Card(Reason::CardFrozen)),
+        Some(CardStatus::Cancelled) => return Err(Refusal::Card(Reason::CardCancelled)),
+        Some(CardStatus::Active) | None => {}
+    }
+    if listing == Listing::CardLife {
+        return Err(Refusal::Card(Reason::Denylisted));
+    }
+    let card = card.ok_or(match r.target {
+        Target::Card(_) => Refusal::CardNotFound,
+        Target::Holder(_) => Refusal::HolderNotFound,
+    })?;
+    if !card.has_function(Function::Financial) {
+        return Err(Refusal::Card(Reason::FunctionNotEnabled));
+    }
+    Ok(())
+}
+
+/// What a look-up found for a record's target: the card it pays (for a
+/// holder, their current card; `None` when unknown), its state and its
+/// deny-list standing.
+pub struct Found {
+    pub card_no: Option<CardNo>,
+    pub card: Option<Card>,
+    pub listing: Listing,
+}
+
+/// One record's line in the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    pub record_id: Option<String>,
+    pub line: u64,
+    /// `accepted` or `rejected`.
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Masked (first six and last four characters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount_fen: Option<i64>,
+}
+
+/// An accepted record and the card it pays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credit {
+    pub record: Record,
+    pub card_no: CardNo,
+}
+
+/// The report of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub batch_id: String,
+    pub records: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub accepted_fen: i64,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Checks every parsed record in order: a record id seen on an earlier line
+/// is refused `DUPLICATE_RECORD` (the first stands, whatever its outcome),
+/// the others go through [`check`] with what `find` says of their target.
+pub fn assess(
+    batch_id: &str,
+    parsed: Vec<Parsed>,
+    programmes: &Programmes,
+    mut find: impl FnMut(&Target) -> Found,
+) -> (Report, Vec<Credit>) {
+    let mut report = Report {
+        batch_id: batch_id.to_owned(),
+        records: parsed.len() as u64,
+        accepted: 0,
+        rejected: 0,
+        accepted_fen: 0,
+        outcomes: Vec::with_capacity(parsed.len()),
+    };
+    let mut credits = Vec::new();
+    let mut seen: HashSet<String> = HashSet::with_capacity(parsed.len());
+    for p in parsed {
+        let (record, refusal, card_no) = match p {
+            Err(bad) => {
+                // A bad line's record id, if readable, still takes its
+                // place: a later line reusing it is a duplicate.
+                if let Some(id) = &bad.record_id {
+                    seen.insert(id.clone());
+                }
+                report.rejected += 1;
+                report.outcomes.push(Outcome {
+                    record_id: bad.record_id,
+                    line: bad.line,
+                    outcome: "rejected",
+                    code: Some(Refusal::BadLine(String::new()).code()),
+                    message: Some(format!("line {}: {}", bad.line, bad.message)),
+                    card: None,
+                    amount_fen: None,
+                });
+                continue;
+            }
+            Ok(r) if !seen.insert(r.record_id.clone()) => {
+                let card = match &r.target {
+                    Target::Card(c) => Some(c.clone()),
+                    Target::Holder(_) => None,
+                };
+                (r, Some(Refusal::DuplicateRecord), card)
+            }
+            Ok(r) => {
+                let found = find(&r.target);
+                let verdict = check(&r, found.card.as_ref(), found.listing, programmes);
+                (r, verdict.err(), found.card_no)
+            }
+        };
+        let outcome = Outcome {
+            record_id: Some(record.record_id.clone()),
+            line: record.line,
+            outcome: if refusal.is_none() {
+                "accepted"
+            } else {
+                "rejected"
+            },
+            code: refusal.as_ref().map(Refusal::code),
+            message: refusal.as_ref().map(Refusal::message),
+            card: card_no.as_ref().map(CardNo::masked),
+            amount_fen: Some(record.amount_fen),
+        };
+        report.outcomes.push(outcome);
+        match (refusal, card_no) {
+            (None, Some(card_no)) => {
+                report.accepted += 1;
+                report.accepted_fen += record.amount_fen;
+                credits.push(Credit { record, card_no });
+            }
+            _ => report.rejected += 1,
+        }
+    }
+    (report, credits)
+}
+
+/// The fingerprint of an upload: its format and body.
+pub fn fingerprint(format: Format, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([format.tag()]);
+    h.update(body);
+    h.finalize().into()
+}
+
+// ---------------------------------------------------------------------------
+// Keys of the `disburse` column family
+// ---------------------------------------------------------------------------
+
+pub fn batch_key(batch_id: &str) -> Vec<u8> {
+    [b"b/", batch_id.as_bytes()].concat()
+}
+
+pub fn roster_key(project: &str) -> Vec<u8> {
+    [b"p/", project.as_bytes()].concat()
+}
+
+/// `w/<project> 0x00 <month> 0x00`: the wages of a project's month.
+pub fn wages_prefix(project: &str, month: &str) -> Vec<u8> {
+    [b"w/", project.as_bytes(), b"\0", month.as_bytes(), b"\0"].concat()
+}
+
+/// A credited wage: the month's prefix, the card, and the credit's event id.
+pub fn wage_key(project: &str, month: &str, card_no: &str, event_id: &str) -> Vec<u8> {
+    [
+        &wages_prefix(project, month)[..],
+        card_no.as_bytes(),
+        b"\0",
+        event_id.as_bytes(),
+    ]
+    .concat()
+}
+
+// ---------------------------------------------------------------------------
+// Upload (I/O)
+// ---------------------------------------------------------------------------
+
+/// A stored batch: the fingerprint (32 bytes), then the report's bytes.
+fn stored(store: &crate::state::Store, batch_id: &str) -> Result<Option<Vec<u8>>, ApiError> {
+    store
+        .get(Cf::Disburse, &batch_key(batch_id))
+        .map_err(unreadable)
+}
+
+fn unreadable(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "storage read failed");
+    ApiError::new(ErrorKind::Unavailable, "the store cannot be read; retry")
+}
+
+pub fn check_batch_id(batch_id: &str) -> Result<(), ApiError> {
+    if valid_id(batch_id, BATCH_ID_LEN_MAX) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "the batch id in the path must be 1 to {BATCH_ID_LEN_MAX} of A-Za-z0-9._:-"
+        )))
+    }
+}
+
+/// The stored report of a batch.
+pub fn report(gw: &Gateway, batch_id: &str) -> Result<Vec<u8>, ApiError> {
+    check_batch_id(batch_id)?;
+    match stored(&gw.store, batch_id)? {
+        Some(v) if v.len() >= 32 => Ok(v[32..].to_vec()),
+        Some(_) => Err(unreadable(StoreError::Corrupt {
+            cf: "disburse",
+            detail: "a stored batch is too short".into(),
+        })),
+        None => Err(ApiError::new(
+            ErrorKind::NotFound,
+            "no disbursement batch has that id",
+        )),
+    }
+}
+
+/// Processes an upload (see the module documentation) and answers its
+/// report's bytes. Runs on its own task to its end, whatever the client
+/// does; `slot` (one batch at a time) travels with it.
+pub async fn upload(
+    gw: Arc<Gateway>,
+    actor: Actor,
+    batch_id: String,
+    format: Format,
+    body: Bytes,
+    slot: OwnedSemaphorePermit,
+) -> Result<Vec<u8>, ApiError> {
+    check_batch_id(&batch_id)?;
+    let work = async move {
+        let _slot = slot;
+        let gw2 = gw.clone();
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&gw2, &actor, &batch_id, format, &body))
+                .await
+                .map_err(|_| ApiError::new(ErrorKind::Unavailable, "the batch failed; retry"))??;
+        let (report_bytes, commit, accepted, rejected) = match prepared {
+            Prepared::Replay(bytes) => return Ok(bytes),
+            Prepared::New {
+                report,
+                commit,
+                accepted,
+                rejected,
+            } => (report, commit, accepted, rejected),
+        };
+        gw.journal.commit(commit).await.map_err(journal_error)?;
+        metrics::counter!("onecard_disbursement_records_total", "outcome" => "accepted")
+            .increment(accepted);
+        metrics::counter!("onecard_disbursement_records_total", "outcome" => "rejected")
+            .increment(rejected);
+        tracing::info!(accepted, rejected, "disbursement batch recorded");
+        Ok(report_bytes)
+    };
+    tokio::spawn(work).await.map_err(|_| {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            "the batch was interrupted; send it again (a batch is recorded whole or not at all)",
+        )
+    })?
+}
+
+enum Prepared {
+    /// Stored before with the same body: its report again.
+    Replay(Vec<u8>),
+    New {
+        report: Vec<u8>,
+        commit: Commit,
+        accepted: u64,
+        rejected: u64,
+    },
+}
+
+/// The blocking part of an upload: the stored batch, or parsing, checking
+/// and the commit that records it.
+fn prepare(
+    gw: &Gateway,
+    actor: &Actor,
+    batch_id: &str,
+    format: Format,
+    body: &[u8],
+) -> Result<Prepared, ApiError> {
+    let fp = fingerprint(format, body);
+    if let Some(v) = stored(&gw.store, batch_id)? {
+        if v.len() >= 32 && v[..32] == fp {
+            return Ok(Prepared::Replay(v[32..].to_vec()));
+        }
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            "a batch with this id was recorded with another body; a new batch needs a new id",
+        ));
+    }
+    let config = &gw.config.disbursement;
+    let parsed = parse(format, body, config.records_max)?;
+    let find = |t: &Target| {
+        let card_no = match t {
+            Target::Card(c) => Some(c.clone()),
+            // A store that cannot be read pays no one: the holder is
+            // treated as unknown and the record refused.
+            Target::Holder(h) => profiles::person(&gw.store, h).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading a personal-ID hash failed");
+                None
+            }),
+        };
+        let card = card_no.as_ref().and_then(|c| gw.cards.get(c));
+        let listing = card_no.as_ref().map_or(Listing::No, |c| gw.deny.listing(c));
+        Found {
+            card_no,
+            card,
+            listing,
+        }
+    };
+    let (report, credits) = assess(batch_id, parsed, &config.programmes, find);
+    let report_bytes = serde_json::to_vec(&report).expect("a report serializes");
+    let now = gw.now_ms();
+    let mut ops = Vec::new();
+    let mut also = Vec::with_capacity(credits.len());
+    for c in &credits {
+        let r = &c.record;
+        let event_id = format!("{batch_id}:{}", r.record_id);
+        let wages = config
+            .programmes
+            .get(&r.programme)
+            .is_some_and(|p| p.kind == ProgrammeKind::Wages);
+        if let (true, Some(project), Some(month)) = (wages, &r.project, &r.month) {
+            ops.push(Op::Put(
+                Cf::Disburse,
+                wage_key(project, month, c.card_no.as_str(), &event_id),
+                r.amount_fen.to_string().into_bytes(),
+            ));
+        }
+        let record = DecisionRecord {
+            at_ms: now,
+            terminal: TERMINAL.to_owned(),
+            event_id,
+            auth_id: gw.auth_ids.next(),
+            // A credit presents no card; `tap` (a card number given as
+            // such) is the nearest kind, and `decision` tells them apart.
+            kind: EventKind::Tap,
+            card_no: c.card_no.as_str().to_owned(),
+            scenario: Some(Scenario::Payment),
+            amount_fen: Some(r.amount_fen),
+            decision: "credit".to_owned(),
+            reason: Reason::Ok,
+            charged_fen: r.amount_fen,
+            site: None,
+            occurred_at: None,
+            reverses: None,
+            scan: None,
+            offline: false,
+            fare: None,
+            bill_ref: None,
+            credit: Some(CreditRef {
+                batch_id: batch_id.to_owned(),
+                record_id: r.record_id.clone(),
+                programme: r.programme.clone(),
+                project: r.project.clone(),
+                month: r.month.clone(),
+            }),
+        };
+        also.push((
+            serde_json::to_vec(&record).expect("a decision record serializes"),
+            c.card_no.as_str().into(),
+        ));
+    }
+    let mut value = fp.to_vec();
+    value.extend_from_slice(&report_bytes);
+    ops.push(Op::Put(Cf::Disburse, batch_key(batch_id), value));
+    let detail = serde_json::json!({
+        "batch_id": batch_id, "records": report.records, "accepted": report.accepted,
+        "rejected": report.rejected, "accepted_fen": report.accepted_fen,
+    });
+    ops.push(
+        gw.audit
+            .op(&audit_entry(actor, "disburse", Some(detail), now)),
+    );
+    let mut commit = Commit::new(None, ops);
+    commit.also = also;
+    Ok(Prepared::New {
+        report: report_bytes,
+        commit,
+        accepted: report.accepted,
+        rejected: report.rejected,
+    })
+}
+
+fn audit_entry(actor: &Actor, action: &str, detail: Option<Value>, at_ms: i64) -> AuditEntry {
+    AuditEntry {
+        at_ms,
+        who: actor.name.clone(),
+        role: actor.role.as_str().to_owned(),
+        action: action.to_owned(),
+        card_no: None,
+        detail,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Wages: rosters and the unpaid view
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    pub workers: Vec<String>,
+    pub at_ms: i64,
+}
+
+pub fn check_project(project: &str) -> Result<(), ApiError> {
+    if valid_id(project, PROJECT_LEN_MAX) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "the project in the path must be 1 to {PROJECT_LEN_MAX} of A-Za-z0-9._:-"
+        )))
+    }
+}
+
+/// Parses a roster body `{"workers": ["<card_no>", …]}`: valid card
+/// numbers, at most [`ROSTER_WORKERS_MAX`], duplicates kept once, sorted.
+pub fn parse_roster(body: &[u8]) -> Result<Vec<CardNo>, ApiError> {
+    let m = wire::parse_object(body)?;
+    wire::reject_unknown(&m, &["workers"])?;
+    let list = match m.get("workers") {
+        Some(Value::Array(a)) => a,
+        None => return Err(ApiError::invalid("missing field `workers`")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "`workers` must be an array of card numbers",
+            ))
+        }
+    };
+    if list.len() > ROSTER_WORKERS_MAX {
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("a roster holds at most {ROSTER_WORKERS_MAX} workers"),
+        ));
+    }
+    let mut out = BTreeSet::new();
+    for (i, v) in list.iter().enumerate() {
+        let s = v.as_str().ok_or_else(|| {
+            ApiError::invalid(format!("`workers[{i}]` must be a card number string"))
+        })?;
+        out.insert(wire::card_no_field(&format!("workers[{i}]"), s)?);
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Replaces a project's roster; audited. Returns how many workers it holds.
+pub async fn put_roster(
+    gw: &Gateway,
+    actor: &Actor,
+    project: &str,
+    workers: Vec<CardNo>,
+) -> Result<usize, ApiError> {
+    check_project(project)?;
+    let now = gw.now_ms();
+    let roster = Roster {
+        workers: workers.iter().map(|c| c.as_str().to_owned()).collect(),
+        at_ms: now,
+    };
+    let detail = serde_json::json!({"project": project, "workers": workers.len()});
+    let ops = vec![
+        Op::Put(
+            Cf::Disburse,
+            roster_key(project),
+            serde_json::to_vec(&roster).expect("a roster serializes"),
+        ),
+        gw.audit
+            .op(&audit_entry(actor, "roster", Some(detail), now)),
+    ];
+    gw.journal
+        .commit(Commit::new(None, ops))
+        .await
+        .map_err(journal_error)?;
+    Ok(workers.len())
+}
+
+/// `month=YYYY-MM`, the only query parameter of the unpaid view.
+pub fn month_query(query: Option<&str>) -> Result<String, ApiError> {
+    let mut month = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("month", v)) if valid_month(v) => month = Some(v.to_owned()),
+            Some(("month", _)) => {
+                return Err(ApiError::invalid("`month` must be a month such as 2026-11"))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "unknown query parameter; the unpaid view takes month",
+                ))
+            }
+        }
+    }
+    month.ok_or_else(|| ApiError::invalid("the query parameter `month` (YYYY-MM) is required"))
+}
+
+/// One rostered worker credited no wage for the month.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unpaid {
+    /// In the clear: an operator-only answer, as the card GET is.
+    pub card_no: String,
+    /// The card's status, `null` when the card is not known.
+    pub status: Option<CardStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnpaidView {
+    pub project: String,
+    pub month: String,
+    pub workers: u64,
+    pub paid: u64,
+    /// Fen credited as the project's wages for the month, to anyone.
+    pub credited_fen: i64,
+    pub unpaid: Vec<Unpaid>,
+}
+
+/// The rostered workers of a project credited no wage in `month`. A
+/// worker whose card was replaced counts as paid when any card of the
+/// chain was credited.
+pub fn unpaid(gw: &Gateway, project: &str, month: &str) -> Result<UnpaidView, ApiError> {
+    check_project(project)?;
+    let roster = match gw
+        .store
+        .get(Cf::Disburse, &roster_key(project))
+        .map_err(unreadable)?
+    {
+        Some(v) => serde_json::from_slice::<Roster>(&v).map_err(|_| {
+            unreadable(StoreError::Corrupt {
+                cf: "disburse",
+                detail: "a roster does not decode".into(),
+            })
+        })?,
+        None => {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                "the project has no roster; PUT /admin/v1/projects/{project}/workers first",
+            ))
+        }
+    };
+    let prefix = wages_prefix(project, month);
+    let mut paid_cards: HashSet<Vec<u8>> = HashSet::new();
+    let mut credited_fen = 0i64;
+    gw.store
+        .scan(Cf::Disburse, &prefix, |k, v| {
+            let Some(rest) = k.strip_prefix(&prefix[..]) else {
+                return false;
+            };
+            if let Some(card) = rest.split(|&b| b == 0).next() {
+                paid_cards.insert(card.to_vec());
+            }
+            credited_fen += std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(0);
+            true
+        })
+        .map_err(unreadable)?;
+    let mut view = UnpaidView {
+        project: project.to_owned(),
+        month: month.to_owned(),
+        workers: roster.workers.len() as u64,
+        paid: 0,
+        credited_fen,
+        unpaid: Vec::new(),
+    };
+    for w in &roster.workers {
+        let Ok(card_no) = CardNo::parse(w) else {
+            continue;
+        };
+        if paid_through_chain(gw, &card_no, &paid_cards)? {
+            view.paid += 1;
+        } else {
+            view.unpaid.push(Unpaid {
+                card_no: w.clone(),
+                status: gw.cards.get(&card_no).map(|c| c.status),
+            });
+        }
+    }
+    Ok(view)
+}
+
+fn paid_through_chain(
+    gw: &Gateway,
+    card_no: &CardNo,
+    paid: &HashSet<Vec<u8>>,
+) -> Result<bool, ApiError> {
+    let mut current = card_no.clone();
+    for _ in 0..=REPLACEMENTS_FOLLOWED_MAX {
+        if paid.contains(current.as_str().as_bytes()) {
+            return Ok(true);
+        }
+        let next = profiles::profile(&gw.store, &current)
+            .map_err(unreadable)?
+            .replaced_by
+            .and_then(|n| CardNo::parse(&n).ok());
+        match next {
+            Some(n) => current = n,
+            None => return Ok(false),
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Concession;
+
+    const CARD: &str = "500118D00000001";
+    const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn programmes() -> Programmes {
+        let mut p = Programmes::new();
+        p.insert(
+            "student_grant".into(),
+            Programme {
+                kind: ProgrammeKind::Subsidy,
+                amount_max_fen: 100_000,
+            },
+        );
+        p.insert(
+            "project_wages".into(),
+            Programme {
+                kind: ProgrammeKind::Wages,
+                amount_max_fen: 1_000_000,
+            },
+        );
+        p
+    }
+
+    fn rec(programme: &str, fen: i64, project: Option<&str>, month: Option<&str>) -> Record {
+        Record {
+            line: 1,
+            record_id: "r1".into(),
+            target: Target::Card(CardNo::parse(CARD).unwrap()),
+            amount_fen: fen,
+            programme: programme.into(),
+            project: project.map(Into::into),
+            month: month.map(Into::into),
+        }
+    }
+
+    fn card(status: CardStatus, financial: bool) -> Card {
+        let f: &[Function] = if financial {
+            &[Function::Financial, Function::Transit]
+        } else {
+            &[Function::Transit]
+        };
+        Card::new(status, f, &[Concession::Student])
+    }
+
+    #[test]
+    fn every_rule_has_its_refusal() {
+        use CardStatus::*;
+        let ok = card(Active, true);
+        let grant = rec("student_grant", 50_000, None, None);
+        let wage = rec("project_wages", 800_000, Some("bridge-7"), Some("2026-11"));
+        let mut holder = grant.clone();
+        holder.target = Target::Holder(HASH.into());
+        type Case<'a> = (&'a str, Record, Option<Card>, Listing, Result<(), &'a str>);
+        let cases: Vec<Case> = vec![
+            ("a grant", grant.clone(), Some(ok), Listing::No, Ok(())),
+            ("wages", wage.clone(), Some(ok), Listing::No, Ok(())),
+            ("by holder", holder.clone(), Some(ok), Listing::No, Ok(())),
+            (
+                "at the maximum",
+                rec("student_grant", 100_000, None, None),
+                Some(ok),
+                Listing::No,
+                Ok(()),
+            ),
+            (
+                "a subsidy may name a month",
+                rec("student_grant", 1, None, Some("2026-09")),
+                Some(ok),
+                Listing::No,
+                Ok(()),
+            ),
+            (
+                "unknown programme",
+                rec("moon_grant", 1, None, None),
+                Some(ok),
+                Listing::No,
+                Err("UNKNOWN_PROGRAMME"),
+            ),
+            (
+                "wages without project",
+                rec("project_wages", 1, None, Some("2026-11")),
+                Some(ok),
+                Listing::No,
+                Err("PROJECT_REQUIRED"),
+            ),
+            (
+                "wages without month",
+                rec("project_wages", 1, Some("bridge-7"), None),
+                Some(ok),
+                Listing::No,
+                Err("MONTH_REQUIRED"),
+            ),
+            (
+                "above the maximum",
+                rec("student_grant", 100_001, None, None),
+                Some(ok),
+                Listing::No,
+                Err("LIMIT_EXCEEDED"),
+            ),
+            (
+                "unknown card",
+                grant.clone(),
+                None,
+                Listing::No,
+                Err("CARD_NOT_FOUND"),
+            ),
+            (
+                "unknown holder",
+                holder.clone(),
+                None,
+                Listing::No,
+                Err("CARD_NOT_FOUND"),
+            ),
+            (
+                "lost",
+                grant.clone(),
+                Some(card(Lost, true)),
+                Listing::CardLife,
+                Err("CARD_LOST"),
+            ),
+            (
+                "frozen",
+                grant.clone(),
+                Some(card(Frozen, true)),
+                Listing::CardLife,
+                Err("CARD_FROZEN"),
+            ),
+            (
+                "cancelled",
+                grant.clone(),
+                Some(card(Cancelled, true)),
+                Listing::No,
+                Err("CARD_CANCELLED"),
+            ),
+            (
+                "an operator's entry says more than the status",
+                grant.clone(),
+                Some(card(Lost, true)),
+                Listing::Operator,
+                Err("DENYLISTED"),
+            ),
+            (
+                "deny-listed active card",
+                grant.clone(),
+                Some(ok),
+                Listing::Operator,
+                Err("DENYLISTED"),
+            ),
+            (
+                "card-life entry on an active card",
+                grant.clone(),
+                Some(ok),
+                Listing::CardLife,
+                Err("DENYLISTED"),
+            ),
+            (
+                "no financial account",
+                grant.clone(),
+                Some(card(Active, false)),
+                Listing::No,
+                Err("FUNCTION_NOT_ENABLED"),
+            ),
+            (
+                "the programme's rules come before the card",
+                rec("student_grant", 100_001, None, None),
+                None,
+                Listing::Operator,
+                Err("LIMIT_EXCEEDED"),
+            ),
+        ];
+        for (name, r, c, listing, want) in cases {
+            let got = check(&r, c.as_ref(), listing, &programmes());
+            assert_eq!(
+                got.as_ref().map_err(Refusal::code),
+                want.as_ref().map_err(|e| *e),
+                "{name}"
+            );
+            if let Err(e) = got {
+                assert!(!e.message().contains(CARD), "{name}");
+                assert!(!e.message().is_empty(), "{name}");
+            }
+        }
+        assert_eq!(
+            check(&holder, None, Listing::No, &programmes()),
+            Err(Refusal::HolderNotFound)
+        );
+    }
+
+    fn parse_ok(format: Format, body: &str) -> Vec<Parsed> {
+        parse(format, body.as_bytes(), 100).unwrap()
+    }
+
+    #[test]
+    fn ndjson_and_csv_give_the_same_records() {
+        let nd = format!(
+            "{{\"record_id\":\"r1\",\"card_no\":\"{CARD}\",\"amount_fen\":5000,\"programme\":\"student_grant\"}}\n\
+             \n\
+             {{\"record_id\":\"r2\",\"id_hash\":\"{HASH}\",\"amount_fen\":\"800000\",\"programme\":\"project_wages\",\"project\":\"bridge-7\",\"month\":\"2026-11\"}}\r\n"
+        );
+        let csv = format!(
+            "\u{feff}record_id,card_no,id_hash,amount_fen,programme,project,month\r\n\
+             r1,{CARD},,5000,student_grant,,\n\
+             \n\
+             \"r2\",,{HASH},800000,\"project_wages\",bridge-7,2026-11\n"
+        );
+        let a = parse_ok(Format::Ndjson, &nd);
+        let mut b = parse_ok(Format::Csv, &csv);
+        // Lines differ (the header, the blank line); the records do not.
+        assert_eq!(
+            (a[0].as_ref().unwrap().line, a[1].as_ref().unwrap().line),
+            (1, 3)
+        );
+        assert_eq!(
+            (b[0].as_ref().unwrap().line, b[1].as_ref().unwrap().line),
+            (2, 4)
+        );
+        for r in b.iter_mut() {
+            r.as_mut().unwrap().line -= 1;
+        }
+        assert_eq!(a, b);
+        let r2 = a[1].as_ref().unwrap();
+        assert_eq!(r2.target, Target::Holder(HASH.into()));
+        assert_eq!(
+            (r2.amount_fen, r2.project.as_deref(), r2.month.as_deref()),
+            (800_000, Some("bridge-7"), Some("2026-11"))
+        );
+        // Columns in any order.
+        let reordered =
+            format!("programme,amount_fen,card_no,record_id\nstudent_grant,5000,{CARD},r1\n");
+        assert_eq!(
+            parse_ok(Format::Csv, &reordered)[0]
+                .as_ref()
+                .unwrap()
+                .card_no_str(),
+            Some(CARD)
+        );
+    }
+
+    impl Record {
+        fn card_no_str(&self) -> Option<&str> {
+            match &self.target {
+                Target::Card(c) => Some(c.as_str()),
+                Target::Holder(_) => None,
+            }
+        }
+    }
+
+    #[test]
+    fn bad_lines_say_where_and_why_without_echoing_the_card() {
+        let line = |fields: &str| format!("{{\"record_id\":\"r9\",{fields}}}");
+        let g = "\"programme\":\"student_grant\"";
+        let c = format!("\"card_no\":\"{CARD}\"");
+        let cases: Vec<(String, Option<&str>, &str)> = vec![
+            ("{".into(), None, "not valid JSON"),
+            ("[1]".into(), None, "must be a JSON object"),
+            (
+                format!("{{{c},\"amount_fen\":1,{g}}}"),
+                None,
+                "missing field `record_id`",
+            ),
+            (
+                format!("{{\"record_id\":\"r 1\",{c},\"amount_fen\":1,{g}}}"),
+                None,
+                "`record_id` must be 1 to 64",
+            ),
+            (
+                format!(
+                    "{{\"record_id\":\"{}\",{c},\"amount_fen\":1,{g}}}",
+                    "r".repeat(65)
+                ),
+                None,
+                "`record_id` must be",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1,{g},\"colour\":\"red\"")),
+                Some("r9"),
+                "unknown field `colour`",
+            ),
+            (
+                line(&format!("\"amount_fen\":1,{g}")),
+                Some("r9"),
+                "one of `card_no` and `id_hash` is required",
+            ),
+            (
+                line(&format!("{c},\"id_hash\":\"{HASH}\",\"amount_fen\":1,{g}")),
+                Some("r9"),
+                "not both",
+            ),
+            (
+                line(&format!(
+                    "\"card_no\":\"500118d00000001\",\"amount_fen\":1,{g}"
+                )),
+                Some("r9"),
+                "`card_no` must contain only",
+            ),
+            (
+                line(&format!(
+                    "\"id_hash\":\"{}\",\"amount_fen\":1,{g}",
+                    HASH.to_uppercase()
+                )),
+                Some("r9"),
+                "`id_hash` must be 64 lower-case hex",
+            ),
+            (
+                line(&format!("\"id_hash\":\"abc\",\"amount_fen\":1,{g}")),
+                Some("r9"),
+                "`id_hash` must be 64",
+            ),
+            (
+                line(&format!("{c},{g}")),
+                Some("r9"),
+                "missing field `amount_fen`",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":0,{g}")),
+                Some("r9"),
+                "`amount_fen` must be an integer number of fen from 1",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":-5,{g}")),
+                Some("r9"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1.5,{g}")),
+                Some("r9"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":\"1e3\",{g}")),
+                Some("r9"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":true,{g}")),
+                Some("r9"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1000000001,{g}")),
+                Some("r9"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1")),
+                Some("r9"),
+                "missing field `programme`",
+            ),
+            (
+                line(&format!(
+                    "{c},\"amount_fen\":1,\"programme\":\"Student Grant\""
+                )),
+                Some("r9"),
+                "`programme` must be 1 to 32",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1,{g},\"project\":\"a b\"")),
+                Some("r9"),
+                "`project` must be 1 to 64",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1,{g},\"month\":\"2026-13\"")),
+                Some("r9"),
+                "`month` must be a month",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1,{g},\"month\":\"2026-1\"")),
+                Some("r9"),
+                "`month` must be a month",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1,\"programme\":7")),
+                Some("r9"),
+                "`programme` must be a string",
+            ),
+            (
+                line(&format!(
+                    "{c},\"amount_fen\":1,{g},\"x\":\"{}\"",
+                    "a".repeat(LINE_BYTES_MAX)
+                )),
+                None,
+                "longer than 1024 bytes",
+            ),
+        ];
+        for (body, id, want) in cases {
+            let got = parse_ok(Format::Ndjson, &body);
+            let bad = got[0].as_ref().unwrap_err();
+            assert_eq!(bad.line, 1, "{body}");
+            assert_eq!(bad.record_id.as_deref(), id, "{body}");
+            assert!(bad.message.contains(want), "{body}: {}", bad.message);
+            assert!(!bad.message.contains("00000001"), "{}", bad.message);
+            assert!(!bad.message.contains("0123456789abcdef"), "{}", bad.message);
+        }
+
+        let header = "record_id,card_no,amount_fen,programme\n";
+        let csv_cases: Vec<(String, Option<&str>, &str)> = vec![
+            (
+                format!("r1,{CARD},1\n"),
+                Some("r1"),
+                "the line has 3 fields; the header names 4",
+            ),
+            (
+                format!("r1,{CARD},1,student_grant,x\n"),
+                Some("r1"),
+                "has 5 fields",
+            ),
+            (
+                format!("r1,\"{CARD},1,student_grant\n"),
+                Some("r1"),
+                "`card_no` has a stray double quote",
+            ),
+            (
+                format!("r1,{CARD},12.50,student_grant\n"),
+                Some("r1"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                format!("r1,{CARD},+5,student_grant\n"),
+                Some("r1"),
+                "`amount_fen` must be an integer",
+            ),
+            (
+                format!("r1,,5,student_grant\n"),
+                Some("r1"),
+                "one of `card_no` and `id_hash` is required",
+            ),
+            (
+                format!(",{CARD},5,student_grant\n"),
+                None,
+                "missing field `record_id`",
+            ),
+            ("r1,\u{ff}\n".to_owned(), None, "the line is not UTF-8"),
+        ];
+        for (line, id, want) in csv_cases {
+            let mut body = header.as_bytes().to_vec();
+            if line.contains('\u{ff}') {
+                body.extend_from_slice(b"r1,\xff,1,x\n");
+            } else {
+                body.extend_from_slice(line.as_bytes());
+            }
+            let got = parse(Format::Csv, &body, 10).unwrap();
+            let bad = got[0].as_ref().unwrap_err();
+            assert_eq!(bad.line, 2, "{line}");
+            assert_eq!(bad.record_id.as_deref(), id, "{line}");
+            assert!(bad.message.contains(want), "{line}: {}", bad.message);
+            assert!(!bad.message.contains("00000001"), "{}", bad.message);
+        }
+    }
+
+    #[test]
+    fn whole_body_errors_refuse_the_batch() {
+        let cases: &[(&str, &str)] = &[
+            ("", "starts with a header line"),
+            ("\n\n", "starts with a header line"),
+            (
+                "record_id,card_no,amount_fen,programme,colour\n",
+                "column 5 of the CSV header is unknown column `colour`",
+            ),
+            (
+                "record_id,card_no,amount_fen,programme,\n",
+                "column 5 of the CSV header is empty",
+            ),
+            (
+                "record_id,card_no,card_no,amount_fen,programme\n",
+                "names `card_no` twice",
+            ),
+            (
+                "record_id,card_no,amount_fen\n",
+                "has no `programme` column",
+            ),
+            (
+                "card_no,amount_fen,programme\n",
+                "has no `record_id` column",
+            ),
+            (
+                "record_id,amount_fen,programme\n",
+                "needs a `card_no` or an `id_hash` column",
+            ),
+            (
+                "record_id,card_no,amount_fen,programme,500118D00000001\n",
+                "name not shown",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = parse(Format::Csv, body.as_bytes(), 10).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidRequest, "{body}");
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+            assert!(!e.message.contains("00000001"), "{}", e.message);
+        }
+        // An empty NDJSON body is a batch of nothing; a header alone too.
+        assert!(parse(Format::Ndjson, b"", 10).unwrap().is_empty());
+        assert!(
+            parse(Format::Csv, b"record_id,card_no,amount_fen,programme\n", 10)
+                .unwrap()
+                .is_empty()
+        );
+        // records_max counts records, bad ones included.
+        let three = "{}\n{}\n{}\n";
+        assert_eq!(parse(Format::Ndjson, three.as_bytes(), 3).unwrap().len(), 3);
+        let e = parse(Format::Ndjson, three.as_bytes(), 2).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PayloadTooLarge);
+        assert!(e.message.contains("more than 2 records"), "{}", e.message);
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(
+            Format::from_content_type("text/csv; charset=utf-8"),
+            Some((Format::Csv, "text/csv"))
+        );
+        assert_eq!(
+            Format::from_content_type("application/x-ndjson"),
+            Some((Format::Ndjson, "application/x-ndjson"))
+        );
+        assert_eq!(
+            Format::from_content_type("Application/JSON"),
+            Some((Format::Ndjson, "application/json"))
+        );
+        assert_eq!(Format::from_content_type("text/plain"), None);
+        assert_ne!(
+            fingerprint(Format::Csv, b"x"),
+            fingerprint(Format::Ndjson, b"x")
+        );
+    }
+
+    #[test]
+    fn assess_reports_every_record_and_refuses_duplicates() {
+        let lost = CardNo::parse("500118D00000002").unwrap();
+        let body = format!(
+            "{{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":100,\"programme\":\"student_grant\"}}\n\
+             {{\"record_id\":\"b\",\"card_no\":\"{}\",\"amount_fen\":200,\"programme\":\"student_grant\"}}\n\
+             not json\n\
+             {{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":300,\"programme\":\"student_grant\"}}\n\
+             {{\"record_id\":\"c\",\"id_hash\":\"{HASH}\",\"amount_fen\":400,\"programme\":\"student_grant\"}}\n\
+             {{\"record_id\":\"d\",\"card_no\":\"{CARD}\",\"amount_fen\":0,\"programme\":\"student_grant\"}}\n\
+             {{\"record_id\":\"d\",\"card_no\":\"{CARD}\",\"amount_fen\":500,\"programme\":\"student_grant\"}}\n",
+            lost.as_str()
+        );
+        let parsed = parse(Format::Ndjson, body.as_bytes(), 100).unwrap();
+        let (report, credits) = assess("B1", parsed, &programmes(), |t| match t {
+            Target::Card(c) if c.as_str() == CARD => Found {
+                card_no: Some(c.clone()),
+                card: Some(card(CardStatus::Active, true)),
+                listing: Listing::No,
+            },
+            Target::Card(c) => Found {
+                card_no: Some(c.clone()),
+                card: Some(card(CardStatus::Lost, true)),
+                listing: Listing::CardLife,
+            },
+            Target::Holder(_) => Found {
+                card_no: Some(CardNo::parse(CARD).unwrap()),
+                card: Some(card(CardStatus::Active, true)),
+                listing: Listing::No,
+            },
+        });
+        let got: Vec<(Option<&str>, u64, &str, Option<&str>)> = report
+            .outcomes
+            .iter()
+            .map(|o| (o.record_id.as_deref(), o.line, o.outcome, o.code))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("a"), 1, "accepted", None),
+                (Some("b"), 2, "rejected", Some("CARD_LOST")),
+                (None, 3, "rejected", Some("BAD_LINE")),
+                (Some("a"), 4, "rejected", Some("DUPLICATE_RECORD")),
+                (Some("c"), 5, "accepted", None),
+                (Some("d"), 6, "rejected", Some("BAD_LINE")),
+                (Some("d"), 7, "rejected", Some("DUPLICATE_RECORD")),
+            ]
+        );
+        assert_eq!(
+            (
+                report.records,
+                report.accepted,
+                report.rejected,
+                report.accepted_fen
+            ),
+            (7, 2, 5, 500)
+        );
+        assert_eq!(credits.len(), 2);
+        assert_eq!(credits[1].card_no.as_str(), CARD);
+        assert_eq!(report.outcomes[0].card.as_deref(), Some("500118*****0001"));
+        assert_eq!(
+            report.outcomes[2]
+                .message
+                .as_deref()
+                .map(|m| m.starts_with("line 3: ")),
+            Some(true)
+        );
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(!text.contains(CARD) && !text.contains(lost.as_str()) && !text.contains(HASH));
+    }
+
+    #[test]
+    fn ids_and_months() {
+        assert!(valid_month("2026-01") && valid_month("2026-12"));
+        for bad in [
+            "2026-00",
+            "2026-13",
+            "2026-1",
+            "26-11",
+            "2026/11",
+            "2026-+1",
+            "２０２６-11",
+        ] {
+            assert!(!valid_month(bad), "{bad}");
+        }
+        assert!(valid_id("bridge-7:phase.2_b", 64));
+        assert!(!valid_id("", 64) && !valid_id("a/b", 64) && !valid_id(&"a".repeat(65), 64));
+        assert!(valid_programme_name("farm_subsidy") && !valid_programme_name("Farm"));
+        assert!(valid_id_hash(HASH) && !valid_id_hash(&HASH[1..]));
+        // A wage key sorts under its month's prefix.
+        let k = wage_key("bridge-7", "2026-11", CARD, "B1:r1");
+        assert!(k.starts_with(&wages_prefix("bridge-7", "2026-11")));
+        assert!(!k.starts_with(&wages_prefix("bridge-7", "2026-1")));
+    }
+
+    #[test]
+    fn rosters_are_bounded_and_checked() {
+        let ok = parse_roster(
+            format!("{{\"workers\":[\"{CARD}\",\"{CARD}\",\"500118D00000000\"]}}").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2, "duplicates kept once");
+        assert_eq!(ok[0].as_str(), "500118D00000000", "sorted");
+        for (body, want) in [
+            ("{}", "missing field `workers`"),
+            ("{\"workers\":\"x\"}", "must be an array"),
+            ("{\"workers\":[1]}", "`workers[0]` must be a card number"),
+            (
+                "{\"workers\":[\"500118d1\"]}",
+                "`workers[0]` must contain only",
+            ),
+            ("{\"workers\":[],\"who\":1}", "unknown field `who`"),
+        ] {
+            let e = parse_roster(body.as_bytes()).unwrap_err();
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+        }
+        let many: Vec<String> = (0..=ROSTER_WORKERS_MAX)
+            .map(|i| format!("\"500118{i:09}\""))
+            .collect();
+        let e =
+            parse_roster(format!("{{\"workers\":[{}]}}", many.join(",")).as_bytes()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PayloadTooLarge);
+        assert_eq!(month_query(Some("month=2026-11")).unwrap(), "2026-11");
+        assert!(month_query(None).is_err());
+        assert!(month_query(Some("month=2026-13")).is_err());
+        assert!(month_query(Some("month=2026-11&x=1")).is_err());
+    }
+}

@@ -1,0 +1,475 @@
+//! Disbursements end to end over real sockets: batches of subsidies and
+//! wages with good and bad records, uploaded as CSV and NDJSON to a real
+//! gateway, each record's outcome reported, the accepted ones credited
+//! through settlement to a real receiver exactly once (re-uploads, a
+//! restart), and the unpaid-wages view before and after a wage batch.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::sink::Sink;
+use common::{error_code, TestGateway, TOKEN};
+use http::{Method, StatusCode};
+use onecard::client::{self, Answer};
+use onecard::config::SinkConfig;
+use onecard::disburse::{Programme, ProgrammeKind};
+use onecard::settle::receiver::{self, Ledger};
+use onecard::settle::sign::{Algorithm, Signer};
+use serde_json::{json, Value};
+
+const KEY: &str = "payment-signing-key-0001";
+const ID_KEY: &str = "test-id-hash-key-0123456789";
+const PERSONAL_ID: &str = "11010519491231002X";
+
+const GOOD: &str = "500118D00000001";
+const HELD: &str = "500118D00000002";
+const LOST: &str = "500118D00000003";
+const NO_FIN: &str = "500118D00000004";
+const UNKNOWN: &str = "500118D00000009";
+const W1: &str = "500118W00000001";
+const W2: &str = "500118W00000002";
+const W3: &str = "500118W00000003";
+
+/// A receiver, and a gateway whose payment sink points at it, with two
+/// programmes and personal IDs enabled.
+async fn setup() -> (Sink, receiver::Running, TestGateway) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::new(dir.path(), 3);
+    let r = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+        )
+        .await;
+    let mut config = common::test_config(dir.path());
+    let sink_config: SinkConfig = toml::from_str(&format!(
+        r#"
+        name = "payment"
+        url = "https://127.0.0.1:{}/v1/batches"
+        ca = "{}"
+        scenarios = ["payment"]
+        key = "{KEY}"
+        age_max_ms = 100
+        backoff_base_ms = 10
+        backoff_max_ms = 100
+        "#,
+        r.addr.port(),
+        sink.certs.join(onecard::certs::CA_CERT).display()
+    ))
+    .unwrap();
+    config.settlement.sinks = vec![sink_config];
+    config.privacy.id_hash_key = Some(ID_KEY.into());
+    config.disbursement.records_max = 50;
+    let programmes = &mut config.disbursement.programmes;
+    programmes.insert(
+        "student_grant".into(),
+        Programme {
+            kind: ProgrammeKind::Subsidy,
+            amount_max_fen: 100_000,
+        },
+    );
+    programmes.insert(
+        "project_wages".into(),
+        Programme {
+            kind: ProgrammeKind::Wages,
+            amount_max_fen: 1_000_000,
+        },
+    );
+    config.validate().unwrap();
+    let gw = TestGateway {
+        running: Some(onecard::server::start(config.clone()).await.unwrap()),
+        dir,
+        config,
+    };
+    let fin = json!({"status": "active", "functions": ["transit", "financial"]});
+    for card in [GOOD, HELD, LOST, W1, W2, W3] {
+        gw.put_card(card, fin.clone()).await;
+    }
+    gw.put_card(
+        NO_FIN,
+        json!({"status": "active", "functions": ["transit"]}),
+    )
+    .await;
+    gw.admin_ok(Method::POST, &format!("/admin/v1/cards/{LOST}/loss"), None)
+        .await;
+    gw.admin_ok(
+        Method::PUT,
+        &format!("/admin/v1/cards/{HELD}/holder"),
+        Some(json!({"personal_id": PERSONAL_ID})),
+    )
+    .await;
+    (sink, r, gw)
+}
+
+async fn upload(gw: &TestGateway, batch: &str, content_type: &str, body: &str) -> Answer {
+    client::admin_raw(
+        gw.admin_addr(),
+        Some(TOKEN),
+        Method::POST,
+        &format!("/admin/v1/disbursements/{batch}"),
+        content_type,
+        body.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap()
+}
+
+fn ok(a: &Answer) -> Value {
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    a.json()
+}
+
+/// Waits (up to 60 s, far beyond what a loaded machine needs) until the
+/// receiver has booked `credits` credit lines.
+async fn credited(sink: &Sink, addr: std::net::SocketAddr, credits: u64) -> Ledger {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = sink.ledger(addr).await;
+        if l.credits >= credits || Instant::now() > deadline {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every credit line in the receiver's ledger file, by event id: how many
+/// times it was booked, its amount and programme. Only whole lines are
+/// read (one may be being appended).
+fn ledger_credits(sink: &Sink) -> BTreeMap<String, (u32, i64, String)> {
+    let bytes = std::fs::read(&sink.ledger_file).unwrap_or_default();
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut out: BTreeMap<String, (u32, i64, String)> = BTreeMap::new();
+    for line in bytes[..whole]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+    {
+        let v: Value = serde_json::from_slice(line).unwrap();
+        for e in v["events"].as_array().unwrap() {
+            assert_eq!(e["type"], "credit", "{e}");
+            assert_eq!(e["terminal"], "@disburse");
+            assert_eq!(e["scenario"], "payment");
+            let entry = out
+                .entry(e["event_id"].as_str().unwrap().to_owned())
+                .or_insert((0, 0, e["programme"].as_str().unwrap().to_owned()));
+            entry.0 += 1;
+            entry.1 = e["amount_fen"].as_i64().unwrap();
+        }
+    }
+    out
+}
+
+async fn unpaid(gw: &TestGateway, month: &str) -> Value {
+    let path = format!("/admin/v1/projects/bridge-7/unpaid?month={month}");
+    gw.admin_ok(Method::GET, &path, None).await
+}
+
+fn outcome_codes(report: &Value) -> Vec<(String, u64, String)> {
+    report["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["record_id"].as_str().unwrap_or("-").to_owned(),
+                o["line"].as_u64().unwrap(),
+                o["code"]
+                    .as_str()
+                    .unwrap_or(o["outcome"].as_str().unwrap())
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_good_and_bad_records_is_credited_once() {
+    let (sink, r, mut gw) = setup().await;
+    let hash = onecard::privacy::id_hash(ID_KEY.as_bytes(), PERSONAL_ID);
+
+    // A grant batch as a spreadsheet exports it: every kind of refusal.
+    let csv = format!(
+        "record_id,card_no,id_hash,amount_fen,programme,project,month\r\n\
+         r1,{GOOD},,50000,student_grant,,\r\n\
+         r2,{UNKNOWN},,50000,student_grant,,\r\n\
+         r3,{LOST},,50000,student_grant,,\r\n\
+         r4,{NO_FIN},,50000,student_grant,,\r\n\
+         r5,{GOOD},,100001,student_grant,,\r\n\
+         r6,{GOOD},,100,moon_grant,,\r\n\
+         r1,{GOOD},,50000,student_grant,,\r\n\
+         r7,,{hash},30000,student_grant,,\r\n\
+         r8,{GOOD},,12.50,student_grant,,\r\n"
+    );
+    let first = upload(&gw, "G-2026-11", "text/csv", &csv).await;
+    let report = ok(&first);
+    assert_eq!(
+        outcome_codes(&report),
+        [
+            ("r1", 2, "accepted"),
+            ("r2", 3, "CARD_NOT_FOUND"),
+            ("r3", 4, "CARD_LOST"),
+            ("r4", 5, "FUNCTION_NOT_ENABLED"),
+            ("r5", 6, "LIMIT_EXCEEDED"),
+            ("r6", 7, "UNKNOWN_PROGRAMME"),
+            ("r1", 8, "DUPLICATE_RECORD"),
+            ("r7", 9, "accepted"),
+            ("r8", 10, "BAD_LINE"),
+        ]
+        .map(|(a, b, c)| (a.to_owned(), b, c.to_owned()))
+    );
+    assert_eq!(
+        (
+            &report["batch_id"],
+            &report["records"],
+            &report["accepted"],
+            &report["rejected"],
+            &report["accepted_fen"]
+        ),
+        (
+            &json!("G-2026-11"),
+            &json!(9),
+            &json!(2),
+            &json!(7),
+            &json!(80_000)
+        )
+    );
+    // Cards masked, the ID hash nowhere; r7 is paid to the holder's card.
+    let text = String::from_utf8_lossy(&first.body).into_owned();
+    for secret in [GOOD, HELD, LOST, NO_FIN, UNKNOWN, hash.as_str()] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert_eq!(report["outcomes"][0]["card"], "500118*****0001");
+    assert_eq!(report["outcomes"][7]["card"], "500118*****0002");
+    assert!(report["outcomes"][8]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`amount_fen` must be an integer"));
+
+    // The same upload again (a lost answer): the same bytes, nothing new.
+    let again = upload(&gw, "G-2026-11", "text/csv", &csv).await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &first.body));
+    let stored = gw
+        .admin(Method::GET, "/admin/v1/disbursements/G-2026-11", None)
+        .await;
+    assert_eq!(stored.body, first.body);
+    // Another body under the same id is a conflict, as is the same bytes
+    // sent as another format.
+    let other = upload(&gw, "G-2026-11", "text/csv", &csv.replace("30000", "30001")).await;
+    assert_eq!(
+        (other.status, error_code(&other)),
+        (StatusCode::CONFLICT, "CONFLICT".to_owned())
+    );
+    let other = upload(&gw, "G-2026-11", "application/x-ndjson", &csv).await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+
+    // The receiver books the two credits once, as negative amounts.
+    let l = credited(&sink, r.addr, 2).await;
+    assert_eq!(
+        (l.credits, l.credited_fen, l.events, l.total_fen),
+        (2, 80_000, 2, -80_000),
+        "{l:?}"
+    );
+
+    // Wages: a roster of three; none paid for November yet.
+    let roster = gw
+        .admin_ok(
+            Method::PUT,
+            "/admin/v1/projects/bridge-7/workers",
+            Some(json!({"workers": [W1, W2, W3, W1]})),
+        )
+        .await;
+    assert_eq!(roster["workers"], 3);
+    let before = unpaid(&gw, "2026-11").await;
+    assert_eq!(
+        (&before["workers"], &before["paid"]),
+        (&json!(3), &json!(0))
+    );
+    assert_eq!(before["unpaid"].as_array().unwrap().len(), 3);
+
+    // W3's wage is booked to October by mistake; one record lacks its project.
+    let nd = [
+        json!({"record_id": "w1", "card_no": W1, "amount_fen": 800_000, "programme": "project_wages", "project": "bridge-7", "month": "2026-11"}),
+        json!({"record_id": "w2", "card_no": W2, "amount_fen": 800_000, "programme": "project_wages", "project": "bridge-7", "month": "2026-11"}),
+        json!({"record_id": "w3", "card_no": W3, "amount_fen": 800_000, "programme": "project_wages", "project": "bridge-7", "month": "2026-10"}),
+        json!({"record_id": "w4", "card_no": W3, "amount_fen": 800_000, "programme": "project_wages", "month": "2026-11"}),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect::<Vec<_>>()
+    .join("\n");
+    let wages = ok(&upload(&gw, "W-bridge-7-2026-11", "application/x-ndjson", &nd).await);
+    assert_eq!(
+        outcome_codes(&wages)
+            .into_iter()
+            .map(|(_, _, c)| c)
+            .collect::<Vec<_>>(),
+        ["accepted", "accepted", "accepted", "PROJECT_REQUIRED"]
+    );
+    let after = unpaid(&gw, "2026-11").await;
+    assert_eq!(
+        (&after["workers"], &after["paid"], &after["credited_fen"]),
+        (&json!(3), &json!(2), &json!(1_600_000))
+    );
+    assert_eq!(
+        after["unpaid"],
+        json!([{"card_no": W3, "status": "active"}])
+    );
+    let october = unpaid(&gw, "2026-10").await;
+    assert_eq!(october["paid"], 1);
+
+    let l = credited(&sink, r.addr, 5).await;
+    assert_eq!((l.credits, l.credited_fen), (5, 2_480_000), "{l:?}");
+
+    // A restart keeps the reports and the wage index; the batch sent again
+    // after it is answered from the store and credits nothing more.
+    gw.restart().await;
+    let stored = gw
+        .admin(Method::GET, "/admin/v1/disbursements/G-2026-11", None)
+        .await;
+    assert_eq!(stored.body, first.body);
+    let again = upload(&gw, "G-2026-11", "text/csv", &csv).await;
+    assert_eq!(again.body, first.body);
+    assert_eq!(unpaid(&gw, "2026-11").await["paid"], 2);
+    // One more credit after the restart: settlement goes on from its cursor.
+    let last = format!(
+        "{{\"record_id\":\"late\",\"card_no\":\"{GOOD}\",\"amount_fen\":1,\"programme\":\"student_grant\"}}\n"
+    );
+    ok(&upload(&gw, "G-late", "application/json", &last).await);
+    let l = credited(&sink, r.addr, 6).await;
+    assert_eq!((l.credits, l.credited_fen), (6, 2_480_001), "{l:?}");
+
+    // Each accepted record exactly once in the ledger, with its amount.
+    let booked = ledger_credits(&sink);
+    let want: BTreeMap<String, (u32, i64, String)> = [
+        ("G-2026-11:r1", -50_000, "student_grant"),
+        ("G-2026-11:r7", -30_000, "student_grant"),
+        ("W-bridge-7-2026-11:w1", -800_000, "project_wages"),
+        ("W-bridge-7-2026-11:w2", -800_000, "project_wages"),
+        ("W-bridge-7-2026-11:w3", -800_000, "project_wages"),
+        ("G-late:late", -1, "student_grant"),
+    ]
+    .into_iter()
+    .map(|(id, fen, p)| (id.to_owned(), (1, fen, p.to_owned())))
+    .collect();
+    assert_eq!(booked, want);
+
+    // Audited with the operator's name; counted by outcome.
+    let audit = gw
+        .admin_ok(Method::GET, "/admin/v1/audit?limit=1000", None)
+        .await;
+    let batches: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "disburse")
+        .collect();
+    assert_eq!(batches.len(), 3, "{audit}");
+    assert!(batches.iter().all(|e| e["who"] == "admin"));
+    let metrics = gw.admin(Method::GET, "/metrics", None).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("onecard_disbursement_records_total{outcome=\"accepted\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(GOOD));
+    gw.shutdown().await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_cannot_be_taken_are_refused_whole() {
+    let (_sink, r, gw) = setup().await;
+    let line = format!(
+        "{{\"record_id\":\"x\",\"card_no\":\"{GOOD}\",\"amount_fen\":1,\"programme\":\"student_grant\"}}"
+    );
+    let long = "B".repeat(33);
+    let cases: Vec<(&str, &str, String, StatusCode, &str)> = vec![
+        (
+            "B1",
+            "text/plain",
+            line.clone(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        (
+            "B1",
+            "text/csv",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            "B1",
+            "text/csv",
+            "record_id,card,amount_fen,programme\n".into(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            "B1",
+            "application/x-ndjson",
+            vec![line.as_str(); 51].join("\n"),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "B/1",
+            "application/x-ndjson",
+            line.clone(),
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+        ),
+        (
+            &long,
+            "application/x-ndjson",
+            line.clone(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (batch, ct, body, status, code) in cases {
+        let a = upload(&gw, batch, ct, &body).await;
+        assert_eq!(
+            (a.status, error_code(&a)),
+            (status, code.to_owned()),
+            "{batch} {ct}"
+        );
+        assert!(!String::from_utf8_lossy(&a.body).contains(GOOD));
+    }
+    // None of those was recorded: B1 is still free.
+    let missing = gw
+        .admin(Method::GET, "/admin/v1/disbursements/B1", None)
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    ok(&upload(&gw, "B1", "application/x-ndjson", &line).await);
+    // The unpaid view needs a roster and a month.
+    let none = gw
+        .admin(
+            Method::GET,
+            "/admin/v1/projects/p1/unpaid?month=2026-11",
+            None,
+        )
+        .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    let bad = gw
+        .admin(Method::GET, "/admin/v1/projects/p1/unpaid", None)
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let bad = gw
+        .admin(
+            Method::PUT,
+            "/admin/v1/projects/p1/workers",
+            Some(json!({"workers": ["not-a-card"]})),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(!String::from_utf8_lossy(&bad.body).contains("not-a-card"));
+    gw.shutdown().await;
+    r.stop().await;
+}
