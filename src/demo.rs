@@ -136,6 +136,9 @@ pub async fn run(
         if s.amount_fen > 0 {
             body["amount_fen"] = json!(s.amount_fen);
         }
+        if s.scenario == "payment" {
+            body["bill_ref"] = json!(format!("DEMO-BILL-{run_id}-{i}"));
+        }
         let t = Instant::now();
         let a = conn.authorize(&body).await?;
         let us = t.elapsed().as_micros();
@@ -176,9 +179,11 @@ pub async fn settlement(
     let card = "500118D000000001";
     let mut conn = client::connect_terminal(terminal, Some(certs_dir), 1, Protocol::Http1).await?;
     let run_id = crate::clock::now_ms();
+    // Each fare on its own line: a second tap at the same site within
+    // `transit.passback_s` would be a double tap.
     let tap = |n: u32, scenario: &str, fen: i64| {
         json!({"event_id": format!("demo-settle-{run_id}-{n}"), "kind": "tap", "card_no": card,
-               "scenario": scenario, "amount_fen": fen, "site": "demo-line-1"})
+               "scenario": scenario, "amount_fen": fen, "site": format!("demo-line-{n}")})
     };
     for (n, scenario, fen) in [
         (1, "transit", 200),
@@ -460,8 +465,12 @@ async fn scan(
     qr: &str,
     what: String,
 ) -> anyhow::Result<()> {
+    // Each scan at its own gate: the same card at the same gate within
+    // `transit.passback_s` would be a double tap, not what this shows.
+    static GATE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let gate = GATE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let body = json!({"event_id": event_id, "kind": "scan", "qr": qr,
-                      "scenario": "transit", "amount_fen": 200, "site": "demo-metro-2"});
+                      "scenario": "transit", "amount_fen": 200, "site": format!("demo-metro-{gate}")});
     let t = Instant::now();
     let v = conn.authorize(&body).await?.json();
     println!(
@@ -473,5 +482,159 @@ async fn scan(
             .unwrap_or("-"),
         t.elapsed().as_secs_f64() * 1000.0
     );
+    Ok(())
+}
+
+/// The scenarios of the one card under `config/dev.toml`'s pilot rules: a
+/// student's bus day (route tariffs, a transfer, the daily cap, a double
+/// tap), a museum with a quota, a community door by allow-list, an
+/// identity check at a government counter, a health check, a Sichuan card
+/// on the bus and a Beijing one refused, and a water bill paid. Cards are
+/// new per run, so the demo can run again on the same data.
+pub async fn scenarios(
+    admin: SocketAddr,
+    terminal: SocketAddr,
+    certs_dir: &Path,
+    token: &str,
+) -> anyhow::Result<()> {
+    let stamp = crate::clock::now_ms() % 1_000_000_000;
+    let student = format!("500118S{stamp:09}");
+    let elder = format!("500118L{stamp:09}");
+    let sichuan = format!("510104S{stamp:09}");
+    let call = |method: Method, path: String, body: serde_json::Value| {
+        let token = token.to_owned();
+        async move {
+            let a = client::admin(admin, Some(&token), method, &path, Some(&body)).await?;
+            anyhow::ensure!(
+                a.status == StatusCode::OK,
+                "{path}: {} {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+            Ok::<_, anyhow::Error>(a.json())
+        }
+    };
+    for (card, concessions) in [(&student, json!(["student"])), (&elder, json!(["elderly"]))] {
+        call(
+            Method::PUT,
+            format!("/admin/v1/cards/{card}"),
+            json!({"status": "active", "functions": ["transit", "financial", "medical"],
+                   "concessions": concessions}),
+        )
+        .await?;
+    }
+    call(
+        Method::PUT,
+        format!("/admin/v1/cards/{elder}/holder"),
+        json!({"personal_id": "11010519491231002X", "name": "张三丰"}),
+    )
+    .await?;
+    call(
+        Method::PUT,
+        format!("/admin/v1/cards/{elder}/health"),
+        json!({"colour": "green", "vaccinated": true}),
+    )
+    .await?;
+    call(
+        Method::POST,
+        "/admin/v1/access/community-12-east/allow".to_owned(),
+        json!({"add": [{"card_no": elder, "windows": ["00:00-24:00"]}]}),
+    )
+    .await?;
+    // Terminal 10 is a government hall's counter in dev.toml.
+    let mut bus = client::connect_terminal(terminal, Some(certs_dir), 3, Protocol::Http1).await?;
+    let mut hall = client::connect_terminal(terminal, Some(certs_dir), 10, Protocol::Http1).await?;
+    let run_id = crate::clock::now_ms();
+    let steps: Vec<(&str, &str, serde_json::Value)> = vec![
+        (
+            "student, bus line 12 (flat 2 yuan, half fare)",
+            "bus",
+            json!({"card_no": student, "scenario": "transit", "site": "line-12"}),
+        ),
+        (
+            "student, same bus again (double tap)",
+            "bus",
+            json!({"card_no": student, "scenario": "transit", "site": "line-12"}),
+        ),
+        (
+            "student, metro 1, 14 stops (transfer)",
+            "bus",
+            json!({"card_no": student, "scenario": "transit", "site": "metro-1", "stops": 14}),
+        ),
+        (
+            "student, ferry 2, 4 zones (daily cap)",
+            "bus",
+            json!({"card_no": student, "scenario": "transit", "site": "ferry-2", "zones": 4}),
+        ),
+        (
+            "elderly, bus line 13 (free)",
+            "bus",
+            json!({"card_no": elder, "scenario": "transit", "site": "line-13"}),
+        ),
+        (
+            "Sichuan card, bus line 12 (partner)",
+            "bus",
+            json!({"card_no": sichuan, "scenario": "transit", "site": "line-12"}),
+        ),
+        (
+            "Beijing card, bus line 12 (no agreement)",
+            "bus",
+            json!({"card_no": "110101A00000001", "scenario": "transit", "site": "line-12"}),
+        ),
+        (
+            "student, museum (30 yuan, half)",
+            "bus",
+            json!({"card_no": student, "scenario": "culture", "site": "museum-1"}),
+        ),
+        (
+            "elderly, own community door",
+            "bus",
+            json!({"card_no": elder, "scenario": "access", "site": "community-12-east"}),
+        ),
+        (
+            "student, someone else's community door",
+            "bus",
+            json!({"card_no": student, "scenario": "access", "site": "community-12-east"}),
+        ),
+        (
+            "elderly, identity at a government counter",
+            "hall",
+            json!({"card_no": elder, "scenario": "identity", "site": "window-3"}),
+        ),
+        (
+            "elderly, health check",
+            "bus",
+            json!({"card_no": elder, "scenario": "health"}),
+        ),
+        (
+            "student, water bill",
+            "hall",
+            json!({"card_no": student, "scenario": "payment", "amount_fen": 8_850, "bill_ref": format!("WATER-{run_id}")}),
+        ),
+    ];
+    for (i, (what, who, fields)) in steps.into_iter().enumerate() {
+        let mut body = json!({"event_id": format!("demo-scn-{run_id}-{i}"), "kind": "tap"});
+        if let (Some(b), serde_json::Value::Object(f)) = (body.as_object_mut(), fields) {
+            b.extend(f);
+        }
+        let conn = if who == "hall" { &mut hall } else { &mut bus };
+        let a = conn.authorize(&body).await?;
+        let v = a.json();
+        let mut why = String::new();
+        for key in ["fare", "visits", "identity", "health"] {
+            if !v[key].is_null() {
+                why = format!("{key} {}", v[key]);
+            }
+        }
+        println!(
+            "demo: {what:<46} -> {:<7} {:<19} {:>5} fen  {why}",
+            v["decision"].as_str().unwrap_or("-"),
+            v["reason"]
+                .as_str()
+                .or(v["error"]["code"].as_str())
+                .unwrap_or("-"),
+            v["amount_fen"],
+        );
+    }
     Ok(())
 }

@@ -303,6 +303,7 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
         .any(|k| k.kid == demo::DEV_QR_KEYS[0].0)
         && std::path::Path::new(demo::DEV_QR_KEYS[0].1).exists();
     let data_dir = config.data_dir.clone();
+    let scenario_demo = !config.transit.routes.is_empty();
     let running = server::start(config)
         .await
         .context("starting the gateway")?;
@@ -363,6 +364,11 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
             if let Err(e) = demo::credentials(addrs.admin, addrs.terminal, &certs_dir, &token).await
             {
                 eprintln!("credentials demo failed: {e:#}");
+            }
+        }
+        if scenario_demo {
+            if let Err(e) = demo::scenarios(addrs.admin, addrs.terminal, &certs_dir, &token).await {
+                eprintln!("scenarios demo failed: {e:#}");
             }
         }
         println!(

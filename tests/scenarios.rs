@@ -617,10 +617,7 @@ async fn partner_cards_ride_under_their_own_list_and_settle_apart_and_bills_carr
     let mut t = gw.terminal(1, Protocol::Http1).await;
     let mut entry = event("p-6", SICHUAN, "culture", Some("library-7"));
     entry["amount_fen"] = 0.into();
-    let d = t
-        .authorize(&entry)
-        .await
-        .unwrap();
+    let d = t.authorize(&entry).await.unwrap();
     assert_eq!(decision(&d), ("decline".into(), "DENYLISTED".into()));
     gw.shutdown().await;
     r.stop().await;
