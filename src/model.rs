@@ -225,8 +225,10 @@ pub struct Card {
     pub health: Health,
 }
 
-/// What the transit rules remember of a card between taps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the transit rules remember of a card between taps (stored as it
+/// is, in the card record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransitState {
     /// Where the last approved boarding was (a hash of its site), and when
     /// (unix seconds): anti-passback.
@@ -257,7 +259,8 @@ string_enum!(
 
 /// The health status kept per card: a colour, a vaccination flag and when
 /// they were last reported. Nothing else is kept or shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Health {
     pub colour: HealthColour,
     pub vaccinated: bool,

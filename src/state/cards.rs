@@ -26,93 +26,41 @@ pub struct CardRecord {
     /// Transit state (last boarding, journey, fare caps); absent until
     /// the card's first ride.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transit: Option<TransitRecord>,
+    pub transit: Option<TransitState>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub visits: u32,
+    /// Health status; absent until one is reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<HealthRecord>,
+    pub health: Option<Health>,
 }
 
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
-/// [`TransitState`] as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TransitRecord {
-    pub place: u64,
-    pub tap_s: i64,
-    pub journey_s: i64,
-    pub legs: u8,
-    pub day: i32,
-    pub day_fen: i64,
-    pub week: i32,
-    pub week_fen: i64,
-}
-
-/// [`Health`] as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthRecord {
-    pub colour: HealthColour,
-    pub vaccinated: bool,
-    pub updated_s: i64,
-}
-
 impl From<&Card> for CardRecord {
     fn from(c: &Card) -> CardRecord {
-        let t = c.transit;
-        let h = c.health;
         CardRecord {
             status: c.status,
             functions: c.function_list(),
             concessions: c.concession_list(),
             spent_day: c.spent_day,
             spent_fen: c.spent_fen,
-            transit: (t != TransitState::default()).then_some(TransitRecord {
-                place: t.place,
-                tap_s: t.tap_s,
-                journey_s: t.journey_s,
-                legs: t.legs,
-                day: t.day,
-                day_fen: t.day_fen,
-                week: t.week,
-                week_fen: t.week_fen,
-            }),
+            transit: (c.transit != TransitState::default()).then_some(c.transit),
             visits: c.visits,
-            health: (h != Health::default()).then_some(HealthRecord {
-                colour: h.colour,
-                vaccinated: h.vaccinated,
-                updated_s: h.updated_s,
-            }),
+            health: (c.health != Health::default()).then_some(c.health),
         }
     }
 }
 
 impl From<&CardRecord> for Card {
     fn from(r: &CardRecord) -> Card {
-        let transit = r.transit.map_or(TransitState::default(), |t| TransitState {
-            place: t.place,
-            tap_s: t.tap_s,
-            journey_s: t.journey_s,
-            legs: t.legs,
-            day: t.day,
-            day_fen: t.day_fen,
-            week: t.week,
-            week_fen: t.week_fen,
-        });
-        let health = r.health.map_or(Health::default(), |h| Health {
-            colour: h.colour,
-            vaccinated: h.vaccinated,
-            updated_s: h.updated_s,
-        });
         Card {
             spent_day: r.spent_day,
             spent_fen: r.spent_fen,
-            transit,
+            transit: r.transit.unwrap_or_default(),
             visits: r.visits,
-            health,
+            health: r.health.unwrap_or_default(),
             ..Card::new(r.status, &r.functions, &r.concessions)
         }
     }
@@ -269,5 +217,42 @@ impl CardTable {
 impl Default for CardTable {
     fn default() -> Self {
         CardTable::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::HealthColour;
+
+    #[test]
+    fn a_record_keeps_transit_visits_and_health_and_old_records_decode() {
+        let mut card = Card::new(
+            CardStatus::Active,
+            &[Function::Transit],
+            &[Concession::Student],
+        );
+        card.transit.place = 42;
+        card.transit.tap_s = 1_795_851_912;
+        card.transit.week_fen = 700;
+        card.visits = 3;
+        card.health = Health {
+            colour: HealthColour::Yellow,
+            vaccinated: true,
+            updated_s: 1_795_851_000,
+        };
+        let back: CardRecord = serde_json::from_slice(&encode(&card)).unwrap();
+        assert_eq!(Card::from(&back), card);
+        // A record written before these fields existed.
+        let old = br#"{"status":"active","functions":["transit"],"concessions":[],"spent_day":1,"spent_fen":200}"#;
+        let c = Card::from(&serde_json::from_slice::<CardRecord>(old).unwrap());
+        assert_eq!(c.transit, TransitState::default());
+        assert_eq!(c.health, Health::default());
+        // A fresh card writes none of them.
+        let fresh = String::from_utf8(encode(&Card::new(CardStatus::Active, &[], &[]))).unwrap();
+        assert!(
+            !fresh.contains("transit") && !fresh.contains("health"),
+            "{fresh}"
+        );
     }
 }
