@@ -138,8 +138,9 @@ impl From<&CardRecord> for Card {
 
 /// A card as (re-)registered: the new status, functions and concessions,
 /// with the counters and state of the card it replaces (spending, transit
-/// fares and last boarding, visits, health status, the medical deductible used), so that registering a
-/// card again can never reset a cap or lift anti-passback.
+/// fares and last boarding, visits, health status, the medical deductible
+/// used), so that registering a card again can never reset a cap, lift
+/// anti-passback or restart the year's deductible.
 pub fn keep_counters(old: Option<Card>, new: Card) -> Card {
     match old {
         Some(old) => Card {
