@@ -391,3 +391,53 @@ async fn the_medical_sink_books_the_captured_amount_once_with_its_split() {
     gw.shutdown().await;
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reversals_and_the_hotline_see_holds_and_captures() {
+    let gw = start(1800).await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    step(&mut t, "hold", &hold("h-1", CARD, 5_000, "pharmacy")).await;
+    step(&mut t, "capture", &capture("c-1", "h-1", 4_000)).await;
+    assert_eq!(spent(&gw, CARD).await, 4_000);
+    // A reversal of the capture gives its charge back like any approval.
+    let r = t.reverse(&json!({"event_id": "c-1"})).await.unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let rv = r.json();
+    assert_eq!(
+        (rv["status"].as_str(), rv["amount_fen"].as_i64()),
+        (Some("reversed"), Some(4_000))
+    );
+    assert_eq!(spent(&gw, CARD).await, 0);
+    // A reversal of a hold gives back nothing: a hold is released by a void.
+    step(&mut t, "hold", &hold("h-2", CARD, 1_000, "pharmacy")).await;
+    let r = t.reverse(&json!({"event_id": "h-2"})).await.unwrap();
+    assert_eq!(r.json()["status"], "not_charged");
+    assert_eq!(spent(&gw, CARD).await, 1_000);
+    let v = step(&mut t, "void", &void("v-1", "h-2")).await;
+    assert_eq!(decision(&v).1, "OK");
+    assert_eq!(spent(&gw, CARD).await, 0);
+
+    // The hotline lists the card's records, holds and voids among them.
+    let look = gw
+        .admin_ok(
+            Method::GET,
+            &format!("/admin/v1/cards/{CARD}/transactions?limit=50"),
+            None,
+        )
+        .await;
+    let decisions: Vec<&str> = look["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["decision"].as_str().unwrap())
+        .collect();
+    for d in ["hold", "approve", "reverse", "void"] {
+        assert!(decisions.contains(&d), "{d} in {decisions:?}");
+    }
+    gw.shutdown().await;
+}
