@@ -429,6 +429,9 @@ impl Admin {
             }
             RouteId::Authorize
             | RouteId::Reverse
+            | RouteId::Hold
+            | RouteId::Capture
+            | RouteId::Void
             | RouteId::Ping
             | RouteId::DenylistSync
             | RouteId::OfflineBatch => Err(ApiError::new(

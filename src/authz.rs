@@ -31,6 +31,7 @@ pub struct Policy {
     pub culture: culture::Rules,
     pub identity: identity::Rules,
     pub regions: region::Rules,
+    pub medical: crate::scenario::medical::Rules,
 }
 
 impl Policy {
@@ -51,6 +52,7 @@ impl Policy {
             culture: culture::Rules::default(),
             identity: identity::Rules::default(),
             regions: region::Rules::default(),
+            medical: crate::scenario::medical::Rules::default(),
         }
     }
 
@@ -599,7 +601,9 @@ mod tests {
         }
         // Every reason the core can produce is covered by the table (QR
         // and credential reasons come from the credential step, `REVERSED`
-        // from the idempotency step, not from here).
+        // from the idempotency step, the hold reasons from a capture or
+        // void of a medical hold (`scenario::medical` and `holds` tables,
+        // `tests/medical.rs`), not from here).
         let covered: HashSet<Reason> = cases.iter().map(|c| c.want.reason()).collect();
         for r in Reason::ALL {
             let elsewhere = matches!(
@@ -609,6 +613,9 @@ mod tests {
                     | Reason::QrReplayed
                     | Reason::Reversed
                     | Reason::CredentialUnbound
+                    | Reason::HoldNotFound
+                    | Reason::HoldExpired
+                    | Reason::HoldClosed
             );
             // The scenarios' own reasons have their table below.
             let scenario = SCENARIO_REASONS.contains(r);

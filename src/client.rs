@@ -206,6 +206,16 @@ impl Connection {
         self.post_json("/v1/reverse", body).await
     }
 
+    /// `POST /v1/hold`, `/v1/capture` or `/v1/void` (`step`: `hold`,
+    /// `capture`, `void`) with `body`: a medical counter.
+    pub async fn medical(
+        &mut self,
+        step: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer, ClientError> {
+        self.post_json(&format!("/v1/{step}"), body).await
+    }
+
     /// `POST /v1/offline-batch` with `body` (`{"events": [...]}`).
     pub async fn offline_batch(&mut self, body: &serde_json::Value) -> Result<Answer, ClientError> {
         self.post_json("/v1/offline-batch", body).await

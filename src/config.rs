@@ -66,6 +66,7 @@ pub struct Config {
     pub access: crate::scenario::access::AccessConfig,
     pub identity: crate::scenario::identity::IdentityConfig,
     pub payment: crate::scenario::payment::PaymentConfig,
+    pub medical: crate::scenario::medical::MedicalConfig,
     pub regions: crate::scenario::region::RegionsConfig,
     pub disbursement: DisbursementConfig,
 }
@@ -427,6 +428,7 @@ impl Default for Config {
             access: Default::default(),
             identity: Default::default(),
             payment: Default::default(),
+            medical: Default::default(),
             regions: Default::default(),
             disbursement: DisbursementConfig::default(),
         }
@@ -971,7 +973,7 @@ impl Config {
             }
             policy.set_rule(scenario, rule);
         }
-        use crate::scenario::{culture, identity, region, transit};
+        use crate::scenario::{culture, identity, medical, region, transit};
         policy.transit =
             transit::Rules::from_config(&self.transit).map_err(ConfigError::Invalid)?;
         policy.culture =
@@ -979,6 +981,8 @@ impl Config {
         policy.identity =
             identity::Rules::from_config(&self.identity).map_err(ConfigError::Invalid)?;
         policy.regions = region::Rules::from_config(&self.regions).map_err(ConfigError::Invalid)?;
+        policy.medical =
+            medical::Rules::from_config(&self.medical).map_err(ConfigError::Invalid)?;
         Ok(policy)
     }
 

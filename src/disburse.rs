@@ -937,6 +937,7 @@ fn prepare(
                 project: r.project.clone(),
                 month: r.month.clone(),
             }),
+            split: None,
         };
         also.push((
             serde_json::to_vec(&record).expect("a decision record serializes"),

@@ -46,7 +46,7 @@ impl AuthIds {
 }
 
 /// What the idempotency step leaves to do.
-enum Begun {
+pub(crate) enum Begun {
     Replay(Vec<u8>),
     Decide(idempotency::InFlight, bool),
 }
@@ -114,7 +114,7 @@ pub fn amount_for(
 }
 
 /// A storage failure seen by a client: the gateway cannot record decisions.
-fn storage_error(e: StoreError) -> ApiError {
+pub(crate) fn storage_error(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "storage read failed");
     ApiError::new(
         ErrorKind::Unavailable,
@@ -403,6 +403,7 @@ impl Gateway {
                 fare: outcome.fare.filter(|_| d.is_approve()),
                 bill_ref: req.bill_ref.clone(),
                 credit: None,
+                split: None,
             };
             let spent = scan;
             let origin = Origin {
@@ -555,7 +556,7 @@ impl Gateway {
     /// The idempotency step of a terminal request: the first answer again,
     /// `409` with `conflict` for another body, or the guard to decide under
     /// (and whether a reversal came first).
-    async fn begin(
+    pub(crate) async fn begin(
         &self,
         key: Vec<u8>,
         fingerprint: &[u8; 32],
@@ -672,6 +673,7 @@ impl Gateway {
             fare: None,
             bill_ref: None,
             credit: None,
+            split: None,
         };
         let mut ops = vec![Op::Put(
             Cf::Idem,

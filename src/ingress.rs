@@ -264,9 +264,11 @@ pub async fn terminal_request(
     let (label, response) = match found {
         Match::Found { route, .. } => {
             let answer = match route.id {
-                RouteId::Authorize | RouteId::Reverse => {
-                    authorize(&gw, identity, req, route.id).await
-                }
+                RouteId::Authorize
+                | RouteId::Reverse
+                | RouteId::Hold
+                | RouteId::Capture
+                | RouteId::Void => authorize(&gw, identity, req, route.id).await,
                 RouteId::Ping => ping(&gw, identity, &req),
                 RouteId::OfflineBatch => offline_batch(&gw, identity, req).await,
                 RouteId::DenylistSync => {
@@ -400,7 +402,8 @@ async fn offline_batch(
 pub const OFFLINE_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Reads a terminal's JSON request within the limits and authorizes or
-/// reverses it.
+/// reverses it, or holds, captures or voids a medical payment (the same
+/// admission and body limits).
 async fn authorize(
     gw: &Gateway,
     identity: TerminalIdentity,
@@ -416,10 +419,19 @@ async fn authorize(
         Duration::from_millis(limits.header_read_timeout_ms),
     )
     .await?;
-    if id == RouteId::Reverse {
-        gw.reverse(&terminal, &body, gw.now_ms()).await
-    } else {
-        gw.authorize(&terminal, &body, gw.now_ms()).await
+    let now_ms = gw.now_ms();
+    match id {
+        RouteId::Reverse => gw.reverse(&terminal, &body, now_ms).await,
+        RouteId::Hold => gw.hold(&terminal, &body, now_ms).await,
+        RouteId::Capture => {
+            gw.hold_step(crate::wire::HoldOp::Capture, &terminal, &body, now_ms)
+                .await
+        }
+        RouteId::Void => {
+            gw.hold_step(crate::wire::HoldOp::Void, &terminal, &body, now_ms)
+                .await
+        }
+        _ => gw.authorize(&terminal, &body, now_ms).await,
     }
 }
 

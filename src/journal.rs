@@ -446,7 +446,10 @@ pub struct DecisionRecord {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub amount_fen: Option<i64>,
     /// `approve`, `decline`, or `reverse` for a reversal (of `terminal`'s
-    /// `event_id`; `auth_id` is then the reversal's own id).
+    /// `event_id`; `auth_id` is then the reversal's own id); `credit` for
+    /// a disbursement; `hold` and `void` for a medical hold and its
+    /// release, which settlement does not take (a capture is an
+    /// `approve`).
     pub decision: String,
     pub reason: crate::model::Reason,
     /// What was charged (0 for a decline); for a reversal, what it gave
@@ -477,6 +480,11 @@ pub struct DecisionRecord {
     /// account): the disbursement record that paid it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub credit: Option<CreditRef>,
+    /// Medical: the bill's split between insurance and self-pay (a
+    /// capture's as booked; a hold's as it would have been), settled with
+    /// the charge so the medical sink sees both parts.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub split: Option<crate::scenario::medical::Split>,
 }
 
 /// What a credit pays: a disbursement batch's record and its programme.

@@ -35,6 +35,7 @@ pub mod credential;
 pub mod demo;
 pub mod disburse;
 pub mod gateway;
+pub mod holds;
 pub mod hotline;
 pub mod idempotency;
 pub mod import;

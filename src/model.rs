@@ -223,6 +223,10 @@ pub struct Card {
     pub visits: u32,
     /// Health status as last reported for this card.
     pub health: Health,
+    /// Medical: the local calendar year `deductible_used_fen` counts for,
+    /// and what of the annual deductible the card has used in it.
+    pub medical_year: i32,
+    pub deductible_used_fen: i64,
 }
 
 /// What the transit rules remember of a card between taps (stored as it
@@ -297,6 +301,8 @@ impl Card {
             transit: TransitState::default(),
             visits: 0,
             health: Health::default(),
+            medical_year: 0,
+            deductible_used_fen: 0,
         }
     }
 
@@ -361,6 +367,13 @@ pub enum Reason {
     NotAllowed,
     /// On the allow-list, but outside its time-of-day windows.
     OutsideHours,
+    /// A capture or void names a hold this terminal never made (or whose
+    /// record is gone).
+    HoldNotFound,
+    /// The hold was past its expiry: its reservation is given back.
+    HoldExpired,
+    /// The hold was already captured or voided: never a second charge.
+    HoldClosed,
 }
 
 impl Reason {
@@ -383,6 +396,9 @@ impl Reason {
         Reason::RegionNotAccepted,
         Reason::NotAllowed,
         Reason::OutsideHours,
+        Reason::HoldNotFound,
+        Reason::HoldExpired,
+        Reason::HoldClosed,
     ];
 
     /// The reason with this wire code.
@@ -411,6 +427,9 @@ impl Reason {
             Reason::RegionNotAccepted => "REGION_NOT_ACCEPTED",
             Reason::NotAllowed => "NOT_ALLOWED",
             Reason::OutsideHours => "OUTSIDE_HOURS",
+            Reason::HoldNotFound => "HOLD_NOT_FOUND",
+            Reason::HoldExpired => "HOLD_EXPIRED",
+            Reason::HoldClosed => "HOLD_CLOSED",
         }
     }
 }

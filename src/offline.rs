@@ -518,6 +518,7 @@ impl Gateway {
             fare: None,
             bill_ref: None,
             credit: None,
+            split: None,
         };
         let origin = Origin {
             approved,

@@ -18,6 +18,9 @@ pub enum Listener {
 pub enum RouteId {
     Authorize,
     Reverse,
+    Hold,
+    Capture,
+    Void,
     Ping,
     Healthz,
     Readyz,
@@ -113,6 +116,27 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/v1/reverse",
         RouteId::Reverse,
+        Access::Open,
+    ),
+    route(
+        Listener::Terminal,
+        Method::POST,
+        "/v1/hold",
+        RouteId::Hold,
+        Access::Open,
+    ),
+    route(
+        Listener::Terminal,
+        Method::POST,
+        "/v1/capture",
+        RouteId::Capture,
+        Access::Open,
+    ),
+    route(
+        Listener::Terminal,
+        Method::POST,
+        "/v1/void",
+        RouteId::Void,
         Access::Open,
     ),
     route(

@@ -407,23 +407,7 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
     }
     let m = parse_object(body)?;
     reject_unknown(&m, AUTHORIZE_FIELDS)?;
-    let amount_fen = match m.get("amount_fen") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(a) => Some(a),
-            None if n.as_f64().is_some_and(|f| f > AMOUNT_FEN_MAX as f64) => {
-                return Err(ApiError::invalid(format!(
-                    "`amount_fen` must be at most {AMOUNT_FEN_MAX}"
-                )))
-            }
-            None => {
-                return Err(ApiError::invalid(
-                    "`amount_fen` must be a whole number of fen",
-                ))
-            }
-        },
-        Some(_) => return Err(ApiError::invalid("`amount_fen` must be an integer (fen)")),
-    };
+    let amount_fen = amount_field(&m)?;
     let raw = RawAuthorize {
         event_id: opt_str(&m, "event_id")?,
         kind: opt_str(&m, "kind")?,
@@ -438,6 +422,24 @@ pub fn parse_authorize(body: &[u8]) -> Result<AuthorizeRequest, ApiError> {
         bill_ref: opt_str(&m, "bill_ref")?,
     };
     validate_authorize(raw)
+}
+
+/// `amount_fen` of the slow path: an integer number of fen, named
+/// precisely when it is not.
+fn amount_field(m: &Map<String, Value>) -> Result<Option<i64>, ApiError> {
+    match m.get("amount_fen") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(a) => Ok(Some(a)),
+            None if n.as_f64().is_some_and(|f| f > AMOUNT_FEN_MAX as f64) => Err(
+                ApiError::invalid(format!("`amount_fen` must be at most {AMOUNT_FEN_MAX}")),
+            ),
+            None => Err(ApiError::invalid(
+                "`amount_fen` must be a whole number of fen",
+            )),
+        },
+        Some(_) => Err(ApiError::invalid("`amount_fen` must be an integer (fen)")),
+    }
 }
 
 fn validate_authorize(raw: RawAuthorize<'_>) -> Result<AuthorizeRequest, ApiError> {
@@ -584,6 +586,184 @@ fn occurred_at_field(v: Option<&str>) -> Result<Option<String>, ApiError> {
         ));
     }
     Ok(Some(s.to_owned()))
+}
+
+/// A validated `POST /v1/hold` body: an authorization of scenario
+/// `medical` (same fields and rules, the scenario implied) with the bill's
+/// category. The amount is required and at least one fen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub auth: AuthorizeRequest,
+    pub category: String,
+}
+
+const HOLD_FIELDS: &[&str] = &[
+    "event_id",
+    "kind",
+    "card_no",
+    "qr",
+    "amount_fen",
+    "category",
+    "site",
+    "occurred_at",
+];
+
+impl HoldRequest {
+    /// Distinct from any authorization's fingerprint (hold and authorize
+    /// share the key space of (terminal, event_id)): the same fields sent
+    /// to the other route are another request, `409`.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"hold\x1f");
+        h.update(self.auth.fingerprint());
+        h.update([0x1f]);
+        h.update(self.category.as_bytes());
+        h.finalize().into()
+    }
+}
+
+pub fn parse_hold(body: &[u8]) -> Result<HoldRequest, ApiError> {
+    let m = parse_object(body)?;
+    reject_unknown(&m, HOLD_FIELDS)?;
+    let raw = RawAuthorize {
+        event_id: opt_str(&m, "event_id")?,
+        kind: opt_str(&m, "kind")?,
+        card_no: opt_str(&m, "card_no")?,
+        qr: opt_str(&m, "qr")?,
+        scenario: Some(Scenario::Medical.as_str()),
+        amount_fen: amount_field(&m)?,
+        site: opt_str(&m, "site")?,
+        occurred_at: opt_str(&m, "occurred_at")?,
+        ..RawAuthorize::default()
+    };
+    let auth = validate_authorize(raw)?;
+    match auth.amount_fen {
+        None => return Err(ApiError::invalid("missing field `amount_fen`")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "`amount_fen` of a hold must be at least 1",
+            ))
+        }
+        _ => {}
+    }
+    let category = req_str(&m, "category")?;
+    if !crate::scenario::medical::valid_category_name(category) {
+        return Err(ApiError::invalid(
+            "`category` must be 1 to 32 characters of a-z, 0-9, '_'",
+        ));
+    }
+    Ok(HoldRequest {
+        auth,
+        category: category.to_owned(),
+    })
+}
+
+/// What a counter does with one of its holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldOp {
+    Capture,
+    Void,
+}
+
+/// A validated `POST /v1/capture` or `POST /v1/void` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldStepRequest {
+    pub op: HoldOp,
+    pub event_id: String,
+    /// The terminal's own event id of the hold.
+    pub hold_event_id: String,
+    /// A capture's amount (at most what was held); `None` for a void.
+    pub amount_fen: Option<i64>,
+    pub occurred_at: Option<String>,
+}
+
+impl HoldStepRequest {
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(match self.op {
+            HoldOp::Capture => b"capture\x1f".as_slice(),
+            HoldOp::Void => b"void\x1f".as_slice(),
+        });
+        for f in [
+            self.event_id.as_str(),
+            self.hold_event_id.as_str(),
+            &self.amount_fen.map_or(String::new(), |a| a.to_string()),
+            self.occurred_at.as_deref().unwrap_or("\u{0}"),
+        ] {
+            h.update(f.as_bytes());
+            h.update([0x1f]);
+        }
+        h.finalize().into()
+    }
+}
+
+pub fn parse_hold_step(op: HoldOp, body: &[u8]) -> Result<HoldStepRequest, ApiError> {
+    let m = parse_object(body)?;
+    let fields: &[&str] = match op {
+        HoldOp::Capture => &["event_id", "hold_event_id", "amount_fen", "occurred_at"],
+        HoldOp::Void => &["event_id", "hold_event_id", "occurred_at"],
+    };
+    reject_unknown(&m, fields)?;
+    let event_id = event_id_field(opt_str(&m, "event_id")?)?.to_owned();
+    let hold_event_id = match opt_str(&m, "hold_event_id")? {
+        Some(h) if valid_event_id(h) => h.to_owned(),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "`hold_event_id` must be 1 to {EVENT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
+            )))
+        }
+        None => return Err(ApiError::invalid("missing field `hold_event_id`")),
+    };
+    // One event id is one request: a step under its hold's own id would
+    // wait for itself (it holds the id's slot while it reads the hold).
+    if hold_event_id == event_id {
+        return Err(ApiError::invalid(
+            "`event_id` must differ from `hold_event_id` (each step has its own event id)",
+        ));
+    }
+    let amount_fen = match (op, amount_field(&m)?) {
+        (HoldOp::Void, _) => None,
+        (HoldOp::Capture, None) => return Err(ApiError::invalid("missing field `amount_fen`")),
+        (HoldOp::Capture, Some(a)) if !(1..=AMOUNT_FEN_MAX).contains(&a) => {
+            return Err(ApiError::invalid(format!(
+                "`amount_fen` of a capture must be 1 to {AMOUNT_FEN_MAX} (a void releases a hold)"
+            )))
+        }
+        (HoldOp::Capture, a) => a,
+    };
+    Ok(HoldStepRequest {
+        op,
+        event_id,
+        hold_event_id,
+        amount_fen,
+        occurred_at: occurred_at_field(opt_str(&m, "occurred_at")?)?,
+    })
+}
+
+/// The `200` answer to a hold, a capture or a void: like an
+/// authorization's, with the hold's id and expiry and the bill's split
+/// (a hold's: as it would be if captured whole now; a capture's: as
+/// booked).
+#[derive(Debug, Serialize)]
+pub struct MedicalAnswer<'a> {
+    pub event_id: &'a str,
+    pub auth_id: &'a str,
+    pub decision: &'static str,
+    pub reason: &'static str,
+    /// Held, captured, or released (a void).
+    pub amount_fen: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::scenario::medical::Split>,
+}
+
+impl MedicalAnswer<'_> {
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializing a struct of strings and integers cannot fail")
+    }
 }
 
 /// A validated `POST /v1/reverse` body: the terminal's own `event_id` to
@@ -822,6 +1002,83 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn hold_capture_void_bodies() {
+        let hold = r#"{"event_id":"h-1","kind":"tap","card_no":"500118A12345678","amount_fen":10000,"category":"outpatient","site":"counter-3"}"#;
+        let h = parse_hold(hold.as_bytes()).unwrap();
+        assert_eq!(h.auth.scenario, Scenario::Medical);
+        assert_eq!(h.category, "outpatient");
+        // Not the fingerprint of the same fields as an authorization.
+        assert_ne!(h.fingerprint(), h.auth.fingerprint());
+        let edit = |f: &str, v: &str| {
+            let mut m: Value = serde_json::from_str(hold).unwrap();
+            if v == "<remove>" {
+                m.as_object_mut().unwrap().remove(f);
+            } else {
+                m[f] = serde_json::from_str(v).unwrap();
+            }
+            m.to_string()
+        };
+        let bad: &[(String, &str)] = &[
+            (edit("scenario", "\"medical\""), "unknown field `scenario`"),
+            (edit("category", "<remove>"), "missing field `category`"),
+            (edit("category", "\"Out Patient\""), "`category` must be"),
+            (edit("amount_fen", "<remove>"), "missing field `amount_fen`"),
+            (edit("amount_fen", "0"), "at least 1"),
+            (edit("amount_fen", "-1"), "must not be negative"),
+            (edit("card_no", "\"5001\""), "`card_no` must be 8 to 32"),
+        ];
+        for (body, want) in bad {
+            let e = parse_hold(body.as_bytes()).unwrap_err();
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+        }
+        let cap = parse_hold_step(
+            HoldOp::Capture,
+            br#"{"event_id":"c-1","hold_event_id":"h-1","amount_fen":600}"#,
+        )
+        .unwrap();
+        assert_eq!(cap.amount_fen, Some(600));
+        let void =
+            parse_hold_step(HoldOp::Void, br#"{"event_id":"c-1","hold_event_id":"h-1"}"#).unwrap();
+        assert_ne!(cap.fingerprint(), void.fingerprint());
+        let bad_steps: &[(HoldOp, &str, &str)] = &[
+            (
+                HoldOp::Capture,
+                r#"{"event_id":"c","hold_event_id":"h"}"#,
+                "missing field `amount_fen`",
+            ),
+            (
+                HoldOp::Capture,
+                r#"{"event_id":"c","hold_event_id":"h","amount_fen":0}"#,
+                "1 to",
+            ),
+            (
+                HoldOp::Capture,
+                r#"{"event_id":"c","amount_fen":1}"#,
+                "missing field `hold_event_id`",
+            ),
+            (
+                HoldOp::Capture,
+                r#"{"event_id":"h","hold_event_id":"h","amount_fen":1}"#,
+                "must differ",
+            ),
+            (
+                HoldOp::Void,
+                r#"{"event_id":"c","hold_event_id":"h","amount_fen":1}"#,
+                "unknown field `amount_fen`",
+            ),
+            (
+                HoldOp::Void,
+                r#"{"event_id":"c","hold_event_id":"a b"}"#,
+                "`hold_event_id` must be",
+            ),
+        ];
+        for (op, body, want) in bad_steps {
+            let e = parse_hold_step(*op, body.as_bytes()).unwrap_err();
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+        }
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 fare: None,
                 bill_ref: None,
                 credit: None,
+                split: None,
             },
         );
     }

@@ -13,6 +13,7 @@ pub mod access;
 pub mod culture;
 pub mod health;
 pub mod identity;
+pub mod medical;
 pub mod payment;
 pub mod region;
 pub mod transit;

@@ -136,6 +136,9 @@ pub struct Line<'a> {
     pub project: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub month: Option<&'a str>,
+    /// A medical capture's split between insurance and self-pay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::scenario::medical::Split>,
 }
 
 impl<'a> Line<'a> {
@@ -166,6 +169,7 @@ impl<'a> Line<'a> {
             programme: credit.map(|c| c.programme.as_str()),
             project: credit.and_then(|c| c.project.as_deref()),
             month: credit.and_then(|c| c.month.as_deref()),
+            split: r.split,
         }
     }
 }
@@ -419,6 +423,7 @@ mod tests {
             fare: None,
             bill_ref: None,
             credit: None,
+            split: None,
         }
     }
 

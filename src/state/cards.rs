@@ -32,6 +32,18 @@ pub struct CardRecord {
     /// Health status; absent until one is reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    /// Medical: the annual deductible used, and the local year it counts
+    /// for; absent until the card's first medical capture that used some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medical: Option<MedicalRecord>,
+}
+
+/// The medical deductible state of a card as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MedicalRecord {
+    pub year: i32,
+    pub deductible_used_fen: i64,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -49,6 +61,10 @@ impl From<&Card> for CardRecord {
             transit: (c.transit != TransitState::default()).then_some(c.transit),
             visits: c.visits,
             health: (c.health != Health::default()).then_some(c.health),
+            medical: (c.medical_year != 0 || c.deductible_used_fen != 0).then_some(MedicalRecord {
+                year: c.medical_year,
+                deductible_used_fen: c.deductible_used_fen,
+            }),
         }
     }
 }
@@ -61,6 +77,8 @@ impl From<&CardRecord> for Card {
             transit: r.transit.unwrap_or_default(),
             visits: r.visits,
             health: r.health.unwrap_or_default(),
+            medical_year: r.medical.map_or(0, |m| m.year),
+            deductible_used_fen: r.medical.map_or(0, |m| m.deductible_used_fen),
             ..Card::new(r.status, &r.functions, &r.concessions)
         }
     }
@@ -68,8 +86,9 @@ impl From<&CardRecord> for Card {
 
 /// A card as (re-)registered: the new status, functions and concessions,
 /// with the counters and state of the card it replaces (spending, transit
-/// fares and last boarding, visits, health status), so that registering a
-/// card again can never reset a cap or lift anti-passback.
+/// fares and last boarding, visits, health status, the medical deductible
+/// used), so that registering a card again can never reset a cap, lift
+/// anti-passback or restart the year's deductible.
 pub fn keep_counters(old: Option<Card>, new: Card) -> Card {
     match old {
         Some(old) => Card {
@@ -78,6 +97,8 @@ pub fn keep_counters(old: Option<Card>, new: Card) -> Card {
             transit: old.transit,
             visits: old.visits,
             health: old.health,
+            medical_year: old.medical_year,
+            deductible_used_fen: old.deductible_used_fen,
             ..new
         },
         None => new,

@@ -59,10 +59,13 @@ pub enum Cf {
     /// report; `w/<project> 0x00 <month> 0x00 <card_no> 0x00 <event_id>` →
     /// a credited wage; `p/<project>` → the project's roster of workers.
     Disburse,
+    /// terminal 0x00 hold event_id → medical hold (JSON: card, amount,
+    /// category, split, times, state, captured amount).
+    Holds,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 17] = [
+    pub const ALL: [Cf; 18] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -80,6 +83,7 @@ impl Cf {
         Cf::Allow,
         Cf::PartnerDeny,
         Cf::Disburse,
+        Cf::Holds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +105,7 @@ impl Cf {
             Cf::Allow => "allow",
             Cf::PartnerDeny => "partner_deny",
             Cf::Disburse => "disburse",
+            Cf::Holds => "holds",
         }
     }
 }
