@@ -5,9 +5,7 @@ use std::hash::BuildHasher;
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{
-    Card, CardNo, CardStatus, Concession, Function, Health, HealthColour, TransitState,
-};
+use crate::model::{Card, CardNo, CardStatus, Concession, Function, Health, TransitState};
 use crate::state::{Cf, Store, StoreError};
 
 /// Writers to one card take one of this many locks, chosen by hash. Enough
