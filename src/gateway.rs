@@ -51,6 +51,33 @@ pub(crate) enum Begun {
     Decide(idempotency::InFlight, bool),
 }
 
+/// A terminal's decision, ready to be recorded: an authorization, a
+/// medical hold, a capture or a void. [`Gateway::commit_decision`] writes
+/// all of it in one journal commit.
+pub(crate) struct Decided<'a> {
+    /// The idempotency slot(s) decided under, released by the writer once
+    /// the commit is on disk (even if the client has hung up by then).
+    pub slots: Box<dyn Send>,
+    /// The event's idempotency key.
+    pub key: Vec<u8>,
+    pub fingerprint: &'a [u8; 32],
+    pub now_ms: i64,
+    pub auth_id: &'a str,
+    /// What a later reversal of the event needs to know.
+    pub origin: Origin<'a>,
+    /// The answer, replayed to a retry.
+    pub answer: &'a [u8],
+    pub record: &'a DecisionRecord,
+    /// The decision's other writes: the card, a venue's count, a hold.
+    pub ops: Vec<Op>,
+    /// The code a scan spent: given back if the journal refuses the
+    /// commit, so the terminal's retry is a new attempt, not a replay.
+    pub spent: Option<&'a credential::ScanRef>,
+}
+
+/// A queued commit: its result comes when it is on disk.
+pub(crate) type Pending = tokio::sync::oneshot::Receiver<Result<Option<u64>, JournalError>>;
+
 pub struct Gateway {
     pub config: Config,
     pub policy: Policy,
@@ -405,26 +432,7 @@ impl Gateway {
                 credit: None,
                 split: None,
             };
-            let spent = scan;
-            let origin = Origin {
-                approved: d.is_approve(),
-                charged_fen: d.amount_fen(),
-                scenario: req.scenario,
-                card_no: card_str,
-                site: req.site.as_deref(),
-            };
-            let mut ops = Vec::with_capacity(2);
-            ops.push(Op::Put(
-                Cf::Idem,
-                guard.key().to_vec(),
-                idempotency::encode(
-                    &fingerprint,
-                    now_ms,
-                    &auth_id,
-                    Tail::Origin(origin),
-                    &answer,
-                ),
-            ));
+            let mut ops = Vec::with_capacity(3);
             if let Some(after) = outcome.card_after {
                 ops.push(Op::Put(
                     Cf::Cards,
@@ -440,28 +448,24 @@ impl Gateway {
                     count.encode(),
                 ));
             }
-            let record = serde_json::to_vec(&record).expect("a decision record always serializes");
-            // The idempotency guard travels with the commit: the writer drops
-            // it once the batch is on disk, even if this request is cancelled
-            // (the client hung up) while waiting below.
-            let commit = Commit {
-                record: Some(record),
+            let pending = self.commit_decision(Decided {
+                key: guard.key().to_vec(),
+                slots: Box::new(guard),
+                fingerprint: &fingerprint,
+                now_ms,
+                auth_id: &auth_id,
+                origin: Origin {
+                    approved: d.is_approve(),
+                    charged_fen: d.amount_fen(),
+                    scenario: req.scenario,
+                    card_no: card_str,
+                    site: req.site.as_deref(),
+                },
+                answer: &answer,
+                record: &record,
                 ops,
-                hold_until_written: Some(Box::new(guard)),
-                card: Some(card_str.into()),
-                also: Vec::new(),
-            };
-            let pending = match self.journal.submit(commit) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Not recorded: a retry of this scan is a new attempt,
-                    // not a replay of its code.
-                    if let (Some(s), Some(spent)) = (scanner, &spent) {
-                        s.unspend(spent);
-                    }
-                    return Err(journal_error(e));
-                }
-            };
+                spent: scan.as_ref(),
+            })?;
             if let (Some(after), Some(c)) = (outcome.card_after, &card_no) {
                 self.cards.set(c.clone().into_owned(), after);
             }
@@ -470,23 +474,69 @@ impl Gateway {
             }
             (pending, d, answer)
         };
-        pending
-            .await
-            .unwrap_or(Err(JournalError::Closed))
-            .map_err(journal_error)?;
-
-        self.metrics
-            .decision(req.scenario, decision.reason())
-            .increment(1);
-        self.metrics
-            .latency(req.scenario)
-            .record(started.elapsed().as_secs_f64());
+        self.answered(pending, req.scenario, decision.reason(), started)
+            .await?;
         if !decision.is_approve() {
             if let Some(card) = &card_no {
                 tracing::debug!(card = %card, reason = decision.reason().code(), "declined");
             }
         }
         Ok(answer)
+    }
+
+    /// Queues a decision's one journal commit: its record, its idempotency
+    /// record (the answer a retry gets, and what a reversal needs), and
+    /// its other writes. Called under the card's lock, so the journal gets
+    /// a card's decisions in the order they were decided; the caller then
+    /// updates memory and waits with [`Gateway::answered`] outside it.
+    pub(crate) fn commit_decision(&self, d: Decided<'_>) -> Result<Pending, ApiError> {
+        let mut ops = d.ops;
+        ops.push(Op::Put(
+            Cf::Idem,
+            d.key,
+            idempotency::encode(
+                d.fingerprint,
+                d.now_ms,
+                d.auth_id,
+                Tail::Origin(d.origin),
+                d.answer,
+            ),
+        ));
+        let card = d.origin.card_no;
+        let commit = Commit {
+            record: Some(
+                serde_json::to_vec(d.record).expect("a decision record always serializes"),
+            ),
+            ops,
+            hold_until_written: Some(d.slots),
+            card: (!card.is_empty()).then(|| card.into()),
+            also: Vec::new(),
+        };
+        self.journal.submit(commit).map_err(|e| {
+            if let (Some(s), Some(spent)) = (&self.scanner, d.spent) {
+                s.unspend(spent);
+            }
+            journal_error(e)
+        })
+    }
+
+    /// Waits until a decision's commit is durable, then counts it.
+    pub(crate) async fn answered(
+        &self,
+        pending: Pending,
+        scenario: Scenario,
+        reason: Reason,
+        started: Instant,
+    ) -> Result<(), ApiError> {
+        pending
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+            .map_err(journal_error)?;
+        self.metrics.decision(scenario, reason).increment(1);
+        self.metrics
+            .latency(scenario)
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// Request fields a scenario's config makes required or meaningless:

@@ -42,9 +42,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::authz::{self, Event};
 use crate::credential;
-use crate::gateway::{journal_error, storage_error, Begun, Gateway};
-use crate::idempotency::{self, Origin, Tail};
-use crate::journal::{Commit, DecisionRecord, JournalError, Op};
+use crate::gateway::{storage_error, Begun, Decided, Gateway};
+use crate::idempotency::{self, Origin};
+use crate::journal::{DecisionRecord, Op};
 use crate::model::{Card, CardNo, Reason, Scenario};
 use crate::scenario::medical::{self, Category, HoldState, Split};
 use crate::scenario::{self, region};
@@ -272,24 +272,7 @@ impl Gateway {
                 credit: None,
                 split,
             };
-            let origin = Origin {
-                approved,
-                charged_fen: 0,
-                scenario: Scenario::Medical,
-                card_no: card_str,
-                site,
-            };
-            let mut ops = vec![Op::Put(
-                Cf::Idem,
-                guard.key().to_vec(),
-                idempotency::encode(
-                    &fingerprint,
-                    now_ms,
-                    &auth_id,
-                    Tail::Origin(origin),
-                    &answer,
-                ),
-            )];
+            let mut ops = Vec::with_capacity(3);
             let card_after = outcome.card_after.filter(|_| approved);
             if let Some(after) = card_after {
                 ops.push(Op::Put(
@@ -322,38 +305,33 @@ impl Gateway {
                     serde_json::to_vec(&hold).expect("a hold record serializes"),
                 ));
             }
-            let record = serde_json::to_vec(&record).expect("a decision record always serializes");
-            let commit = Commit {
-                record: Some(record),
+            let pending = self.commit_decision(Decided {
+                key: guard.key().to_vec(),
+                slots: Box::new(guard),
+                fingerprint: &fingerprint,
+                now_ms,
+                auth_id: &auth_id,
+                origin: Origin {
+                    approved,
+                    // A hold charges nothing: a reversal of it gives back
+                    // nothing (a void releases it).
+                    charged_fen: 0,
+                    scenario: Scenario::Medical,
+                    card_no: card_str,
+                    site,
+                },
+                answer: &answer,
+                record: &record,
                 ops,
-                hold_until_written: Some(Box::new(guard)),
-                card: Some(card_str.into()),
-                also: Vec::new(),
-            };
-            let pending = match self.journal.submit(commit) {
-                Ok(p) => p,
-                Err(e) => {
-                    if let (Some(s), Some(spent)) = (scanner, &scan) {
-                        s.unspend(spent);
-                    }
-                    return Err(journal_error(e));
-                }
-            };
+                spent: scan.as_ref(),
+            })?;
             if let (Some(after), Some(c)) = (card_after, &card_no) {
                 self.cards.set(c.clone().into_owned(), after);
             }
             (pending, d.reason(), answer)
         };
-        pending
-            .await
-            .unwrap_or(Err(JournalError::Closed))
-            .map_err(journal_error)?;
-        self.metrics
-            .decision(Scenario::Medical, reason)
-            .increment(1);
-        self.metrics
-            .latency(Scenario::Medical)
-            .record(started.elapsed().as_secs_f64());
+        self.answered(pending, Scenario::Medical, reason, started)
+            .await?;
         Ok(answer)
     }
 
@@ -470,24 +448,7 @@ impl Gateway {
                 credit: None,
                 split: step.split,
             };
-            let origin = Origin {
-                approved,
-                charged_fen: step.charged_fen,
-                scenario: Scenario::Medical,
-                card_no: card_str,
-                site,
-            };
-            let mut ops = vec![Op::Put(
-                Cf::Idem,
-                guard.key().to_vec(),
-                idempotency::encode(
-                    &fingerprint,
-                    now_ms,
-                    &step_id,
-                    Tail::Origin(origin),
-                    &answer,
-                ),
-            )];
+            let mut ops = Vec::with_capacity(2);
             if let Some(h) = &step.hold_after {
                 ops.push(Op::Put(
                     Cf::Holds,
@@ -503,32 +464,33 @@ impl Gateway {
                     cards::encode(&after),
                 ));
             }
-            let record = serde_json::to_vec(&record).expect("a decision record always serializes");
-            // Both slots travel with the commit: the next step of this
-            // hold reads what this one wrote.
-            let commit = Commit {
-                record: Some(record),
+            let pending = self.commit_decision(Decided {
+                key: guard.key().to_vec(),
+                // Both slots travel with the commit: the next step of this
+                // hold reads what this one wrote.
+                slots: Box::new((guard, hold_slot)),
+                fingerprint: &fingerprint,
+                now_ms,
+                auth_id: &step_id,
+                origin: Origin {
+                    approved,
+                    charged_fen: step.charged_fen,
+                    scenario: Scenario::Medical,
+                    card_no: card_str,
+                    site,
+                },
+                answer: &answer,
+                record: &record,
                 ops,
-                hold_until_written: Some(Box::new((guard, hold_slot))),
-                card: (!card_str.is_empty()).then(|| card_str.into()),
-                also: Vec::new(),
-            };
-            let pending = self.journal.submit(commit).map_err(journal_error)?;
+                spent: None,
+            })?;
             if let (Some(after), Some(c)) = (card_after, &card_no) {
                 self.cards.set(c.clone(), after);
             }
             (pending, step.reason, answer)
         };
-        pending
-            .await
-            .unwrap_or(Err(JournalError::Closed))
-            .map_err(journal_error)?;
-        self.metrics
-            .decision(Scenario::Medical, reason)
-            .increment(1);
-        self.metrics
-            .latency(Scenario::Medical)
-            .record(started.elapsed().as_secs_f64());
+        self.answered(pending, Scenario::Medical, reason, started)
+            .await?;
         Ok(answer)
     }
 }
