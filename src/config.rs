@@ -983,6 +983,24 @@ impl Config {
         policy.regions = region::Rules::from_config(&self.regions).map_err(ConfigError::Invalid)?;
         policy.medical =
             medical::Rules::from_config(&self.medical).map_err(ConfigError::Invalid)?;
+        if !self.medical.categories.is_empty() {
+            // A hold reserves the daily spend and needs the medical
+            // function; a scenario that neither charges nor checks it
+            // could not keep a hold's promises.
+            let rule = policy.rule(Scenario::Medical);
+            if !rule.charges || rule.function != Some(Function::Medical) {
+                return Err(ConfigError::Invalid(
+                    "medical.categories need scenarios.medical to charge and to require the medical function (the defaults)".into(),
+                ));
+            }
+            // A hold's event id must not be reusable while the hold lives.
+            if self.idempotency.retention_s < self.medical.hold_ttl_s {
+                return Err(ConfigError::Invalid(format!(
+                    "idempotency.retention_s ({}) must be at least medical.hold_ttl_s ({}): a hold's event id is remembered for as long as the hold lives",
+                    self.idempotency.retention_s, self.medical.hold_ttl_s
+                )));
+            }
+        }
         Ok(policy)
     }
 
@@ -1096,5 +1114,29 @@ mod tests {
         assert!(Config::parse("[scenarios.medical]\nfunction = \"teleport\"\n").is_err());
         assert!(Config::parse("[journal]\ndurability = \"maybe\"\n").is_err());
         assert!(Config::parse("[limits]\nbody_bytes_max = 0\n").is_err());
+    }
+
+    #[test]
+    fn medical_holds_need_a_charging_scenario_and_long_enough_answers() {
+        let cats = "[medical.categories.outpatient]\ncoverage_pct = 70\n";
+        Config::parse(cats).unwrap();
+        for (extra, why) in [
+            ("[scenarios.medical]\ncharges = false\n", "to charge"),
+            (
+                "[scenarios.medical]\nfunction = \"none\"\n",
+                "medical function",
+            ),
+            (
+                "[idempotency]\nretention_s = 600\n",
+                "at least medical.hold_ttl_s",
+            ),
+        ] {
+            let e = Config::parse(&format!("{extra}{cats}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{extra}: {e}");
+            // Without categories there are no holds to keep promises for.
+            Config::parse(extra).unwrap();
+        }
     }
 }

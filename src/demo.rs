@@ -636,5 +636,86 @@ pub async fn scenarios(
             v["amount_fen"],
         );
     }
+
+    // A hospital pharmacy counter: a hold, part of it captured, the bill
+    // split between insurance and self-pay (pharmacy: insurance pays 60 %
+    // in dev.toml), and a second capture that must not charge again.
+    let mut counter =
+        client::connect_terminal(terminal, Some(certs_dir), 1, Protocol::Http1).await?;
+    let hold_id = format!("demo-med-{run_id}");
+    let steps = [
+        (
+            "elderly, pharmacy hold 200 yuan",
+            "hold",
+            json!({"event_id": hold_id, "kind": "tap", "card_no": elder, "amount_fen": 20_000,
+                   "category": "pharmacy", "site": "hospital-1-pharmacy"}),
+        ),
+        (
+            "elderly, capture 150 yuan of it",
+            "capture",
+            json!({"event_id": format!("{hold_id}-c"), "hold_event_id": hold_id, "amount_fen": 15_000}),
+        ),
+        (
+            "elderly, capture it again (new event id)",
+            "capture",
+            json!({"event_id": format!("{hold_id}-c2"), "hold_event_id": hold_id, "amount_fen": 15_000}),
+        ),
+    ];
+    for (what, step, body) in steps {
+        let v = counter.medical(step, &body).await?.json();
+        println!(
+            "demo: {what:<46} -> {:<7} {:<19} {:>5} fen  {}",
+            v["decision"].as_str().unwrap_or("-"),
+            v["reason"]
+                .as_str()
+                .or(v["error"]["code"].as_str())
+                .unwrap_or("-"),
+            v["amount_fen"],
+            if v["split"].is_null() {
+                String::new()
+            } else {
+                format!("split {}", v["split"])
+            },
+        );
+    }
+
+    // A grant batch: one good record, one for a card not registered here.
+    let batch = format!("demo-{run_id}");
+    let lines = [
+        json!({"record_id": "g1", "card_no": student, "amount_fen": 50_000, "programme": "student_grant"}),
+        json!({"record_id": "g2", "card_no": format!("500118X{stamp:09}"), "amount_fen": 50_000, "programme": "student_grant"}),
+    ];
+    let body: Vec<u8> = lines
+        .iter()
+        .flat_map(|l| format!("{l}\n").into_bytes())
+        .collect();
+    let a = client::admin_raw(
+        admin,
+        Some(token),
+        Method::POST,
+        &format!("/admin/v1/disbursements/{batch}"),
+        "application/x-ndjson",
+        body,
+    )
+    .await?;
+    anyhow::ensure!(
+        a.status == StatusCode::OK,
+        "disbursement: {} {}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    let report = a.json();
+    println!(
+        "demo: grant batch {batch}: {} accepted ({} fen), {} rejected",
+        report["accepted"], report["accepted_fen"], report["rejected"]
+    );
+    for o in report["outcomes"].as_array().into_iter().flatten() {
+        println!(
+            "demo:   {:<4} {:<9} {}",
+            o["record_id"].as_str().unwrap_or("-"),
+            o["outcome"].as_str().unwrap_or("-"),
+            o["code"].as_str().unwrap_or(""),
+        );
+    }
     Ok(())
 }

@@ -703,7 +703,7 @@ impl Gateway {
             amount_fen: given_back,
         }
         .to_vec();
-        let record = DecisionRecord {
+        let mut record = DecisionRecord {
             at_ms: now_ms,
             terminal: terminal.to_owned(),
             event_id: req.event_id.clone(),
@@ -737,12 +737,14 @@ impl Gateway {
                 idempotency::encode(&[0; 32], now_ms, &reversal_id, Tail::Tombstone, b""),
             ));
         }
-        let record = serde_json::to_vec(&record).expect("a decision record always serializes");
+        // A medical approval changes more than the spend (a hold, the
+        // deductible): its card is looked at even when nothing was charged.
         let card = origin
-            .filter(|_| given_back > 0)
+            .filter(|o| given_back > 0 || (o.scenario == Scenario::Medical && o.approved))
             .and_then(|o| CardNo::parse(o.card_no).ok());
         let event_at_ms = stored.as_ref().map_or(now_ms, |s| s.created_ms);
         let indexed: Option<Box<str>> = origin.map(|o| o.card_no.into());
+        let event_key = event_guard.key().to_vec();
         let hold: Box<dyn Send> = Box::new((own, event_guard));
         let pending = match card {
             Some(card_no) => {
@@ -751,7 +753,8 @@ impl Gateway {
                 let _card_lock = self.cards.lock(&card_no);
                 let day = self.policy.local_day(event_at_ms.div_euclid(1000));
                 let transit = origin.is_some_and(|o| o.scenario == Scenario::Transit);
-                let after = self.cards.get(&card_no).and_then(|before| {
+                let mut after = None;
+                if let Some(before) = self.cards.get(&card_no) {
                     let mut c = before;
                     if c.spent_day == day {
                         c.spent_fen = (c.spent_fen - given_back).max(0);
@@ -759,8 +762,23 @@ impl Gateway {
                     if transit {
                         c.transit = scenario::transit::give_back(c.transit, day, given_back);
                     }
-                    (c != before).then_some(c)
-                });
+                    if let (Some(o), Some(s)) = (&origin, &stored) {
+                        let (medical, split) = self.on_reverse(
+                            &event_key,
+                            o,
+                            s.body,
+                            c,
+                            event_at_ms,
+                            now_ms,
+                            &mut ops,
+                        )?;
+                        c = medical;
+                        record.split = split;
+                    }
+                    after = (c != before).then_some(c);
+                }
+                let record =
+                    serde_json::to_vec(&record).expect("a decision record always serializes");
                 if let Some(after) = after {
                     ops.push(Op::Put(
                         Cf::Cards,
@@ -786,7 +804,9 @@ impl Gateway {
             None => self
                 .journal
                 .submit(Commit {
-                    record: Some(record),
+                    record: Some(
+                        serde_json::to_vec(&record).expect("a decision record always serializes"),
+                    ),
                     ops,
                     hold_until_written: Some(hold),
                     card: indexed,

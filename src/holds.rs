@@ -21,35 +21,41 @@
 //!   event ids reads the first one's result and is declined `HOLD_CLOSED`.
 //!   Never a second charge.
 //! - A capture records `decision: "approve"` with the captured amount and
-//!   the bill's split (what settlement takes, once); the part not captured
-//!   goes back to the daily spend of the hold's day, and the deductible
+//!   the bill's split (what settlement takes, once). The hold's whole
+//!   reservation leaves its day's spend and the captured amount counts on
+//!   the day of the capture (the same day, at a counter); the deductible
 //!   the split used is booked on the card for the local year.
-//! - Expiry is lazy: a hold is expired when a capture or void finds it past
-//!   `expires_at` (`HOLD_EXPIRED`), and its reservation goes back then.
-//!   There is no sweep: a hold nobody touches again keeps its reservation
-//!   on its day's spend (a daily counter, so at most until local midnight).
-//! - The split's rules (coverage, deductible) are those of the category
-//!   when the hold was made, stored with it, so a config change does not
-//!   change a bill already at the counter.
+//! - Expiry: a capture or void that finds a hold past `expires_at` is
+//!   declined `HOLD_EXPIRED` and releases it; the sweep
+//!   ([`run_sweep`], every `medical.sweep_interval_s`) releases those
+//!   nobody touches, with a record `decision: "expire"`. A due index in
+//!   the `holds` cf (0xFF, due time, hold key) finds them without a scan.
+//!   Closed holds are deleted by the same sweep once kept for
+//!   `idempotency.retention_s`, so the cf stays bounded.
+//! - The split's rules (coverage, deductible, the annual deductible) are
+//!   those in force when the hold was made, stored with it, so a config
+//!   change does not change a bill already at the counter.
 //! - Card status is checked when the hold is made, not at capture: a hold
 //!   is a promise to the counter for its lifetime.
-//! - A `POST /v1/reverse` of a capture gives its charge back (daily spend,
-//!   settlement) like any approval; the hold stays captured and the
-//!   deductible stays used. A reversal of a hold's event gives back
-//!   nothing (`not_charged`): a hold is released with a void.
+//! - `POST /v1/reverse` (for a counter that never saw an answer):
+//!   - of a capture gives its charge back (daily spend, settlement, with
+//!     the split on the reversal's line) and the deductible it used; the
+//!     hold stays captured (a new bill needs a new hold);
+//!   - of a hold releases it like a void (answered `not_charged`: a hold
+//!     charges nothing).
 
 use serde::{Deserialize, Serialize};
 
 use crate::authz::{self, Event};
 use crate::credential;
-use crate::gateway::{storage_error, Begun, Decided, Gateway};
+use crate::gateway::{journal_error, storage_error, Begun, Decided, Gateway};
 use crate::idempotency::{self, Origin};
-use crate::journal::{DecisionRecord, Op};
+use crate::journal::{Commit, DecisionRecord, JournalError, Op};
 use crate::model::{Card, CardNo, Reason, Scenario};
 use crate::scenario::medical::{self, Category, HoldState, Split};
 use crate::scenario::{self, region};
 use crate::state::{cards, Cf, StoreError};
-use crate::wire::{self, ApiError, HoldOp, MedicalAnswer};
+use crate::wire::{self, ApiError, ErrorKind, HoldOp, MedicalAnswer};
 
 /// A hold as stored in the `holds` column family (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +88,9 @@ pub struct HoldRecord {
 pub struct CategoryRules {
     pub coverage_pct: u8,
     pub deductible: bool,
+    /// `medical.annual_deductible_fen` when the hold was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annual_deductible_fen: Option<i64>,
 }
 
 impl From<&CategoryRules> for Category {
@@ -112,6 +121,78 @@ pub fn read_hold(
                 detail: e.to_string(),
             }),
     }
+}
+
+/// The first byte of the keys of the `holds` cf's due index: 0xFF, when
+/// due (ms, big-endian), the hold's key. A hold's key starts with its
+/// terminal id (printable ASCII), so the index sorts after every hold, by
+/// time. An open hold is due at its expiry (the sweep expires it); a closed
+/// one when its record may go (the sweep deletes it).
+const DUE: u8 = 0xff;
+
+/// Holds the sweep handles per step at most.
+pub const SWEEP_STEP_MAX: usize = 256;
+
+pub fn due_key(due_ms: i64, hold_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + hold_key.len());
+    k.push(DUE);
+    k.extend_from_slice(&due_ms.max(0).to_be_bytes());
+    k.extend_from_slice(hold_key);
+    k
+}
+
+fn parse_due(k: &[u8]) -> Option<(i64, &[u8])> {
+    let (&first, rest) = k.split_first()?;
+    if first != DUE || rest.len() < 8 {
+        return None;
+    }
+    let (at, key) = rest.split_at(8);
+    Some((i64::from_be_bytes(at.try_into().ok()?), key))
+}
+
+/// The writes of a hold's new state, with its due index: a new open hold
+/// is due at its expiry; a hold that closes now stops being due then and
+/// is due for deletion after `keep_ms`.
+pub(crate) fn hold_ops(
+    ops: &mut Vec<Op>,
+    key: &[u8],
+    before: Option<&HoldRecord>,
+    after: &HoldRecord,
+    now_ms: i64,
+    keep_ms: i64,
+) {
+    ops.push(Op::Put(
+        Cf::Holds,
+        key.to_vec(),
+        serde_json::to_vec(after).expect("a hold record serializes"),
+    ));
+    let was_open = before.is_some_and(|b| b.state == HoldState::Open);
+    match (before, after.state == HoldState::Open) {
+        (None, true) => ops.push(Op::Put(
+            Cf::Holds,
+            due_key(after.expires_ms, key),
+            Vec::new(),
+        )),
+        (Some(b), false) if was_open => {
+            ops.push(Op::Delete(Cf::Holds, due_key(b.expires_ms, key)));
+            ops.push(Op::Put(
+                Cf::Holds,
+                due_key(now_ms.saturating_add(keep_ms), key),
+                Vec::new(),
+            ));
+        }
+        _ => {}
+    }
+}
+
+/// The (terminal, event id) of a hold's key.
+fn split_key(key: &[u8]) -> (String, String) {
+    let at = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+    let event = key.get(at + 1..).unwrap_or_default();
+    (
+        String::from_utf8_lossy(&key[..at]).into_owned(),
+        String::from_utf8_lossy(event).into_owned(),
+    )
 }
 
 /// RFC 3339 UTC of a unix time in milliseconds.
@@ -155,12 +236,6 @@ impl Gateway {
         let started = std::time::Instant::now();
         let req = wire::parse_hold(body)?;
         let rules = &self.policy.medical;
-        let category = *rules.category(&req.category).ok_or_else(|| {
-            ApiError::invalid(format!(
-                "`category` must be one of the configured categories: {}",
-                rules.category_names()
-            ))
-        })?;
         let amount_fen = req.auth.amount_fen.expect("checked by parse_hold");
         let scanner = self.scanner.as_ref();
         if scanner.is_none() && matches!(req.auth.credential, wire::Credential::Scan(_)) {
@@ -179,6 +254,25 @@ impl Gateway {
             Begun::Replay(body) => return Ok(body),
             Begun::Decide(guard, reversed) => (guard, reversed),
         };
+        // After the idempotency step: a retry of a hold whose category has
+        // since left the config still gets its first answer.
+        let category = *rules.category(&req.category).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "`category` must be one of the configured categories: {}",
+                rules.category_names()
+            ))
+        })?;
+        // An event id reused after its answer's retention must not
+        // overwrite the hold it made (and a capture of it charge again).
+        if read_hold(&self.store, guard.key())
+            .map_err(storage_error)?
+            .is_some()
+        {
+            return Err(ApiError::new(
+                ErrorKind::IdempotencyConflict,
+                "`event_id` was used by this terminal for an earlier hold; a new hold needs a new event_id",
+            ));
+        }
         let resolved = credential::resolve(scanner, &self.store, &req.auth.credential, now_ms)?;
         let (card_no, scan, early) = match resolved {
             credential::Resolved::Card(c, scan) => (Some(c), scan, None),
@@ -290,6 +384,7 @@ impl Gateway {
                     rules: CategoryRules {
                         coverage_pct: category.coverage_pct,
                         deductible: category.deductible,
+                        annual_deductible_fen: Some(rules.annual_deductible_fen),
                     },
                     split,
                     created_ms: now_ms,
@@ -299,11 +394,14 @@ impl Gateway {
                     captured_fen: 0,
                     site: req.auth.site.clone(),
                 };
-                ops.push(Op::Put(
-                    Cf::Holds,
-                    guard.key().to_vec(),
-                    serde_json::to_vec(&hold).expect("a hold record serializes"),
-                ));
+                hold_ops(
+                    &mut ops,
+                    guard.key(),
+                    None,
+                    &hold,
+                    now_ms,
+                    self.keep_holds_ms(),
+                );
             }
             let pending = self.commit_decision(Decided {
                 key: guard.key().to_vec(),
@@ -450,11 +548,8 @@ impl Gateway {
             };
             let mut ops = Vec::with_capacity(2);
             if let Some(h) = &step.hold_after {
-                ops.push(Op::Put(
-                    Cf::Holds,
-                    hold_key.clone(),
-                    serde_json::to_vec(h).expect("a hold record serializes"),
-                ));
+                let keep = self.keep_holds_ms();
+                hold_ops(&mut ops, &hold_key, stored.as_ref(), h, now_ms, keep);
             }
             let card_after = step.card_after.filter(|after| Some(*after) != snapshot);
             if let Some(after) = card_after {
@@ -492,6 +587,225 @@ impl Gateway {
         self.answered(pending, Scenario::Medical, reason, started)
             .await?;
         Ok(answer)
+    }
+
+    /// How long a closed hold's record is kept: as long as the answers of
+    /// its steps, so a late capture under a new event id still learns the
+    /// hold is closed rather than unknown.
+    pub(crate) fn keep_holds_ms(&self) -> i64 {
+        i64::try_from(self.config.idempotency.retention_s)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000)
+    }
+
+    /// One sweep step: expires up to [`SWEEP_STEP_MAX`] open holds past
+    /// their expiry (their reservation of the daily spend goes back, and a
+    /// record `decision: "expire"` says so) and deletes closed holds kept
+    /// long enough. Returns how many due entries it handled.
+    pub async fn sweep_holds(&self, now_ms: i64) -> Result<usize, ApiError> {
+        let mut due = Vec::new();
+        self.store
+            .scan(Cf::Holds, &[DUE], |k, _| match parse_due(k) {
+                Some((at, key)) if at <= now_ms => {
+                    due.push((k.to_vec(), key.to_vec()));
+                    due.len() < SWEEP_STEP_MAX
+                }
+                _ => false,
+            })
+            .map_err(storage_error)?;
+        for (index, key) in &due {
+            self.sweep_one(index, key, now_ms).await?;
+        }
+        Ok(due.len())
+    }
+
+    async fn sweep_one(&self, index: &[u8], key: &[u8], now_ms: i64) -> Result<(), ApiError> {
+        // The hold's slot, like a capture: a step of this hold running now
+        // finishes first, and the sweep reads what it wrote.
+        let (slot, _) = self
+            .idem
+            .hold(key.to_vec(), now_ms)
+            .await
+            .map_err(storage_error)?;
+        let stored = read_hold(&self.store, key).map_err(storage_error)?;
+        let mut ops = vec![Op::Delete(Cf::Holds, index.to_vec())];
+        let pending = match stored {
+            Some(h) if h.state == HoldState::Open && now_ms < h.expires_ms => {
+                // Not due yet after all (an index entry of an older expiry).
+                ops.push(Op::Put(Cf::Holds, due_key(h.expires_ms, key), Vec::new()));
+                self.journal.submit(Commit {
+                    hold_until_written: Some(Box::new(slot)),
+                    ..Commit::new(None, ops)
+                })
+            }
+            Some(h) if h.state == HoldState::Open => {
+                let card_no = CardNo::parse(&h.card_no).map_err(|_| {
+                    storage_error(StoreError::Corrupt {
+                        cf: "holds",
+                        detail: "a hold's card number is not valid".into(),
+                    })
+                })?;
+                let _card_lock = self.cards.lock(&card_no);
+                let snapshot = self.cards.get(&card_no);
+                let after = HoldRecord {
+                    state: HoldState::Expired,
+                    ..h.clone()
+                };
+                ops.remove(0);
+                hold_ops(
+                    &mut ops,
+                    key,
+                    Some(&h),
+                    &after,
+                    now_ms,
+                    self.keep_holds_ms(),
+                );
+                let card_after = snapshot
+                    .map(|c| give_back(c, h.day, h.amount_fen))
+                    .filter(|after| Some(*after) != snapshot);
+                if let Some(c) = card_after {
+                    ops.push(Op::Put(
+                        Cf::Cards,
+                        card_no.as_str().as_bytes().to_vec(),
+                        cards::encode(&c),
+                    ));
+                }
+                let (terminal, event_id) = split_key(key);
+                let record = DecisionRecord {
+                    at_ms: now_ms,
+                    terminal,
+                    event_id,
+                    auth_id: self.auth_ids.next(),
+                    kind: crate::model::EventKind::Tap,
+                    card_no: h.card_no.clone(),
+                    scenario: Some(Scenario::Medical),
+                    amount_fen: Some(h.amount_fen),
+                    decision: "expire".to_owned(),
+                    reason: Reason::HoldExpired,
+                    charged_fen: 0,
+                    site: h.site.clone(),
+                    occurred_at: None,
+                    reverses: None,
+                    scan: None,
+                    offline: false,
+                    fare: None,
+                    bill_ref: None,
+                    credit: None,
+                    split: None,
+                };
+                let record =
+                    serde_json::to_vec(&record).expect("a decision record always serializes");
+                let pending = self.journal.submit(Commit {
+                    record: Some(record),
+                    ops,
+                    hold_until_written: Some(Box::new(slot)),
+                    card: Some(h.card_no.as_str().into()),
+                    also: Vec::new(),
+                });
+                if let (Ok(_), Some(c)) = (&pending, card_after) {
+                    self.cards.set(card_no.clone(), c);
+                }
+                metrics::counter!("onecard_holds_expired_total").increment(1);
+                pending
+            }
+            // Closed and kept long enough, or gone: the record and its
+            // index entry go.
+            _ => {
+                ops.push(Op::Delete(Cf::Holds, key.to_vec()));
+                self.journal.submit(Commit {
+                    hold_until_written: Some(Box::new(slot)),
+                    ..Commit::new(None, ops)
+                })
+            }
+        };
+        pending
+            .map_err(journal_error)?
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+            .map_err(journal_error)?;
+        Ok(())
+    }
+
+    /// What a reversal of a medical event changes on its card (`card`, under
+    /// its lock) besides the daily spend, and the writes that go with it:
+    ///
+    /// - the reversal of an open hold releases it, like a void (a counter
+    ///   that never saw the hold's answer cancels it so);
+    /// - the reversal of a capture gives back the deductible its split used
+    ///   (the split is in the capture's stored answer) and returns the
+    ///   split, for the reversal's settlement line.
+    pub(crate) fn on_reverse(
+        &self,
+        event_key: &[u8],
+        origin: &Origin<'_>,
+        answer: &[u8],
+        card: Card,
+        event_at_ms: i64,
+        now_ms: i64,
+        ops: &mut Vec<Op>,
+    ) -> Result<(Card, Option<Split>), ApiError> {
+        if origin.scenario != Scenario::Medical || !origin.approved {
+            return Ok((card, None));
+        }
+        if origin.charged_fen == 0 {
+            let Some(h) = read_hold(&self.store, event_key).map_err(storage_error)? else {
+                return Ok((card, None));
+            };
+            if h.state != HoldState::Open {
+                return Ok((card, None));
+            }
+            let after = HoldRecord {
+                state: HoldState::Voided,
+                ..h.clone()
+            };
+            hold_ops(
+                ops,
+                event_key,
+                Some(&h),
+                &after,
+                now_ms,
+                self.keep_holds_ms(),
+            );
+            return Ok((give_back(card, h.day, h.amount_fen), None));
+        }
+        #[derive(Deserialize)]
+        struct Answered {
+            split: Option<Split>,
+        }
+        let split = serde_json::from_slice::<Answered>(answer)
+            .ok()
+            .and_then(|a| a.split);
+        let year =
+            medical::local_year(event_at_ms.div_euclid(1000), self.policy.day_offset_minutes);
+        let card = match &split {
+            Some(s) => medical::unbook_deductible(card, year, s),
+            None => card,
+        };
+        Ok((card, split))
+    }
+}
+
+/// Runs sweep steps every `interval` until `stop` fires.
+pub async fn run_sweep(
+    gateway: std::sync::Arc<Gateway>,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        loop {
+            match gateway.sweep_holds(crate::clock::now_ms()).await {
+                Ok(n) if n == SWEEP_STEP_MAX => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hold sweep step failed; will retry");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 
@@ -564,14 +878,27 @@ pub fn decide_step(
         },
         HoldOp::Capture => {
             let asked = amount_fen.unwrap_or(0);
-            let (charge, back) = match medical::capture(h.amount_fen, asked) {
+            let (charge, _) = match medical::capture(h.amount_fen, asked) {
                 Ok(c) => c,
                 Err(r) => return Step::decline(r),
             };
-            let year = medical::local_year(now_ms.div_euclid(1000), policy.day_offset_minutes);
-            let left = policy.medical.deductible_left(&card, year);
+            let now_s = now_ms.div_euclid(1000);
+            let year = medical::local_year(now_s, policy.day_offset_minutes);
+            let annual = h
+                .rules
+                .annual_deductible_fen
+                .unwrap_or(policy.medical.annual_deductible_fen);
+            let left = medical::deductible_left(annual, &card, year);
             let split = medical::split(&Category::from(&h.rules), charge, left);
-            let after = medical::book_deductible(give_back(card, h.day, back), year, &split);
+            // The reservation leaves the hold's day; the charge counts on
+            // the day it is booked, where a reversal of it gives it back.
+            let mut after = give_back(card, h.day, h.amount_fen);
+            if charge > 0 {
+                let today = policy.local_day(now_s);
+                after.spent_fen = after.spent_on(today).saturating_add(charge);
+                after.spent_day = today;
+            }
+            let after = medical::book_deductible(after, year, &split);
             Step {
                 reason: Reason::Ok,
                 amount_fen: charge,
@@ -593,7 +920,8 @@ mod tests {
     use super::*;
     use crate::model::{CardStatus, Function};
 
-    const DAY: i32 = 20_000;
+    /// The local day (UTC+8) of `NOW_MS`.
+    const DAY: i32 = 20_785;
     const NOW_MS: i64 = 1_795_851_912_000; // 2026-11-28T07:45:12Z
 
     fn policy() -> authz::Policy {
@@ -614,6 +942,7 @@ mod tests {
             rules: CategoryRules {
                 coverage_pct: 70,
                 deductible: true,
+                annual_deductible_fen: None,
             },
             split: Split::default(),
             created_ms: NOW_MS - 1_000,
@@ -637,6 +966,10 @@ mod tests {
     fn every_step() {
         let p = policy();
         let open = hold(HoldState::Open);
+        let yesterday = HoldRecord {
+            day: DAY - 1,
+            ..hold(HoldState::Open)
+        };
         let expired = HoldRecord {
             expires_ms: NOW_MS,
             ..open.clone()
@@ -678,13 +1011,22 @@ mod tests {
                 (Reason::Ok, 6_000, 6_000, 11_000, Some(HoldState::Captured)),
             ),
             (
-                "…to the hold's day only",
+                "a hold of yesterday: the charge counts today",
                 HoldOp::Capture,
-                &open,
-                DAY + 1,
+                &yesterday,
+                DAY,
                 Some(6_000),
                 false,
-                (Reason::Ok, 6_000, 6_000, 15_000, Some(HoldState::Captured)),
+                (Reason::Ok, 6_000, 6_000, 21_000, Some(HoldState::Captured)),
+            ),
+            (
+                "…and its void gives nothing back to today",
+                HoldOp::Void,
+                &yesterday,
+                DAY,
+                None,
+                false,
+                (Reason::Ok, 10_000, 0, 15_000, Some(HoldState::Voided)),
             ),
             (
                 "more than held",
@@ -813,6 +1155,61 @@ mod tests {
             NOW_MS,
         );
         assert_eq!(s.split.unwrap().insurance_fen, 700);
+        // The deductible is the one in force when the hold was made.
+        let mut h = hold(HoldState::Open);
+        h.rules.annual_deductible_fen = Some(0);
+        let s = decide_step(
+            &p,
+            HoldOp::Capture,
+            &h,
+            card(DAY),
+            Some(1_000),
+            false,
+            NOW_MS,
+        );
+        assert_eq!(s.split.unwrap().deductible_fen, 0);
+    }
+
+    #[test]
+    fn the_due_index_follows_a_hold() {
+        let key = hold_key("term-0001", "h-1");
+        let k = due_key(NOW_MS, &key);
+        assert_eq!(parse_due(&k), Some((NOW_MS, key.as_slice())));
+        // After every hold's own key, ordered by time.
+        assert!(k > key && due_key(NOW_MS + 1, b"a") > k);
+        assert_eq!(parse_due(&key), None);
+        assert_eq!(split_key(&key), ("term-0001".into(), "h-1".into()));
+
+        let due_ops = |ops: &[Op]| -> Vec<(bool, Option<i64>)> {
+            ops.iter()
+                .filter_map(|op| match op {
+                    Op::Put(Cf::Holds, k, _) => Some((true, parse_due(k).map(|d| d.0))),
+                    Op::Delete(Cf::Holds, k) => Some((false, parse_due(k).map(|d| d.0))),
+                    _ => None,
+                })
+                .collect()
+        };
+        let open = hold(HoldState::Open);
+        let captured = hold(HoldState::Captured);
+        let (keep, now) = (5_000, NOW_MS + 100);
+        let mut ops = Vec::new();
+        hold_ops(&mut ops, &key, None, &open, now, keep);
+        // The hold, and its expiry.
+        assert_eq!(due_ops(&ops), [(true, None), (true, Some(open.expires_ms))]);
+        let mut ops = Vec::new();
+        hold_ops(&mut ops, &key, Some(&open), &captured, now, keep);
+        // Closed: no longer due at its expiry, due for deletion later.
+        assert_eq!(
+            due_ops(&ops),
+            [
+                (true, None),
+                (false, Some(open.expires_ms)),
+                (true, Some(now + keep))
+            ]
+        );
+        let mut ops = Vec::new();
+        hold_ops(&mut ops, &key, Some(&captured), &captured, now, keep);
+        assert_eq!(due_ops(&ops), [(true, None)]);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct RecordView {
     pub reverses: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub offline: bool,
+    /// A medical capture's (or its reversal's) split between insurance
+    /// and self-pay: what the resident asks the hotline about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::scenario::medical::Split>,
 }
 
 #[derive(Debug, Serialize)]
@@ -196,6 +200,7 @@ impl Gateway {
                     occurred_at: r.occurred_at,
                     reverses: r.reverses,
                     offline: r.offline,
+                    split: r.split,
                 },
             });
         }

@@ -223,6 +223,11 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         Duration::from_secs(config.idempotency.cleanup_interval_s),
         stop_rx.clone(),
     )));
+    tasks.push(tokio::spawn(crate::holds::run_sweep(
+        gateway.clone(),
+        Duration::from_secs(config.medical.sweep_interval_s),
+        stop_rx.clone(),
+    )));
     let upkeep = prometheus.clone();
     let mut stop_upkeep = stop_rx.clone();
     tasks.push(tokio::spawn(async move {

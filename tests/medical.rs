@@ -413,14 +413,31 @@ async fn reversals_and_the_hotline_see_holds_and_captures() {
         (Some("reversed"), Some(4_000))
     );
     assert_eq!(spent(&gw, CARD).await, 0);
-    // A reversal of a hold gives back nothing: a hold is released by a void.
+    // A reversal of a hold (its counter never saw the answer) charged
+    // nothing, and releases it like a void: no later capture of it.
     step(&mut t, "hold", &hold("h-2", CARD, 1_000, "pharmacy")).await;
+    assert_eq!(spent(&gw, CARD).await, 1_000);
     let r = t.reverse(&json!({"event_id": "h-2"})).await.unwrap();
     assert_eq!(r.json()["status"], "not_charged");
-    assert_eq!(spent(&gw, CARD).await, 1_000);
-    let v = step(&mut t, "void", &void("v-1", "h-2")).await;
-    assert_eq!(decision(&v).1, "OK");
     assert_eq!(spent(&gw, CARD).await, 0);
+    let c = step(&mut t, "capture", &capture("c-2", "h-2", 1_000)).await;
+    assert_eq!(decision(&c), ("decline".into(), "HOLD_CLOSED".into()));
+    let v = step(&mut t, "void", &void("v-1", "h-2")).await;
+    assert_eq!(decision(&v), ("decline".into(), "HOLD_CLOSED".into()));
+    assert_eq!(spent(&gw, CARD).await, 0);
+
+    // A reversed capture of a category with the deductible gives the
+    // deductible back too: the next bill pays it, not insurance.
+    step(&mut t, "hold", &hold("h-3", CARD, 2_000, "outpatient")).await;
+    let c = step(&mut t, "capture", &capture("c-3", "h-3", 2_000)).await;
+    assert_eq!(split(&c), (0, 2_000, 2_000));
+    assert_eq!(deductible_used(&gw, CARD).await, 2_000);
+    let r = t.reverse(&json!({"event_id": "c-3"})).await.unwrap();
+    assert_eq!(r.json()["status"], "reversed");
+    assert_eq!(deductible_used(&gw, CARD).await, 0);
+    step(&mut t, "hold", &hold("h-4", CARD, 2_000, "outpatient")).await;
+    let c = step(&mut t, "capture", &capture("c-4", "h-4", 2_000)).await;
+    assert_eq!(split(&c), (0, 2_000, 2_000));
 
     // The hotline lists the card's records, holds and voids among them.
     let look = gw
@@ -436,8 +453,92 @@ async fn reversals_and_the_hotline_see_holds_and_captures() {
         .iter()
         .map(|t| t["decision"].as_str().unwrap())
         .collect();
-    for d in ["hold", "approve", "reverse", "void"] {
+    for d in ["hold", "approve", "reverse"] {
         assert!(decisions.contains(&d), "{d} in {decisions:?}");
     }
+    // The capture's reversal carries its split, for the medical sink.
+    let reversal = look["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["decision"] == "reverse" && t["event_id"] == "c-3")
+        .expect("the reversal of c-3 is listed");
+    assert_eq!(reversal["split"]["deductible_fen"], 2_000, "{reversal}");
+    gw.shutdown().await;
+}
+
+async fn deductible_used(gw: &TestGateway, card: &str) -> i64 {
+    gw.admin_ok(Method::GET, &format!("/admin/v1/cards/{card}"), None)
+        .await["medical"]["deductible_used_fen"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+/// Polls `f` until it returns `Some`, for at most 30 s: the sweep runs on
+/// its own schedule.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_releases_holds_nobody_touches_and_forgets_closed_ones() {
+    let gw = TestGateway::start(|c| {
+        medical(c, 1);
+        c.medical.sweep_interval_s = 1;
+        c.idempotency.retention_s = 1;
+    })
+    .await;
+    cards(&gw).await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    let h = step(&mut t, "hold", &hold("h-1", CARD, 5_000, "outpatient")).await;
+    assert_eq!(decision(&h).1, "OK");
+    // Released by the sweep, with nobody touching the hold.
+    eventually("the reservation goes back", || async {
+        (spent(&gw, CARD).await == 0).then_some(())
+    })
+    .await;
+    let look = gw
+        .admin_ok(
+            Method::GET,
+            &format!("/admin/v1/cards/{CARD}/transactions?limit=50"),
+            None,
+        )
+        .await;
+    let expired = look["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["decision"] == "expire")
+        .cloned()
+        .expect("an expire record");
+    assert_eq!(
+        (expired["event_id"].as_str(), expired["reason"].as_str()),
+        (Some("h-1"), Some("HOLD_EXPIRED")),
+        "{expired}"
+    );
+    // Kept for idempotency.retention_s, then deleted: the holds stay
+    // bounded, and a capture after that finds nothing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        let c = step(&mut t, "capture", &capture(&format!("c-{n}"), "h-1", 5_000)).await;
+        match decision(&c).1.as_str() {
+            "HOLD_NOT_FOUND" => break,
+            "HOLD_EXPIRED" => {}
+            other => panic!("unexpected {other}"),
+        }
+        assert!(Instant::now() < deadline, "the closed hold was not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(spent(&gw, CARD).await, 0);
     gw.shutdown().await;
 }

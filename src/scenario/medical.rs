@@ -22,6 +22,8 @@ use crate::model::{Card, Reason};
 pub const HOLD_TTL_S_DEFAULT: u64 = 1_800;
 /// `medical.hold_ttl_s` at most: a week.
 pub const HOLD_TTL_S_MAX: u64 = 7 * 86_400;
+/// `medical.sweep_interval_s` by default.
+pub const SWEEP_INTERVAL_S_DEFAULT: u64 = 60;
 /// Categories at most.
 pub const CATEGORIES_MAX: usize = 256;
 
@@ -45,6 +47,9 @@ pub struct CategoryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MedicalConfig {
     pub hold_ttl_s: u64,
+    /// How often open holds past their expiry are released, and closed
+    /// ones past their keeping deleted.
+    pub sweep_interval_s: u64,
     /// Per card and local calendar year: what the card holder pays alone
     /// before insurance shares the bill (of categories with `deductible`).
     pub annual_deductible_fen: i64,
@@ -55,6 +60,7 @@ impl Default for MedicalConfig {
     fn default() -> Self {
         MedicalConfig {
             hold_ttl_s: HOLD_TTL_S_DEFAULT,
+            sweep_interval_s: SWEEP_INTERVAL_S_DEFAULT,
             annual_deductible_fen: 0,
             categories: BTreeMap::new(),
         }
@@ -95,6 +101,9 @@ impl Rules {
             return Err(format!(
                 "medical.hold_ttl_s must be 1 to {HOLD_TTL_S_MAX} seconds"
             ));
+        }
+        if !(1..=3_600).contains(&c.sweep_interval_s) {
+            return Err("medical.sweep_interval_s must be 1 to 3600 seconds".into());
         }
         if c.annual_deductible_fen < 0 {
             return Err("medical.annual_deductible_fen must not be negative".into());
@@ -153,13 +162,21 @@ impl Rules {
 
     /// What is left of the card's annual deductible in `year`.
     pub fn deductible_left(&self, card: &Card, year: i32) -> i64 {
-        let used = if card.medical_year == year {
-            card.deductible_used_fen
-        } else {
-            0
-        };
-        (self.annual_deductible_fen - used).max(0)
+        deductible_left(self.annual_deductible_fen, card, year)
     }
+}
+
+/// What is left of an annual deductible of `annual_fen` in `year`. A year
+/// before the one the card counts (a step decided just after another
+/// crossed new year's midnight) has nothing left: its total is gone, and
+/// guessing would let insurance pay a deductible twice.
+pub fn deductible_left(annual_fen: i64, card: &Card, year: i32) -> i64 {
+    let used = match year.cmp(&card.medical_year) {
+        std::cmp::Ordering::Equal => card.deductible_used_fen,
+        std::cmp::Ordering::Greater => 0,
+        std::cmp::Ordering::Less => return 0,
+    };
+    (annual_fen - used).max(0)
 }
 
 /// A bill split between insurance and self-pay. `deductible_fen` is the
@@ -197,16 +214,29 @@ pub fn local_year(now_unix: i64, day_offset_minutes: i32) -> i32 {
 }
 
 /// The card after a capture's split is booked: the deductible it used
-/// counts for `year` (a new year starts from nothing).
+/// counts for `year` (a new year starts from nothing). The counter never
+/// goes back to an earlier year.
 pub fn book_deductible(card: Card, year: i32, s: &Split) -> Card {
-    let used = if card.medical_year == year {
-        card.deductible_used_fen
-    } else {
-        0
+    let used = match year.cmp(&card.medical_year) {
+        std::cmp::Ordering::Equal => card.deductible_used_fen,
+        std::cmp::Ordering::Greater => 0,
+        std::cmp::Ordering::Less => return card,
     };
     Card {
         medical_year: year,
         deductible_used_fen: used.saturating_add(s.deductible_fen),
+        ..card
+    }
+}
+
+/// The card after a capture of `year` is reversed: the deductible its
+/// split used is given back, if the card still counts that year.
+pub fn unbook_deductible(card: Card, year: i32, s: &Split) -> Card {
+    if card.medical_year != year {
+        return card;
+    }
+    Card {
+        deductible_used_fen: (card.deductible_used_fen - s.deductible_fen).max(0),
         ..card
     }
 }
@@ -380,6 +410,24 @@ mod tests {
         assert_eq!(r.deductible_left(&card, 2027), 80_000);
         let card = book_deductible(card, 2027, &Split::default());
         assert_eq!((card.medical_year, card.deductible_used_fen), (2027, 0));
+        // A step of the old year decided after one of the new year: it has
+        // no deductible left and does not take the counter back.
+        assert_eq!(r.deductible_left(&card, 2026), 0);
+        let late = split(r.category("outpatient").unwrap(), 10_000, 0);
+        assert_eq!(book_deductible(card, 2026, &late), card);
+    }
+
+    #[test]
+    fn a_reversed_capture_gives_its_deductible_back_in_its_year() {
+        let r = rules();
+        let s = split(r.category("outpatient").unwrap(), 50_000, 80_000);
+        let card = book_deductible(Card::new(CardStatus::Active, &[], &[]), 2026, &s);
+        let back = unbook_deductible(card, 2026, &s);
+        assert_eq!(r.deductible_left(&back, 2026), 80_000);
+        // Never below nothing; another year's counter is not touched.
+        let twice = unbook_deductible(back, 2026, &s);
+        assert_eq!(twice.deductible_used_fen, 0);
+        assert_eq!(unbook_deductible(card, 2025, &s), card);
     }
 
     #[test]
