@@ -425,7 +425,8 @@ impl Admin {
             }
             RouteId::ProjectUnpaid => {
                 let month = disburse::month_query(req.uri().query())?;
-                Ok(ok_json(&disburse::unpaid(&self.gateway, param, &month)?))
+                let (gw, project) = (self.gateway.clone(), param.to_owned());
+                Ok(ok_json(&disburse::unpaid(gw, project, month).await?))
             }
             RouteId::Authorize
             | RouteId::Reverse

@@ -916,15 +916,18 @@ impl Config {
                 ));
             }
         }
-        // A credit is paid by the payment sink: without one, accepted
-        // records would be journaled and never reach anyone's account.
+        // A credit is paid by the payment sink: without one for home
+        // cards, accepted records would be journaled and never reach
+        // anyone's account. A sink naming `partners` settles only those
+        // regions' cards, so it does not count.
         let paid = self.settlement.sinks.iter().any(|s| {
-            s.scenario_list()
-                .is_ok_and(|l| l.contains(&Scenario::Payment))
+            s.partners.is_empty()
+                && s.scenario_list()
+                    .is_ok_and(|l| l.contains(&Scenario::Payment))
         });
         if !d.programmes.is_empty() && !paid {
             return bad(
-                "disbursement.programmes need a settlement sink whose scenarios include payment: it pays the credits"
+                "disbursement.programmes need a settlement sink for home cards (no `partners`) whose scenarios include payment: it pays the credits"
                     .to_owned(),
             );
         }
@@ -1106,6 +1109,23 @@ mod tests {
         for text in refused {
             assert!(Config::parse(&text).is_err(), "{text}");
         }
+        // A payment sink that settles only a partner's cards pays no home
+        // card's credit: it does not satisfy the programmes.
+        let sichuan = "[regions]\nhome = [\"50\"]\n[[regions.partners]]\nname = \"sichuan\"\nprefixes = [\"51\"]\nscenarios = [\"payment\"]\n";
+        let partner_sink = sink.replace(
+            "name = \"payment\"",
+            "name = \"payment\"\npartners = [\"sichuan\"]",
+        );
+        assert!(Config::parse(&format!("{sichuan}{partner_sink}")).is_ok());
+        let e = Config::parse(&format!("{sichuan}{partner_sink}{grant}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("settlement sink for home cards"), "{e}");
+        Config::parse(&format!(
+            "{sichuan}{partner_sink}{}{grant}",
+            sink.replace("\"payment\"\nurl", "\"home\"\nurl")
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -10,20 +10,33 @@
 //!
 //! - **Pure core** ([`parse`], [`check`], [`assess`]): parsing and the
 //!   rules, table-tested, no I/O; card and holder look-ups are handed in.
+//!   A record is accepted only if a configured settlement sink takes its
+//!   credit (asked with the sink's own `takes`), so nothing is journaled
+//!   that no one would pay: a partner region's card needs a payment sink
+//!   naming the partner, a card of no agreement is refused.
+//! - **Once per card**: within a batch, a second record paying the same
+//!   card for the same programme (wages: the same project and month) is
+//!   refused `DUPLICATE_CARD`; a wage whose project and month already
+//!   paid the worker's card chain in an earlier batch `ALREADY_PAID` (the
+//!   batch slot serializes uploads, so the wage index read is current).
 //! - **One batch, one journal commit**: every credit, the wage index
 //!   entries, the stored report with the body's fingerprint and the audit
 //!   entry are written in one synced batch. A crash mid-batch leaves
 //!   nothing, so uploading the batch again after it pays each record once;
 //!   once stored, the same batch id with the same body answers the stored
 //!   report byte for byte (and writes nothing), with another body `409`.
+//!   A store that cannot be read aborts the upload (`503`) and stores
+//!   nothing; a body without one well-formed record is refused (`400`).
+//!   A credit's event id is `<batch_id>:<record_id>`, unambiguous (a batch
+//!   id has no `:`) and within the 64 characters of an event id.
 //!   One batch is processed at a time, so two uploads of one id cannot both
 //!   find it new. A commit of `records_max` credits (a few MB) holds the
 //!   journal writer for a few milliseconds: taps wait that long, once.
 //! - **Wages**: a wages programme's credits are indexed by project, month
 //!   and card (`w/…` in the `disburse` column family, in the same commit),
 //!   so `GET /admin/v1/projects/{project}/unpaid?month=` lists the workers
-//!   of a project's roster who were credited nothing that month: withheld
-//!   or diverted wages show up.
+//!   of a project's roster who were credited nothing that month (on any
+//!   card of their replacement chain): withheld or diverted wages show up.
 //!
 //! Card status is read from memory without the card's lock: a card
 //! reported lost in the same millisecond may still be credited, which pays
@@ -33,7 +46,8 @@
 //! cards are masked), parse on the workers that serve terminals (it runs
 //! on the blocking pool), or take a body or batch without a bound.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,7 +62,9 @@ use crate::cardlife::Actor;
 use crate::gateway::{journal_error, Gateway};
 use crate::journal::{Commit, CreditRef, DecisionRecord, Op};
 use crate::model::{Card, CardNo, CardStatus, EventKind, Function, Reason, Scenario};
-use crate::state::{profiles, Cf, StoreError};
+use crate::scenario::region::{self, Origin};
+use crate::settle::batch::{Cards, Rules as SinkRules};
+use crate::state::{profiles, Cf, Store, StoreError};
 use crate::wire::{self, ApiError, ErrorKind};
 
 /// One upload's body at most: 10,000 records of about 150 bytes fit many
@@ -56,11 +72,17 @@ use crate::wire::{self, ApiError, ErrorKind};
 pub const BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// One line at most.
 pub const LINE_BYTES_MAX: usize = 1024;
-/// `batch_id`: 1 to this many of `A-Za-z0-9._:-`. Short, because the
-/// credits' event ids are `<batch_id>:<record_id>` (at most 97 characters).
-pub const BATCH_ID_LEN_MAX: usize = 32;
-/// `record_id`: 1 to this many of `A-Za-z0-9._:-`.
-pub const RECORD_ID_LEN_MAX: usize = 64;
+/// `batch_id`: 1 to this many of `A-Za-z0-9._-`. No `:`: a credit's event
+/// id is `<batch_id>:<record_id>`, and only a batch id without one makes
+/// its first `:` the boundary (`a:b` + `c` and `a` + `b:c` would meet).
+pub const BATCH_ID_LEN_MAX: usize = 24;
+/// `record_id`: 1 to this many of `A-Za-z0-9._:-`. With the batch id and
+/// the `:` between them a credit's event id keeps within an event id's 64
+/// characters (`wire::EVENT_ID_LEN_MAX`, API.md); record ids get the larger
+/// share because they come from payroll exports (a UUID is 36), batch ids
+/// are the operator's own choice.
+pub const RECORD_ID_LEN_MAX: usize = 39;
+const _: () = assert!(BATCH_ID_LEN_MAX + 1 + RECORD_ID_LEN_MAX <= wire::EVENT_ID_LEN_MAX);
 /// `project`: 1 to this many of `A-Za-z0-9._:-`.
 pub const PROJECT_LEN_MAX: usize = 64;
 /// The terminal of every credit's journal record. `@` is outside the
@@ -71,8 +93,9 @@ pub const TERMINAL: &str = "@disburse";
 pub const ROSTER_WORKERS_MAX: usize = 10_000;
 /// A roster body at most (10,000 card numbers of up to 32 characters).
 pub const ROSTER_BODY_BYTES_MAX: usize = 512 * 1024;
-/// How far a roster card's replacements are followed when looking for its
-/// wages (a card is rarely replaced more than a couple of times).
+/// How far a card's replacement chain is followed each way (`replaces`
+/// and `replaced_by`) when looking for its wages: a card is rarely
+/// replaced more than a couple of times.
 const REPLACEMENTS_FOLLOWED_MAX: usize = 8;
 
 /// The columns of a CSV batch (and fields of an NDJSON line).
@@ -125,6 +148,17 @@ pub fn valid_id(s: &str, max: usize) -> bool {
         && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A batch id: 1 to [`BATCH_ID_LEN_MAX`] of `A-Za-z0-9._-`.
+pub fn valid_batch_id(s: &str) -> bool {
+    valid_id(s, BATCH_ID_LEN_MAX) && !s.contains(':')
+}
+
+/// A credit's event id: unambiguous because a batch id has no `:`.
+pub fn credit_event_id(batch_id: &str, record_id: &str) -> String {
+    assert!(valid_batch_id(batch_id) && valid_id(record_id, RECORD_ID_LEN_MAX));
+    format!("{batch_id}:{record_id}")
 }
 
 /// `YYYY-MM`, month 01 to 12.
@@ -228,10 +262,21 @@ fn too_many(records_max: usize) -> ApiError {
 
 /// Parses a whole body into records and bad lines, in body order. Errors of
 /// the whole body (no CSV header, an unknown or repeated column, more than
-/// `records_max` records) refuse the batch.
+/// `records_max` records, not one well-formed record) refuse the batch.
 pub fn parse(format: Format, body: &[u8], records_max: usize) -> Result<Vec<Parsed>, ApiError> {
     let mut out = Vec::new();
-    let mut lines = lines(body);
+    let mut lines = lines(body).peekable();
+    // A JSON array (pretty-printed, its last element alone on a line)
+    // could pass for a line or two of records: refused whole.
+    let array = lines
+        .peek()
+        .is_some_and(|(_, l)| l.trim_ascii_start().starts_with(b"["));
+    if format == Format::Ndjson && array {
+        return Err(ApiError::invalid(
+            "an NDJSON batch is one JSON object per line, and this body is a JSON array; \
+             send its elements one per line",
+        ));
+    }
     let header = match format {
         Format::Ndjson => None,
         Format::Csv => {
@@ -261,6 +306,19 @@ pub fn parse(format: Format, body: &[u8], records_max: usize) -> Result<Vec<Pars
                     message,
                 }),
         );
+    }
+    // A body without one well-formed record (empty, a JSON array, the
+    // wrong file) is refused whole: a stored report of nothing but bad
+    // lines would only use up the batch id.
+    if !out.iter().any(Result::is_ok) {
+        return Err(match out.iter().find_map(|p| p.as_ref().err()) {
+            None => ApiError::invalid("the batch holds no records; nothing was recorded"),
+            Some(bad) => ApiError::invalid(format!(
+                "no line of the batch is a well-formed record, so nothing was recorded \
+                 (line {}: {})",
+                bad.line, bad.message
+            )),
+        });
     }
     Ok(out)
 }
@@ -379,6 +437,12 @@ fn ndjson_fields(line: &[u8]) -> Result<Fields, LineError> {
         .and_then(Value::as_str)
         .filter(|v| valid_id(v, RECORD_ID_LEN_MAX))
         .map(str::to_owned);
+    if let Some(c) = repeated_column(line) {
+        // With `record_id` itself repeated, which one names the line is
+        // anyone's guess: none does.
+        let id = if c == "record_id" { None } else { id };
+        return Err((id, format!("`{c}` is given twice in the line")));
+    }
     wire::reject_unknown(&m, COLUMNS).map_err(|e| (id.clone(), e.message))?;
     let mut fields = Fields::new();
     for (k, v) in m {
@@ -400,6 +464,46 @@ fn ndjson_fields(line: &[u8]) -> Result<Fields, LineError> {
         fields.insert(c, v);
     }
     Ok(fields)
+}
+
+/// The first field of [`COLUMNS`] a JSON line names twice. `serde_json`
+/// keeps the last of repeated keys without a word, so a line such as
+/// `{"amount_fen": 100, …, "amount_fen": 900000}` would pay what a reader
+/// of its start does not see. A second pass over the line (at most
+/// [`LINE_BYTES_MAX`] bytes), keys only; unknown names are left to
+/// `reject_unknown`.
+fn repeated_column(line: &[u8]) -> Option<&'static str> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct Repeated(Option<&'static str>);
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Repeated;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Repeated, A::Error> {
+            let mut seen = [false; COLUMNS.len()];
+            let mut first = None;
+            while let Some(k) = m.next_key::<String>()? {
+                m.next_value::<IgnoredAny>()?;
+                if let Some(i) = COLUMNS.iter().position(|c| *c == k) {
+                    if std::mem::replace(&mut seen[i], true) {
+                        first = first.or(Some(COLUMNS[i]));
+                    }
+                }
+            }
+            Ok(Repeated(first))
+        }
+    }
+    impl<'de> Deserialize<'de> for Repeated {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(Keys)
+        }
+    }
+    serde_json::from_slice::<Repeated>(line)
+        .ok()
+        .and_then(|r| r.0)
 }
 
 /// Builds a record from its fields: every rule of form, none of the card's
@@ -489,11 +593,36 @@ fn record(line: u64, mut f: Fields) -> Result<Record, LineError> {
 // The rules
 // ---------------------------------------------------------------------------
 
-/// Why a record is refused. Each has a stable code.
+/// Why a card's issuing region refuses a credit (`REGION_NOT_ACCEPTED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionRefusal {
+    /// Neither home nor a partner: no agreement covers the card.
+    NoAgreement,
+    /// A partner whose agreement does not cover payments.
+    NotCovered,
+    /// No configured settlement sink would take the credit, so it would
+    /// sit in the journal unpaid (a partner's card without a payment sink
+    /// naming the partner).
+    NoSink,
+}
+
+/// Why a record is refused. Each has a stable code (all in [`CODES`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     BadLine(String),
     DuplicateRecord,
+    /// An earlier accepted record of this batch (its `record_id`) pays the
+    /// same card for the same thing (see [`Payee`]).
+    DuplicateCard {
+        earlier: String,
+        wages: bool,
+    },
+    /// A wage of the record's project and month was credited to the
+    /// worker's card, or to a card of its replacement chain, by an
+    /// earlier batch: that credit's event id.
+    AlreadyPaid {
+        event_id: String,
+    },
     UnknownProgramme,
     ProjectRequired,
     MonthRequired,
@@ -503,29 +632,75 @@ pub enum Refusal {
     CardNotFound,
     /// No card is registered to the ID hash.
     HolderNotFound,
+    Region(RegionRefusal),
+    /// On the deny list of the card's (partner) issuing region.
+    PartnerDenylisted,
     Card(Reason),
 }
+
+/// Every code a record's outcome may carry (documented in
+/// `docs/openapi.json` as `DisbursementCode`).
+pub const CODES: &[&str] = &[
+    "BAD_LINE",
+    "DUPLICATE_RECORD",
+    "DUPLICATE_CARD",
+    "ALREADY_PAID",
+    "UNKNOWN_PROGRAMME",
+    "PROJECT_REQUIRED",
+    "MONTH_REQUIRED",
+    "LIMIT_EXCEEDED",
+    "CARD_NOT_FOUND",
+    "CARD_LOST",
+    "CARD_FROZEN",
+    "CARD_CANCELLED",
+    "DENYLISTED",
+    "FUNCTION_NOT_ENABLED",
+    "REGION_NOT_ACCEPTED",
+];
 
 impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::BadLine(_) => "BAD_LINE",
             Refusal::DuplicateRecord => "DUPLICATE_RECORD",
+            Refusal::DuplicateCard { .. } => "DUPLICATE_CARD",
+            Refusal::AlreadyPaid { .. } => "ALREADY_PAID",
             Refusal::UnknownProgramme => "UNKNOWN_PROGRAMME",
             Refusal::ProjectRequired => "PROJECT_REQUIRED",
             Refusal::MonthRequired => "MONTH_REQUIRED",
             Refusal::LimitExceeded { .. } => Reason::LimitExceeded.code(),
             Refusal::CardNotFound | Refusal::HolderNotFound => Reason::CardNotFound.code(),
+            Refusal::Region(_) => Reason::RegionNotAccepted.code(),
+            Refusal::PartnerDenylisted => Reason::Denylisted.code(),
             Refusal::Card(r) => r.code(),
         }
     }
 
+    /// Names rules and the batch's own ids, never a card number or hash.
     pub fn message(&self) -> String {
         match self {
             Refusal::BadLine(m) => m.clone(),
             Refusal::DuplicateRecord => {
                 "the record_id was used by an earlier line of this batch".into()
             }
+            Refusal::DuplicateCard {
+                earlier,
+                wages: true,
+            } => format!(
+                "record `{earlier}` of this batch already pays this card a wage of the same \
+                 project and month"
+            ),
+            Refusal::DuplicateCard {
+                earlier,
+                wages: false,
+            } => format!(
+                "record `{earlier}` of this batch already pays this card under the same \
+                 programme (and month, if named)"
+            ),
+            Refusal::AlreadyPaid { event_id } => format!(
+                "a wage of this project and month was already credited to this worker's card \
+                 (or a card it replaced or was replaced by), as credit `{event_id}`"
+            ),
             Refusal::UnknownProgramme => "no such programme is configured".into(),
             Refusal::ProjectRequired => "a wages programme's record names its `project`".into(),
             Refusal::MonthRequired => "a wages programme's record names its `month`".into(),
@@ -534,6 +709,16 @@ impl Refusal {
             }
             Refusal::CardNotFound => "the card is not known".into(),
             Refusal::HolderNotFound => "no card is registered to that personal-ID hash".into(),
+            Refusal::Region(RegionRefusal::NoAgreement) => {
+                "the card's issuing region has no agreement with this gateway".into()
+            }
+            Refusal::Region(RegionRefusal::NotCovered) => {
+                "the agreement with the card's issuing region does not cover payments".into()
+            }
+            Refusal::Region(RegionRefusal::NoSink) => {
+                "no settlement sink pays credits to cards of this issuing region".into()
+            }
+            Refusal::PartnerDenylisted => "the card is on its issuing region's deny list".into(),
             Refusal::Card(Reason::CardLost) => "the card is reported lost".into(),
             Refusal::Card(Reason::CardFrozen) => "the card is frozen".into(),
             Refusal::Card(Reason::CardCancelled) => "the card is cancelled".into(),
@@ -546,18 +731,60 @@ impl Refusal {
     }
 }
 
+/// What the checks need besides a record and what was found of its card:
+/// the programmes, the regions as `authz` sees them, and each settlement
+/// sink's routing (the rules its delivery task settles by).
+pub struct Rules<'a> {
+    pub programmes: &'a Programmes,
+    pub regions: &'a region::Rules,
+    pub sinks: &'a [SinkRules],
+}
+
+/// The routing of every configured sink, as its delivery task builds it
+/// (`settle::deliver`): the batch limits play no part in what it takes.
+pub fn sink_rules(config: &crate::config::Config, policy: &crate::authz::Policy) -> Vec<SinkRules> {
+    config
+        .settlement
+        .sinks
+        .iter()
+        .map(|s| SinkRules {
+            sink: s.name.clone(),
+            scenarios: s.scenario_list().unwrap_or_default(),
+            cards: Cards::of(&policy.regions, &s.partners),
+            events_max: s.events_max,
+            bytes_max: s.bytes_max,
+            age_max_ms: s.age_max_ms,
+            day_offset_minutes: policy.day_offset_minutes,
+        })
+        .collect()
+}
+
+/// The wages programme's project and month of a record (`None` for a
+/// subsidy, and for a wages record lacking them, which `check` refuses).
+fn wage_of<'r>(r: &'r Record, programmes: &Programmes) -> Option<(&'r str, &'r str)> {
+    let wages = programmes
+        .get(&r.programme)
+        .is_some_and(|p| p.kind == ProgrammeKind::Wages);
+    match (wages, &r.project, &r.month) {
+        (true, Some(project), Some(month)) => Some((project, month)),
+        _ => None,
+    }
+}
+
 /// Checks one well-formed record. The programme's rules come first (they
-/// are the uploader's to fix whatever the card), then the card as a tap of
-/// the payment scenario sees it: an operator's deny entry, a stopped
-/// card's status, a card-life deny entry, existence, the `financial`
-/// function. `card` is `None` when the card (or the holder) is not known.
-pub fn check(
-    r: &Record,
-    card: Option<&Card>,
-    listing: Listing,
-    programmes: &Programmes,
-) -> Result<(), Refusal> {
-    let p = programmes
+/// are the uploader's to fix whatever the card), then the card as a tap
+/// of the payment scenario sees it (`authz::decide`'s order): an
+/// operator's deny entry, a stopped card's status, a card-life deny
+/// entry, the issuing region (a partner's: the agreement covering
+/// payments, the partner's deny list), existence, the `financial` function
+/// (a home card's; a partner's functions are the partner's, and the
+/// agreement stands for them). Then what a tap does not need: a sink that
+/// settles the credit, and no wage of the same project and month paid
+/// before. Unlike a tap, a partner's card must be known here: money paid
+/// to a mistyped number is not taken back.
+pub fn check(r: &Record, found: &Found, rules: &Rules<'_>) -> Result<(), Refusal> {
+    let p = rules
+        .programmes
         .get(&r.programme)
         .ok_or(Refusal::UnknownProgramme)?;
     if p.kind == ProgrammeKind::Wages {
@@ -573,35 +800,114 @@ pub fn check(
             amount_max_fen: p.amount_max_fen,
         });
     }
-    if listing == Listing::Operator {
+    if found.listing == Listing::Operator {
         return Err(Refusal::Card(Reason::Denylisted));
     }
-    match card.map(|c| c.status) {
+    match found.card.map(|c| c.status) {
         Some(CardStatus::Lost) => return Err(Refusal::Card(Reason::CardLost)),
         Some(CardStatus::Frozen) => return Err(Refusal::Card(Reason::CardFrozen)),
         Some(CardStatus::Cancelled) => return Err(Refusal::Card(Reason::CardCancelled)),
         Some(CardStatus::Active) | None => {}
     }
-    if listing == Listing::CardLife {
+    if found.listing == Listing::CardLife {
         return Err(Refusal::Card(Reason::Denylisted));
     }
-    let card = card.ok_or(match r.target {
+    let not_found = match r.target {
         Target::Card(_) => Refusal::CardNotFound,
         Target::Holder(_) => Refusal::HolderNotFound,
-    })?;
-    if !card.has_function(Function::Financial) {
+    };
+    let Some(card_no) = &found.card_no else {
+        return Err(not_found);
+    };
+    let origin = rules.regions.origin(card_no);
+    match origin {
+        Origin::Foreign => return Err(Refusal::Region(RegionRefusal::NoAgreement)),
+        Origin::Partner(p) if !rules.regions.covers(p, Scenario::Payment) => {
+            return Err(Refusal::Region(RegionRefusal::NotCovered))
+        }
+        Origin::Partner(_) if found.partner_listed => return Err(Refusal::PartnerDenylisted),
+        Origin::Partner(_) | Origin::Home => {}
+    }
+    let card = found.card.as_ref().ok_or(not_found)?;
+    if origin == Origin::Home && !card.has_function(Function::Financial) {
         return Err(Refusal::Card(Reason::FunctionNotEnabled));
+    }
+    // The record settlement will read, asked of each sink's own rule.
+    let probe = credit_record(String::new(), "", r, card_no, String::new(), 0);
+    if !rules.sinks.iter().any(|s| s.takes(&probe)) {
+        return Err(Refusal::Region(RegionRefusal::NoSink));
+    }
+    if let Some(event_id) = &found.paid_before {
+        return Err(Refusal::AlreadyPaid {
+            event_id: event_id.clone(),
+        });
     }
     Ok(())
 }
 
-/// What a look-up found for a record's target: the card it pays (for a
-/// holder, their current card; `None` when unknown), its state and its
-/// deny-list standing.
+/// What a look-up found for a record: the card it pays (for a holder,
+/// their current card; `None` when unknown), its state, its deny-list
+/// standing, and for a wages record an earlier wage of the same project
+/// and month on its replacement chain.
+#[derive(Debug, Clone)]
 pub struct Found {
     pub card_no: Option<CardNo>,
     pub card: Option<Card>,
     pub listing: Listing,
+    /// Whether the card's partner region lists it on its own deny list.
+    pub partner_listed: bool,
+    /// The event id of a wage already credited for the record's project
+    /// and month to the card or a card of its replacement chain.
+    pub paid_before: Option<String>,
+}
+
+impl Found {
+    /// Nothing known: no card, no listing.
+    pub fn nothing() -> Found {
+        Found {
+            card_no: None,
+            card: None,
+            listing: Listing::No,
+            partner_listed: false,
+            paid_before: None,
+        }
+    }
+}
+
+/// What a record pays, to find a second record of a batch paying the
+/// same: the card and, for a subsidy, the programme and the month if one
+/// is named (a grant's arrears for two months may share a batch); for
+/// wages the project and month, whichever wages programme (the wage index
+/// and the unpaid view count by project and month too).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Payee {
+    Grant {
+        card: CardNo,
+        programme: String,
+        month: Option<String>,
+    },
+    Wage {
+        card: CardNo,
+        project: String,
+        month: String,
+    },
+}
+
+impl Payee {
+    fn of(r: &Record, card: &CardNo, programmes: &Programmes) -> Payee {
+        match wage_of(r, programmes) {
+            Some((project, month)) => Payee::Wage {
+                card: card.clone(),
+                project: project.to_owned(),
+                month: month.to_owned(),
+            },
+            None => Payee::Grant {
+                card: card.clone(),
+                programme: r.programme.clone(),
+                month: r.month.clone(),
+            },
+        }
+    }
 }
 
 /// One record's line in the report.
@@ -642,13 +948,17 @@ pub struct Report {
 
 /// Checks every parsed record in order: a record id seen on an earlier line
 /// is refused `DUPLICATE_RECORD` (the first stands, whatever its outcome),
-/// the others go through [`check`] with what `find` says of their target.
-pub fn assess(
+/// the others go through [`check`] with what `find` says of them, and one
+/// that passes is refused `DUPLICATE_CARD` when an earlier accepted record
+/// pays its [`Payee`]. An error of `find` (the store cannot be read)
+/// aborts the whole batch: it is an operating failure, not a record's
+/// outcome, and must not be stored as one.
+pub fn assess<E>(
     batch_id: &str,
     parsed: Vec<Parsed>,
-    programmes: &Programmes,
-    mut find: impl FnMut(&Target) -> Found,
-) -> (Report, Vec<Credit>) {
+    rules: &Rules<'_>,
+    mut find: impl FnMut(&Record) -> Result<Found, E>,
+) -> Result<(Report, Vec<Credit>), E> {
     let mut report = Report {
         batch_id: batch_id.to_owned(),
         records: parsed.len() as u64,
@@ -659,6 +969,8 @@ pub fn assess(
     };
     let mut credits = Vec::new();
     let mut seen: HashSet<String> = HashSet::with_capacity(parsed.len());
+    // Each accepted record's payee and record id: bounded by the batch.
+    let mut paid: HashMap<Payee, String> = HashMap::with_capacity(parsed.len());
     for p in parsed {
         let (record, refusal, card_no) = match p {
             Err(bad) => {
@@ -687,8 +999,23 @@ pub fn assess(
                 (r, Some(Refusal::DuplicateRecord), card)
             }
             Ok(r) => {
-                let found = find(&r.target);
-                let verdict = check(&r, found.card.as_ref(), found.listing, programmes);
+                let found = find(&r)?;
+                let mut verdict = check(&r, &found, rules);
+                if let (Ok(()), Some(card_no)) = (&verdict, &found.card_no) {
+                    let payee = Payee::of(&r, card_no, rules.programmes);
+                    let wages = matches!(payee, Payee::Wage { .. });
+                    match paid.entry(payee) {
+                        Entry::Occupied(e) => {
+                            verdict = Err(Refusal::DuplicateCard {
+                                earlier: e.get().clone(),
+                                wages,
+                            })
+                        }
+                        Entry::Vacant(e) => {
+                            e.insert(r.record_id.clone());
+                        }
+                    }
+                }
                 (r, verdict.err(), found.card_no)
             }
         };
@@ -715,7 +1042,49 @@ pub fn assess(
             _ => report.rejected += 1,
         }
     }
-    (report, credits)
+    Ok((report, credits))
+}
+
+/// A credit's journal record: what settlement reads (and what [`check`]
+/// asks each sink's rule about before accepting the record).
+fn credit_record(
+    event_id: String,
+    batch_id: &str,
+    r: &Record,
+    card_no: &CardNo,
+    auth_id: String,
+    at_ms: i64,
+) -> DecisionRecord {
+    DecisionRecord {
+        at_ms,
+        terminal: TERMINAL.to_owned(),
+        event_id,
+        auth_id,
+        // A credit presents no card; `tap` (a card number given as such)
+        // is the nearest kind, and `decision` tells them apart.
+        kind: EventKind::Tap,
+        card_no: card_no.as_str().to_owned(),
+        scenario: Some(Scenario::Payment),
+        amount_fen: Some(r.amount_fen),
+        decision: "credit".to_owned(),
+        reason: Reason::Ok,
+        charged_fen: r.amount_fen,
+        site: None,
+        occurred_at: None,
+        reverses: None,
+        scan: None,
+        offline: false,
+        fare: None,
+        bill_ref: None,
+        credit: Some(CreditRef {
+            batch_id: batch_id.to_owned(),
+            record_id: r.record_id.clone(),
+            programme: r.programme.clone(),
+            project: r.project.clone(),
+            month: r.month.clone(),
+        }),
+        split: None,
+    }
 }
 
 /// The fingerprint of an upload: its format and body.
@@ -743,12 +1112,16 @@ pub fn wages_prefix(project: &str, month: &str) -> Vec<u8> {
     [b"w/", project.as_bytes(), b"\0", month.as_bytes(), b"\0"].concat()
 }
 
+/// `w/<project> 0x00 <month> 0x00 <card_no> 0x00`: one card's wages of a
+/// project's month.
+fn wage_card_prefix(project: &str, month: &str, card_no: &str) -> Vec<u8> {
+    [&wages_prefix(project, month)[..], card_no.as_bytes(), b"\0"].concat()
+}
+
 /// A credited wage: the month's prefix, the card, and the credit's event id.
 pub fn wage_key(project: &str, month: &str, card_no: &str, event_id: &str) -> Vec<u8> {
     [
-        &wages_prefix(project, month)[..],
-        card_no.as_bytes(),
-        b"\0",
+        &wage_card_prefix(project, month, card_no)[..],
         event_id.as_bytes(),
     ]
     .concat()
@@ -771,11 +1144,12 @@ fn unreadable(e: StoreError) -> ApiError {
 }
 
 pub fn check_batch_id(batch_id: &str) -> Result<(), ApiError> {
-    if valid_id(batch_id, BATCH_ID_LEN_MAX) {
+    if valid_batch_id(batch_id) {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
-            "the batch id in the path must be 1 to {BATCH_ID_LEN_MAX} of A-Za-z0-9._:-"
+            "the batch id in the path must be 1 to {BATCH_ID_LEN_MAX} of A-Za-z0-9._- \
+             (no `:`: it separates the batch id from the record id in each credit's event id)"
         )))
     }
 }
@@ -867,78 +1241,38 @@ fn prepare(
         }
         return Err(ApiError::new(
             ErrorKind::Conflict,
-            "a batch with this id was recorded with another body; a new batch needs a new id",
+            "a batch with this id was already recorded with another body, and its accepted \
+             records are paid; nothing of this upload was recorded. To pay records that \
+             batch rejected, correct them and send only those under a new batch id \
+             (GET /admin/v1/disbursements/{batch_id} shows its report)",
         ));
     }
     let config = &gw.config.disbursement;
     let parsed = parse(format, body, config.records_max)?;
-    let find = |t: &Target| {
-        let card_no = match t {
-            Target::Card(c) => Some(c.clone()),
-            // A store that cannot be read pays no one: the holder is
-            // treated as unknown and the record refused.
-            Target::Holder(h) => profiles::person(&gw.store, h).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "reading a personal-ID hash failed");
-                None
-            }),
-        };
-        let card = card_no.as_ref().and_then(|c| gw.cards.get(c));
-        let listing = card_no.as_ref().map_or(Listing::No, |c| gw.deny.listing(c));
-        Found {
-            card_no,
-            card,
-            listing,
-        }
+    let sinks = sink_rules(&gw.config, &gw.policy);
+    let rules = Rules {
+        programmes: &config.programmes,
+        regions: &gw.policy.regions,
+        sinks: &sinks,
     };
-    let (report, credits) = assess(batch_id, parsed, &config.programmes, find);
+    let (report, credits) = assess(batch_id, parsed, &rules, |r| {
+        find(gw, r, &config.programmes).map_err(unreadable)
+    })?;
     let report_bytes = serde_json::to_vec(&report).expect("a report serializes");
     let now = gw.now_ms();
     let mut ops = Vec::new();
     let mut also = Vec::with_capacity(credits.len());
     for c in &credits {
         let r = &c.record;
-        let event_id = format!("{batch_id}:{}", r.record_id);
-        let wages = config
-            .programmes
-            .get(&r.programme)
-            .is_some_and(|p| p.kind == ProgrammeKind::Wages);
-        if let (true, Some(project), Some(month)) = (wages, &r.project, &r.month) {
+        let event_id = credit_event_id(batch_id, &r.record_id);
+        if let Some((project, month)) = wage_of(r, &config.programmes) {
             ops.push(Op::Put(
                 Cf::Disburse,
                 wage_key(project, month, c.card_no.as_str(), &event_id),
                 r.amount_fen.to_string().into_bytes(),
             ));
         }
-        let record = DecisionRecord {
-            at_ms: now,
-            terminal: TERMINAL.to_owned(),
-            event_id,
-            auth_id: gw.auth_ids.next(),
-            // A credit presents no card; `tap` (a card number given as
-            // such) is the nearest kind, and `decision` tells them apart.
-            kind: EventKind::Tap,
-            card_no: c.card_no.as_str().to_owned(),
-            scenario: Some(Scenario::Payment),
-            amount_fen: Some(r.amount_fen),
-            decision: "credit".to_owned(),
-            reason: Reason::Ok,
-            charged_fen: r.amount_fen,
-            site: None,
-            occurred_at: None,
-            reverses: None,
-            scan: None,
-            offline: false,
-            fare: None,
-            bill_ref: None,
-            credit: Some(CreditRef {
-                batch_id: batch_id.to_owned(),
-                record_id: r.record_id.clone(),
-                programme: r.programme.clone(),
-                project: r.project.clone(),
-                month: r.month.clone(),
-            }),
-            split: None,
-        };
+        let record = credit_record(event_id, batch_id, r, &c.card_no, gw.auth_ids.next(), now);
         also.push((
             serde_json::to_vec(&record).expect("a decision record serializes"),
             c.card_no.as_str().into(),
@@ -963,6 +1297,83 @@ fn prepare(
         accepted: report.accepted,
         rejected: report.rejected,
     })
+}
+
+/// What the gateway knows of a record's target. A read that fails is an
+/// error (the upload answers `503` and records nothing), never a
+/// "not found" that the stored report would keep for good.
+fn find(gw: &Gateway, r: &Record, programmes: &Programmes) -> Result<Found, StoreError> {
+    let card_no = match &r.target {
+        Target::Card(c) => c.clone(),
+        Target::Holder(h) => match profiles::person(&gw.store, h)? {
+            Some(c) => c,
+            None => return Ok(Found::nothing()),
+        },
+    };
+    let partner_listed = match gw.policy.regions.origin(&card_no) {
+        Origin::Partner(p) => gw.partners.contains(p, &card_no),
+        Origin::Home | Origin::Foreign => false,
+    };
+    let paid_before = match wage_of(r, programmes) {
+        Some((project, month)) => wage_paid(&gw.store, project, month, &card_no)?,
+        None => None,
+    };
+    Ok(Found {
+        card: gw.cards.get(&card_no),
+        listing: gw.deny.listing(&card_no),
+        card_no: Some(card_no),
+        partner_listed,
+        paid_before,
+    })
+}
+
+/// The cards of one holder's replacement chain through `card_no`: the
+/// card, the cards it replaced (`replaces`, backwards) and those that
+/// replaced it (`replaced_by`, forwards), at most
+/// [`REPLACEMENTS_FOLLOWED_MAX`] each way; a loop (only corrupt data makes
+/// one) ends the walk.
+fn chain(store: &Store, card_no: &CardNo) -> Result<Vec<CardNo>, StoreError> {
+    let mut out = vec![card_no.clone()];
+    let start = profiles::profile(store, card_no)?;
+    for (forwards, first) in [(true, start.replaced_by), (false, start.replaces)] {
+        let mut next = first;
+        for _ in 0..REPLACEMENTS_FOLLOWED_MAX {
+            let Some(c) = next.take().and_then(|n| CardNo::parse(&n).ok()) else {
+                break;
+            };
+            if out.contains(&c) {
+                break;
+            }
+            let p = profiles::profile(store, &c)?;
+            next = if forwards { p.replaced_by } else { p.replaces };
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// The event id of a wage of the project's month credited to the card or
+/// a card of its replacement chain, if any.
+fn wage_paid(
+    store: &Store,
+    project: &str,
+    month: &str,
+    card_no: &CardNo,
+) -> Result<Option<String>, StoreError> {
+    for c in chain(store, card_no)? {
+        let prefix = wage_card_prefix(project, month, c.as_str());
+        let mut event_id = None;
+        store.scan(Cf::Disburse, &prefix, |k, _| {
+            if let Some(rest) = k.strip_prefix(&prefix[..]) {
+                event_id = Some(String::from_utf8_lossy(rest).into_owned());
+            }
+            false
+        })?;
+        if event_id.is_some() {
+            return Ok(event_id);
+        }
+    }
+    Ok(None)
 }
 
 fn audit_entry(actor: &Actor, action: &str, detail: Option<Value>, at_ms: i64) -> AuditEntry {
@@ -1097,9 +1508,22 @@ pub struct UnpaidView {
 
 /// The rostered workers of a project credited no wage in `month`. A
 /// worker whose card was replaced counts as paid when any card of the
-/// chain was credited.
-pub fn unpaid(gw: &Gateway, project: &str, month: &str) -> Result<UnpaidView, ApiError> {
-    check_project(project)?;
+/// chain was credited, before or after the replacement (a roster may name
+/// the old card or the new one). The RocksDB reads (a scan and a few
+/// profile reads per worker) run on the blocking pool, not on the workers
+/// that serve requests.
+pub async fn unpaid(
+    gw: Arc<Gateway>,
+    project: String,
+    month: String,
+) -> Result<UnpaidView, ApiError> {
+    check_project(&project)?;
+    tokio::task::spawn_blocking(move || unpaid_blocking(&gw, &project, &month))
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::Unavailable, "the unpaid view failed; retry"))?
+}
+
+fn unpaid_blocking(gw: &Gateway, project: &str, month: &str) -> Result<UnpaidView, ApiError> {
     let roster = match gw
         .store
         .get(Cf::Disburse, &roster_key(project))
@@ -1148,7 +1572,11 @@ pub fn unpaid(gw: &Gateway, project: &str, month: &str) -> Result<UnpaidView, Ap
         let Ok(card_no) = CardNo::parse(w) else {
             continue;
         };
-        if paid_through_chain(gw, &card_no, &paid_cards)? {
+        let chain = chain(&gw.store, &card_no).map_err(unreadable)?;
+        if chain
+            .iter()
+            .any(|c| paid_cards.contains(c.as_str().as_bytes()))
+        {
             view.paid += 1;
         } else {
             view.unpaid.push(Unpaid {
@@ -1158,28 +1586,6 @@ pub fn unpaid(gw: &Gateway, project: &str, month: &str) -> Result<UnpaidView, Ap
         }
     }
     Ok(view)
-}
-
-fn paid_through_chain(
-    gw: &Gateway,
-    card_no: &CardNo,
-    paid: &HashSet<Vec<u8>>,
-) -> Result<bool, ApiError> {
-    let mut current = card_no.clone();
-    for _ in 0..=REPLACEMENTS_FOLLOWED_MAX {
-        if paid.contains(current.as_str().as_bytes()) {
-            return Ok(true);
-        }
-        let next = profiles::profile(&gw.store, &current)
-            .map_err(unreadable)?
-            .replaced_by
-            .and_then(|n| CardNo::parse(&n).ok());
-        match next {
-            Some(n) => current = n,
-            None => return Ok(false),
-        }
-    }
-    Ok(false)
 }
 
 #[cfg(test)]
@@ -1230,6 +1636,80 @@ mod tests {
         Card::new(status, f, &[Concession::Student])
     }
 
+    const PARTNER: &str = "510104D00000001";
+    const FOREIGN: &str = "110101D00000001";
+
+    /// Home `50`; partners: `sichuan` (`51`, covers payment, has a payment
+    /// sink), `guizhou` (`52`, covers payment, no sink), `yunnan` (`53`,
+    /// transit only).
+    fn regions() -> region::Rules {
+        let c: region::RegionsConfig = toml::from_str(
+            r#"
+            home = ["50"]
+            [[partners]]
+            name = "sichuan"
+            prefixes = ["51"]
+            scenarios = ["transit", "payment"]
+            [[partners]]
+            name = "guizhou"
+            prefixes = ["52"]
+            scenarios = ["payment"]
+            [[partners]]
+            name = "yunnan"
+            prefixes = ["53"]
+            scenarios = ["transit"]
+            "#,
+        )
+        .unwrap();
+        region::Rules::from_config(&c).unwrap()
+    }
+
+    fn sink(name: &str, scenarios: &[Scenario], cards: Cards) -> SinkRules {
+        SinkRules {
+            sink: name.into(),
+            scenarios: scenarios.to_vec(),
+            cards,
+            events_max: 10,
+            bytes_max: 10_000,
+            age_max_ms: 1_000,
+            day_offset_minutes: 0,
+        }
+    }
+
+    /// A home payment sink, Sichuan's payment sink, Guizhou's transit sink.
+    fn sinks(regions: &region::Rules) -> Vec<SinkRules> {
+        vec![
+            sink("payment", &[Scenario::Payment], Cards::of(regions, &[])),
+            sink(
+                "sichuan",
+                &[Scenario::Payment, Scenario::Transit],
+                Cards::of(regions, &["sichuan".to_owned()]),
+            ),
+            sink(
+                "guizhou",
+                &[Scenario::Transit],
+                Cards::of(regions, &["guizhou".to_owned()]),
+            ),
+        ]
+    }
+
+    fn found(card_no: &str, card: Option<Card>, listing: Listing) -> Found {
+        Found {
+            card_no: Some(CardNo::parse(card_no).unwrap()),
+            card,
+            listing,
+            partner_listed: false,
+            paid_before: None,
+        }
+    }
+
+    fn to(r: &Record, card_no: &str) -> Record {
+        Record {
+            target: Target::Card(CardNo::parse(card_no).unwrap()),
+            ..r.clone()
+        }
+    }
+
     #[test]
     fn every_rule_has_its_refusal() {
         use CardStatus::*;
@@ -1238,139 +1718,238 @@ mod tests {
         let wage = rec("project_wages", 800_000, Some("bridge-7"), Some("2026-11"));
         let mut holder = grant.clone();
         holder.target = Target::Holder(HASH.into());
-        type Case<'a> = (&'a str, Record, Option<Card>, Listing, Result<(), &'a str>);
+        let home = |c: Option<Card>, l: Listing| found(CARD, c, l);
+        let partner = |c: Option<Card>| found(PARTNER, c, Listing::No);
+        let mut listed = partner(Some(ok));
+        listed.partner_listed = true;
+        let mut paid = home(Some(ok), Listing::No);
+        paid.paid_before = Some("W-10:w1".into());
+        type Case<'a> = (&'a str, Record, Found, Result<(), &'a str>);
         let cases: Vec<Case> = vec![
-            ("a grant", grant.clone(), Some(ok), Listing::No, Ok(())),
-            ("wages", wage.clone(), Some(ok), Listing::No, Ok(())),
-            ("by holder", holder.clone(), Some(ok), Listing::No, Ok(())),
+            (
+                "a grant",
+                grant.clone(),
+                home(Some(ok), Listing::No),
+                Ok(()),
+            ),
+            ("wages", wage.clone(), home(Some(ok), Listing::No), Ok(())),
+            (
+                "by holder",
+                holder.clone(),
+                home(Some(ok), Listing::No),
+                Ok(()),
+            ),
             (
                 "at the maximum",
                 rec("student_grant", 100_000, None, None),
-                Some(ok),
-                Listing::No,
+                home(Some(ok), Listing::No),
                 Ok(()),
             ),
             (
                 "a subsidy may name a month",
                 rec("student_grant", 1, None, Some("2026-09")),
-                Some(ok),
-                Listing::No,
+                home(Some(ok), Listing::No),
                 Ok(()),
             ),
             (
                 "unknown programme",
                 rec("moon_grant", 1, None, None),
-                Some(ok),
-                Listing::No,
+                home(Some(ok), Listing::No),
                 Err("UNKNOWN_PROGRAMME"),
             ),
             (
                 "wages without project",
                 rec("project_wages", 1, None, Some("2026-11")),
-                Some(ok),
-                Listing::No,
+                home(Some(ok), Listing::No),
                 Err("PROJECT_REQUIRED"),
             ),
             (
                 "wages without month",
                 rec("project_wages", 1, Some("bridge-7"), None),
-                Some(ok),
-                Listing::No,
+                home(Some(ok), Listing::No),
                 Err("MONTH_REQUIRED"),
             ),
             (
                 "above the maximum",
                 rec("student_grant", 100_001, None, None),
-                Some(ok),
-                Listing::No,
+                home(Some(ok), Listing::No),
                 Err("LIMIT_EXCEEDED"),
             ),
             (
                 "unknown card",
                 grant.clone(),
-                None,
-                Listing::No,
+                home(None, Listing::No),
                 Err("CARD_NOT_FOUND"),
             ),
             (
                 "unknown holder",
                 holder.clone(),
-                None,
-                Listing::No,
+                Found::nothing(),
                 Err("CARD_NOT_FOUND"),
             ),
             (
                 "lost",
                 grant.clone(),
-                Some(card(Lost, true)),
-                Listing::CardLife,
+                home(Some(card(Lost, true)), Listing::CardLife),
                 Err("CARD_LOST"),
             ),
             (
                 "frozen",
                 grant.clone(),
-                Some(card(Frozen, true)),
-                Listing::CardLife,
+                home(Some(card(Frozen, true)), Listing::CardLife),
                 Err("CARD_FROZEN"),
             ),
             (
                 "cancelled",
                 grant.clone(),
-                Some(card(Cancelled, true)),
-                Listing::No,
+                home(Some(card(Cancelled, true)), Listing::No),
                 Err("CARD_CANCELLED"),
             ),
             (
                 "an operator's entry says more than the status",
                 grant.clone(),
-                Some(card(Lost, true)),
-                Listing::Operator,
+                home(Some(card(Lost, true)), Listing::Operator),
                 Err("DENYLISTED"),
             ),
             (
                 "deny-listed active card",
                 grant.clone(),
-                Some(ok),
-                Listing::Operator,
+                home(Some(ok), Listing::Operator),
                 Err("DENYLISTED"),
             ),
             (
                 "card-life entry on an active card",
                 grant.clone(),
-                Some(ok),
-                Listing::CardLife,
+                home(Some(ok), Listing::CardLife),
                 Err("DENYLISTED"),
             ),
             (
                 "no financial account",
                 grant.clone(),
-                Some(card(Active, false)),
-                Listing::No,
+                home(Some(card(Active, false)), Listing::No),
                 Err("FUNCTION_NOT_ENABLED"),
             ),
             (
                 "the programme's rules come before the card",
                 rec("student_grant", 100_001, None, None),
-                None,
-                Listing::Operator,
+                home(None, Listing::Operator),
                 Err("LIMIT_EXCEEDED"),
             ),
+            (
+                "a region of no agreement, even known here",
+                to(&grant, FOREIGN),
+                found(FOREIGN, Some(ok), Listing::No),
+                Err("REGION_NOT_ACCEPTED"),
+            ),
+            (
+                "a partner's card with a payment sink of its own",
+                to(&grant, PARTNER),
+                partner(Some(ok)),
+                Ok(()),
+            ),
+            (
+                "a partner's functions are the partner's",
+                to(&grant, PARTNER),
+                partner(Some(card(Active, false))),
+                Ok(()),
+            ),
+            (
+                "a partner's card never seen here",
+                to(&grant, PARTNER),
+                partner(None),
+                Err("CARD_NOT_FOUND"),
+            ),
+            (
+                "on the partner's deny list",
+                to(&grant, PARTNER),
+                listed,
+                Err("DENYLISTED"),
+            ),
+            (
+                "a partner covering payments without a payment sink",
+                to(&grant, "520102D00000001"),
+                found("520102D00000001", Some(ok), Listing::No),
+                Err("REGION_NOT_ACCEPTED"),
+            ),
+            (
+                "a partner not covering payments",
+                to(&grant, "530102D00000001"),
+                found("530102D00000001", Some(ok), Listing::No),
+                Err("REGION_NOT_ACCEPTED"),
+            ),
+            (
+                "a wage of the month paid before",
+                wage.clone(),
+                paid,
+                Err("ALREADY_PAID"),
+            ),
         ];
-        for (name, r, c, listing, want) in cases {
-            let got = check(&r, c.as_ref(), listing, &programmes());
+        let regions = regions();
+        let sinks = sinks(&regions);
+        let programmes = programmes();
+        let rules = Rules {
+            programmes: &programmes,
+            regions: &regions,
+            sinks: &sinks,
+        };
+        for (name, r, f, want) in cases {
+            let got = check(&r, &f, &rules);
             assert_eq!(
                 got.as_ref().map_err(Refusal::code),
                 want.as_ref().map_err(|e| *e),
                 "{name}"
             );
             if let Err(e) = got {
-                assert!(!e.message().contains(CARD), "{name}");
+                assert!(CODES.contains(&e.code()), "{name}");
                 assert!(!e.message().is_empty(), "{name}");
             }
         }
         assert_eq!(
-            check(&holder, None, Listing::No, &programmes()),
+            check(&holder, &Found::nothing(), &rules),
             Err(Refusal::HolderNotFound)
+        );
+        let why = |r: &Record, f: &Found| check(r, f, &rules).unwrap_err();
+        assert_eq!(
+            why(
+                &to(&grant, "530102D00000001"),
+                &found("530102D00000001", Some(ok), Listing::No)
+            ),
+            Refusal::Region(RegionRefusal::NotCovered)
+        );
+        assert_eq!(
+            why(
+                &to(&grant, "520102D00000001"),
+                &found("520102D00000001", Some(ok), Listing::No)
+            ),
+            Refusal::Region(RegionRefusal::NoSink)
+        );
+        // Without a home payment sink (the config refuses that), a home
+        // card's credit would go nowhere: refused, not journaled.
+        let partner_only = &sinks[1..];
+        let no_home = Rules {
+            sinks: partner_only,
+            ..rules
+        };
+        assert_eq!(
+            check(&grant, &home(Some(ok), Listing::No), &no_home),
+            Err(Refusal::Region(RegionRefusal::NoSink))
+        );
+        // Without `[regions]` every card is home, and the home sink takes
+        // all of them.
+        let open = region::Rules::default();
+        let open_sinks = vec![sink("payment", &[Scenario::Payment], Cards::of(&open, &[]))];
+        let open_rules = Rules {
+            programmes: &programmes,
+            regions: &open,
+            sinks: &open_sinks,
+        };
+        assert_eq!(
+            check(
+                &to(&grant, FOREIGN),
+                &found(FOREIGN, Some(ok), Listing::No),
+                &open_rules
+            ),
+            Ok(())
         );
     }
 
@@ -1440,7 +2019,7 @@ mod tests {
         let c = format!("\"card_no\":\"{CARD}\"");
         let cases: Vec<(String, Option<&str>, &str)> = vec![
             ("{".into(), None, "not valid JSON"),
-            ("[1]".into(), None, "must be a JSON object"),
+            ("\"[1]\"".into(), None, "must be a JSON object"),
             (
                 format!("{{{c},\"amount_fen\":1,{g}}}"),
                 None,
@@ -1449,15 +2028,32 @@ mod tests {
             (
                 format!("{{\"record_id\":\"r 1\",{c},\"amount_fen\":1,{g}}}"),
                 None,
-                "`record_id` must be 1 to 64",
+                "`record_id` must be 1 to 39",
             ),
             (
                 format!(
                     "{{\"record_id\":\"{}\",{c},\"amount_fen\":1,{g}}}",
-                    "r".repeat(65)
+                    "r".repeat(RECORD_ID_LEN_MAX + 1)
                 ),
                 None,
                 "`record_id` must be",
+            ),
+            (
+                line(&format!("{c},\"amount_fen\":1,{g},\"amount_fen\":900000")),
+                Some("r9"),
+                "`amount_fen` is given twice",
+            ),
+            (
+                line(&format!(
+                    "{c},\"card_no\":\"500118D00000002\",\"amount_fen\":1,{g}"
+                )),
+                Some("r9"),
+                "`card_no` is given twice",
+            ),
+            (
+                format!("{{\"record_id\":\"r1\",\"record_id\":\"r2\",{c},\"amount_fen\":1,{g}}}"),
+                None,
+                "`record_id` is given twice",
             ),
             (
                 line(&format!("{c},\"amount_fen\":1,{g},\"colour\":\"red\"")),
@@ -1570,8 +2166,12 @@ mod tests {
                 "longer than 1024 bytes",
             ),
         ];
+        // Each bad line is followed by a good one: a body of bad lines
+        // only is refused whole.
+        let good = line(&format!("{c},\"amount_fen\":1,{g}"));
         for (body, id, want) in cases {
-            let got = parse_ok(Format::Ndjson, &body);
+            let got = parse_ok(Format::Ndjson, &format!("{body}\n{good}"));
+            assert!(got[1].is_ok(), "{body}");
             let bad = got[0].as_ref().unwrap_err();
             assert_eq!(bad.line, 1, "{body}");
             assert_eq!(bad.record_id.as_deref(), id, "{body}");
@@ -1626,7 +2226,9 @@ mod tests {
             } else {
                 body.extend_from_slice(line.as_bytes());
             }
+            body.extend_from_slice(format!("r2,{CARD},1,student_grant\n").as_bytes());
             let got = parse(Format::Csv, &body, 10).unwrap();
+            assert!(got[1].is_ok(), "{line}");
             let bad = got[0].as_ref().unwrap_err();
             assert_eq!(bad.line, 2, "{line}");
             assert_eq!(bad.record_id.as_deref(), id, "{line}");
@@ -1675,15 +2277,64 @@ mod tests {
             assert!(e.message.contains(want), "{body}: {}", e.message);
             assert!(!e.message.contains("00000001"), "{}", e.message);
         }
-        // An empty NDJSON body is a batch of nothing; a header alone too.
-        assert!(parse(Format::Ndjson, b"", 10).unwrap().is_empty());
-        assert!(
-            parse(Format::Csv, b"record_id,card_no,amount_fen,programme\n", 10)
-                .unwrap()
-                .is_empty()
+        // A body without one well-formed record is refused whole rather
+        // than stored as a report of nothing: empty, a header alone, a JSON
+        // array, lines that are all bad (the first one's reason is given,
+        // without the card it named).
+        let good = format!(
+            "{{\"record_id\":\"r1\",\"card_no\":\"{CARD}\",\"amount_fen\":1,\"programme\":\"g\"}}"
+        );
+        let cases: Vec<(Format, String, &str)> = vec![
+            (Format::Ndjson, String::new(), "holds no records"),
+            (Format::Ndjson, "\n \r\n".into(), "holds no records"),
+            (
+                Format::Csv,
+                "record_id,card_no,amount_fen,programme\n".into(),
+                "holds no records",
+            ),
+            (
+                Format::Ndjson,
+                format!("[{good},{good}]\n"),
+                "this body is a JSON array",
+            ),
+            (
+                Format::Ndjson,
+                format!("\n  [\n{good},\n{good}\n]\n"),
+                "this body is a JSON array",
+            ),
+            (
+                Format::Ndjson,
+                format!("{{}}\n[{good}]\n"),
+                "(line 1: missing field `record_id`)",
+            ),
+            (
+                Format::Ndjson,
+                format!(
+                    "\n{}\n",
+                    good.replace("\"amount_fen\":1", "\"amount_fen\":1.5")
+                ),
+                "(line 2: `amount_fen` must be an integer",
+            ),
+            (
+                Format::Csv,
+                format!("record_id,card_no,amount_fen,programme\nr1,{CARD},12.50,g\n"),
+                "(line 2: `amount_fen` must be an integer",
+            ),
+        ];
+        for (format, body, want) in cases {
+            let e = parse(format, body.as_bytes(), 10).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidRequest, "{body}");
+            assert!(e.message.contains(want), "{body}: {}", e.message);
+            assert!(!e.message.contains("00000001"), "{}", e.message);
+        }
+        // One well-formed record is enough: the rest are reported.
+        let mixed = format!("{good}\n[1]\n");
+        assert_eq!(
+            parse(Format::Ndjson, mixed.as_bytes(), 10).unwrap().len(),
+            2
         );
         // records_max counts records, bad ones included.
-        let three = "{}\n{}\n{}\n";
+        let three = format!("{good}\n{{}}\n{{}}\n");
         assert_eq!(parse(Format::Ndjson, three.as_bytes(), 3).unwrap().len(), 3);
         let e = parse(Format::Ndjson, three.as_bytes(), 2).unwrap_err();
         assert_eq!(e.kind, ErrorKind::PayloadTooLarge);
@@ -1714,34 +2365,51 @@ mod tests {
     #[test]
     fn assess_reports_every_record_and_refuses_duplicates() {
         let lost = CardNo::parse("500118D00000002").unwrap();
+        const CARD2: &str = "500118D00000004";
+        let g = "\"programme\":\"student_grant\"";
+        let w = "\"programme\":\"project_wages\",\"project\":\"bridge-7\"";
         let body = format!(
-            "{{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":100,\"programme\":\"student_grant\"}}\n\
-             {{\"record_id\":\"b\",\"card_no\":\"{}\",\"amount_fen\":200,\"programme\":\"student_grant\"}}\n\
+            "{{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":100,{g}}}\n\
+             {{\"record_id\":\"b\",\"card_no\":\"{}\",\"amount_fen\":200,{g}}}\n\
              not json\n\
-             {{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":300,\"programme\":\"student_grant\"}}\n\
-             {{\"record_id\":\"c\",\"id_hash\":\"{HASH}\",\"amount_fen\":400,\"programme\":\"student_grant\"}}\n\
-             {{\"record_id\":\"d\",\"card_no\":\"{CARD}\",\"amount_fen\":0,\"programme\":\"student_grant\"}}\n\
-             {{\"record_id\":\"d\",\"card_no\":\"{CARD}\",\"amount_fen\":500,\"programme\":\"student_grant\"}}\n",
+             {{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":300,{g}}}\n\
+             {{\"record_id\":\"c\",\"id_hash\":\"{HASH}\",\"amount_fen\":400,{g}}}\n\
+             {{\"record_id\":\"d\",\"card_no\":\"{CARD}\",\"amount_fen\":0,{g}}}\n\
+             {{\"record_id\":\"d\",\"card_no\":\"{CARD}\",\"amount_fen\":500,{g}}}\n\
+             {{\"record_id\":\"e\",\"card_no\":\"{CARD}\",\"amount_fen\":300,{g},\"month\":\"2026-09\"}}\n\
+             {{\"record_id\":\"f\",\"card_no\":\"{CARD}\",\"amount_fen\":800,{w},\"month\":\"2026-11\"}}\n\
+             {{\"record_id\":\"g\",\"card_no\":\"{CARD}\",\"amount_fen\":900,{w},\"month\":\"2026-11\"}}\n\
+             {{\"record_id\":\"h\",\"card_no\":\"{CARD}\",\"amount_fen\":700,{w},\"month\":\"2026-10\"}}\n\
+             {{\"record_id\":\"i\",\"card_no\":\"{CARD2}\",\"amount_fen\":100001,{g}}}\n\
+             {{\"record_id\":\"j\",\"card_no\":\"{CARD2}\",\"amount_fen\":600,{g}}}\n",
             lost.as_str()
         );
         let parsed = parse(Format::Ndjson, body.as_bytes(), 100).unwrap();
-        let (report, credits) = assess("B1", parsed, &programmes(), |t| match t {
-            Target::Card(c) if c.as_str() == CARD => Found {
-                card_no: Some(c.clone()),
-                card: Some(card(CardStatus::Active, true)),
-                listing: Listing::No,
-            },
-            Target::Card(c) => Found {
-                card_no: Some(c.clone()),
-                card: Some(card(CardStatus::Lost, true)),
-                listing: Listing::CardLife,
-            },
-            Target::Holder(_) => Found {
-                card_no: Some(CardNo::parse(CARD).unwrap()),
-                card: Some(card(CardStatus::Active, true)),
-                listing: Listing::No,
-            },
-        });
+        let open = region::Rules::default();
+        let sinks = vec![sink("payment", &[Scenario::Payment], Cards::of(&open, &[]))];
+        let programmes = programmes();
+        let rules = Rules {
+            programmes: &programmes,
+            regions: &open,
+            sinks: &sinks,
+        };
+        // The holder's hash leads to CARD: record c pays the card a paid.
+        let (report, credits) = assess("B1", parsed, &rules, |r| {
+            Ok::<_, std::convert::Infallible>(match &r.target {
+                Target::Card(c) if c == &lost => found(
+                    c.as_str(),
+                    Some(card(CardStatus::Lost, true)),
+                    Listing::CardLife,
+                ),
+                Target::Card(c) => found(
+                    c.as_str(),
+                    Some(card(CardStatus::Active, true)),
+                    Listing::No,
+                ),
+                Target::Holder(_) => found(CARD, Some(card(CardStatus::Active, true)), Listing::No),
+            })
+        })
+        .unwrap();
         let got: Vec<(Option<&str>, u64, &str, Option<&str>)> = report
             .outcomes
             .iter()
@@ -1754,9 +2422,17 @@ mod tests {
                 (Some("b"), 2, "rejected", Some("CARD_LOST")),
                 (None, 3, "rejected", Some("BAD_LINE")),
                 (Some("a"), 4, "rejected", Some("DUPLICATE_RECORD")),
-                (Some("c"), 5, "accepted", None),
+                (Some("c"), 5, "rejected", Some("DUPLICATE_CARD")),
                 (Some("d"), 6, "rejected", Some("BAD_LINE")),
                 (Some("d"), 7, "rejected", Some("DUPLICATE_RECORD")),
+                // Another month of the same grant is another payment.
+                (Some("e"), 8, "accepted", None),
+                (Some("f"), 9, "accepted", None),
+                (Some("g"), 10, "rejected", Some("DUPLICATE_CARD")),
+                (Some("h"), 11, "accepted", None),
+                (Some("i"), 12, "rejected", Some("LIMIT_EXCEEDED")),
+                // A rejected record paid nothing: the card is still free.
+                (Some("j"), 13, "accepted", None),
             ]
         );
         assert_eq!(
@@ -1766,11 +2442,28 @@ mod tests {
                 report.rejected,
                 report.accepted_fen
             ),
-            (7, 2, 5, 500)
+            (13, 5, 8, 2_500)
         );
-        assert_eq!(credits.len(), 2);
-        assert_eq!(credits[1].card_no.as_str(), CARD);
+        let ids: Vec<&str> = credits
+            .iter()
+            .map(|c| c.record.record_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "e", "f", "h", "j"]);
         assert_eq!(report.outcomes[0].card.as_deref(), Some("500118*****0001"));
+        // The duplicate found through the holder names the card (masked)
+        // and the record that paid it.
+        let c = &report.outcomes[4];
+        assert_eq!(c.card.as_deref(), Some("500118*****0001"));
+        let m = c.message.as_deref().unwrap();
+        assert!(
+            m.contains("record `a`") && m.contains("same programme"),
+            "{m}"
+        );
+        let m = report.outcomes[9].message.as_deref().unwrap();
+        assert!(
+            m.contains("record `f`") && m.contains("project and month"),
+            "{m}"
+        );
         assert_eq!(
             report.outcomes[2]
                 .message
@@ -1780,6 +2473,72 @@ mod tests {
         );
         let text = serde_json::to_string(&report).unwrap();
         assert!(!text.contains(CARD) && !text.contains(lost.as_str()) && !text.contains(HASH));
+    }
+
+    #[test]
+    fn a_failed_look_up_aborts_the_batch() {
+        let body = format!(
+            "{{\"record_id\":\"a\",\"card_no\":\"{CARD}\",\"amount_fen\":1,\"programme\":\"student_grant\"}}\n\
+             {{\"record_id\":\"b\",\"id_hash\":\"{HASH}\",\"amount_fen\":1,\"programme\":\"student_grant\"}}\n"
+        );
+        let parsed = parse(Format::Ndjson, body.as_bytes(), 100).unwrap();
+        let open = region::Rules::default();
+        let sinks = vec![sink("payment", &[Scenario::Payment], Cards::of(&open, &[]))];
+        let programmes = programmes();
+        let rules = Rules {
+            programmes: &programmes,
+            regions: &open,
+            sinks: &sinks,
+        };
+        // The holder's look-up fails: no report (nothing to store), the
+        // error itself, however far the batch had got.
+        let got = assess("B1", parsed, &rules, |r| match r.target {
+            Target::Card(_) => Ok(found(
+                CARD,
+                Some(card(CardStatus::Active, true)),
+                Listing::No,
+            )),
+            Target::Holder(_) => Err("the store cannot be read"),
+        });
+        assert_eq!(got.unwrap_err(), "the store cannot be read");
+    }
+
+    #[test]
+    fn every_code_is_documented() {
+        let spec: Value = serde_json::from_str(include_str!("../docs/openapi.json")).unwrap();
+        let documented: BTreeSet<&str> = spec["components"]["schemas"]["DisbursementCode"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(documented, CODES.iter().copied().collect());
+        let refusals = [
+            Refusal::BadLine(String::new()),
+            Refusal::DuplicateRecord,
+            Refusal::DuplicateCard {
+                earlier: "a".into(),
+                wages: false,
+            },
+            Refusal::AlreadyPaid {
+                event_id: "B:a".into(),
+            },
+            Refusal::UnknownProgramme,
+            Refusal::ProjectRequired,
+            Refusal::MonthRequired,
+            Refusal::LimitExceeded { amount_max_fen: 1 },
+            Refusal::CardNotFound,
+            Refusal::HolderNotFound,
+            Refusal::Region(RegionRefusal::NoAgreement),
+            Refusal::PartnerDenylisted,
+            Refusal::Card(Reason::CardLost),
+            Refusal::Card(Reason::CardFrozen),
+            Refusal::Card(Reason::CardCancelled),
+            Refusal::Card(Reason::Denylisted),
+            Refusal::Card(Reason::FunctionNotEnabled),
+        ];
+        let codes: BTreeSet<&str> = refusals.iter().map(Refusal::code).collect();
+        assert_eq!(codes, CODES.iter().copied().collect());
     }
 
     #[test]
@@ -1797,6 +2556,25 @@ mod tests {
             assert!(!valid_month(bad), "{bad}");
         }
         assert!(valid_id("bridge-7:phase.2_b", 64));
+        // A batch id has no `:`, so a credit's event id splits one way
+        // only: `a:b` + `c` and `a` + `b:c` cannot both be batches.
+        assert!(valid_batch_id("W-bridge-7-2026-11") && valid_batch_id(&"B".repeat(24)));
+        assert!(!valid_batch_id("a:b") && !valid_batch_id(&"B".repeat(25)));
+        assert!(!valid_batch_id("") && !valid_batch_id("a/b"));
+        assert_eq!(credit_event_id("a", "b:c"), "a:b:c");
+        let longest = credit_event_id(
+            &"B".repeat(BATCH_ID_LEN_MAX),
+            &"r".repeat(RECORD_ID_LEN_MAX),
+        );
+        assert!(
+            valid_id(&longest, wire::EVENT_ID_LEN_MAX),
+            "{}",
+            longest.len()
+        );
+        assert!(check_batch_id("a:b")
+            .unwrap_err()
+            .message
+            .contains("no `:`"));
         assert!(!valid_id("", 64) && !valid_id("a/b", 64) && !valid_id(&"a".repeat(65), 64));
         assert!(valid_programme_name("farm_subsidy") && !valid_programme_name("Farm"));
         assert!(valid_id_hash(HASH) && !valid_id_hash(&HASH[1..]));

@@ -32,9 +32,31 @@ const W1: &str = "500118W00000001";
 const W2: &str = "500118W00000002";
 const W3: &str = "500118W00000003";
 
+/// `[regions]` of the regional test: home `50`; Sichuan (`51`) covers
+/// payments and has a payment sink of its own; Guizhou (`52`) covers
+/// payments but no sink settles its cards; no other region has an
+/// agreement.
+const REGIONS: &str = r#"
+home = ["50"]
+[[partners]]
+name = "sichuan"
+prefixes = ["51"]
+scenarios = ["transit", "payment"]
+[[partners]]
+name = "guizhou"
+prefixes = ["52"]
+scenarios = ["payment"]
+"#;
+
 /// A receiver, and a gateway whose payment sink points at it, with two
 /// programmes and personal IDs enabled.
 async fn setup() -> (Sink, receiver::Running, TestGateway) {
+    setup_regions(false).await
+}
+
+/// As [`setup`]; `regional`: with [`REGIONS`] and Sichuan's payment sink
+/// (at the same receiver).
+async fn setup_regions(regional: bool) -> (Sink, receiver::Running, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::new(dir.path(), 3);
     let r = sink
@@ -44,22 +66,32 @@ async fn setup() -> (Sink, receiver::Running, TestGateway) {
         )
         .await;
     let mut config = common::test_config(dir.path());
-    let sink_config: SinkConfig = toml::from_str(&format!(
-        r#"
-        name = "payment"
-        url = "https://127.0.0.1:{}/v1/batches"
-        ca = "{}"
-        scenarios = ["payment"]
-        key = "{KEY}"
-        age_max_ms = 100
-        backoff_base_ms = 10
-        backoff_max_ms = 100
-        "#,
-        r.addr.port(),
-        sink.certs.join(onecard::certs::CA_CERT).display()
-    ))
-    .unwrap();
-    config.settlement.sinks = vec![sink_config];
+    let sink_config = |name: &str, partners: &str| -> SinkConfig {
+        toml::from_str(&format!(
+            r#"
+            name = "{name}"
+            url = "https://127.0.0.1:{}/v1/batches"
+            ca = "{}"
+            scenarios = ["payment"]
+            partners = {partners}
+            key = "{KEY}"
+            age_max_ms = 100
+            backoff_base_ms = 10
+            backoff_max_ms = 100
+            "#,
+            r.addr.port(),
+            sink.certs.join(onecard::certs::CA_CERT).display()
+        ))
+        .unwrap()
+    };
+    config.settlement.sinks = vec![sink_config("payment", "[]")];
+    if regional {
+        config.regions = toml::from_str(REGIONS).unwrap();
+        config
+            .settlement
+            .sinks
+            .push(sink_config("sichuan", "[\"sichuan\"]"));
+    }
     config.privacy.id_hash_key = Some(ID_KEY.into());
     config.disbursement.records_max = 50;
     let programmes = &mut config.disbursement.programmes;
@@ -265,6 +297,16 @@ async fn a_batch_of_good_and_bad_records_is_credited_once() {
         (other.status, error_code(&other)),
         (StatusCode::CONFLICT, "CONFLICT".to_owned())
     );
+    // The answer tells the operator what to do: the first batch's
+    // accepted records are paid, so only the rejected ones go again.
+    let why = other.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        why.contains("send only those under a new batch id"),
+        "{why}"
+    );
     let other = upload(&gw, "G-2026-11", "application/x-ndjson", &csv).await;
     assert_eq!(other.status, StatusCode::CONFLICT);
 
@@ -377,7 +419,6 @@ async fn a_batch_of_good_and_bad_records_is_credited_once() {
         metrics.contains("onecard_disbursement_records_total{outcome=\"accepted\"}"),
         "{metrics}"
     );
-    assert!(!metrics.contains(GOOD));
     gw.shutdown().await;
     r.stop().await;
 }
@@ -388,7 +429,11 @@ async fn uploads_that_cannot_be_taken_are_refused_whole() {
     let line = format!(
         "{{\"record_id\":\"x\",\"card_no\":\"{GOOD}\",\"amount_fen\":1,\"programme\":\"student_grant\"}}"
     );
-    let long = "B".repeat(33);
+    let long = "B".repeat(25);
+    // Bodies with no record that can be taken: a bad amount, the whole
+    // record inside a JSON array.
+    let bad_amount = line.replace("\"amount_fen\":1", "\"amount_fen\":1.5");
+    let array = format!("[{line}]");
     let cases: Vec<(&str, &str, String, StatusCode, &str)> = vec![
         (
             "B1",
@@ -432,6 +477,43 @@ async fn uploads_that_cannot_be_taken_are_refused_whole() {
             StatusCode::BAD_REQUEST,
             "INVALID_REQUEST",
         ),
+        // `:` would make `a:b` + `c` and `a` + `b:c` the same event id.
+        (
+            "B:1",
+            "application/x-ndjson",
+            line.clone(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        // Bodies without one well-formed record burn no batch id.
+        (
+            "B1",
+            "application/x-ndjson",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            "B1",
+            "application/x-ndjson",
+            array.clone(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            "B1",
+            "application/x-ndjson",
+            format!("{bad_amount}\n{bad_amount}\n"),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        (
+            "B1",
+            "text/csv",
+            "record_id,card_no,amount_fen,programme\n".into(),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
     ];
     for (batch, ct, body, status, code) in cases {
         let a = upload(&gw, batch, ct, &body).await;
@@ -440,8 +522,27 @@ async fn uploads_that_cannot_be_taken_are_refused_whole() {
             (status, code.to_owned()),
             "{batch} {ct}"
         );
-        assert!(!String::from_utf8_lossy(&a.body).contains(GOOD));
     }
+    // The refusals that read the body's lines, and so the card in them
+    // (too many records, none well-formed), do not echo it.
+    let lower = GOOD.to_lowercase();
+    for (body, secret) in [
+        (vec![line.as_str(); 51].join("\n"), GOOD),
+        (array.clone(), GOOD),
+        (format!("{bad_amount}\n"), GOOD),
+        (line.replace(GOOD, &lower), lower.as_str()),
+    ] {
+        let a = upload(&gw, "B1", "application/x-ndjson", &body).await;
+        assert!(a.status.is_client_error(), "{}", a.status);
+        let text = String::from_utf8_lossy(&a.body).into_owned();
+        assert!(!text.contains(secret), "{text}");
+    }
+    let a = upload(&gw, "B1", "application/x-ndjson", &array).await;
+    let why = a.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(why.contains("this body is a JSON array"), "{why}");
+    let a = upload(&gw, "B:1", "application/x-ndjson", &line).await;
+    let why = a.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(why.contains("no `:`"), "{why}");
     // None of those was recorded: B1 is still free.
     let missing = gw
         .admin(Method::GET, "/admin/v1/disbursements/B1", None)
@@ -470,6 +571,225 @@ async fn uploads_that_cannot_be_taken_are_refused_whole() {
         .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert!(!String::from_utf8_lossy(&bad.body).contains("not-a-card"));
+    gw.shutdown().await;
+    r.stop().await;
+}
+
+fn ndjson(lines: &[Value]) -> String {
+    lines
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn grant(id: &str, card: &str) -> Value {
+    json!({"record_id": id, "card_no": card, "amount_fen": 100, "programme": "student_grant"})
+}
+
+fn wage(id: &str, card: &str, month: &str) -> Value {
+    json!({"record_id": id, "card_no": card, "amount_fen": 800_000, "programme": "project_wages", "project": "bridge-7", "month": month})
+}
+
+fn message(report: &Value, i: usize) -> String {
+    report["outcomes"][i]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_card_and_each_workers_month_is_paid_once() {
+    const W3_NEW: &str = "500118W00000013";
+    let (sink, r, gw) = setup().await;
+    let hash = onecard::privacy::id_hash(ID_KEY.as_bytes(), PERSONAL_ID);
+
+    // Within one batch: the same card twice under one programme (HELD
+    // once by number, once by its holder's hash), a worker twice for one
+    // project and month. Another month is another payment.
+    let mut g3 = grant("g3", GOOD);
+    g3["month"] = "2026-10".into();
+    let mut g5 = grant("g5", HELD);
+    g5.as_object_mut().unwrap().remove("card_no");
+    g5["id_hash"] = hash.clone().into();
+    let first = ndjson(&[
+        grant("g1", GOOD),
+        grant("g2", GOOD),
+        g3,
+        grant("g4", HELD),
+        g5,
+        wage("w1", W1, "2026-11"),
+        wage("w2", W1, "2026-11"),
+        wage("w3", W1, "2026-12"),
+        wage("w4", W3, "2026-11"),
+    ]);
+    let report = ok(&upload(&gw, "P-1", "application/x-ndjson", &first).await);
+    assert_eq!(
+        outcome_codes(&report)
+            .into_iter()
+            .map(|(id, _, c)| format!("{id} {c}"))
+            .collect::<Vec<_>>(),
+        [
+            "g1 accepted",
+            "g2 DUPLICATE_CARD",
+            "g3 accepted",
+            "g4 accepted",
+            "g5 DUPLICATE_CARD",
+            "w1 accepted",
+            "w2 DUPLICATE_CARD",
+            "w3 accepted",
+            "w4 accepted",
+        ]
+    );
+    assert!(message(&report, 1).contains("record `g1`"), "{report}");
+    assert_eq!(report["outcomes"][4]["card"], "500118*****0002");
+    assert!(message(&report, 4).contains("record `g4`"), "{report}");
+    assert!(message(&report, 6).contains("record `w1`"), "{report}");
+    let text = report.to_string();
+    assert!(!text.contains(HELD) && !text.contains(&hash), "{text}");
+
+    // W3's card is replaced; the roster names the new card. The wage paid
+    // to the old card counts: the chain is walked back as well as forward.
+    gw.admin_ok(
+        Method::POST,
+        &format!("/admin/v1/cards/{W3}/replace"),
+        Some(json!({"new_card_no": W3_NEW})),
+    )
+    .await;
+    gw.admin_ok(
+        Method::PUT,
+        "/admin/v1/projects/bridge-7/workers",
+        Some(json!({"workers": [W1, W2, W3_NEW]})),
+    )
+    .await;
+    let view = unpaid(&gw, "2026-11").await;
+    assert_eq!(
+        (&view["workers"], &view["paid"], &view["unpaid"]),
+        (
+            &json!(3),
+            &json!(2),
+            &json!([{"card_no": W2, "status": "active"}])
+        ),
+        "{view}"
+    );
+
+    // November again in another batch: W1 and W3 (now on the new card)
+    // were paid by P-1; W2 was not.
+    let second = ndjson(&[
+        wage("n1", W1, "2026-11"),
+        wage("n2", W3_NEW, "2026-11"),
+        wage("n3", W2, "2026-11"),
+    ]);
+    let report = ok(&upload(&gw, "P-2", "application/x-ndjson", &second).await);
+    assert_eq!(
+        outcome_codes(&report)
+            .into_iter()
+            .map(|(id, _, c)| format!("{id} {c}"))
+            .collect::<Vec<_>>(),
+        ["n1 ALREADY_PAID", "n2 ALREADY_PAID", "n3 accepted"]
+    );
+    assert!(message(&report, 0).contains("`P-1:w1`"), "{report}");
+    assert!(message(&report, 1).contains("`P-1:w4`"), "{report}");
+    let view = unpaid(&gw, "2026-11").await;
+    assert_eq!((&view["paid"], &view["unpaid"]), (&json!(3), &json!([])));
+
+    // The receiver books each accepted record once: six of P-1, one of P-2.
+    let l = credited(&sink, r.addr, 7).await;
+    assert_eq!(
+        (l.credits, l.credited_fen),
+        (7, 3 * 100 + 4 * 800_000),
+        "{l:?}"
+    );
+    let booked: Vec<String> = ledger_credits(&sink).into_keys().collect();
+    assert_eq!(
+        booked,
+        ["P-1:g1", "P-1:g3", "P-1:g4", "P-1:w1", "P-1:w3", "P-1:w4", "P-2:n3"]
+    );
+    gw.shutdown().await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_go_only_to_cards_a_sink_pays() {
+    const SICHUAN: &str = "510104D00000001";
+    const SICHUAN_UNSEEN: &str = "510104D00000002";
+    const SICHUAN_LISTED: &str = "510104D00000003";
+    const GUIZHOU: &str = "520102D00000001";
+    const BEIJING: &str = "110101D00000001";
+    let (sink, r, gw) = setup_regions(true).await;
+    let fin = json!({"status": "active", "functions": ["transit", "financial"]});
+    for card in [SICHUAN, SICHUAN_LISTED, GUIZHOU, BEIJING] {
+        gw.put_card(card, fin.clone()).await;
+    }
+    let import = client::admin_raw(
+        gw.admin_addr(),
+        Some(TOKEN),
+        Method::PUT,
+        "/admin/v1/partners/sichuan/denylist?version=1",
+        "application/x-ndjson",
+        format!("{{\"card_no\": \"{SICHUAN_LISTED}\"}}\n").into_bytes(),
+    )
+    .await
+    .unwrap();
+    ok(&import);
+
+    let body = ndjson(&[
+        grant("home", GOOD),
+        grant("sichuan", SICHUAN),
+        grant("unseen", SICHUAN_UNSEEN),
+        grant("listed", SICHUAN_LISTED),
+        grant("guizhou", GUIZHOU),
+        grant("beijing", BEIJING),
+    ]);
+    let report = ok(&upload(&gw, "R-1", "application/x-ndjson", &body).await);
+    assert_eq!(
+        outcome_codes(&report)
+            .into_iter()
+            .map(|(id, _, c)| format!("{id} {c}"))
+            .collect::<Vec<_>>(),
+        [
+            "home accepted",
+            "sichuan accepted",
+            "unseen CARD_NOT_FOUND",
+            "listed DENYLISTED",
+            // The agreement covers payments, but no sink would pay it.
+            "guizhou REGION_NOT_ACCEPTED",
+            "beijing REGION_NOT_ACCEPTED",
+        ]
+    );
+    assert!(
+        message(&report, 3).contains("issuing region's deny list"),
+        "{report}"
+    );
+    assert!(
+        message(&report, 4).contains("no settlement sink"),
+        "{report}"
+    );
+    assert!(message(&report, 5).contains("no agreement"), "{report}");
+
+    // Both accepted credits are booked, each by the sink that takes it.
+    let l = credited(&sink, r.addr, 2).await;
+    assert_eq!((l.credits, l.credited_fen), (2, 200), "{l:?}");
+    let bytes = std::fs::read(&sink.ledger_file).unwrap();
+    let mut by_sink = BTreeMap::new();
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_slice(line).unwrap();
+        let batch = v["ack"]["batch_id"].as_str().unwrap();
+        let sink_name = batch.split('-').next().unwrap().to_owned();
+        for e in v["events"].as_array().unwrap() {
+            by_sink.insert(
+                e["event_id"].as_str().unwrap().to_owned(),
+                sink_name.clone(),
+            );
+        }
+    }
+    assert_eq!(
+        by_sink,
+        BTreeMap::from([
+            ("R-1:home".to_owned(), "payment".to_owned()),
+            ("R-1:sichuan".to_owned(), "sichuan".to_owned()),
+        ])
+    );
     gw.shutdown().await;
     r.stop().await;
 }
