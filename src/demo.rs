@@ -491,6 +491,26 @@ async fn scan(
 /// identity check at a government counter, a health check, a Sichuan card
 /// on the bus and a Beijing one refused, and a water bill paid. Cards are
 /// new per run, so the demo can run again on the same data.
+/// One line of the scenario demo: the decision, and the why the answer
+/// carries (a fare, visits, what identity disclosed, health, a split).
+fn show(what: &str, v: &serde_json::Value) {
+    let mut why = String::new();
+    for key in ["fare", "visits", "identity", "health", "split"] {
+        if !v[key].is_null() {
+            why = format!("{key} {}", v[key]);
+        }
+    }
+    println!(
+        "demo: {what:<46} -> {:<7} {:<19} {:>5} fen  {why}",
+        v["decision"].as_str().unwrap_or("-"),
+        v["reason"]
+            .as_str()
+            .or(v["error"]["code"].as_str())
+            .unwrap_or("-"),
+        v["amount_fen"],
+    );
+}
+
 pub async fn scenarios(
     admin: SocketAddr,
     terminal: SocketAddr,
@@ -619,22 +639,7 @@ pub async fn scenarios(
         }
         let conn = if who == "hall" { &mut hall } else { &mut bus };
         let a = conn.authorize(&body).await?;
-        let v = a.json();
-        let mut why = String::new();
-        for key in ["fare", "visits", "identity", "health"] {
-            if !v[key].is_null() {
-                why = format!("{key} {}", v[key]);
-            }
-        }
-        println!(
-            "demo: {what:<46} -> {:<7} {:<19} {:>5} fen  {why}",
-            v["decision"].as_str().unwrap_or("-"),
-            v["reason"]
-                .as_str()
-                .or(v["error"]["code"].as_str())
-                .unwrap_or("-"),
-            v["amount_fen"],
-        );
+        show(what, &a.json());
     }
 
     // A hospital pharmacy counter: a hold, part of it captured, the bill
@@ -662,21 +667,7 @@ pub async fn scenarios(
         ),
     ];
     for (what, step, body) in steps {
-        let v = counter.medical(step, &body).await?.json();
-        println!(
-            "demo: {what:<46} -> {:<7} {:<19} {:>5} fen  {}",
-            v["decision"].as_str().unwrap_or("-"),
-            v["reason"]
-                .as_str()
-                .or(v["error"]["code"].as_str())
-                .unwrap_or("-"),
-            v["amount_fen"],
-            if v["split"].is_null() {
-                String::new()
-            } else {
-                format!("split {}", v["split"])
-            },
-        );
+        show(what, &counter.medical(step, &body).await?.json());
     }
 
     // A grant batch: one good record, one for a card not registered here.

@@ -54,7 +54,7 @@ use crate::journal::{Commit, DecisionRecord, JournalError, Op};
 use crate::model::{Card, CardNo, Reason, Scenario};
 use crate::scenario::medical::{self, Category, HoldState, Split};
 use crate::scenario::{self, region};
-use crate::state::{cards, Cf, StoreError};
+use crate::state::{cards, profiles, Cf, StoreError};
 use crate::wire::{self, ApiError, ErrorKind, HoldOp, MedicalAnswer};
 
 /// A hold as stored in the `holds` column family (JSON).
@@ -477,16 +477,10 @@ impl Gateway {
         };
         let stored = read_hold(&self.store, &hold_key).map_err(storage_error)?;
         let step_id = self.auth_ids.next();
-        let card_no = stored
-            .as_ref()
-            .map(|h| CardNo::parse(&h.card_no))
-            .transpose()
-            .map_err(|_| {
-                storage_error(StoreError::Corrupt {
-                    cf: "holds",
-                    detail: "a hold's card number is not valid".into(),
-                })
-            })?;
+        let card_no = match &stored {
+            Some(h) => Some(self.holder_card(h)?),
+            None => None,
+        };
         let (pending, reason, answer) = {
             let _card_lock = card_no.as_ref().map(|c| self.cards.lock(c));
             let snapshot = card_no.as_ref().and_then(|c| self.cards.get(c));
@@ -589,6 +583,36 @@ impl Gateway {
         Ok(answer)
     }
 
+    /// The card that carries a hold's reservation now: the hold's own, or
+    /// the card that replaced it (a replacement takes over the old card's
+    /// daily spend and deductible, so a step of an older hold must give
+    /// back and book there).
+    fn holder_card(&self, h: &HoldRecord) -> Result<CardNo, ApiError> {
+        let corrupt = |detail: &str| {
+            storage_error(StoreError::Corrupt {
+                cf: "holds",
+                detail: detail.into(),
+            })
+        };
+        let mut card =
+            CardNo::parse(&h.card_no).map_err(|_| corrupt("a hold's card number is not valid"))?;
+        // A card is replaced a few times in its holder's life; the bound
+        // only stops a corrupt loop.
+        for _ in 0..16 {
+            let next = profiles::profile(&self.store, &card)
+                .map_err(storage_error)?
+                .replaced_by;
+            match next {
+                Some(n) => {
+                    card = CardNo::parse(&n)
+                        .map_err(|_| corrupt("a replacement card number is not valid"))?
+                }
+                None => return Ok(card),
+            }
+        }
+        Err(corrupt("card replacements form a loop"))
+    }
+
     /// How long a closed hold's record is kept: as long as the answers of
     /// its steps, so a late capture under a new event id still learns the
     /// hold is closed rather than unknown.
@@ -639,12 +663,7 @@ impl Gateway {
                 })
             }
             Some(h) if h.state == HoldState::Open => {
-                let card_no = CardNo::parse(&h.card_no).map_err(|_| {
-                    storage_error(StoreError::Corrupt {
-                        cf: "holds",
-                        detail: "a hold's card number is not valid".into(),
-                    })
-                })?;
+                let card_no = self.holder_card(&h)?;
                 let _card_lock = self.cards.lock(&card_no);
                 let snapshot = self.cards.get(&card_no);
                 let after = HoldRecord {
@@ -677,7 +696,7 @@ impl Gateway {
                     event_id,
                     auth_id: self.auth_ids.next(),
                     kind: crate::model::EventKind::Tap,
-                    card_no: h.card_no.clone(),
+                    card_no: card_no.as_str().to_owned(),
                     scenario: Some(Scenario::Medical),
                     amount_fen: Some(h.amount_fen),
                     decision: "expire".to_owned(),
@@ -699,7 +718,7 @@ impl Gateway {
                     record: Some(record),
                     ops,
                     hold_until_written: Some(Box::new(slot)),
-                    card: Some(h.card_no.as_str().into()),
+                    card: Some(card_no.as_str().into()),
                     also: Vec::new(),
                 });
                 if let (Ok(_), Some(c)) = (&pending, card_after) {

@@ -542,3 +542,46 @@ async fn the_sweep_releases_holds_nobody_touches_and_forgets_closed_ones() {
     assert_eq!(spent(&gw, CARD).await, 0);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_captures_at_once_charge_once() {
+    let gw = start(1800).await;
+    let mut a = gw.terminal(1, Protocol::Http1).await;
+    let mut b = gw.terminal(1, Protocol::Http1).await;
+    step(&mut a, "hold", &hold("h-1", CARD, 5_000, "pharmacy")).await;
+    // The counter's retry under a new event id races the first capture.
+    let (first, second) = (capture("c-a", "h-1", 4_000), capture("c-b", "h-1", 3_000));
+    let (x, y) = tokio::join!(
+        step(&mut a, "capture", &first),
+        step(&mut b, "capture", &second),
+    );
+    let mut reasons = [decision(&x).1, decision(&y).1];
+    reasons.sort();
+    assert_eq!(reasons, ["HOLD_CLOSED".to_owned(), "OK".to_owned()]);
+    let charged = if decision(&x).1 == "OK" { 4_000 } else { 3_000 };
+    assert_eq!(spent(&gw, CARD).await, charged);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_follows_its_card_when_the_card_is_replaced() {
+    const NEW: &str = "500118M00000009";
+    let gw = start(1800).await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    step(&mut t, "hold", &hold("h-1", CARD, 5_000, "outpatient")).await;
+    // The resident loses the card at the hospital; the new card takes over
+    // its daily spend, and with it the hold's reservation.
+    gw.admin_ok(
+        Method::POST,
+        &format!("/admin/v1/cards/{CARD}/replace"),
+        Some(json!({"new_card_no": NEW})),
+    )
+    .await;
+    assert_eq!(spent(&gw, NEW).await, 5_000);
+    let c = step(&mut t, "capture", &capture("c-1", "h-1", 2_000)).await;
+    assert_eq!(decision(&c).1, "OK");
+    // Given back and booked on the card that carries the hold now.
+    assert_eq!(spent(&gw, NEW).await, 2_000);
+    assert_eq!(deductible_used(&gw, NEW).await, 2_000);
+    gw.shutdown().await;
+}
