@@ -742,6 +742,9 @@ impl Gateway {
         let card = origin
             .filter(|o| given_back > 0 || (o.scenario == Scenario::Medical && o.approved))
             .and_then(|o| CardNo::parse(o.card_no).ok());
+        // A replacement card carries the old one's counters (and its
+        // holds' reservations): what is given back goes there.
+        let card = card.map(|c| self.current_card(c)).transpose()?;
         let event_at_ms = stored.as_ref().map_or(now_ms, |s| s.created_ms);
         let indexed: Option<Box<str>> = origin.map(|o| o.card_no.into());
         let event_key = event_guard.key().to_vec();
@@ -765,6 +768,7 @@ impl Gateway {
                     if let (Some(o), Some(s)) = (&origin, &stored) {
                         let (medical, split) = self.on_reverse(
                             &event_key,
+                            s.auth_id,
                             o,
                             s.body,
                             c,

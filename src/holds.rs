@@ -588,14 +588,25 @@ impl Gateway {
     /// daily spend and deductible, so a step of an older hold must give
     /// back and book there).
     fn holder_card(&self, h: &HoldRecord) -> Result<CardNo, ApiError> {
-        let corrupt = |detail: &str| {
+        let card = CardNo::parse(&h.card_no).map_err(|_| {
             storage_error(StoreError::Corrupt {
                 cf: "holds",
+                detail: "a hold's card number is not valid".into(),
+            })
+        })?;
+        self.current_card(card)
+    }
+
+    /// The card that replaced `card`, through any number of replacements,
+    /// or `card` itself.
+    pub(crate) fn current_card(&self, card: CardNo) -> Result<CardNo, ApiError> {
+        let corrupt = |detail: &str| {
+            storage_error(StoreError::Corrupt {
+                cf: "profiles",
                 detail: detail.into(),
             })
         };
-        let mut card =
-            CardNo::parse(&h.card_no).map_err(|_| corrupt("a hold's card number is not valid"))?;
+        let mut card = card;
         // A card is replaced a few times in its holder's life; the bound
         // only stops a corrupt loop.
         for _ in 0..16 {
@@ -637,10 +648,21 @@ impl Gateway {
                 _ => false,
             })
             .map_err(storage_error)?;
+        // One entry that cannot be handled (a corrupt record) must not
+        // stop the others: it is logged and tried again next time.
+        let mut failed = None;
         for (index, key) in &due {
-            self.sweep_one(index, key, now_ms).await?;
+            if let Err(e) = self.sweep_one(index, key, now_ms).await {
+                let (terminal, event_id) = split_key(key);
+                tracing::warn!(error = %e, terminal, event_id, "hold sweep: a hold could not be handled");
+                failed = Some(e);
+            }
         }
-        Ok(due.len())
+        match failed {
+            // Waits for the next interval rather than spinning on it.
+            Some(e) => Err(e),
+            None => Ok(due.len()),
+        }
     }
 
     async fn sweep_one(&self, index: &[u8], key: &[u8], now_ms: i64) -> Result<(), ApiError> {
@@ -651,6 +673,16 @@ impl Gateway {
             .hold(key.to_vec(), now_ms)
             .await
             .map_err(storage_error)?;
+        // A step that closed the hold after the index was read has moved
+        // its entry: this one is gone, and so is the sweep's business.
+        if self
+            .store
+            .get(Cf::Holds, index)
+            .map_err(storage_error)?
+            .is_none()
+        {
+            return Ok(());
+        }
         let stored = read_hold(&self.store, key).map_err(storage_error)?;
         let mut ops = vec![Op::Delete(Cf::Holds, index.to_vec())];
         let pending = match stored {
@@ -670,7 +702,6 @@ impl Gateway {
                     state: HoldState::Expired,
                     ..h.clone()
                 };
-                ops.remove(0);
                 hold_ops(
                     &mut ops,
                     key,
@@ -753,9 +784,11 @@ impl Gateway {
     /// - the reversal of a capture gives back the deductible its split used
     ///   (the split is in the capture's stored answer) and returns the
     ///   split, for the reversal's settlement line.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_reverse(
         &self,
         event_key: &[u8],
+        event_auth_id: &str,
         origin: &Origin<'_>,
         answer: &[u8],
         card: Card,
@@ -770,7 +803,9 @@ impl Gateway {
             let Some(h) = read_hold(&self.store, event_key).map_err(storage_error)? else {
                 return Ok((card, None));
             };
-            if h.state != HoldState::Open {
+            // Only the hold this event made (an event id reused after its
+            // answer's retention is another event).
+            if h.state != HoldState::Open || h.auth_id != event_auth_id {
                 return Ok((card, None));
             }
             let after = HoldRecord {
@@ -812,6 +847,9 @@ pub async fn run_sweep(
 ) {
     loop {
         loop {
+            if *stop.borrow() {
+                return;
+            }
             match gateway.sweep_holds(crate::clock::now_ms()).await {
                 Ok(n) if n == SWEEP_STEP_MAX => continue,
                 Ok(_) => break,

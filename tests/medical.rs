@@ -583,5 +583,10 @@ async fn a_hold_follows_its_card_when_the_card_is_replaced() {
     // Given back and booked on the card that carries the hold now.
     assert_eq!(spent(&gw, NEW).await, 2_000);
     assert_eq!(deductible_used(&gw, NEW).await, 2_000);
+    // Its reversal gives both back there too, not to the cancelled card.
+    let r = t.reverse(&json!({"event_id": "c-1"})).await.unwrap();
+    assert_eq!(r.json()["status"], "reversed");
+    assert_eq!(spent(&gw, NEW).await, 0);
+    assert_eq!(deductible_used(&gw, NEW).await, 0);
     gw.shutdown().await;
 }
