@@ -194,7 +194,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn decline(reason: Reason) -> Outcome {
+    pub fn decline(reason: Reason) -> Outcome {
         Outcome {
             decision: Decision::Decline(reason),
             card_after: None,

@@ -356,12 +356,7 @@ impl Gateway {
             let day = self.policy.local_day(now_s);
             facts.venue_entries = venue.as_ref().map_or(0, |v| v.on(day));
             let decide_started = Instant::now();
-            let decline = |r| authz::Outcome {
-                decision: authz::Decision::Decline(r),
-                card_after: None,
-                fare: None,
-                venue_entries: None,
-            };
+            let decline = authz::Outcome::decline;
             let outcome = match (&card_no, early) {
                 // Reversed by its terminal before it got here: a late copy
                 // of a request the terminal gave up on must not charge.
@@ -759,9 +754,7 @@ impl Gateway {
                 let mut after = None;
                 if let Some(before) = self.cards.get(&card_no) {
                     let mut c = before;
-                    if c.spent_day == day {
-                        c.spent_fen = (c.spent_fen - given_back).max(0);
-                    }
+                    c = c.give_back(day, given_back);
                     if transit {
                         c.transit = scenario::transit::give_back(c.transit, day, given_back);
                     }

@@ -206,25 +206,6 @@ fn rfc3339_ms(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// The card's daily spend with `fen` given back to `day`, if the counter
-/// still counts that day (an earlier day's spend no longer limits).
-fn give_back(card: Card, day: i32, fen: i64) -> Card {
-    let mut c = card;
-    if fen > 0 && c.spent_day == day {
-        c.spent_fen = (c.spent_fen - fen).max(0);
-    }
-    c
-}
-
-fn decline(r: Reason) -> authz::Outcome {
-    authz::Outcome {
-        decision: authz::Decision::Decline(r),
-        card_after: None,
-        fare: None,
-        venue_entries: None,
-    }
-}
-
 impl Gateway {
     /// `POST /v1/hold`: reserves an amount of a medical bill on a card.
     pub async fn hold(
@@ -299,9 +280,9 @@ impl Gateway {
             let _card_lock = card_no.as_deref().map(|c| self.cards.lock(c));
             let snapshot = card_no.as_deref().and_then(|c| self.cards.get(c));
             let outcome = match (&card_no, early) {
-                _ if reversed_already => decline(Reason::Reversed),
-                (_, Some(reason)) => decline(reason),
-                (None, None) => decline(Reason::CardNotFound),
+                _ if reversed_already => authz::Outcome::decline(Reason::Reversed),
+                (_, Some(reason)) => authz::Outcome::decline(reason),
+                (None, None) => authz::Outcome::decline(Reason::CardNotFound),
                 (Some(c), None) => {
                     let out = authz::decide(
                         Event {
@@ -318,7 +299,7 @@ impl Gateway {
                     // The category's own limit, after the checks every
                     // scenario shares (so a lost card says CARD_LOST).
                     match medical::check_amount(&category, amount_fen) {
-                        Err(r) if out.decision.is_approve() => decline(r),
+                        Err(r) if out.decision.is_approve() => authz::Outcome::decline(r),
                         _ => out,
                     }
                 }
@@ -685,15 +666,10 @@ impl Gateway {
         }
         let stored = read_hold(&self.store, key).map_err(storage_error)?;
         let mut ops = vec![Op::Delete(Cf::Holds, index.to_vec())];
+        // An open hold's only entry is its expiry, so an open hold found
+        // here is due.
+        let expired = stored.as_ref().is_some_and(|h| h.state == HoldState::Open);
         let pending = match stored {
-            Some(h) if h.state == HoldState::Open && now_ms < h.expires_ms => {
-                // Not due yet after all (an index entry of an older expiry).
-                ops.push(Op::Put(Cf::Holds, due_key(h.expires_ms, key), Vec::new()));
-                self.journal.submit(Commit {
-                    hold_until_written: Some(Box::new(slot)),
-                    ..Commit::new(None, ops)
-                })
-            }
             Some(h) if h.state == HoldState::Open => {
                 let card_no = self.holder_card(&h)?;
                 let _card_lock = self.cards.lock(&card_no);
@@ -711,7 +687,7 @@ impl Gateway {
                     self.keep_holds_ms(),
                 );
                 let card_after = snapshot
-                    .map(|c| give_back(c, h.day, h.amount_fen))
+                    .map(|c| c.give_back(h.day, h.amount_fen))
                     .filter(|after| Some(*after) != snapshot);
                 if let Some(c) = card_after {
                     ops.push(Op::Put(
@@ -755,7 +731,6 @@ impl Gateway {
                 if let (Ok(_), Some(c)) = (&pending, card_after) {
                     self.cards.set(card_no.clone(), c);
                 }
-                metrics::counter!("onecard_holds_expired_total").increment(1);
                 pending
             }
             // Closed and kept long enough, or gone: the record and its
@@ -773,6 +748,9 @@ impl Gateway {
             .await
             .unwrap_or(Err(JournalError::Closed))
             .map_err(journal_error)?;
+        if expired {
+            metrics::counter!("onecard_holds_expired_total").increment(1);
+        }
         Ok(())
     }
 
@@ -820,7 +798,7 @@ impl Gateway {
                 now_ms,
                 self.keep_holds_ms(),
             );
-            return Ok((give_back(card, h.day, h.amount_fen), None));
+            return Ok((card.give_back(h.day, h.amount_fen), None));
         }
         #[derive(Deserialize)]
         struct Answered {
@@ -914,7 +892,7 @@ pub fn decide_step(
                     state: HoldState::Expired,
                     ..h.clone()
                 }),
-                card_after: Some(give_back(card, h.day, h.amount_fen)),
+                card_after: Some(card.give_back(h.day, h.amount_fen)),
                 ..Step::decline(Reason::HoldExpired)
             };
         }
@@ -931,7 +909,7 @@ pub fn decide_step(
                 state: HoldState::Voided,
                 ..h.clone()
             }),
-            card_after: Some(give_back(card, h.day, h.amount_fen)),
+            card_after: Some(card.give_back(h.day, h.amount_fen)),
         },
         HoldOp::Capture => {
             let asked = amount_fen.unwrap_or(0);
@@ -949,7 +927,7 @@ pub fn decide_step(
             let split = medical::split(&Category::from(&h.rules), charge, left);
             // The reservation leaves the hold's day; the charge counts on
             // the day it is booked, where a reversal of it gives it back.
-            let mut after = give_back(card, h.day, h.amount_fen);
+            let mut after = card.give_back(h.day, h.amount_fen);
             if charge > 0 {
                 let today = policy.local_day(now_s);
                 after.spent_fen = after.spent_on(today).saturating_add(charge);

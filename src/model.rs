@@ -326,6 +326,16 @@ impl Card {
             .collect()
     }
 
+    /// The card with `fen` given back to the spend of `day`, if the counter
+    /// still counts that day (an earlier day's spend no longer limits).
+    pub fn give_back(self, day: i32, fen: i64) -> Card {
+        let mut c = self;
+        if fen > 0 && c.spent_day == day {
+            c.spent_fen = (c.spent_fen - fen).max(0);
+        }
+        c
+    }
+
     /// What has been spent on `day`: counters of an earlier day count as zero.
     pub fn spent_on(&self, day: i32) -> i64 {
         if self.spent_day == day {
