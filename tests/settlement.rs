@@ -355,14 +355,26 @@ async fn reversals_leave_a_batch_or_follow_it_and_the_daily_report_adds_up() {
     assert_eq!(rev["reverses"], lines[1]["auth_id"]);
 
     // The daily report, for reconciliation against the receiver's books.
-    let mut report = gw
-        .admin(
-            Method::GET,
-            &format!("/admin/v1/settlement/report/{day_before}"),
-            None,
-        )
-        .await
-        .json();
+    // The receiver writes its ledger before the gateway has read its
+    // acknowledgement: wait until nothing is pending any more.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut report = loop {
+        let report = gw
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/settlement/report/{day_before}"),
+                None,
+            )
+            .await
+            .json();
+        let pending = &report["sinks"][0]["pending"];
+        if (pending["charges"] == 0 && pending["reversals"] == 0)
+            || std::time::Instant::now() > deadline
+        {
+            break report;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     if today() != day_before {
         // Midnight passed during the test: the figures are split over two
         // days; the test cannot check one day's totals.
