@@ -71,6 +71,10 @@ enum Sender {
 /// One connection to the gateway, as a terminal holds it.
 pub struct Connection {
     sender: Sender,
+    /// `https` over TLS, `http` in plaintext: what HTTP/2's `:scheme` says.
+    scheme: &'static str,
+    /// What `Host` (HTTP/1.1) or `:authority` (HTTP/2) says: the server's
+    /// name as the caller knows it, with the port.
     authority: String,
 }
 
@@ -99,34 +103,37 @@ impl Connection {
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(config).connect(name, tcp).await?;
-        Connection::handshake(TokioIo::new(tls), protocol, addr).await
+        Connection::handshake(TokioIo::new(tls), protocol, "https", addr.to_string()).await
     }
 
     /// Connects over TLS to `addr`, checking the certificate against `name`
-    /// (a DNS name or an IP address).
+    /// (a DNS name or an IP address); `authority` (`host[:port]`, as in
+    /// the URL the caller was given) goes in `Host`.
     pub async fn tls_named(
         addr: SocketAddr,
         name: rustls::pki_types::ServerName<'static>,
+        authority: &str,
         config: Arc<rustls::ClientConfig>,
         protocol: Protocol,
     ) -> Result<Connection, ClientError> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let tls = TlsConnector::from(config).connect(name, tcp).await?;
-        Connection::handshake(TokioIo::new(tls), protocol, addr).await
+        Connection::handshake(TokioIo::new(tls), protocol, "https", authority.to_owned()).await
     }
 
     /// Connects without TLS (the plaintext benchmark listener, the admin listener).
     pub async fn plain(addr: SocketAddr, protocol: Protocol) -> Result<Connection, ClientError> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        Connection::handshake(TokioIo::new(tcp), protocol, addr).await
+        Connection::handshake(TokioIo::new(tcp), protocol, "http", addr.to_string()).await
     }
 
     async fn handshake<I>(
         io: I,
         protocol: Protocol,
-        addr: SocketAddr,
+        scheme: &'static str,
+        authority: String,
     ) -> Result<Connection, ClientError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -149,8 +156,23 @@ impl Connection {
         };
         Ok(Connection {
             sender,
-            authority: addr.to_string(),
+            scheme,
+            authority,
         })
+    }
+
+    /// The request line's target and the `Host` header, as RFC 9112 §3.2
+    /// and RFC 9113 §8.3.1 want them from a client talking to the origin
+    /// server itself: HTTP/1.1 sends the origin form (`/v1/batches`) with
+    /// `Host`; HTTP/2 carries scheme and authority as pseudo-headers, which
+    /// hyper fills from an absolute URI (with the scheme of the connection:
+    /// `https` over TLS). The absolute form on HTTP/1.1 is for proxies,
+    /// and a strict origin server refuses it.
+    fn target(&self, path: &str) -> (String, Option<&str>) {
+        match self.sender {
+            Sender::H1(_) => (path.to_owned(), Some(self.authority.as_str())),
+            Sender::H2(_) => (format!("{}://{}{path}", self.scheme, self.authority), None),
+        }
     }
 
     /// Whether the server has closed this connection (an idle timeout, a
@@ -170,9 +192,14 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<Answer, ClientError> {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.authority));
+        debug_assert!(path.starts_with('/'), "a path, not a URL: {path}");
+        let (uri, host) = self.target(path);
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(host) = host {
+            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+                b = b.header(http::header::HOST, host);
+            }
+        }
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -250,6 +277,7 @@ impl Connection {
         match &self.sender {
             Sender::H2(s) => Some(Connection {
                 sender: Sender::H2(s.clone()),
+                scheme: self.scheme,
                 authority: self.authority.clone(),
             }),
             Sender::H1(_) => None,

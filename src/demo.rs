@@ -2,7 +2,7 @@
 //! real mTLS, one of each outcome, with the decision and latency printed.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use http::{Method, StatusCode};
@@ -267,11 +267,24 @@ pub async fn settlement(
     Ok(())
 }
 
-/// The dev issuer keys (config/dev.toml lists their public halves).
-pub const DEV_QR_KEYS: [(&str, &str, &str); 2] = [
-    ("dev-ed-1", "config/dev-qr/dev-ed25519.pem", "essc"),
-    ("dev-sm2-1", "config/dev-qr/dev-sm2.pem", "ykm"),
-];
+/// The dev issuer keys by kid, and the type of credential each signs
+/// (config/dev.toml lists their public halves, `config/dev-qr/*.pem.pub`).
+pub const DEV_QR_KEYS: [(&str, &str); 2] = [("dev-ed-1", "essc"), ("dev-sm2-1", "ykm")];
+
+/// The dev issuer keys' private halves, found beside the public ones the
+/// config names (`<name>.pem` beside `<name>.pem.pub`), with each kid's
+/// credential type; `None` unless the config names both dev keys and both
+/// private halves are there.
+pub fn dev_qr_keys(keys: &[crate::config::QrKeyConfig]) -> Option<Vec<(PathBuf, &'static str)>> {
+    DEV_QR_KEYS
+        .iter()
+        .map(|(kid, typ)| {
+            let public = &keys.iter().find(|k| k.kid == *kid)?.public_key;
+            let private = public.with_extension("");
+            (private != *public && private.exists()).then(|| (private, *typ))
+        })
+        .collect()
+}
 /// The dev hotline agent's token (config/dev.toml).
 pub const DEV_AGENT_TOKEN: &str = "dev-agent-token-0001";
 
@@ -285,6 +298,7 @@ pub async fn credentials(
     terminal: SocketAddr,
     certs_dir: &Path,
     token: &str,
+    keys: &[(PathBuf, &str)],
 ) -> anyhow::Result<()> {
     use crate::qr;
     // Cards and credentials of this run: a second run of the demo on the
@@ -329,7 +343,8 @@ pub async fn credentials(
     let run_id = crate::clock::now_ms();
     let now = run_id / 1000;
     let mut codes = Vec::new();
-    for (kid, path, typ) in DEV_QR_KEYS {
+    for ((kid, _), (path, typ)) in DEV_QR_KEYS.iter().zip(keys) {
+        let kid = *kid;
         let key = qr::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path)?)
             .map_err(anyhow::Error::msg)?;
         let typ = qr::CredType::parse(typ).expect("a known type");
@@ -389,7 +404,7 @@ pub async fn credentials(
         lost["denylist_version"]
     );
     let (alg, _, _, _, kid, typ) = &codes[0];
-    let key = qr::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(DEV_QR_KEYS[0].1)?)
+    let key = qr::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(&keys[0].0)?)
         .map_err(anyhow::Error::msg)?;
     let sub = format!("{}-demo-{stamp}", typ.as_str());
     let fresh =

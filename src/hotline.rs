@@ -302,19 +302,24 @@ impl Gateway {
         let Some(scenario) = r.scenario.filter(|_| settles) else {
             return Ok("none");
         };
-        let sink = self
-            .config
-            .settlement
-            .sinks
-            .iter()
-            .find(|s| s.scenario_list().is_ok_and(|l| l.contains(&scenario)));
+        // The sink settlement gives it to: its scenario's, and of those the
+        // one whose cards it is (a partner region's card goes to the
+        // partner's sink, not the first that names the scenario).
+        let sink = self.config.settlement.sinks.iter().find(|s| {
+            s.scenario_list().is_ok_and(|l| l.contains(&scenario))
+                && crate::settle::batch::Cards::of(&self.policy.regions, &s.partners)
+                    .takes(&r.card_no)
+        });
         let Some(sink) = sink else {
             return Ok("unsettled");
         };
         // The durable cursor: it moves in the same write that stores a
         // sealed batch, so a record before it is in a stored batch (sent or
-        // parked) or acknowledged, and one after it is still waiting (maybe
-        // in the open batch, read ahead of the durable cursor).
+        // parked) or acknowledged, or was a charge withdrawn with its
+        // reversal before its batch sealed (then the receiver saw neither,
+        // and this says "acknowledged" of a net of nothing); one after it
+        // is still waiting (maybe in the open batch, read ahead of the
+        // durable cursor).
         let cursor = self
             .store
             .get_u64(Cf::Settle, &deliver::cursor_key(&sink.name))?

@@ -362,6 +362,7 @@ impl Writer {
                 }
             }
         }
+        crate::crashpoint::hit("journal.before_write");
         let started = Instant::now();
         let result = self.store.db().write_opt(batch, &self.options());
         metrics::histogram!("onecard_journal_commit_seconds")
@@ -369,6 +370,7 @@ impl Writer {
         metrics::histogram!("onecard_journal_batch_events").record(group.len() as f64);
         match result {
             Ok(()) => {
+                crate::crashpoint::hit("journal.after_write");
                 self.next_seq.store(seq, Ordering::Release);
                 metrics::counter!("onecard_journal_records_total").increment(records);
                 metrics::gauge!("onecard_journal_last_seq").set((seq - 1) as f64);

@@ -31,6 +31,7 @@ pub mod certs;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod crashpoint;
 pub mod credential;
 pub mod demo;
 pub mod disburse;

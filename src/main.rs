@@ -227,6 +227,12 @@ fn main() -> anyhow::Result<()> {
                 c.admin.token = Some(t);
             }
             c.validate()?;
+            // For the crash simulation only: die by SIGKILL at a named
+            // point (src/crashpoint.rs).
+            if let Ok(spec) = std::env::var("ONECARD_CRASH_AT") {
+                onecard::crashpoint::arm(&spec)?;
+                eprintln!("onecard: ONECARD_CRASH_AT={spec}: this process will kill itself there");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -296,12 +302,7 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
     let token = config.admin.token.clone().unwrap_or_default();
     let first_sink = config.settlement.sinks.first().cloned();
     // The credentials demo needs the dev issuer keys and hotline token.
-    let qr_demo = config
-        .qr
-        .keys
-        .iter()
-        .any(|k| k.kid == demo::DEV_QR_KEYS[0].0)
-        && std::path::Path::new(demo::DEV_QR_KEYS[0].1).exists();
+    let qr_demo = demo::dev_qr_keys(&config.qr.keys);
     let data_dir = config.data_dir.clone();
     let scenario_demo = !config.transit.routes.is_empty();
     let running = server::start(config)
@@ -360,8 +361,9 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
                 eprintln!("settlement demo failed: {e:#}");
             }
         }
-        if qr_demo {
-            if let Err(e) = demo::credentials(addrs.admin, addrs.terminal, &certs_dir, &token).await
+        if let Some(keys) = &qr_demo {
+            if let Err(e) =
+                demo::credentials(addrs.admin, addrs.terminal, &certs_dir, &token, keys).await
             {
                 eprintln!("credentials demo failed: {e:#}");
             }

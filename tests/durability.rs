@@ -5,6 +5,8 @@
 //!
 //! A second test kills the gateway while it delivers settlement batches to
 //! a real receiver: after the restart every approved fare is booked once.
+//! A third kills it after a reversal took its charge out of an open batch
+//! (issue 15): the receiver books no refund of a charge it never got.
 //!
 //! Scope: SIGKILL keeps the OS page cache, so this proves "answered only
 //! after the record was written" (it would catch an answer sent before the
@@ -361,4 +363,91 @@ async fn kill_9_keeps_loss_reports_replacements_and_spent_codes() {
     assert_eq!(listed, [lost.as_str(), old.as_str()]);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// Issue 15, as found: a payment charge reversed while its batch is open
+/// leaves the batch; the next event seals the rest by size, so the sealed
+/// batch ends before the reversal; `kill -9` before the next batch seals.
+/// After the restart the receiver must book the batch without the charge
+/// and no reversal line for it: it never received the charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_a_reversal_left_its_open_batch_books_no_refund_of_it() {
+    const KEY: &str = "payment-signing-key-0001";
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sink = Sink::new(&data, CLIENTS);
+    let r = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+        )
+        .await;
+    // 1,024 bytes hold three short lines (about 230 bytes each, beside the
+    // 256 bytes counted for the envelope) but not two and a long one
+    // (about 350): the long event seals the two before it and opens the
+    // next batch. Age 5 s: the kill comes long before that batch seals.
+    let extra = format!(
+        "[[settlement.sinks]]\nname = \"payment\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"payment\"]\nkey = \"{KEY}\"\nevents_max = 100\nbytes_max = 1024\nage_max_ms = 5000\n",
+        r.addr.port(),
+        sink.certs.join(onecard::certs::CA_CERT)
+    );
+    let mut child = spawn_gateway_with(dir.path(), &extra);
+    let addrs = wait_ready(&mut child, dir.path());
+    let a = client::admin(
+        addrs.admin,
+        Some(TOKEN),
+        Method::PUT,
+        &format!("/admin/v1/cards/{}", card(0)),
+        Some(&json!({"status": "active", "functions": ["financial"]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    let mut conn = connect_terminal(&sink.certs, addrs.terminal, 1, Protocol::Http1).await;
+    let pay = |id: &str, bill: &str| {
+        json!({"event_id": id, "kind": "tap", "card_no": card(0), "scenario": "payment",
+               "amount_fen": 1000, "site": "counter-1", "bill_ref": bill})
+    };
+    for id in ["pay-a", "pay-b", "pay-c"] {
+        let a = conn.authorize(&pay(id, &id.to_uppercase())).await.unwrap();
+        assert_eq!(a.json()["decision"], "approve", "{id}");
+    }
+    let rev = conn.reverse(&json!({"event_id": "pay-a"})).await.unwrap();
+    assert_eq!(rev.json()["status"], "reversed");
+    let long_id = format!("pay-d{}", "d".repeat(59));
+    let long_bill = format!("BILL-D{}", "D".repeat(58));
+    let d = conn.authorize(&pay(&long_id, &long_bill)).await.unwrap();
+    assert_eq!(d.json()["decision"], "approve");
+    // The batch of B and C is sealed (and booked) by D; D's is open.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut l = sink.ledger(r.addr).await;
+    while l.batches < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        l = sink.ledger(r.addr).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        (l.batches, l.events, l.total_fen),
+        (1, 2, 2_000),
+        "B and C in the first batch, A taken out: {l:?}"
+    );
+
+    let mut child = spawn_gateway_with(dir.path(), &extra);
+    wait_ready(&mut child, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut l = sink.ledger(r.addr).await;
+    while l.batches < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        l = sink.ledger(r.addr).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    r.stop().await;
+    // B, C and D charged once each; A neither charged nor refunded.
+    assert_eq!(
+        (l.batches, l.events, l.total_fen, l.reversals),
+        (2, 3, 3_000, 0),
+        "the receiver's net must be what the terminals were told: {l:?}"
+    );
 }

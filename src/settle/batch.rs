@@ -12,6 +12,13 @@
 //!   `age_max_ms` old; an event larger than `bytes_max` goes alone.
 //! - Its id is the sink and the journal range it covers, so that sending it
 //!   again (after a timeout, a restart) carries the same idempotency key.
+//! - After a restart the open batch is rebuilt by offering the journal
+//!   again from [`Batcher::resume_seq`]: the first record of the open
+//!   batch's *epoch* (since it was last empty), not the record after the
+//!   last sealed event. A reversal that took its charge out of the open
+//!   batch may come after the last event of the batch that then seals;
+//!   resuming after that event would offer the reversal without its
+//!   charge, and book a refund of a charge the receiver never got.
 //! - A credit (a disbursement: money paid *to* the card holder's account)
 //!   goes in as a credit line with the negative amount, like a reversal
 //!   gives money back, so the total stays the net the receiver books; its
@@ -254,6 +261,11 @@ pub struct Batcher {
     rules: Rules,
     open: Vec<Open>,
     bytes: usize,
+    /// The first record this batcher took since it was last empty: every
+    /// record from here on has shaped the open batch (an event in it, a
+    /// reversal that took one out), every record before is in a sealed
+    /// batch or cancelled out. `None` while nothing is open.
+    epoch: Option<u64>,
 }
 
 impl Batcher {
@@ -263,6 +275,22 @@ impl Batcher {
             rules,
             open: Vec::new(),
             bytes: ENVELOPE_BYTES,
+            epoch: None,
+        }
+    }
+
+    /// Where to resume following the journal after a restart so that the
+    /// open batch comes back exactly as it is now, given that every record
+    /// before `next_seq` has been offered: the open batch's epoch, or
+    /// `next_seq` when nothing is open. Stored with each sealed batch (and
+    /// on its own when nothing is open), it is the sink's cursor.
+    pub fn resume_seq(&self, next_seq: u64) -> u64 {
+        match self.epoch {
+            Some(first) => {
+                debug_assert!(first < next_seq, "the epoch starts at an offered record");
+                first
+            }
+            None => next_seq,
         }
     }
 
@@ -291,6 +319,11 @@ impl Batcher {
             if let Some(i) = waiting {
                 let gone = self.open.remove(i);
                 self.bytes -= gone.line.len() + 1;
+                if self.open.is_empty() {
+                    // The charge and its reversal cancel out: a restart
+                    // need not see either again.
+                    self.epoch = None;
+                }
                 return sealed;
             }
         }
@@ -301,6 +334,9 @@ impl Batcher {
             sealed.extend(self.seal());
         }
         self.bytes += line.len() + 1;
+        if self.open.is_empty() {
+            self.epoch = Some(seq);
+        }
         self.open.push(Open {
             seq,
             fen,
@@ -379,6 +415,7 @@ impl Batcher {
         body.extend_from_slice(b"]}");
         self.open.clear();
         self.bytes = ENVELOPE_BYTES;
+        self.epoch = None;
         Some(Batch {
             id,
             sink: self.rules.sink.clone(),
@@ -689,6 +726,178 @@ mod tests {
         )
         .unwrap();
         assert_eq!((old.credits, old.net_fen()), (0, 5));
+    }
+
+    /// A reversal that took its charge out of the open batch, followed by
+    /// an event that seals the rest by size: the batch ends before the
+    /// reversal, and a restart must not offer the reversal again (issue 15,
+    /// as found: a refund booked of a charge the receiver never got).
+    #[test]
+    fn a_restart_resumes_before_a_reversal_that_emptied_a_charge_out() {
+        let mut b = transport(100, 1_024, 60_000);
+        let charges: Vec<DecisionRecord> = (1..=3)
+            .map(|i| record(Scenario::Transit, true, 1_000, i))
+            .collect();
+        for (i, c) in charges.iter().enumerate() {
+            assert!(b.offer(i as u64 + 1, c).is_empty());
+        }
+        assert!(b.offer(4, &reversal(&charges[0], 4)).is_empty());
+        assert_eq!(b.pending(), 2);
+        // A larger event that does not fit beside the two left.
+        let mut big = record(Scenario::Transit, true, 700, 5);
+        big.event_id = "e".repeat(400);
+        let sealed = b.offer(5, &big);
+        assert_eq!(sealed.len(), 1);
+        assert_eq!((sealed[0].first_seq, sealed[0].last_seq), (2, 3));
+        // Resuming at 4 (after the batch's last event) would offer the
+        // reversal alone; the open batch began at 5.
+        assert_eq!(b.resume_seq(6), 5);
+        let mut again = transport(100, 1_024, 60_000);
+        assert!(again.offer(5, &big).is_empty());
+        assert_eq!(again.seal(), b.seal());
+        assert_eq!(b.resume_seq(6), 6, "nothing open");
+    }
+
+    /// One step of the property below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// An approved charge, its event id this long (line sizes vary).
+        Charge { fen: i64, id_len: usize },
+        /// The reversal of the n-th charge so far (modulo), if not yet reversed.
+        Reverse(usize),
+        /// A decline: journaled, not settled.
+        Decline,
+        /// Time passes; the follower reads what is new and ticks.
+        Follow { ms: i64 },
+        /// The process dies and starts again on its durable state; with
+        /// `power`, writes not synced are lost too.
+        Crash { power: bool },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1i64..20, 1usize..120).prop_map(|(f, id_len)| Step::Charge { fen: f * 100, id_len }),
+            2 => (0usize..64).prop_map(Step::Reverse),
+            1 => Just(Step::Decline),
+            3 => (0i64..400).prop_map(|ms| Step::Follow { ms }),
+            1 => any::<bool>().prop_map(|power| Step::Crash { power }),
+        ]
+    }
+
+    /// What a sink's follower keeps durable: the batches stored so far
+    /// and its cursor (synced with each batch, or written unsynced when
+    /// nothing is open), as `deliver::fill` keeps them.
+    struct Follower {
+        batcher: Batcher,
+        next_seq: u64,
+        synced_cursor: u64,
+        cursor: u64,
+    }
+
+    impl Follower {
+        fn follow(&mut self, journal: &[DecisionRecord], now_ms: i64, stored: &mut Vec<Batch>) {
+            let mut sealed = Vec::new();
+            while (self.next_seq as usize) <= journal.len() {
+                let seq = self.next_seq;
+                sealed.extend(self.batcher.offer(seq, &journal[seq as usize - 1]));
+                self.next_seq += 1;
+            }
+            sealed.extend(self.batcher.tick(now_ms));
+            let resume = self.batcher.resume_seq(self.next_seq);
+            if !sealed.is_empty() {
+                stored.extend(sealed);
+                self.synced_cursor = resume;
+                self.cursor = resume;
+            } else if resume > self.cursor {
+                self.cursor = resume;
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Whatever the records, the sizes, the times and the crashes (a
+        /// process kill keeps unsynced writes, a power cut loses them), the
+        /// receiver gets each charge at most once, a reversal line only
+        /// after the charge it gives back, and in all exactly the charges
+        /// not reversed, net.
+        #[test]
+        fn crashes_anywhere_book_each_charge_once_and_no_unmatched_reversal(
+            steps in proptest::collection::vec(step(), 1..80),
+            events_max in 2usize..8,
+            bytes_max in 600usize..2_000,
+            age_max_ms in 50i64..1_000,
+        ) {
+            let rules = || transport(events_max, bytes_max, age_max_ms);
+            let mut journal: Vec<DecisionRecord> = Vec::new();
+            let mut charges: Vec<(String, i64, bool)> = Vec::new();
+            let mut stored: Vec<Batch> = Vec::new();
+            let mut now = 1_000_000i64;
+            let mut f = Follower { batcher: rules(), next_seq: 1, synced_cursor: 1, cursor: 1 };
+            for s in &steps {
+                now += 1;
+                match s {
+                    Step::Charge { fen, id_len } => {
+                        let mut r = record(Scenario::Transit, true, *fen, now);
+                        r.event_id = format!("{}{}", "e".repeat(*id_len), now);
+                        charges.push((r.auth_id.clone(), *fen, false));
+                        journal.push(r);
+                    }
+                    Step::Reverse(n) if !charges.is_empty() => {
+                        let i = n % charges.len();
+                        if !charges[i].2 {
+                            charges[i].2 = true;
+                            let of = journal.iter().find(|r| r.auth_id == charges[i].0).unwrap().clone();
+                            journal.push(reversal(&of, now));
+                        }
+                    }
+                    Step::Reverse(_) => {}
+                    Step::Decline => journal.push(record(Scenario::Transit, false, 300, now)),
+                    Step::Follow { ms } => {
+                        now += ms;
+                        f.follow(&journal, now, &mut stored);
+                    }
+                    Step::Crash { power } => {
+                        let from = if *power { f.synced_cursor } else { f.cursor };
+                        f = Follower { batcher: rules(), next_seq: from, synced_cursor: from, cursor: from };
+                    }
+                }
+            }
+            f.follow(&journal, now, &mut stored);
+            stored.extend(f.batcher.seal());
+
+            // The receiver books each batch id once, in the order stored.
+            let mut ids = std::collections::HashSet::new();
+            let mut booked: std::collections::BTreeMap<String, i64> = Default::default();
+            let mut net = 0i64;
+            for b in &stored {
+                proptest::prop_assert!(ids.insert(b.id.clone()), "batch {} stored twice", b.id);
+                let doc: serde_json::Value = serde_json::from_slice(&b.body).unwrap();
+                for line in doc["events"].as_array().unwrap() {
+                    let fen = line["amount_fen"].as_i64().unwrap();
+                    net += fen;
+                    match line["type"].as_str().unwrap() {
+                        "charge" => {
+                            let auth = line["auth_id"].as_str().unwrap().to_owned();
+                            proptest::prop_assert!(booked.insert(auth.clone(), fen).is_none(), "{} charged twice", auth);
+                        }
+                        _ => {
+                            let of = line["reverses"].as_str().unwrap();
+                            proptest::prop_assert_eq!(booked.remove(of), Some(-fen), "a reversal of {} booked before (or without) its charge", of);
+                        }
+                    }
+                }
+            }
+            let want: std::collections::BTreeMap<String, i64> = charges
+                .iter()
+                .filter(|c| !c.2)
+                .map(|c| (c.0.clone(), c.1))
+                .collect();
+            proptest::prop_assert_eq!(net, want.values().sum::<i64>());
+            proptest::prop_assert_eq!(booked, want);
+        }
     }
 
     #[test]

@@ -75,6 +75,13 @@ impl From<Batch> for Stored {
 }
 
 impl Stored {
+    /// Whether it has reversal lines (money given back for a charge sent
+    /// in an earlier batch). A batch stored before summaries existed says
+    /// no, and goes as it did then.
+    pub fn gives_back(&self) -> bool {
+        self.summary.iter().any(|d| d.reversals > 0)
+    }
+
     /// The head as one line of JSON, a newline, then the body as it is
     /// sent: a 1,000-event body is not escaped into a JSON string on every
     /// store and read, and the head alone reads without touching it.
@@ -292,6 +299,9 @@ struct Sink {
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
     host: String,
     port: u16,
+    /// `host[:port]` as the URL has it: the `Host` of every request.
+    authority: String,
+    /// The origin-form target: path and query.
     path: String,
 }
 
@@ -317,9 +327,15 @@ impl Sink {
             .ok_or_else(|| format!("{} has no address", self.host))?;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
             .map_err(|e| format!("server name {}: {e}", self.host))?;
-        Connection::tls_named(addr, name, self.tls.clone(), Protocol::Http1)
-            .await
-            .map_err(|e| format!("connecting: {e}"))
+        Connection::tls_named(
+            addr,
+            name,
+            &self.authority,
+            self.tls.clone(),
+            Protocol::Http1,
+        )
+        .await
+        .map_err(|e| format!("connecting: {e}"))
     }
 
     async fn send(self: Arc<Self>, conn: Option<Connection>, b: Stored) -> Done {
@@ -448,7 +464,13 @@ async fn run_inner(
         signer: Signer::new(cfg.algorithm, cfg.signing_key().expect("validated")),
         host: uri.host().unwrap_or("").trim_matches(['[', ']']).to_owned(),
         port: uri.port_u16().unwrap_or(443),
-        path: uri.path().to_owned(),
+        authority: uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default(),
+        path: uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
         tls,
         cfg: cfg.clone(),
     });
@@ -571,9 +593,27 @@ async fn run_inner(
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
         if !status.is_paused() {
             let now = Instant::now();
-            for b in waiting {
+            let mut parked_first: Option<Option<u64>> = None;
+            for (i, b) in waiting.into_iter().enumerate() {
                 if inflight.contains(&b.first_seq) {
                     continue;
+                }
+                // A batch that gives money back goes only once every older
+                // batch of the sink is booked: the charge it reverses is in
+                // one of them, and a receiver must never see a refund of a
+                // charge it has not booked (with several sends in flight, or
+                // an older batch parked, it could).
+                if b.gives_back() {
+                    let parked = match parked_first {
+                        Some(p) => p,
+                        None => {
+                            let p = list_heads(&store, &pp, 1)?.first().map(|p| p.first_seq);
+                            *parked_first.insert(p)
+                        }
+                    };
+                    if i > 0 || parked.is_some_and(|p| p < b.first_seq) {
+                        continue;
+                    }
                 }
                 if retries.get(&b.first_seq).is_some_and(|r| r.1 > now) {
                     // Backing off. With one send at a time, batches go in
@@ -618,11 +658,14 @@ async fn run_inner(
             idle.extend(conn);
             match outcome {
                 Sent::Acked => {
+                    // Booked by the receiver, not yet forgotten here.
+                    crate::crashpoint::hit("settle.after_send");
                     backlog.remove(&b);
                     status.acked(gw.now_ms());
                     circuit.success();
                     retries.remove(&b.first_seq);
                     tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, &b))?;
+                    crate::crashpoint::hit("settle.after_ack");
                     metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
                     metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
                         .increment(b.count);
@@ -720,22 +763,30 @@ fn fill(
     }
     let stored: Vec<Stored> = sealed.into_iter().map(Stored::from).collect();
     let cf = store.cf(Cf::Settle);
-    if let Some(last) = stored.last() {
+    // Where a restart reads the journal again: the first record that
+    // shaped the open batch, not the one after the last stored event (a
+    // reversal that took a charge out of the open batch may lie between
+    // them, and offered again without its charge it would go out as a
+    // refund of a charge never sent).
+    let resume = batcher.resume_seq(*next_seq);
+    if !stored.is_empty() {
         let mut wb = rocksdb::WriteBatch::default();
         for b in &stored {
+            debug_assert!(b.last_seq < resume, "a stored batch is behind the cursor");
             wb.put_cf(cf, key(bp, b.first_seq), b.encode());
         }
-        // Events up to the last stored batch are in a stored batch (or not
-        // this sink's); later ones are read again after a restart.
-        *durable_cursor = last.last_seq + 1;
-        wb.put_cf(cf, ck, durable_cursor.to_be_bytes());
+        *durable_cursor = resume;
+        wb.put_cf(cf, ck, resume.to_be_bytes());
         store.db().write_opt(wb, &synced())?;
-    }
-    if batcher.pending() == 0 && *next_seq > *durable_cursor {
-        // Nothing open: skip what was read on the next start. Unsynced:
-        // losing it costs a re-read, and the next synced write covers it.
-        store.db().put_cf(cf, ck, next_seq.to_be_bytes())?;
-        *durable_cursor = *next_seq;
+        crate::crashpoint::hit("settle.after_seal");
+    } else if resume > *durable_cursor {
+        // Nothing new is stored, and everything before `resume` is in a
+        // stored batch or cancelled out: skip it on the next start.
+        // Unsynced: losing it costs a re-read from the last synced cursor,
+        // which rebuilds the same open batch.
+        store.db().put_cf(cf, ck, resume.to_be_bytes())?;
+        *durable_cursor = resume;
+        crate::crashpoint::hit("settle.after_cursor");
     }
     Ok((read_any, stored))
 }

@@ -13,6 +13,11 @@
 //! - `POST /v1/misbehave`: `{"fail": N, "delay_ms": M, "drop_after_booking": N,
 //!   "wrong_total": N, "away_ms": M}` (loopback only, like the whole server;
 //!   "away" drops batches unanswered while the ledger and controls answer).
+//!
+//! It is as strict about the request target as a receiver written with
+//! Python's `http.server`: an absolute-form target (`POST https://host/...`
+//! over HTTP/1.1) is `404`, so the gateway's tests keep it sending the
+//! origin form.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -246,6 +251,29 @@ enum Outcome {
     Drop,
 }
 
+/// Refuses a request target the way a strict origin server does (one
+/// written with Python's `http.server`, say, answers `404`): over
+/// HTTP/1.x only the origin form (`/v1/batches`) names a resource here;
+/// the absolute form is what a client sends to a proxy. Over HTTP/2 the
+/// scheme must be the connection's, `https`. The gateway once sent
+/// `POST http://host:port/v1/batches` over TLS, every batch was parked at
+/// such a receiver, and this one (which took it) let no test see it.
+fn strict_target(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let uri = req.uri();
+    let refusal = if req.version() < http::Version::HTTP_2 {
+        uri.scheme().is_some() || uri.authority().is_some()
+    } else {
+        uri.scheme_str() != Some("https")
+    };
+    refusal.then(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "the request target must be origin-form (POST /v1/batches with a Host header) over HTTP/1.1, and :scheme https over HTTP/2",
+        )
+    })
+}
+
 impl State {
     fn book(&self, body: &[u8], signature: Option<&str>) -> Outcome {
         if !signature.is_some_and(|s| self.signer.verify(body, s)) {
@@ -342,6 +370,9 @@ impl State {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Outcome {
+        if let Some(refusal) = strict_target(&req) {
+            return Outcome::Answer(refusal);
+        }
         match (req.method().clone(), req.uri().path()) {
             (Method::GET, "/v1/ledger") => {
                 Outcome::Answer(json(StatusCode::OK, &self.ledger.lock().2))
