@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::Value;
@@ -27,7 +26,7 @@ use crate::gateway::{journal_error, Gateway};
 use crate::hotline;
 use crate::import;
 use crate::ingress::{
-    error_response, json_response, read_body, read_json_body, status_label, wrong_method, Body,
+    error_response, json_response, read_body, read_json_body, status_label, wrong_method, Body, Req,
 };
 use crate::journal::JournalError;
 use crate::model::CardNo;
@@ -102,14 +101,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Admin {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Req) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let (route, response) = self.route(req, &path).await;
         metrics::counter!("onecard_http_requests_total", "listener" => "admin", "route" => route, "status" => status_label(response.status())).increment(1);
         response
     }
 
-    async fn route(&self, req: Request<Incoming>, path: &str) -> (&'static str, Response<Body>) {
+    async fn route(&self, req: Req, path: &str) -> (&'static str, Response<Body>) {
         let (route, param) = match routes::find(Listener::Admin, req.method(), path) {
             Match::Found { route, param } => (route, param),
             Match::WrongMethod { path, allowed } => return (path, wrong_method(path, &allowed)),
@@ -140,7 +139,7 @@ impl Admin {
 
     /// Who holds the bearer token, if it is one of ours and its role may
     /// call a route that needs `needed`.
-    fn authenticate(&self, req: &Request<Incoming>, needed: Access) -> Result<Actor, ApiError> {
+    fn authenticate(&self, req: &Req, needed: Access) -> Result<Actor, ApiError> {
         if self.principals.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::Unauthenticated,
@@ -192,7 +191,7 @@ impl Admin {
         &self,
         id: RouteId,
         param: &str,
-        req: Request<Incoming>,
+        req: Req,
         actor: Option<Actor>,
     ) -> Result<Response<Body>, ApiError> {
         let card = || wire::card_no_field("card_no in the path", param);
@@ -442,11 +441,7 @@ impl Admin {
         }
     }
 
-    async fn import(
-        &self,
-        id: RouteId,
-        req: Request<Incoming>,
-    ) -> Result<Response<Body>, ApiError> {
+    async fn import(&self, id: RouteId, req: Req) -> Result<Response<Body>, ApiError> {
         // Owned: the slot goes with the import's own task, which runs to
         // its end even if this handler is dropped (the client hung up).
         let Ok(slot) = self.imports.clone().try_acquire_owned() else {
@@ -475,7 +470,7 @@ impl Admin {
     async fn disburse(
         &self,
         batch_id: &str,
-        req: Request<Incoming>,
+        req: Req,
         actor: Actor,
     ) -> Result<Response<Body>, ApiError> {
         disburse::check_batch_id(batch_id)?;
@@ -610,10 +605,7 @@ impl Admin {
     }
 
     /// A JSON body that may be absent (an empty map then).
-    async fn optional_body(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<serde_json::Map<String, Value>, ApiError> {
+    async fn optional_body(&self, req: Req) -> Result<serde_json::Map<String, Value>, ApiError> {
         let timeout = Duration::from_millis(self.gateway.config.limits.header_read_timeout_ms);
         // No body at all (`curl -X POST` without data sends neither a
         // length nor a type): nothing to read and no type to require.
@@ -631,10 +623,7 @@ impl Admin {
         wire::parse_object(&bytes)
     }
 
-    async fn body(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<serde_json::Map<String, Value>, ApiError> {
+    async fn body(&self, req: Req) -> Result<serde_json::Map<String, Value>, ApiError> {
         let timeout = Duration::from_millis(self.gateway.config.limits.header_read_timeout_ms);
         let bytes = read_json_body(req, ADMIN_BODY_BYTES_MAX, timeout).await?;
         wire::parse_object(&bytes)

@@ -38,6 +38,121 @@ use crate::wire::{ApiError, ErrorKind};
 
 pub type Body = Full<Bytes>;
 
+/// A request as the handlers of both listeners take it: its body drains
+/// itself when dropped unread (see [`RequestBody`]).
+pub type Req = Request<RequestBody>;
+
+/// After a refusal, bytes of an unread body read and thrown away at most,
+/// and for how long, before the connection (HTTP/1.1) or the stream
+/// (HTTP/2) is given up: enough for a client that writes its whole body
+/// before it reads (a 200 KB body against a 16 KiB limit) to read its
+/// `413`, not a reset.
+pub const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
+pub const DRAIN_TIME_MAX: Duration = Duration::from_secs(3);
+
+/// hyper's request body, which drains itself if a handler drops it before
+/// its end.
+///
+/// Why: a refusal (`413` from the declared `Content-Length`, `415`, `401`,
+/// `429`) is answered before the body is read. Dropping hyper's body then
+/// makes HTTP/2 reset the stream (`CANCEL`) before the answer is out, and
+/// HTTP/1.1 close the socket with bytes unread, which the kernel turns into
+/// a reset while the client is still sending: either way the client never
+/// reads its answer (curl: "Stream error in the HTTP/2 framing layer";
+/// Python's `http.client`: connection reset). So the rest of the body is
+/// read and discarded on a task of its own, at most [`DRAIN_BYTES_MAX`]
+/// for at most [`DRAIN_TIME_MAX`] (like nginx's lingering close), while
+/// the answer goes out; a body that ends in time leaves the connection
+/// usable. A body the client has not started (`Expect: 100-continue`, no
+/// `100` sent yet) is not asked for.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    ended: bool,
+    polled: bool,
+    expect_continue: bool,
+    activity: Option<Arc<ConnActivity>>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming, expect_continue: bool, activity: Arc<ConnActivity>) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            ended: false,
+            polled: false,
+            expect_continue,
+            activity: Some(activity),
+        }
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        this.polled = true;
+        let Some(inner) = this.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let r = std::pin::Pin::new(inner).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) {
+            this.ended = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        use hyper::body::Body as _;
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        if self.ended || inner.is_end_stream() || (self.expect_continue && !self.polled) {
+            return;
+        }
+        // The drain counts as a request in flight: its bytes are not the
+        // head of a next request (the slow-head check), and the connection
+        // is not idle while it runs.
+        let busy = self.activity.take().map(ConnActivity::busy);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                drain(inner).await;
+                drop(busy);
+            });
+        }
+    }
+}
+
+/// Reads and discards what is left of a body, within the drain bounds.
+async fn drain(mut body: Incoming) {
+    let read = async {
+        let mut left = DRAIN_BYTES_MAX;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, Bytes::len);
+            if n > left {
+                return;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME_MAX, read).await;
+}
+
 /// HTTP/2 streams one terminal connection may have open at once.
 pub const H2_STREAMS_MAX: u32 = 64;
 /// Terminal ids: at most this many characters.
@@ -179,17 +294,13 @@ pub fn status_label(s: StatusCode) -> &'static str {
 
 /// Checks the content type and reads the body within the size limit and
 /// the header-read timeout (a body that trickles in is a slow-loris too).
-pub async fn read_json_body(
-    req: Request<Incoming>,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
+pub async fn read_json_body(req: Req, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     read_body(req, "application/json", limit, timeout).await
 }
 
 /// Reads a body of media type `media` within `limit` bytes and `timeout`.
 pub async fn read_body(
-    req: Request<Incoming>,
+    req: Req,
     media: &'static str,
     limit: usize,
     timeout: Duration,
@@ -258,7 +369,7 @@ pub fn wrong_method(path: &str, allowed: &[&str]) -> Response<Body> {
 pub async fn terminal_request(
     gw: Arc<Gateway>,
     identity: TerminalIdentity,
-    req: Request<Incoming>,
+    req: Req,
 ) -> Response<Body> {
     let found = routes::find(Listener::Terminal, req.method(), req.uri().path());
     let (label, response) = match found {
@@ -309,7 +420,7 @@ pub async fn terminal_request(
 
 /// The terminal a request comes from: its certificate's, or on the
 /// plaintext listener its `X-Terminal-Id` header.
-fn terminal_of(identity: TerminalIdentity, req: &Request<Incoming>) -> Result<Arc<str>, ApiError> {
+fn terminal_of(identity: TerminalIdentity, req: &Req) -> Result<Arc<str>, ApiError> {
     match identity {
         TerminalIdentity::Certificate(id) => Ok(id),
         TerminalIdentity::Header => {
@@ -332,11 +443,7 @@ fn terminal_of(identity: TerminalIdentity, req: &Request<Incoming>) -> Result<Ar
 /// `GET /v1/ping`: a terminal checks that the gateway knows it (its
 /// certificate was accepted), reads the gateway's clock and the deny-list
 /// version, and warms its connection, without deciding anything.
-fn ping(
-    gw: &Gateway,
-    identity: TerminalIdentity,
-    req: &Request<Incoming>,
-) -> Result<Vec<u8>, ApiError> {
+fn ping(gw: &Gateway, identity: TerminalIdentity, req: &Req) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, req)?;
     let _permit = gw.admission.request(&terminal, Instant::now())?;
     let body = serde_json::json!({
@@ -352,7 +459,7 @@ fn ping(
 async fn denylist_sync(
     gw: &Gateway,
     identity: TerminalIdentity,
-    req: &Request<Incoming>,
+    req: &Req,
 ) -> Result<Response<Body>, ApiError> {
     let terminal = terminal_of(identity, req)?;
     let _permit = gw.admission.request(&terminal, Instant::now())?;
@@ -384,7 +491,7 @@ async fn denylist_sync(
 async fn offline_batch(
     gw: &Gateway,
     identity: TerminalIdentity,
-    req: Request<Incoming>,
+    req: Req,
 ) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, &req)?;
     let _permit = gw.admission.request(&terminal, Instant::now())?;
@@ -407,7 +514,7 @@ pub const OFFLINE_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 async fn authorize(
     gw: &Gateway,
     identity: TerminalIdentity,
-    req: Request<Incoming>,
+    req: Req,
     id: RouteId,
 ) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, &req)?;
@@ -488,21 +595,19 @@ impl ConnActivity {
     }
 
     /// Wraps a request future so the connection counts as busy while it runs.
-    pub async fn track<F: Future>(&self, f: F) -> F::Output {
-        /// Ends the request's count even when hyper drops the future (an
-        /// HTTP/2 stream reset), so the idle timeout keeps working.
-        struct Busy<'a>(&'a ConnActivity);
-        impl Drop for Busy<'_> {
-            fn drop(&mut self) {
-                self.0.touch();
-                self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
+    pub async fn track<F: Future>(self: &Arc<Self>, f: F) -> F::Output {
+        let _busy = self.clone().busy();
+        f.await
+    }
+
+    /// Counts the connection busy until the guard is dropped; it ends the
+    /// count even when hyper drops the request's future (an HTTP/2 stream
+    /// reset), so the idle timeout keeps working.
+    fn busy(self: Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started_ms.store(NO_HEAD, Ordering::Release);
         self.touch();
-        let _busy = Busy(self);
-        f.await
+        Busy(self)
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -511,6 +616,16 @@ impl ConnActivity {
         }
         let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
         Some(self.started.elapsed().saturating_sub(last))
+    }
+}
+
+/// A request (or a drain) in flight on a connection.
+struct Busy(Arc<ConnActivity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -587,15 +702,20 @@ pub async fn serve_connection<I, F, Fut>(
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    F: Fn(Req) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let activity = ConnActivity::new();
     let handler = Arc::new(handler);
     let a = activity.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
         let a = a.clone();
+        let expect_continue = req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let req = req.map(|b| RequestBody::new(b, expect_continue, a.clone()));
         async move { Ok::<_, Infallible>(a.track(handler(req)).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

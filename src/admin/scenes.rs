@@ -8,8 +8,7 @@
 
 use std::collections::HashSet;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::Response;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -17,7 +16,7 @@ use super::{completed, ok_json, unreadable, Admin, Body};
 use crate::cardlife::Actor;
 use crate::gateway::{journal_error, Gateway};
 use crate::import;
-use crate::ingress::read_body;
+use crate::ingress::{read_body, Req};
 use crate::journal::{Commit, Op};
 use crate::model::{CardNo, Health, HealthColour};
 use crate::routes::RouteId;
@@ -53,7 +52,7 @@ impl Admin {
         &self,
         id: RouteId,
         param: &str,
-        req: Request<Incoming>,
+        req: Req,
         actor: Actor,
         now_ms: i64,
     ) -> Result<Response<Body>, ApiError> {

@@ -37,7 +37,7 @@ struct Args {
 
 const BODY: &[u8] = br#"{"event_id":"bare","auth_id":"00000000000000000000","decision":"approve","reason":"OK","amount_fen":200}"#;
 
-async fn answer(req: http::Request<hyper::body::Incoming>) -> Response<ingress::Body> {
+async fn answer(req: ingress::Req) -> Response<ingress::Body> {
     let _ = req.into_body().collect().await;
     let mut r = Response::new(Full::new(Bytes::from_static(BODY)));
     *r.status_mut() = StatusCode::OK;
