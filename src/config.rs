@@ -2,8 +2,10 @@
 //!
 //! Every key has a default constant below and a line in `config/README.md`;
 //! unknown keys are rejected with a message naming the key, so a typo in a
-//! limit never silently falls back to a default. Relative paths are taken
-//! relative to the working directory the gateway was started in.
+//! limit never silently falls back to a default. Relative paths in a config
+//! file are taken relative to that file's directory (`data_dir` too), so
+//! the file means the same from any working directory; `--data-dir` on the
+//! command line is relative to the working directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -268,8 +270,11 @@ pub struct SinkConfig {
     pub name: String,
     /// `https://host:port/path` of the receiver.
     pub url: String,
-    /// The CA that signed the receiver's certificate.
-    pub ca: PathBuf,
+    /// The CA that signed the receiver's certificate. Absent: with
+    /// `terminal.dev_certs`, the development CA under `<data_dir>/certs`
+    /// (which signed the demo receiver's certificate); otherwise required.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// Scenarios whose approved, charged events this sink settles.
     pub scenarios: Vec<String>,
     /// Partner regions (`[[regions.partners]]` names) whose cards this
@@ -730,22 +735,28 @@ pub fn scenario_default(s: Scenario) -> ScenarioRule {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file; its relative paths are taken
+    /// relative to the file's directory ([`Config::resolve_paths`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let config = Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
         })?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        config.resolve_paths(base);
+        config.validate()?;
         Ok(config)
     }
 
+    /// A config from text, not from a file: relative paths stay relative
+    /// to the working directory.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
@@ -818,6 +829,11 @@ impl Config {
             }
             if !(1..=64).contains(&sink.concurrency) {
                 return bad(&format!("settlement.sinks.{n}.concurrency must be 1 to 64"));
+            }
+            if sink.ca.is_none() && !self.terminal.dev_certs {
+                return bad(&format!(
+                    "settlement.sinks.{n}.ca is required: the CA that signed the receiver's certificate (only with terminal.dev_certs may it be left out, for the development CA)"
+                ));
             }
             if sink.cert.is_some() != sink.cert_key.is_some() {
                 return bad(&format!(
@@ -1028,6 +1044,72 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.certs_dir().join(crate::certs::CA_CERT))
     }
+    /// The CA a sink's receiver is checked against: its own, or the
+    /// development CA (validation allows that only with `dev_certs`).
+    pub fn sink_ca_path(&self, sink: &SinkConfig) -> PathBuf {
+        sink.ca
+            .clone()
+            .unwrap_or_else(|| self.certs_dir().join(crate::certs::CA_CERT))
+    }
+
+    /// Takes every relative path written in a config file relative to the
+    /// directory of that file, so that a config means the same from any
+    /// working directory (`onecard serve --config /etc/onecard/gw.toml`
+    /// from anywhere). `data_dir` is one of them, its default `./data`
+    /// included. Paths given on the command line (`--data-dir`) stay
+    /// relative to the working directory, as a shell user expects; files
+    /// the gateway creates itself (development certificates, the
+    /// database) follow `data_dir` and are not named in the file.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let at = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = lexical(&base.join(&*p));
+            }
+        };
+        at(&mut self.data_dir);
+        let t = &mut self.terminal;
+        for p in [&mut t.cert, &mut t.key, &mut t.client_ca]
+            .into_iter()
+            .flatten()
+        {
+            at(p);
+        }
+        for k in &mut self.qr.keys {
+            at(&mut k.public_key);
+        }
+        for sink in &mut self.settlement.sinks {
+            for p in [&mut sink.ca, &mut sink.cert, &mut sink.cert_key]
+                .into_iter()
+                .flatten()
+            {
+                at(p);
+            }
+        }
+    }
+}
+
+/// `a/./b/../c` as `a/c`, without touching the file system: what a
+/// person reading a log expects to see for `config/../data`. (A `..` after
+/// a symbolic link is taken lexically too; configs that need otherwise can
+/// name absolute paths.)
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1074,16 +1156,62 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let default = Config::load(&root.join("config/default.toml")).unwrap();
         assert!(default.disbursement.programmes.is_empty());
-        // dev.toml names its QR keys relative to the checkout.
-        let dev = std::fs::read_to_string(root.join("config/dev.toml")).unwrap();
-        let dev = dev.replace(
-            "\"./config/dev-qr/",
-            &format!("\"{}/config/dev-qr/", root.display()),
-        );
-        let dev = Config::parse(&dev).unwrap();
+        // dev.toml's paths are relative to config/, whatever the working
+        // directory: its QR keys are read during validation.
+        let dev = Config::load(&root.join("config/dev.toml")).unwrap();
         assert_eq!(
             dev.disbursement.programmes["project_wages"].kind,
             crate::disburse::ProgrammeKind::Wages
+        );
+        assert_eq!(dev.data_dir, lexical(&root.join("data")));
+        // Its sinks trust the development CA under the data directory,
+        // wherever `--data-dir` puts it (issue 15).
+        let mut moved = dev.clone();
+        moved.data_dir = PathBuf::from("/some/where");
+        assert_eq!(
+            moved.sink_ca_path(&moved.settlement.sinks[0]),
+            Path::new("/some/where/certs/terminal-ca.pem")
+        );
+    }
+
+    #[test]
+    fn relative_paths_in_a_file_are_relative_to_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("etc");
+        std::fs::create_dir_all(&conf).unwrap();
+        let file = conf.join("gw.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"var\"\n[terminal]\ncert = \"tls/server.pem\"\nkey = \"/abs/server.key\"\n[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:9/b\"\nca = \"ca/receiver.pem\"\nscenarios = [\"transit\"]\nkey = \"transport-signing-key-01\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.data_dir, conf.join("var"));
+        assert_eq!(c.terminal.cert, Some(conf.join("tls/server.pem")));
+        assert_eq!(c.terminal.key, Some(PathBuf::from("/abs/server.key")));
+        let sink = &c.settlement.sinks[0];
+        assert_eq!(c.sink_ca_path(sink), conf.join("ca/receiver.pem"));
+        // The default data directory, too, is beside the file.
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(Config::load(&file).unwrap().data_dir, conf.join("data"));
+        assert_eq!(
+            lexical(Path::new("./a/../../b/./c")),
+            PathBuf::from("../b/c")
+        );
+        assert_eq!(lexical(Path::new("config/..")), PathBuf::from("."));
+        // Text that is not a file keeps paths as written.
+        assert_eq!(
+            Config::parse("data_dir = \"var\"").unwrap().data_dir,
+            PathBuf::from("var")
+        );
+        // A sink without its CA only in development.
+        let no_ca = "[[settlement.sinks]]\nname = \"t\"\nurl = \"https://127.0.0.1:9/b\"\nscenarios = [\"transit\"]\nkey = \"transport-signing-key-01\"\n";
+        let e = Config::parse(no_ca).unwrap_err().to_string();
+        assert!(e.contains("settlement.sinks.t.ca is required"), "{e}");
+        let dev = Config::parse(&format!("[terminal]\ndev_certs = true\n{no_ca}")).unwrap();
+        assert_eq!(
+            dev.sink_ca_path(&dev.settlement.sinks[0]),
+            Path::new("./data/certs/terminal-ca.pem")
         );
     }
 

@@ -196,13 +196,17 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         // A CA or client certificate that cannot be read stops the start,
         // not settlement later.
         let identity = sink.cert.as_deref().zip(sink.cert_key.as_deref());
-        let tls = crate::client::tls_config(&sink.ca, identity, crate::client::Protocol::Http1)
-            .map_err(|e| {
-                ServerError::Settlement(format!(
-                    "settlement.sinks.{}: ca, cert or cert_key: {e}",
-                    sink.name
-                ))
-            })?;
+        let tls = crate::client::tls_config(
+            &config.sink_ca_path(sink),
+            identity,
+            crate::client::Protocol::Http1,
+        )
+        .map_err(|e| {
+            ServerError::Settlement(format!(
+                "settlement.sinks.{}: ca, cert or cert_key: {e}",
+                sink.name
+            ))
+        })?;
         let host = sink
             .url
             .parse::<http::Uri>()
