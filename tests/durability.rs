@@ -48,6 +48,44 @@ fn card(i: usize) -> String {
     format!("500118K{i:08}")
 }
 
+/// A receiver (`sink-sim`, on `sink`'s certificates) and the config of a
+/// sink `name` taking `scenario` to it, signed with `key`, with `keys`
+/// (TOML lines) added.
+async fn receiver_for(
+    sink: &Sink,
+    key: &str,
+    name: &str,
+    scenario: &str,
+    keys: &str,
+) -> (onecard::settle::receiver::Running, String) {
+    let r = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, key.as_bytes().to_vec()),
+        )
+        .await;
+    let extra = format!(
+        "[[settlement.sinks]]\nname = \"{name}\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"{scenario}\"]\nkey = \"{key}\"\n{keys}",
+        r.addr.port(),
+        sink.certs.join(onecard::certs::CA_CERT)
+    );
+    (r, extra)
+}
+
+/// Puts an active card with one function through the admin API.
+async fn put_card(addrs: &onecard::server::Addrs, card_no: &str, function: &str) {
+    let a = client::admin(
+        addrs.admin,
+        Some(TOKEN),
+        Method::PUT,
+        &format!("/admin/v1/cards/{card_no}"),
+        Some(&json!({"status": "active", "functions": [function]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_approval() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,31 +231,19 @@ async fn kill_9_mid_delivery_books_every_event_once() {
     // directory, and drops its first answers after booking: batches stay
     // stored and unacknowledged at the gateway when it is killed.
     let sink = Sink::new(&data, CLIENTS);
-    let r = sink
-        .start(
-            "127.0.0.1:0".parse().unwrap(),
-            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
-        )
-        .await;
+    let (r, extra) = receiver_for(
+        &sink,
+        KEY,
+        "transport",
+        "transit",
+        "events_max = 5\nage_max_ms = 50\nbackoff_base_ms = 10\nbackoff_max_ms = 50\n",
+    )
+    .await;
     sink.misbehave(r.addr, json!({"drop_after_booking": 3, "delay_ms": 20}))
         .await;
-    let extra = format!(
-        "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\nevents_max = 5\nage_max_ms = 50\nbackoff_base_ms = 10\nbackoff_max_ms = 50\n",
-        r.addr.port(),
-        sink.certs.join(onecard::certs::CA_CERT)
-    );
     let mut child = spawn_gateway_with(dir.path(), &extra);
     let addrs = wait_ready(&mut child, dir.path());
-    let a = client::admin(
-        addrs.admin,
-        Some(TOKEN),
-        Method::PUT,
-        &format!("/admin/v1/cards/{}", card(0)),
-        Some(&json!({"status": "active", "functions": ["transit"]})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(a.status, StatusCode::OK);
+    put_card(&addrs, &card(0), "transit").await;
     let mut conn = connect_terminal(&sink.certs, addrs.terminal, 1, Protocol::Http1).await;
     for i in 0..FARES {
         let a = conn
@@ -376,33 +402,21 @@ async fn kill_9_after_a_reversal_left_its_open_batch_books_no_refund_of_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let sink = Sink::new(&data, CLIENTS);
-    let r = sink
-        .start(
-            "127.0.0.1:0".parse().unwrap(),
-            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
-        )
-        .await;
     // 1,024 bytes hold three short lines (about 230 bytes each, beside the
     // 256 bytes counted for the envelope) but not two and a long one
     // (about 350): the long event seals the two before it and opens the
     // next batch. Age 5 s: the kill comes long before that batch seals.
-    let extra = format!(
-        "[[settlement.sinks]]\nname = \"payment\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"payment\"]\nkey = \"{KEY}\"\nevents_max = 100\nbytes_max = 1024\nage_max_ms = 5000\n",
-        r.addr.port(),
-        sink.certs.join(onecard::certs::CA_CERT)
-    );
+    let (r, extra) = receiver_for(
+        &sink,
+        KEY,
+        "payment",
+        "payment",
+        "events_max = 100\nbytes_max = 1024\nage_max_ms = 5000\n",
+    )
+    .await;
     let mut child = spawn_gateway_with(dir.path(), &extra);
     let addrs = wait_ready(&mut child, dir.path());
-    let a = client::admin(
-        addrs.admin,
-        Some(TOKEN),
-        Method::PUT,
-        &format!("/admin/v1/cards/{}", card(0)),
-        Some(&json!({"status": "active", "functions": ["financial"]})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(a.status, StatusCode::OK);
+    put_card(&addrs, &card(0), "financial").await;
     let mut conn = connect_terminal(&sink.certs, addrs.terminal, 1, Protocol::Http1).await;
     let pay = |id: &str, bill: &str| {
         json!({"event_id": id, "kind": "tap", "card_no": card(0), "scenario": "payment",
