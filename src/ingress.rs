@@ -49,6 +49,11 @@ pub type Req = Request<RequestBody>;
 /// `413`, not a reset.
 pub const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const DRAIN_TIME_MAX: Duration = Duration::from_secs(3);
+/// An unread rest known to be at most this long is left to hyper, which
+/// reads what it has buffered when a body is dropped: a tap's body of a
+/// few hundred bytes has arrived with its head (and fits the first HTTP/2
+/// window), and a task per refused request would cost more than it saves.
+pub const DRAIN_INLINE_MAX: u64 = 8 * 1024;
 
 /// hyper's request body, which drains itself if a handler drops it before
 /// its end.
@@ -64,7 +69,8 @@ pub const DRAIN_TIME_MAX: Duration = Duration::from_secs(3);
 /// for at most [`DRAIN_TIME_MAX`] (like nginx's lingering close), while
 /// the answer goes out; a body that ends in time leaves the connection
 /// usable. A body the client has not started (`Expect: 100-continue`, no
-/// `100` sent yet) is not asked for.
+/// `100` sent yet) is not asked for, and a rest known to be small
+/// ([`DRAIN_INLINE_MAX`]) is left to hyper.
 pub struct RequestBody {
     inner: Option<Incoming>,
     ended: bool,
@@ -122,7 +128,11 @@ impl Drop for RequestBody {
         let Some(inner) = self.inner.take() else {
             return;
         };
-        if self.ended || inner.is_end_stream() || (self.expect_continue && !self.polled) {
+        let small = inner
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= DRAIN_INLINE_MAX);
+        if self.ended || inner.is_end_stream() || small || (self.expect_continue && !self.polled) {
             return;
         }
         // The drain counts as a request in flight: its bytes are not the
