@@ -401,6 +401,80 @@ async fn reversals_leave_a_batch_or_follow_it_and_the_daily_report_adds_up() {
     r.stop().await;
 }
 
+/// A batch that gives money back waits until every older batch of its
+/// sink is acknowledged (issue 15): here the batch with the charge is
+/// parked (its acknowledgement had a wrong total), so the refund's batch
+/// waits, with one send at a time the charges after it still go, and once
+/// an operator replays the parked batch the refund follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_waits_for_older_batches_while_later_charges_go() {
+    let (sink, r, gw) = setup(
+        "transport",
+        "events_max = 2\nage_max_ms = 600000\nconcurrency = 1\n",
+    )
+    .await;
+    let raddr = r.addr;
+    sink.misbehave(raddr, json!({"wrong_total": 1})).await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    let fare = |id: &str, fen: i64| tap(id, CARD, "transit", fen);
+    for (id, fen) in [("p0", 200), ("p1", 300)] {
+        decision(&t.authorize(&fare(id, fen)).await.unwrap());
+    }
+    let parked = || async {
+        gw.admin(Method::GET, "/admin/v1/settlement", None)
+            .await
+            .json()["sinks"][0]["parked"]
+            .as_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while parked().await != Some(1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(parked().await, Some(1), "the first batch is parked");
+    // p0's batch is sealed: its reversal is a line of the next batch, which
+    // must wait for the parked one. The batch after it goes.
+    let a = t.reverse(&json!({"event_id": "p0"})).await.unwrap().json();
+    assert_eq!(a["status"], "reversed", "{a}");
+    for (id, fen) in [("p2", 400), ("p3", 500), ("p4", 600)] {
+        decision(&t.authorize(&fare(id, fen)).await.unwrap());
+    }
+    booked(&sink, raddr, 4).await;
+    let ids = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}{}",
+                    e["type"].as_str().unwrap(),
+                    e["event_id"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        ids(&ledger_lines(&sink)),
+        ["chargep0", "chargep1", "chargep3", "chargep4"],
+        "the refund waits; the charges after it do not"
+    );
+    gw.admin_ok(Method::POST, "/admin/v1/settlement/replay/transport", None)
+        .await;
+    booked(&sink, raddr, 6).await;
+    assert_eq!(
+        ids(&ledger_lines(&sink)),
+        [
+            "chargep0",
+            "chargep1",
+            "chargep3",
+            "chargep4",
+            "reversalp0",
+            "chargep2"
+        ]
+    );
+    assert_eq!(parked().await, Some(0));
+    gw.shutdown().await;
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_asks_for_a_client_certificate_gets_one() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,6 +34,9 @@ use crate::state::{Cf, Store, StoreError};
 const READ_BATCH: usize = 10_000;
 /// Sealed batches kept ready per send in flight.
 const SEAL_AHEAD_PER_SEND: usize = 4;
+/// Batches with reversal lines, waiting for older batches to be
+/// acknowledged, that the sends look past at most.
+const HELD_BACK_MAX: usize = 16;
 /// How often an idle sink looks at the journal again.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -579,7 +582,15 @@ async fn run_inner(
         // way, each on its own connection, if the circuit, the backoff and
         // the operators allow. Paused: batches keep sealing (up to the
         // bound) and wait.
-        let waiting = list_heads(&store, &bp, concurrency + inflight.len())?;
+        let window = concurrency + inflight.len();
+        let mut waiting = list_heads(&store, &bp, window)?;
+        // Batches that give money back may have to wait for older ones
+        // (below): look a little further, so that the batches behind them
+        // still go and one held refund does not stop the sink.
+        let held = waiting.iter().filter(|b| b.gives_back()).count();
+        if held > 0 && waiting.len() == window {
+            waiting = list_heads(&store, &bp, window + held.min(HELD_BACK_MAX))?;
+        }
         backlog.publish(&labels, waiting.first(), gw.now_ms());
         status.set_backlog(
             backlog.batches as u64,
