@@ -11,14 +11,16 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use onecard::authz::{decide, DenySet, Event, Facts, Policy};
 use onecard::config::Durability;
-use onecard::idempotency;
-use onecard::journal::{Commit, Journal, Op};
-use onecard::model::{Card, CardNo, CardStatus, Concession, Function, Scenario};
-use onecard::state::denylist::DenyEntry;
-use onecard::state::{Cf, DenyList, Store};
-use onecard::wire::parse_authorize;
+use onecard::service::idempotency;
+use onecard::store::denylist::DenyEntry;
+use onecard::store::durable::{Commit, Durable, Op};
+use onecard::store::journal::Journal;
+use onecard::store::{idem, Cf, DenyList, Store};
+
+use onecard_core::authz::{decide, DenySet, Event, Facts, Policy};
+use onecard_core::model::{Card, CardNo, CardStatus, Concession, Function, Scenario};
+use onecard_core::wire::parse_authorize;
 
 const BODY: &[u8] = br#"{"event_id":"bus-0042-000000123","kind":"tap","card_no":"500118A12345678","scenario":"transit","amount_fen":200,"site":"line-12","occurred_at":"2026-11-28T07:45:12Z"}"#;
 const DENY_ENTRIES: u64 = 1_000_000;
@@ -47,7 +49,7 @@ fn bench_decode(c: &mut Criterion) {
     c.bench_function("idempotency/fingerprint_and_key", |b| {
         b.iter(|| {
             let fp = black_box(&req).fingerprint();
-            let k = idempotency::key(black_box("term-00001"), &req.event_id);
+            let k = idem::key(black_box("term-00001"), &req.event_id);
             (fp, k)
         })
     });
@@ -57,11 +59,10 @@ fn bench_decode(c: &mut Criterion) {
 /// route tariffs, concessions, transfers, caps, anti-passback, quotas,
 /// allow-lists, purposes, a partner region), each against the 1 M-entry
 /// deny list: no scenario may make a decision slower than a microsecond.
-fn bench_scenarios(c: &mut Criterion, deny: &impl onecard::authz::DenySet) {
-    use onecard::scenario::{
-        access::{Allow, Windows},
-        place_hash,
-    };
+fn bench_scenarios(c: &mut Criterion, deny: &impl onecard_core::authz::DenySet) {
+    use onecard_core::scenario::access::Allow;
+    use onecard_core::scenario::access::Windows;
+    use onecard_core::scenario::place_hash;
     let config = onecard::config::Config::load(std::path::Path::new("config/dev.toml")).unwrap();
     let policy = config.policy().unwrap();
     let now = 1_795_851_912;
@@ -218,21 +219,21 @@ fn bench_idempotency_check(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let fingerprint = [7u8; 32];
-    let answer = idempotency::encode(
+    let answer = idem::encode(
         &fingerprint,
         0,
         "0000000100000000001",
-        idempotency::Tail::Origin(idempotency::Origin {
+        idem::Tail::Origin(idem::Origin {
             approved: true,
             charged_fen: 200,
-            scenario: onecard::model::Scenario::Transit,
+            scenario: onecard_core::model::Scenario::Transit,
             card_no: "500118A00000001",
             site: Some("line-12"),
         }),
         b"{\"decision\":\"approve\"}",
     );
     for i in 0..100_000u64 {
-        let key = idempotency::key("term-00001", &format!("old-{i}"));
+        let key = idem::key("term-00001", &format!("old-{i}"));
         store.db().put_cf(store.cf(Cf::Idem), key, &answer).unwrap();
     }
     let idem = idempotency::Idempotency::new(store, 72 * 3600);
@@ -243,7 +244,7 @@ fn bench_idempotency_check(c: &mut Criterion) {
     c.bench_function("idempotency/check_new_event", |b| {
         b.iter(|| {
             n += 1;
-            let key = idempotency::key("term-00001", &format!("new-{n}"));
+            let key = idem::key("term-00001", &format!("new-{n}"));
             let lookup = rt.block_on(idem.begin(key, &fingerprint, 1)).unwrap();
             assert!(matches!(lookup, idempotency::Lookup::Fresh(_)));
             black_box(lookup)
@@ -252,7 +253,7 @@ fn bench_idempotency_check(c: &mut Criterion) {
     c.bench_function("idempotency/check_replay", |b| {
         b.iter(|| {
             n += 1;
-            let key = idempotency::key("term-00001", &format!("old-{}", n % 100_000));
+            let key = idem::key("term-00001", &format!("old-{}", n % 100_000));
             let lookup = rt.block_on(idem.begin(key, &fingerprint, 1)).unwrap();
             assert!(matches!(lookup, idempotency::Lookup::Replay(_)));
             black_box(lookup)
@@ -286,7 +287,7 @@ fn bench_journal(c: &mut Criterion) {
                         })
                         .collect();
                     for p in pending {
-                        p.blocking_recv().unwrap().unwrap();
+                        p.durable_blocking().unwrap();
                     }
                 })
             });
@@ -297,10 +298,17 @@ fn bench_journal(c: &mut Criterion) {
 }
 
 fn bench_qr(c: &mut Criterion) {
-    use onecard::qr::{self, Alg, CredType, IssuerKey, Keyring, ReplayCache, Rules, SigningKey};
+    use onecard::service::replay::ReplayCache;
+    use onecard_core::qr;
+    use onecard_core::qr::Alg;
+    use onecard_core::qr::CredType;
+    use onecard_core::qr::IssuerKey;
+    use onecard_core::qr::Keyring;
+    use onecard_core::qr::Rules;
+    use onecard_core::qr::SigningKey;
     let now = 1_795_851_912;
     for (alg, name) in [(Alg::Ed25519, "ed25519"), (Alg::Sm2, "sm2")] {
-        let key = SigningKey::generate(alg);
+        let key = SigningKey::generate(alg, &mut rand_core::OsRng);
         let public = IssuerKey::from_public_pem("k1", alg, &key.public_pem(), 0, None).unwrap();
         let keys = Keyring::new(vec![public]).unwrap();
         let token = qr::issue(

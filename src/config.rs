@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::authz::{Policy, ScenarioRule};
-use crate::model::{Function, Scenario};
+use onecard_core::authz::{Policy, ScenarioRule};
+use onecard_core::model::{Function, Scenario};
 
 pub const DATA_DIR_DEFAULT: &str = "./data";
 pub const TERMINAL_ADDR_DEFAULT: &str = "0.0.0.0:8443";
@@ -33,6 +33,17 @@ pub const IDEMPOTENCY_RETENTION_S_DEFAULT: u64 = 72 * 3600;
 pub const IDEMPOTENCY_CLEANUP_INTERVAL_S_DEFAULT: u64 = 60;
 pub const DAY_OFFSET_MINUTES_DEFAULT: i32 = 8 * 60;
 pub const CARD_DAILY_SPEND_MAX_FEN_DEFAULT: i64 = 100_000;
+
+/// The files of the development CA and its certificates under
+/// `<data_dir>/certs` (`terminal.dev_certs`), which the config's default
+/// paths name.
+pub mod cert_files {
+    pub const CA_CERT: &str = "terminal-ca.pem";
+    pub const CA_KEY: &str = "terminal-ca.key";
+    pub const SERVER_CERT: &str = "server.pem";
+    pub const SERVER_KEY: &str = "server.key";
+    pub const TERMINALS_DIR: &str = "terminals";
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -63,13 +74,13 @@ pub struct Config {
     pub qr: QrConfig,
     pub privacy: PrivacyConfig,
     pub offline: OfflineConfig,
-    pub transit: crate::scenario::transit::TransitConfig,
-    pub culture: crate::scenario::culture::CultureConfig,
-    pub access: crate::scenario::access::AccessConfig,
-    pub identity: crate::scenario::identity::IdentityConfig,
-    pub payment: crate::scenario::payment::PaymentConfig,
-    pub medical: crate::scenario::medical::MedicalConfig,
-    pub regions: crate::scenario::region::RegionsConfig,
+    pub transit: onecard_core::scenario::transit::TransitConfig,
+    pub culture: onecard_core::scenario::culture::CultureConfig,
+    pub access: onecard_core::scenario::access::AccessConfig,
+    pub identity: onecard_core::scenario::identity::IdentityConfig,
+    pub payment: onecard_core::scenario::payment::PaymentConfig,
+    pub medical: onecard_core::scenario::medical::MedicalConfig,
+    pub regions: onecard_core::scenario::region::RegionsConfig,
     pub disbursement: DisbursementConfig,
 }
 
@@ -87,7 +98,7 @@ pub struct DisbursementConfig {
     /// Records in one batch at most.
     pub records_max: usize,
     /// `[disbursement.programmes.<name>]`, by name.
-    pub programmes: std::collections::BTreeMap<String, crate::disburse::Programme>,
+    pub programmes: std::collections::BTreeMap<String, onecard_core::disburse::Programme>,
 }
 
 impl Default for DisbursementConfig {
@@ -217,11 +228,11 @@ pub fn rfc3339_unix(what: &str, s: &str) -> Result<i64, ConfigError> {
 
 impl QrConfig {
     /// The issuer keys, read from their files.
-    pub fn keyring(&self) -> Result<crate::qr::Keyring, ConfigError> {
+    pub fn keyring(&self) -> Result<onecard_core::qr::Keyring, ConfigError> {
         let mut keys = Vec::with_capacity(self.keys.len());
         for k in &self.keys {
             let what = format!("qr.keys.{}", k.kid);
-            let alg = crate::qr::Alg::parse(&k.alg).ok_or_else(|| {
+            let alg = onecard_core::qr::Alg::parse(&k.alg).ok_or_else(|| {
                 ConfigError::Invalid(format!("{what}.alg must be ed25519 or sm2"))
             })?;
             let pem = std::fs::read_to_string(&k.public_key).map_err(|e| {
@@ -238,15 +249,16 @@ impl QrConfig {
                 Some(t) => Some(rfc3339_unix(&format!("{what}.valid_until"), t)?),
                 None => None,
             };
-            let key = crate::qr::IssuerKey::from_public_pem(&k.kid, alg, &pem, from, until)
+            let key = onecard_core::qr::IssuerKey::from_public_pem(&k.kid, alg, &pem, from, until)
                 .map_err(|e| ConfigError::Invalid(format!("{what}.public_key: {e}")))?;
             keys.push(key);
         }
-        crate::qr::Keyring::new(keys).map_err(|e| ConfigError::Invalid(format!("qr.keys: {e}")))
+        onecard_core::qr::Keyring::new(keys)
+            .map_err(|e| ConfigError::Invalid(format!("qr.keys: {e}")))
     }
 
-    pub fn rules(&self) -> crate::qr::Rules {
-        crate::qr::Rules {
+    pub fn rules(&self) -> onecard_core::qr::Rules {
+        onecard_core::qr::Rules {
             lifetime_max_s: self.lifetime_max_s,
             skew_s: self.skew_s,
         }
@@ -282,7 +294,7 @@ pub struct SinkConfig {
     #[serde(default)]
     pub partners: Vec<String>,
     #[serde(default = "default_algorithm")]
-    pub algorithm: crate::settle::sign::Algorithm,
+    pub algorithm: onecard_core::settle::sign::Algorithm,
     /// The signing key shared with the receiver (or `key_env`).
     #[serde(default)]
     pub key: Option<String>,
@@ -330,8 +342,8 @@ pub struct SinkConfig {
     pub cert_key: Option<PathBuf>,
 }
 
-fn default_algorithm() -> crate::settle::sign::Algorithm {
-    crate::settle::sign::Algorithm::HmacSha256
+fn default_algorithm() -> onecard_core::settle::sign::Algorithm {
+    onecard_core::settle::sign::Algorithm::HmacSha256
 }
 fn default_events_max() -> usize {
     1_000
@@ -919,16 +931,16 @@ impl Config {
             ));
         }
         for (name, p) in &d.programmes {
-            if !crate::disburse::valid_programme_name(name) {
+            if !onecard_core::disburse::valid_programme_name(name) {
                 return bad(format!(
                     "disbursement.programmes: a name must be 1 to 32 of a-z, 0-9 and _ ({} characters given)",
                     name.chars().count()
                 ));
             }
-            if !(1..=crate::wire::AMOUNT_FEN_MAX).contains(&p.amount_max_fen) {
+            if !(1..=onecard_core::wire::AMOUNT_FEN_MAX).contains(&p.amount_max_fen) {
                 return bad(format!(
                     "disbursement.programmes.{name}.amount_max_fen must be 1 to {}",
-                    crate::wire::AMOUNT_FEN_MAX
+                    onecard_core::wire::AMOUNT_FEN_MAX
                 ));
             }
         }
@@ -992,7 +1004,11 @@ impl Config {
             }
             policy.set_rule(scenario, rule);
         }
-        use crate::scenario::{culture, identity, medical, region, transit};
+        use onecard_core::scenario::culture;
+        use onecard_core::scenario::identity;
+        use onecard_core::scenario::medical;
+        use onecard_core::scenario::region;
+        use onecard_core::scenario::transit;
         policy.transit =
             transit::Rules::from_config(&self.transit).map_err(ConfigError::Invalid)?;
         policy.culture =
@@ -1030,26 +1046,26 @@ impl Config {
         self.terminal
             .cert
             .clone()
-            .unwrap_or_else(|| self.certs_dir().join(crate::certs::SERVER_CERT))
+            .unwrap_or_else(|| self.certs_dir().join(cert_files::SERVER_CERT))
     }
     pub fn server_key_path(&self) -> PathBuf {
         self.terminal
             .key
             .clone()
-            .unwrap_or_else(|| self.certs_dir().join(crate::certs::SERVER_KEY))
+            .unwrap_or_else(|| self.certs_dir().join(cert_files::SERVER_KEY))
     }
     pub fn client_ca_path(&self) -> PathBuf {
         self.terminal
             .client_ca
             .clone()
-            .unwrap_or_else(|| self.certs_dir().join(crate::certs::CA_CERT))
+            .unwrap_or_else(|| self.certs_dir().join(cert_files::CA_CERT))
     }
     /// The CA a sink's receiver is checked against: its own, or the
     /// development CA (validation allows that only with `dev_certs`).
     pub fn sink_ca_path(&self, sink: &SinkConfig) -> PathBuf {
         sink.ca
             .clone()
-            .unwrap_or_else(|| self.certs_dir().join(crate::certs::CA_CERT))
+            .unwrap_or_else(|| self.certs_dir().join(cert_files::CA_CERT))
     }
 
     /// Takes every relative path written in a config file relative to the
@@ -1161,7 +1177,7 @@ mod tests {
         let dev = Config::load(&root.join("config/dev.toml")).unwrap();
         assert_eq!(
             dev.disbursement.programmes["project_wages"].kind,
-            crate::disburse::ProgrammeKind::Wages
+            onecard_core::disburse::ProgrammeKind::Wages
         );
         assert_eq!(dev.data_dir, lexical(&root.join("data")));
         // Its sinks trust the development CA under the data directory,
@@ -1221,7 +1237,7 @@ mod tests {
         let grant = "[disbursement.programmes.student_grant]\nkind = \"subsidy\"\namount_max_fen = 100000\n";
         let c = Config::parse(&format!("{sink}{grant}")).unwrap();
         let p = c.disbursement.programmes["student_grant"];
-        assert_eq!(p.kind, crate::disburse::ProgrammeKind::Subsidy);
+        assert_eq!(p.kind, onecard_core::disburse::ProgrammeKind::Subsidy);
         assert_eq!(c.disbursement.records_max, DISBURSEMENT_RECORDS_MAX_DEFAULT);
         let refused = [
             // No payment sink: credits would never be paid.

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use onecard::app::{demo, server, telemetry};
 use onecard::config::Config;
-use onecard::{certs, demo, server, telemetry};
+use onecard::net::certs;
 
 // glibc's malloc showed as ~12% of the gateway's CPU under load (many
 // small, short-lived allocations across threads); mimalloc halves that.
@@ -155,7 +156,8 @@ fn main() -> anyhow::Result<()> {
             key,
             client_ca,
         } => {
-            use onecard::settle::sign::{Algorithm, Signer};
+            use onecard_core::settle::sign::Algorithm;
+            use onecard_core::settle::sign::Signer;
             anyhow::ensure!(addr.ip().is_loopback(), "sink-sim listens on loopback only");
             anyhow::ensure!(!key.is_empty(), "--key must not be empty");
             let algorithm = match algorithm.as_str() {
@@ -165,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                     anyhow::bail!("--algorithm must be hmac-sha256 or hmac-sm3, not {other:?}")
                 }
             };
-            let tls = onecard::settle::receiver::server_tls(
+            let tls = onecard::app::sink_sim::server_tls(
                 &dir.join(certs::SERVER_CERT),
                 &dir.join(certs::SERVER_KEY),
                 client_ca.as_deref(),
@@ -174,7 +176,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let r = onecard::settle::receiver::start(
+                let r = onecard::app::sink_sim::start(
                     addr,
                     tls,
                     &ledger,
@@ -230,7 +232,7 @@ fn main() -> anyhow::Result<()> {
             // For the crash simulation only: die by SIGKILL at a named
             // point (src/crashpoint.rs).
             if let Ok(spec) = std::env::var("ONECARD_CRASH_AT") {
-                onecard::crashpoint::arm(&spec)?;
+                onecard::store::crashpoint::arm(&spec)?;
                 eprintln!("onecard: ONECARD_CRASH_AT={spec}: this process will kill itself there");
             }
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -242,12 +244,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn qr_command(command: QrCommand) -> anyhow::Result<()> {
-    use onecard::qr;
+    use onecard_core::qr;
     match command {
         QrCommand::Keygen { alg, out } => {
             let alg = qr::Alg::parse(&alg)
                 .ok_or_else(|| anyhow::anyhow!("--alg must be sm2 or ed25519"))?;
-            let key = qr::SigningKey::generate(alg);
+            let key = qr::SigningKey::generate(alg, &mut rand_core::OsRng);
             let public = out.with_extension(match out.extension() {
                 Some(e) => format!("{}.pub", e.to_string_lossy()),
                 None => "pub".into(),
@@ -273,9 +275,17 @@ fn qr_command(command: QrCommand) -> anyhow::Result<()> {
             let key = qr::SigningKey::from_pkcs8_pem(&pem).map_err(anyhow::Error::msg)?;
             let typ = qr::CredType::parse(&typ)
                 .ok_or_else(|| anyhow::anyhow!("--typ must be essc or ykm"))?;
-            let now = onecard::clock::now_ms() / 1000;
-            let token = qr::issue(&key, &kid, &sub, typ, now, ttl, &qr::random_jti())
-                .map_err(anyhow::Error::msg)?;
+            let now = onecard_core::time::wall_ms() / 1000;
+            let token = qr::issue(
+                &key,
+                &kid,
+                &sub,
+                typ,
+                now,
+                ttl,
+                &qr::random_jti(&mut rand_core::OsRng),
+            )
+            .map_err(anyhow::Error::msg)?;
             println!("{token}");
             Ok(())
         }
@@ -336,14 +346,14 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
             addr.ip().is_loopback(),
             "the demo receiver listens on loopback only"
         );
-        let tls = onecard::settle::receiver::server_tls(
+        let tls = onecard::app::sink_sim::server_tls(
             &certs_dir.join(certs::SERVER_CERT),
             &certs_dir.join(certs::SERVER_KEY),
             None,
         )?;
-        let signer = onecard::settle::sign::Signer::new(sink.algorithm, sink.signing_key()?);
+        let signer = onecard_core::settle::sign::Signer::new(sink.algorithm, sink.signing_key()?);
         let ledger = data_dir.join("demo-ledger.jsonl");
-        let r = onecard::settle::receiver::start(addr, tls, &ledger, signer).await?;
+        let r = onecard::app::sink_sim::start(addr, tls, &ledger, signer).await?;
         println!(
             "onecard: demo settlement receiver on https://{} (ledger {})",
             r.addr,

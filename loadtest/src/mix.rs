@@ -148,8 +148,8 @@ mod tests {
         let mut rng = Rng::new(3);
         for seq in 0..200 {
             let body = mix.body(&mut rng, "r1", 7, seq);
-            let req =
-                onecard::wire::parse_authorize(&body).expect("the generator sends valid requests");
+            let req = onecard_core::wire::parse_authorize(&body)
+                .expect("the generator sends valid requests");
             assert_eq!(req.event_id, format!("r1-7-{seq}"));
         }
     }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use http::{Method, StatusCode};
-use onecard::certs;
-use onecard::client::{self, ClientError, Connection, Protocol};
+use onecard::net::certs;
+use onecard::net::client::{self, ClientError, Connection, Protocol};
 use parking_lot::Mutex;
 
 use crate::mix::Mix;
@@ -184,7 +184,7 @@ pub async fn run_stage(
     });
     let start = Instant::now() + Duration::from_millis(100);
     let hard_stop = start + stage.duration + GRACE;
-    let run_id = format!("L{}", onecard::clock::now_ms());
+    let run_id = format!("L{}", onecard_core::time::wall_ms());
 
     let mut tasks = Vec::with_capacity(conns.len());
     for (i, (conn, times)) in conns

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use onecard::client;
+use onecard::net::client;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -193,23 +193,26 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 3);
         for (i, l) in (5..).zip(&lines) {
-            let (n, card) = onecard::import::card_line(l).expect("a valid card line");
+            let (n, card) = onecard::service::import::card_line(l).expect("a valid card line");
             assert_eq!(n.as_str(), mix::active_card(i));
-            assert_eq!(card.status, onecard::model::CardStatus::Active);
+            assert_eq!(card.status, onecard_core::model::CardStatus::Active);
         }
         for l in deny_lines(0..4)
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
         {
-            onecard::import::deny_line(l).expect("a valid deny line");
+            onecard::service::import::deny_line(l).expect("a valid deny line");
         }
         let lost = lost_lines();
         assert_eq!(bytecount_lines(&lost), SPECIAL_CARDS);
         for l in lost.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let (_, c) = onecard::import::card_line(l).unwrap();
-            assert_eq!(c.status, onecard::model::CardStatus::Lost);
+            let (_, c) = onecard::service::import::card_line(l).unwrap();
+            assert_eq!(c.status, onecard_core::model::CardStatus::Lost);
         }
         // A chunk stays well under the import's body limit.
-        assert!(card_lines(0..CHUNK_LINES).len() < onecard::import::IMPORT_BODY_BYTES_MAX * 2 / 3);
+        assert!(
+            card_lines(0..CHUNK_LINES).len()
+                < onecard::service::import::IMPORT_BODY_BYTES_MAX * 2 / 3
+        );
     }
 }

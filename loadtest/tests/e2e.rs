@@ -6,8 +6,8 @@
 
 use std::process::{Command, Output};
 
+use onecard::app::server::Running;
 use onecard::config::Config;
-use onecard::server::Running;
 use serde_json::Value;
 
 const TOKEN: &str = "load-test-token";
@@ -22,7 +22,7 @@ async fn gateway(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> Runn
     c.admin.token = Some(TOKEN.to_owned());
     tweak(&mut c);
     c.validate().unwrap();
-    onecard::server::start(c).await.unwrap()
+    onecard::app::server::start(c).await.unwrap()
 }
 
 /// Runs `onecard-load` with `args` off the async workers (the gateway runs

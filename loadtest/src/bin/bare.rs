@@ -13,7 +13,8 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use onecard::{certs, ingress};
+use onecard::http::ingress;
+use onecard::net::certs;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -57,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let tls = match &args.certs {
         Some(dir) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            ingress::server_tls(
+            onecard::net::tls::server_tls(
                 &dir.join(certs::SERVER_CERT),
                 &dir.join(certs::SERVER_KEY),
                 &dir.join(certs::CA_CERT),

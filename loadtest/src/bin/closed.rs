@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use onecard::certs;
-use onecard::client::{self, Protocol};
+use onecard::net::certs;
+use onecard::net::client::{self, Protocol};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     if args.seed_only {
         return Ok(());
     }
-    let run = onecard::clock::now_ms();
+    let run = onecard_core::time::wall_ms();
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let per_terminal_max = args.requests_max / u64::from(args.terminals.max(1));
     let mut tasks = Vec::new();

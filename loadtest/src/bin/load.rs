@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use http::{Method, StatusCode};
-use onecard::client::{self, Protocol};
+use onecard::net::client::{self, Protocol};
 use onecard_load::mix::{self, Mix, SPECIAL_CARDS};
 use onecard_load::profile::Profile;
 use onecard_load::runner::{self, Outcome, Stage, Target};

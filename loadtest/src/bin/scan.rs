@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use ed25519_dalek::Signer as _;
-use onecard::client::{self, Protocol};
-use onecard::qr;
+use onecard::net::client::{self, Protocol};
 use serde_json::json;
+
+use onecard_core::qr;
 
 #[derive(Parser)]
 struct Cli {
@@ -201,7 +202,7 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let alg = key.alg().as_str();
     // Cards, each with a credential of this run.
-    let run = onecard::clock::now_ms();
+    let run = onecard_core::time::wall_ms();
     for c in 0..r.cards {
         let card = format!("500118C{c:08}");
         admin_ok(
@@ -223,7 +224,7 @@ async fn gateway(r: GatewayRun) -> anyhow::Result<()> {
         )
         .await?;
     }
-    let now = onecard::clock::now_ms() / 1000;
+    let now = onecard_core::time::wall_ms() / 1000;
     let made = Instant::now();
     let mut codes = Vec::with_capacity(r.codes);
     for i in 0..r.codes {
@@ -293,7 +294,7 @@ async fn loss(t: Target, terminals: u32, rounds: u32) -> anyhow::Result<()> {
         "card",
     )
     .await?;
-    let run = onecard::clock::now_ms();
+    let run = onecard_core::time::wall_ms();
     let mut delays = Vec::new();
     let mut late_approvals = 0u64;
     let mut taps = 0u64;

@@ -1,0 +1,38 @@
+//! The pure core of OneCard Gateway: what a card, a tap and a decision
+//! are, and every rule that turns one into the other. Nothing here does
+//! I/O: no file, socket, database or clock is reached from this crate's
+//! rules (its `Cargo.toml` has no such dependency); the gateway reads the
+//! world, hands the facts and the time in, and writes down what comes out.
+//!
+//! - [`model`]: card numbers (masked whenever shown), cards, scenarios,
+//!   reasons; [`record`]: the journal's record of a decision;
+//!   [`deny`]: the deny list's vocabulary; [`time`]: the clock as a value;
+//! - [`wire`]: the terminal API's requests (strict decoding, messages that
+//!   never echo a value), answers and error codes;
+//! - [`authz`]: `decide` and its [`authz::Policy`]; [`scenario`]: each
+//!   scenario's rules (fares, quotas, doors, identity, health, medical
+//!   splits, partner regions);
+//! - [`cardlife`]: card-life transitions; [`holds`]: capture and void of a
+//!   medical hold; [`disburse`]: disbursement batches and their rules;
+//!   [`qr`]: signed QR codes (verification and issuing);
+//! - [`settle`]: settlement batches ([`settle::batch`]), backoff and the
+//!   circuit breaker ([`settle::retry`]), batch signatures
+//!   ([`settle::sign`]);
+//! - [`privacy`]: personal ID numbers (checksum, keyed hash, masks);
+//!   [`rng`]: a small seeded generator.
+#![forbid(unsafe_code)]
+
+pub mod authz;
+pub mod cardlife;
+pub mod deny;
+pub mod disburse;
+pub mod holds;
+pub mod model;
+pub mod privacy;
+pub mod qr;
+pub mod record;
+pub mod rng;
+pub mod scenario;
+pub mod settle;
+pub mod time;
+pub mod wire;

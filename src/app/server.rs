@@ -1,0 +1,319 @@
+//! Start and stop: binds the listeners, spawns the accept loops and the
+//! clean-up task, and shuts everything down in order (stop accepting,
+//! finish requests in flight, flush the journal, close RocksDB).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use onecard_core::time::{Clock, SystemClock};
+
+use crate::app::telemetry;
+use crate::config::{Config, LimitsConfig};
+use crate::http::admin::Admin;
+use crate::http::admission::Admission;
+use crate::http::{ingress, Front};
+use crate::net::certs::{self, CertError};
+use crate::net::tls::TlsSetupError;
+use crate::service::gateway::Gateway;
+use crate::service::idempotency;
+use crate::store::StoreError;
+
+/// Written into the data directory once every listener is bound, so that
+/// scripts and tests started with port 0 can find the gateway.
+pub const LISTENERS_FILE: &str = "listeners.json";
+/// Connections the admin listener accepts at once, apart from terminals'.
+pub const ADMIN_CONNECTIONS_MAX: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addrs {
+    pub terminal: SocketAddr,
+    pub plaintext: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Settlement(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct Running {
+    pub addrs: Addrs,
+    gateway: Arc<Gateway>,
+    admission: Arc<Admission>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+fn local(l: &TcpListener) -> SocketAddr {
+    l.local_addr().expect("a bound listener has an address")
+}
+
+/// The kernel's range of ports for outgoing connections, where it says.
+fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some(it.next()??..=it.next()??)
+}
+
+/// A fixed listening port inside the ephemeral range can be taken by any
+/// outgoing connection of the machine (even a client probing the port
+/// itself): a restart then fails with "address in use". Seen here in a
+/// benchmark; worth a warning at every start.
+fn warn_ephemeral(config: &Config) {
+    let Some(range) = ephemeral_ports() else {
+        return;
+    };
+    let fixed = [
+        Some(config.terminal.addr),
+        config.terminal.plaintext_addr,
+        Some(config.admin.addr),
+    ];
+    for addr in fixed.into_iter().flatten() {
+        if addr.port() != 0 && range.contains(&addr.port()) {
+            tracing::warn!(%addr, ephemeral = ?range, "this port is in the kernel's ephemeral range: an outgoing connection can hold it and make a restart fail with \"address in use\"; choose one below {}", range.start());
+        }
+    }
+}
+
+/// Starts a gateway on the wall clock and returns once it is ready to
+/// take traffic.
+pub async fn start(config: Config) -> Result<Running, ServerError> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// Starts a gateway whose requests read the time from `clock` (a test
+/// moves it instead of waiting).
+pub async fn start_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, ServerError> {
+    let started = Instant::now();
+    warn_ephemeral(&config);
+    let prometheus = telemetry::prometheus();
+    if config.terminal.dev_certs
+        && certs::ensure(&config.certs_dir(), config.terminal.dev_terminals)?
+    {
+        tracing::info!(dir = %config.certs_dir().display(), terminals = config.terminal.dev_terminals, "created development certificates");
+    }
+    let tls = crate::net::tls::server_tls(
+        &config.server_cert_path(),
+        &config.server_key_path(),
+        &config.client_ca_path(),
+    )?;
+    let listeners_file = config.data_dir.join(LISTENERS_FILE);
+    let _ = std::fs::remove_file(&listeners_file);
+
+    let principals = config.admin.principals()?;
+    // Opening RocksDB and rebuilding memory blocks; it happens once, before
+    // any listener exists, so nothing else waits on this thread.
+    let gateway = Arc::new(Gateway::open(config, clock)?);
+    let config = &gateway.config;
+    let terminal = bind(config.terminal.addr).await?;
+    let admin = bind(config.admin.addr).await?;
+    let plain = match config.terminal.plaintext_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let addrs = Addrs {
+        terminal: local(&terminal),
+        plaintext: plain.as_ref().map(local),
+        admin: local(&admin),
+    };
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let admission = Admission::new(&config.limits);
+    let front = Arc::new(Front::new(gateway.clone(), admission.clone()));
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    tasks.push(tokio::spawn(ingress::run_tls_listener(
+        front.clone(),
+        terminal,
+        acceptor,
+        stop_rx.clone(),
+    )));
+    if let Some(plain) = plain {
+        tracing::warn!(addr = %addrs.plaintext.expect("bound"), "plaintext terminal listener enabled (loopback only, for benchmarks); terminal ids come from X-Terminal-Id");
+        tasks.push(tokio::spawn(ingress::run_plain_listener(
+            front.clone(),
+            plain,
+            stop_rx.clone(),
+        )));
+    }
+    if principals.is_empty() {
+        tracing::warn!("no admin token configured (admin.token, admin.tokens or ONECARD_ADMIN_TOKEN): the admin API answers 401");
+    }
+    let admin_state = Arc::new(Admin::new(
+        gateway.clone(),
+        admission.clone(),
+        principals,
+        prometheus.clone(),
+    ));
+    let limits = config.limits.clone();
+    let stop_admin = stop_rx.clone();
+    tasks.push(tokio::spawn(ingress::accept_loop(
+        admin,
+        stop_rx.clone(),
+        "admin",
+        gateway.clone(),
+        // Operators keep their own connections: a flood of terminals must
+        // not lock them out of the deny list, nor SREs out of /metrics.
+        Admission::new(&LimitsConfig {
+            connections_max: ADMIN_CONNECTIONS_MAX,
+            ..config.limits.clone()
+        }),
+        move |stream, _gw: Arc<Gateway>, permit| {
+            let admin_state = admin_state.clone();
+            let stop = stop_admin.clone();
+            let limits = limits.clone();
+            async move {
+                let handler = move |req| admin_state.clone().handle(req);
+                ingress::serve_connection(
+                    stream,
+                    handler,
+                    Duration::from_millis(limits.header_read_timeout_ms),
+                    Duration::from_millis(limits.idle_timeout_ms),
+                    true,
+                    stop,
+                )
+                .await;
+                drop(permit);
+            }
+        },
+    )));
+    for sink in &config.settlement.sinks {
+        // A CA or client certificate that cannot be read stops the start,
+        // not settlement later.
+        let identity = sink.cert.as_deref().zip(sink.cert_key.as_deref());
+        let tls = crate::net::client::tls_config(
+            &config.sink_ca_path(sink),
+            identity,
+            crate::net::client::Protocol::Http1,
+        )
+        .map_err(|e| {
+            ServerError::Settlement(format!(
+                "settlement.sinks.{}: ca, cert or cert_key: {e}",
+                sink.name
+            ))
+        })?;
+        let host = sink
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned));
+        tracing::info!(sink = %sink.name, host = host.as_deref().unwrap_or(""), "settlement sink");
+        tasks.push(tokio::spawn(crate::service::settle::deliver::run(
+            gateway.clone(),
+            sink.clone(),
+            tls,
+            stop_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(idempotency::run_cleanup(
+        gateway.store.clone(),
+        gateway.journal.clone(),
+        gateway.clock.clone(),
+        config.idempotency.retention_s,
+        Duration::from_secs(config.idempotency.cleanup_interval_s),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::service::holds::run_sweep(
+        gateway.clone(),
+        Duration::from_secs(config.medical.sweep_interval_s),
+        stop_rx.clone(),
+    )));
+    let upkeep = prometheus.clone();
+    let mut stop_upkeep = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                _ = stop_upkeep.changed() => return,
+            }
+        }
+    }));
+
+    let json = serde_json::to_vec_pretty(&addrs).expect("addresses serialize");
+    std::fs::write(&listeners_file, json).map_err(|source| ServerError::Io {
+        path: listeners_file.clone(),
+        source,
+    })?;
+    crate::service::metrics::set_startup(started.elapsed());
+    gateway.set_ready(true);
+    tracing::info!(terminal = %addrs.terminal, admin = %addrs.admin, durability = ?config.journal.durability, "gateway ready");
+    Ok(Running {
+        addrs,
+        gateway,
+        admission,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to
+    /// `limits.shutdown_grace_ms`), then flushes and closes the journal.
+    pub async fn shutdown(self) {
+        let gw = self.gateway;
+        gw.set_ready(false);
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let deadline = Instant::now() + Duration::from_millis(gw.config.limits.shutdown_grace_ms);
+        while self.admission.connections_open() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.admission.connections_open();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "shutdown grace period over; closing with connections still open"
+            );
+        }
+        let journal = gw.journal.clone();
+        // Joins the writer thread after it has drained its queue: brief, and
+        // nothing else is running any more.
+        journal.close();
+        tracing::info!(
+            journal.last_seq = gw.journal.last_seq(),
+            "journal flushed and closed"
+        );
+    }
+}

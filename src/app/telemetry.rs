@@ -1,0 +1,213 @@
+//! Telemetry: the Prometheus recorder behind the `metrics` facade, and the
+//! `tracing` subscriber for binaries.
+//!
+//! Metric names are listed in `ARCHITECTURE.md`. Labels take only values
+//! from closed sets (routes, scenarios, reasons, status codes): never a card
+//! number, terminal id or event id, which would leak personal data and grow
+//! without bound.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets in seconds: 25 µs to 2.5 s, dense where the hot path lives.
+pub const LATENCY_BUCKETS_S: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Settlement delivery (approval to acknowledgement), in seconds: batches
+/// wait up to `age_max_ms` to seal, so the range is wider and dense around
+/// the 2 s goal.
+pub const SETTLE_BUCKETS_S: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+    3600.0,
+];
+/// Group-commit sizes.
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder on first use and returns its handle.
+/// Several gateways in one process (tests) share it.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
+                // A full name wins over a suffix (the exporter orders
+                // matchers Full < Prefix < Suffix).
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("onecard_settle_delivery_seconds".into()),
+                        SETTLE_BUCKETS_S,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_events".into()), BATCH_BUCKETS)
+                })
+                .expect("bucket lists are not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first, in which
+            // case metrics go there and this handle renders nothing.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "onecard_http_requests_total",
+        "HTTP requests by listener, route and status code"
+    );
+    describe_counter!(
+        "onecard_decisions_total",
+        "Authorization decisions by scenario, decision and reason"
+    );
+    describe_counter!(
+        "onecard_disbursement_records_total",
+        "Disbursement records recorded, by outcome (accepted, rejected)"
+    );
+    describe_histogram!(
+        "onecard_authorize_latency_seconds",
+        Unit::Seconds,
+        "Time from request received to answer ready, per scenario (includes the journal commit)"
+    );
+    describe_histogram!(
+        "onecard_decide_latency_seconds",
+        Unit::Seconds,
+        "Time spent in the pure decision function"
+    );
+    describe_histogram!(
+        "onecard_journal_commit_seconds",
+        Unit::Seconds,
+        "Time to write one group-commit batch (fdatasync included in sync mode)"
+    );
+    describe_histogram!(
+        "onecard_journal_batch_events",
+        Unit::Count,
+        "Commits packed into one group-commit batch"
+    );
+    describe_counter!(
+        "onecard_journal_records_total",
+        "Decision records written to the journal"
+    );
+    describe_counter!(
+        "onecard_journal_failures_total",
+        "Journal write failures (the gateway refuses writes after one)"
+    );
+    describe_gauge!(
+        "onecard_journal_last_seq",
+        "Sequence number of the last journaled decision"
+    );
+    describe_gauge!("onecard_requests_in_flight", "Requests being served");
+    describe_gauge!("onecard_connections_open", "Open connections by listener");
+    describe_counter!(
+        "onecard_admission_rejected_total",
+        "Requests or connections refused by a limit"
+    );
+    describe_counter!(
+        "onecard_idempotent_replays_total",
+        "Answers replayed for a repeated (terminal, event_id)"
+    );
+    describe_counter!(
+        "onecard_idempotency_expired_total",
+        "Idempotency records removed after their retention"
+    );
+    describe_counter!(
+        "onecard_tls_handshake_failures_total",
+        "TLS handshakes that failed (no or bad client certificate, timeouts)"
+    );
+    describe_gauge!("onecard_denylist_version", "Current deny-list version");
+    describe_gauge!("onecard_denylist_entries", "Cards on the deny list");
+    describe_gauge!("onecard_cards", "Cards known to the gateway");
+    describe_counter!(
+        "onecard_settle_batches_total",
+        "Settlement batches by sink and outcome (sealed, acked, failed, parked)"
+    );
+    describe_counter!(
+        "onecard_settle_events_total",
+        "Events acknowledged by each sink"
+    );
+    describe_histogram!(
+        "onecard_settle_delivery_seconds",
+        Unit::Seconds,
+        "From the approval of a batch's oldest event to the sink's acknowledgement"
+    );
+    describe_gauge!(
+        "onecard_settle_backlog_batches",
+        "Sealed batches awaiting acknowledgement, by sink"
+    );
+    describe_gauge!(
+        "onecard_settle_backlog_events",
+        "Events in batches awaiting acknowledgement, by sink"
+    );
+    describe_gauge!(
+        "onecard_settle_backlog_oldest_seconds",
+        Unit::Seconds,
+        "Age of the oldest event awaiting acknowledgement, by sink"
+    );
+    describe_gauge!(
+        "onecard_settle_circuit",
+        "Circuit to each sink: 0 closed, 1 half open (probing), 2 open"
+    );
+    describe_gauge!(
+        "onecard_settle_unread_records",
+        "Journal records a sink has not read yet (its events wait in the journal to be sealed)"
+    );
+    describe_counter!(
+        "onecard_reversals_total",
+        "Reversals by status (reversed, not_charged, unknown_event)"
+    );
+    describe_counter!(
+        "onecard_qr_rejects_total",
+        "Scanned codes refused, by why (malformed, unknown_kid, key_not_valid, bad_signature, lifetime_too_long, not_yet_valid, expired, type_mismatch)"
+    );
+    describe_counter!(
+        "onecard_qr_replay_cache_full_total",
+        "Scans refused because the replay cache held only live codes (raise qr.replay_cache_max)"
+    );
+    describe_counter!(
+        "onecard_card_life_total",
+        "Card-life changes by op (report_loss, lift_loss, freeze, unfreeze, cancel, replace)"
+    );
+    describe_counter!(
+        "onecard_offline_events_total",
+        "Offline validator events uploaded, by result (accepted, duplicate, rejected)"
+    );
+    describe_counter!(
+        "onecard_offline_risk_taps_total",
+        "Offline approvals of cards deny-listed before the tap"
+    );
+    describe_gauge!(
+        "onecard_settle_failed",
+        "1 when a sink's settlement stopped on a storage failure (see the log)"
+    );
+    describe_gauge!(
+        "onecard_process_resident_bytes",
+        Unit::Bytes,
+        "Resident memory of the gateway process (read at each scrape)"
+    );
+    describe_gauge!(
+        "onecard_startup_seconds",
+        Unit::Seconds,
+        "Time from start to ready at the last start: opening RocksDB and rebuilding memory"
+    );
+}
+
+/// Structured logs to stderr; `RUST_LOG` overrides the default level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,rustls=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,192 @@
+//! The credential step: from what the terminal read to the card it names.
+//!
+//! A tap carries the card number itself. A scan carries a signed dynamic QR
+//! token (`OC1.<kid>.<payload>.<sig>`, see [`onecard_core::qr`]): its signature,
+//! lifetime and time window are checked (pure, no I/O), the credential id
+//! it names is looked up in `creds`, and its `jti` is spent in the replay
+//! cache. A scan that fails any of these is a decline with a reason
+//! (`QR_INVALID`, `QR_EXPIRED`, `QR_REPLAYED`, `CREDENTIAL_UNBOUND`), not
+//! an error: the terminal asked a well-formed question.
+//!
+//! The replay cache lives in memory; at start it is refilled from the
+//! journal's recent scans, so a restart does not reopen a window for
+//! replaying codes that are still within their lifetime.
+
+use serde::Deserialize;
+
+use onecard_core::model::{CardNo, Reason};
+use onecard_core::qr::{self, Keyring, Rules};
+use onecard_core::record::ScanRef;
+use onecard_core::wire::Credential;
+
+use crate::config::QrConfig;
+use crate::service::error::ServiceError;
+use crate::service::replay::{ReplayCache, Seen};
+use crate::store::{profiles, Cf, Store, StoreError};
+
+/// Issuer keys, the rules and the replay cache.
+pub struct Scanner {
+    keys: Keyring,
+    rules: Rules,
+    replay: ReplayCache,
+}
+
+/// The outcome of the credential step.
+pub enum Resolved<'a> {
+    Card(std::borrow::Cow<'a, CardNo>, Option<ScanRef>),
+    /// Declined before the decision core; the card when it is known.
+    Decline(Reason, Option<CardNo>, Option<ScanRef>),
+}
+
+impl Scanner {
+    /// `None` when no issuer key is configured: scanning is then refused.
+    pub fn from_config(c: &QrConfig) -> Option<Scanner> {
+        let keys = c.keyring().expect("config was validated");
+        (!keys.is_empty()).then(|| Scanner {
+            keys,
+            rules: c.rules(),
+            replay: ReplayCache::new(c.replay_cache_max),
+        })
+    }
+
+    /// Gives a spent code back: its scan was not recorded.
+    pub fn unspend(&self, spent: &ScanRef) {
+        self.replay.forget(&spent.sub, &spent.jti);
+    }
+
+    pub fn replay_len(&self) -> usize {
+        self.replay.len()
+    }
+
+    /// Spends the codes recorded in the journal whose window is still
+    /// open: scans from the last `lifetime + 2 × skew` seconds.
+    pub fn refill(&self, store: &Store, now_ms: i64) -> Result<usize, StoreError> {
+        let horizon_ms = now_ms - (self.rules.lifetime_max_s + 2 * self.rules.skew_s) * 1000;
+        let mut n = 0;
+        let mut full = false;
+        store.scan_back(Cf::Journal, &u64::MAX.to_be_bytes(), |_, v| {
+            #[derive(Deserialize)]
+            struct Head {
+                at_ms: i64,
+                #[serde(default)]
+                scan: Option<ScanRef>,
+            }
+            let Ok(h) = serde_json::from_slice::<Head>(v) else {
+                return true;
+            };
+            if h.at_ms < horizon_ms {
+                return false;
+            }
+            if let Some(s) = h.scan {
+                match self
+                    .replay
+                    .check_and_remember(&s.sub, &s.jti, s.forget_at, now_ms / 1000)
+                {
+                    Ok(()) => n += 1,
+                    Err(Seen::Replayed) => {}
+                    Err(Seen::Full) => {
+                        full = true;
+                        return false;
+                    }
+                }
+            }
+            true
+        })?;
+        if full {
+            tracing::warn!(
+                refilled = n,
+                "QR replay cache filled up while refilling from the journal: older codes may be replayable until they expire; raise qr.replay_cache_max"
+            );
+        }
+        Ok(n)
+    }
+}
+
+/// The card a credential names, or why the event is declined.
+pub fn resolve<'a>(
+    scanner: Option<&Scanner>,
+    store: &Store,
+    credential: &'a Credential,
+    now_ms: i64,
+) -> Result<Resolved<'a>, ServiceError> {
+    let token = match credential {
+        Credential::Tap(card) => return Ok(Resolved::Card(std::borrow::Cow::Borrowed(card), None)),
+        Credential::Scan(token) => token,
+    };
+    let scanner = scanner.ok_or_else(not_configured)?;
+    let now = now_ms.div_euclid(1000);
+    let claims = match qr::verify(token, &scanner.keys, scanner.rules, now) {
+        Ok(c) => c,
+        Err(reject) => {
+            metrics::counter!("onecard_qr_rejects_total", "why" => label_of(reject)).increment(1);
+            return Ok(Resolved::Decline(reason_of(reject), None, None));
+        }
+    };
+    let binding = profiles::binding(store, &claims.sub).map_err(|e| {
+        tracing::error!(error = %e, "storage read failed");
+        ServiceError::unavailable("the gateway cannot read its store; retry shortly")
+    })?;
+    let Some(binding) = binding else {
+        return Ok(Resolved::Decline(Reason::CredentialUnbound, None, None));
+    };
+    let card = CardNo::parse(&binding.card_no).ok();
+    if binding.typ != claims.typ {
+        metrics::counter!("onecard_qr_rejects_total", "why" => "type_mismatch").increment(1);
+        return Ok(Resolved::Decline(Reason::QrInvalid, card, None));
+    }
+    let spent = ScanRef {
+        sub: claims.sub,
+        jti: claims.jti,
+        forget_at: claims.exp + scanner.rules.skew_s,
+    };
+    match scanner
+        .replay
+        .check_and_remember(&spent.sub, &spent.jti, spent.forget_at, now)
+    {
+        Ok(()) => {}
+        Err(Seen::Replayed) => return Ok(Resolved::Decline(Reason::QrReplayed, card, None)),
+        // Every remembered code is still live: accepting one more could
+        // admit a replay, so the scan is refused as a failure (retry, or
+        // tap the card) and SRE is told by the metric and the log.
+        Err(Seen::Full) => {
+            metrics::counter!("onecard_qr_replay_cache_full_total").increment(1);
+            tracing::warn!("QR replay cache is full of live codes; raise qr.replay_cache_max");
+            return Err(ServiceError::unavailable("too many codes in flight to check this one for replay; retry shortly or tap the card",
+            ));
+        }
+    }
+    match card {
+        Some(card) => Ok(Resolved::Card(std::borrow::Cow::Owned(card), Some(spent))),
+        None => Err(ServiceError::unavailable(
+            "a credential binding is corrupt; tap the card",
+        )),
+    }
+}
+
+pub(crate) fn not_configured() -> ServiceError {
+    ServiceError::invalid(
+        "scanning is not configured on this gateway: no QR issuer keys are set up, so `kind: scan` cannot be verified; tap the card instead",
+    )
+}
+
+fn reason_of(r: qr::Reject) -> Reason {
+    match r {
+        qr::Reject::Expired => Reason::QrExpired,
+        qr::Reject::Replayed => Reason::QrReplayed,
+        _ => Reason::QrInvalid,
+    }
+}
+
+/// A metric label per rejection: a few fixed values, never token content.
+fn label_of(r: qr::Reject) -> &'static str {
+    match r {
+        qr::Reject::Malformed => "malformed",
+        qr::Reject::UnknownKid => "unknown_kid",
+        qr::Reject::KeyNotValid => "key_not_valid",
+        qr::Reject::BadSignature => "bad_signature",
+        qr::Reject::LifetimeTooLong => "lifetime_too_long",
+        qr::Reject::NotYetValid => "not_yet_valid",
+        qr::Reject::Expired => "expired",
+        qr::Reject::Replayed => "replayed",
+    }
+}

@@ -1,0 +1,232 @@
+//! Idempotency: (terminal id, event_id) → the first answer, byte for byte.
+//!
+//! The record is written by the journal writer in the same batch as the
+//! decision it answers, so an answer that reached a terminal is always
+//! replayable after a crash. Two copies of one request that arrive together
+//! are serialized by an in-flight table: the second waits for the first to
+//! finish and then reads what it stored. Records are kept for
+//! `idempotency.retention_s` and then removed by [`run_cleanup`], which walks
+//! the journal in sequence order behind a durable cursor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use onecard_core::record::DecisionRecord;
+use onecard_core::time::Clock;
+
+use crate::store::durable::{Durable, Expired};
+use crate::store::idem::{decode, key, reversal_key, Tail};
+use crate::store::{decode_u64, meta, Cf, Store, StoreError};
+
+/// How many journal records one clean-up step examines.
+pub const CLEANUP_STEP_RECORDS_MAX: usize = 4_096;
+
+/// What the idempotency check found.
+pub enum Lookup {
+    /// Never seen (or expired): decide it. Hold the guard until the answer
+    /// is durable, so a concurrent copy waits for it.
+    Fresh(InFlight),
+    /// Seen with the same content: send this body again.
+    Replay(Vec<u8>),
+    /// Seen with other content.
+    Conflict,
+    /// Never seen, but reversed by its terminal already: decline it
+    /// `REVERSED`, holding the guard as for `Fresh`.
+    Reversed(InFlight),
+}
+
+pub struct Idempotency {
+    store: Store,
+    inflight: Arc<DashMap<Vec<u8>, watch::Receiver<()>>>,
+    retention_ms: i64,
+}
+
+/// Marks a key as being decided; dropping it lets waiting copies proceed.
+pub struct InFlight {
+    inflight: Arc<DashMap<Vec<u8>, watch::Receiver<()>>>,
+    key: Vec<u8>,
+    _done: watch::Sender<()>,
+}
+
+impl InFlight {
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Removed before the sender drops, so a woken waiter finds the slot free.
+        self.inflight.remove(&self.key);
+    }
+}
+
+impl Idempotency {
+    pub fn new(store: Store, retention_s: u64) -> Idempotency {
+        Idempotency {
+            store,
+            inflight: Arc::new(DashMap::new()),
+            retention_ms: (retention_s as i64).saturating_mul(1000),
+        }
+    }
+
+    /// Waits until no other request holds `key`, then holds it and returns
+    /// what is stored under it (`None`: nothing, or expired).
+    pub async fn hold(
+        &self,
+        key: Vec<u8>,
+        now_ms: i64,
+    ) -> Result<(InFlight, Option<Vec<u8>>), StoreError> {
+        loop {
+            let (done, waiter) = watch::channel(());
+            let busy = match self.inflight.entry(key.clone()) {
+                Entry::Occupied(e) => Some(e.get().clone()),
+                Entry::Vacant(e) => {
+                    e.insert(waiter);
+                    None
+                }
+            };
+            if let Some(mut other) = busy {
+                // The first copy ends by dropping its sender; either way, look again.
+                let _ = other.changed().await;
+                continue;
+            }
+            let guard = InFlight {
+                inflight: self.inflight.clone(),
+                key,
+                _done: done,
+            };
+            let Some(value) = self.store.get(Cf::Idem, guard.key())? else {
+                return Ok((guard, None));
+            };
+            let stored = decode(&value).ok_or(StoreError::Corrupt {
+                cf: "idem",
+                detail: "bad record".into(),
+            })?;
+            if stored.created_ms.saturating_add(self.retention_ms) < now_ms {
+                return Ok((guard, None));
+            }
+            return Ok((guard, Some(value)));
+        }
+    }
+
+    pub async fn begin(
+        &self,
+        key: Vec<u8>,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Lookup, StoreError> {
+        let (guard, value) = self.hold(key, now_ms).await?;
+        let Some(value) = value else {
+            return Ok(Lookup::Fresh(guard));
+        };
+        let stored = decode(&value).expect("checked by hold");
+        if stored.tail == Tail::Tombstone {
+            return Ok(Lookup::Reversed(guard));
+        }
+        if stored.fingerprint == fingerprint {
+            return Ok(Lookup::Replay(stored.body.to_vec()));
+        }
+        Ok(Lookup::Conflict)
+    }
+}
+
+/// One clean-up step: examines up to [`CLEANUP_STEP_RECORDS_MAX`] journal
+/// records after the cursor and removes the idempotency records of those
+/// older than the retention. Returns how many journal records it passed.
+pub async fn cleanup_step(
+    store: &Store,
+    journal: &dyn Durable,
+    retention_s: u64,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let cutoff_ms = now_ms - (retention_s as i64).saturating_mul(1000);
+    let cursor = store
+        .get_u64(Cf::Meta, meta::IDEM_CLEANUP_SEQ)?
+        .unwrap_or(0);
+    let mut expired = Vec::new();
+    // Journal records passed (a reversal adds two keys to `expired`).
+    let mut passed = 0usize;
+    let mut last = cursor;
+    let mut corrupt = None;
+    store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
+        let Some(seq) = decode_u64(k) else {
+            corrupt = Some("journal key is not a u64");
+            return false;
+        };
+        let Ok(record) = serde_json::from_slice::<DecisionRecord>(v) else {
+            corrupt = Some("journal record does not decode");
+            return false;
+        };
+        if record.at_ms >= cutoff_ms {
+            return false;
+        }
+        if record.decision == "reverse" {
+            // A reversal's answer has its own key; the event's key holds
+            // the reversal's id only when it is a tombstone.
+            expired.push(Expired {
+                idem_key: reversal_key(&record.terminal, &record.event_id),
+                auth_id: record.auth_id.clone(),
+            });
+        }
+        expired.push(Expired {
+            idem_key: key(&record.terminal, &record.event_id),
+            auth_id: record.auth_id,
+        });
+        last = seq;
+        passed += 1;
+        passed < CLEANUP_STEP_RECORDS_MAX
+    })?;
+    if let Some(detail) = corrupt {
+        return Err(StoreError::Corrupt {
+            cf: "journal",
+            detail: detail.into(),
+        });
+    }
+    if passed > 0 {
+        journal
+            .cleanup(expired, last)
+            .map_err(|e| StoreError::Corrupt {
+                cf: "idem",
+                detail: e.to_string(),
+            })?
+            .durable()
+            .await
+            .map_err(|e| StoreError::Corrupt {
+                cf: "idem",
+                detail: e.to_string(),
+            })?;
+    }
+    Ok(passed)
+}
+
+/// Runs clean-up steps every `interval` until `stop` fires.
+pub async fn run_cleanup(
+    store: Store,
+    journal: Arc<dyn Durable>,
+    clock: Arc<dyn Clock>,
+    retention_s: u64,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        loop {
+            match cleanup_step(&store, &*journal, retention_s, clock.now_ms()).await {
+                Ok(n) if n == CLEANUP_STEP_RECORDS_MAX => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency clean-up step failed; will retry");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The services: what the gateway does with a request, between the HTTP
+//! layer above and the store below. Every terminal request (authorize,
+//! scan, hold, capture, void, reverse) runs the same named phases of
+//! [`pipeline`]; the rules themselves are the core crate's.
+
+pub mod cardlife;
+pub mod credential;
+pub mod disburse;
+pub mod error;
+pub mod gateway;
+pub mod holds;
+pub mod hotline;
+pub mod idempotency;
+pub mod import;
+pub mod metrics;
+pub mod offline;
+pub mod replay;
+pub mod settle;

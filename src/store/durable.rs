@@ -1,0 +1,137 @@
+//! The durability seam: every write the gateway must not lose goes in as
+//! one [`Commit`] and comes out durable, or not at all.
+//!
+//! The pipeline hands a decision's writes (its record, its idempotency
+//! record, the card's new counters, a hold, a venue's count) to a
+//! [`Durable`] and answers only once [`Pending::durable`] says so. Today's
+//! implementation is RocksDB's group commit ([`super::journal::Journal`]:
+//! one writer thread, one synced `WriteBatch` per group); a replicated one
+//! (a publish acknowledged by a quorum) fits behind the same trait without
+//! touching the phases.
+//!
+//! The contract every implementation keeps:
+//! - **Order**: commits become durable in the order they were submitted.
+//!   The pipeline submits under the card's lock, so two decisions of one
+//!   card are recorded in the order they were made.
+//! - **All or nothing**: a commit's record(s) and ops are written together.
+//! - **Numbering**: each record gets the next journal sequence number (a
+//!   commit's `also` records the ones after it); [`Pending::durable`]
+//!   returns the first.
+//! - **Guards travel**: `hold_until_written` is dropped only once the
+//!   commit is durable (or has failed), whatever happens to the caller.
+//! - **Fail closed**: after a failed write, every later submission is
+//!   refused ([`CommitError::Failed`]) until a restart.
+
+use tokio::sync::oneshot;
+
+use super::Cf;
+
+/// One write operation inside a commit.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+/// What one caller wants written atomically. `record`, when present, is a
+/// decision record: the writer gives it the next sequence number (and the
+/// records of `also` the ones after it); the reply carries the first.
+#[derive(Default)]
+pub struct Commit {
+    pub record: Option<Vec<u8>>,
+    pub ops: Vec<Op>,
+    /// Dropped by the writer only after the batch is on disk (or has
+    /// failed), whatever happens to the caller. The authorization path puts
+    /// its idempotency guard here: a client that hangs up mid-request must
+    /// not let a retry be decided while the first decision is still queued.
+    pub hold_until_written: Option<Box<dyn Send>>,
+    /// The card the record is about: the writer indexes the record's
+    /// sequence number under it (`card_tx`), for the hotline's look-up.
+    pub card: Option<Box<str>>,
+    /// Further decision records, each with its card, numbered after
+    /// `record` in this order and written in the same batch: a
+    /// disbursement batch is all its credits or none of them, whatever
+    /// crash comes between.
+    pub also: Vec<(Vec<u8>, Box<str>)>,
+}
+
+impl Commit {
+    pub fn new(record: Option<Vec<u8>>, ops: Vec<Op>) -> Commit {
+        Commit {
+            record,
+            ops,
+            hold_until_written: None,
+            card: None,
+            also: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    #[error("the journal queue is full")]
+    Busy,
+    #[error("the journal is shut down")]
+    Closed,
+    #[error("the journal failed to write and refuses further writes until restart")]
+    Failed,
+}
+
+/// A queued commit: its result comes when it is durable.
+#[must_use = "a commit is not durable until `durable()` says so"]
+pub struct Pending(oneshot::Receiver<Result<Option<u64>, CommitError>>);
+
+impl Pending {
+    /// A pending commit and the sender its writer answers through.
+    pub fn channel() -> (oneshot::Sender<Result<Option<u64>, CommitError>>, Pending) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Pending(rx))
+    }
+
+    /// Waits until the commit is durable; the sequence number of its
+    /// first record, if it had one.
+    pub async fn durable(self) -> Result<Option<u64>, CommitError> {
+        self.0.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// [`Pending::durable`] for a thread outside the async runtime (a
+    /// benchmark, a blocking task).
+    pub fn durable_blocking(self) -> Result<Option<u64>, CommitError> {
+        self.0.blocking_recv().unwrap_or(Err(CommitError::Closed))
+    }
+}
+
+/// An idempotency record to delete if it still belongs to `auth_id`.
+pub struct Expired {
+    pub idem_key: Vec<u8>,
+    pub auth_id: String,
+}
+
+/// Where durable writes go. See the module's contract.
+pub trait Durable: Send + Sync {
+    /// Queues a commit without waiting; a full queue answers at once
+    /// ([`CommitError::Busy`]).
+    fn submit(&self, commit: Commit) -> Result<Pending, CommitError>;
+
+    /// Deletes the idempotency records of `expired` that still hold the
+    /// answer they name, and moves the clean-up cursor to `cursor`, in
+    /// order with the commits around it.
+    fn cleanup(&self, expired: Vec<Expired>, cursor: u64) -> Result<Pending, CommitError>;
+
+    /// The last journal sequence number handed out (0 when empty).
+    fn last_seq(&self) -> u64;
+
+    /// Whether commits are accepted (not failed, not closing).
+    fn is_healthy(&self) -> bool;
+
+    /// Refuses new commits, makes everything already queued durable, and
+    /// stops. Safe to call more than once.
+    fn close(&self);
+}
+
+impl dyn Durable + '_ {
+    /// Submits and waits until durable.
+    pub async fn commit(&self, commit: Commit) -> Result<Option<u64>, CommitError> {
+        self.submit(commit)?.durable().await
+    }
+}

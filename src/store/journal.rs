@@ -1,0 +1,412 @@
+//! The journal writer: one thread, group commit, one synced RocksDB batch per
+//! group.
+//!
+//! Every durable write of the gateway comes through here: decision records
+//! (which get the next sequence number), their idempotency records, card
+//! counter updates and admin changes. Callers hand over a [`Commit`] through
+//! a bounded channel and wait; the writer packs whatever has arrived (up to
+//! `batch_events_max`) into one `WriteBatch`, writes it with the WAL synced
+//! (`durability = "sync"`) and only then wakes the waiters. With `fdatasync`
+//! at ~4 ms, throughput comes from the size of the group, never from
+//! skipping the sync.
+//!
+//! Architecture invariant: the order in which commits enter the channel is
+//! the order in which they reach disk. The authorization path relies on it:
+//! it submits while holding a card's lock, so two taps of one card are
+//! journaled in the order they were decided.
+//!
+//! If a write fails the journal turns *failed*: memory may then be ahead of
+//! disk, so every later submission is refused (`503`) and `/readyz` goes red
+//! until a restart rebuilds memory from disk.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::{Mutex, RwLock};
+use rocksdb::{WriteBatch, WriteOptions};
+use tokio::sync::oneshot;
+
+use super::durable::{Commit, CommitError, Durable, Expired, Op, Pending};
+use super::{decode_u64, idem, meta, Cf, Store, StoreError};
+use crate::config::Durability;
+
+/// The `card_tx` key of a card's record: card_no, 0x00, sequence.
+pub fn card_tx_key(card_no: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(card_no.len() + 9);
+    k.extend_from_slice(card_no.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+type Reply = oneshot::Sender<Result<Option<u64>, CommitError>>;
+
+enum Item {
+    Commit(Commit, Reply),
+    /// Idempotency clean-up: written in a batch of its own, because whether
+    /// to delete depends on reading what earlier batches wrote.
+    Cleanup {
+        expired: Vec<Expired>,
+        cursor: u64,
+        reply: Reply,
+    },
+    Stop,
+}
+
+pub struct Journal {
+    tx: Sender<Item>,
+    /// Submissions check `closing` and send under the read side; `close`
+    /// sets it under the write side, so nothing is queued behind `Stop`.
+    gate: RwLock<()>,
+    closing: AtomicBool,
+    failed: Arc<AtomicBool>,
+    /// The next sequence number the writer will assign.
+    next_seq: Arc<AtomicU64>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Journal {
+    /// Starts the writer thread; sequence numbers continue after the last
+    /// record on disk.
+    pub fn start(
+        store: Store,
+        durability: Durability,
+        batch_events_max: usize,
+        queue_events_max: usize,
+    ) -> Result<Journal, StoreError> {
+        let next = match store.last_key(Cf::Journal)? {
+            None => 1,
+            Some(k) => {
+                decode_u64(&k).ok_or(StoreError::Corrupt {
+                    cf: "journal",
+                    detail: "key is not a u64".into(),
+                })? + 1
+            }
+        };
+        let (tx, rx) = crossbeam_channel::bounded(queue_events_max);
+        let failed = Arc::new(AtomicBool::new(false));
+        let next_seq = Arc::new(AtomicU64::new(next));
+        let writer = Writer {
+            store,
+            rx,
+            sync: durability == Durability::Sync,
+            batch_events_max,
+            failed: failed.clone(),
+            next_seq: next_seq.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run())
+            .expect("spawning the journal writer thread");
+        Ok(Journal {
+            tx,
+            gate: RwLock::new(()),
+            closing: AtomicBool::new(false),
+            failed,
+            next_seq,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, item: Item) -> Result<(), CommitError> {
+        let _open = self.gate.read();
+        self.check()?;
+        match self.tx.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(CommitError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(CommitError::Closed),
+        }
+    }
+
+    fn check(&self) -> Result<(), CommitError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(CommitError::Failed);
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(CommitError::Closed);
+        }
+        Ok(())
+    }
+}
+
+impl Durable for Journal {
+    /// The order of `submit` calls is the order on disk.
+    fn submit(&self, commit: Commit) -> Result<Pending, CommitError> {
+        let (reply, pending) = Pending::channel();
+        self.send(Item::Commit(commit, reply))?;
+        Ok(pending)
+    }
+
+    /// Written in a batch of its own, because whether to delete depends
+    /// on reading what earlier batches wrote.
+    fn cleanup(&self, expired: Vec<Expired>, cursor: u64) -> Result<Pending, CommitError> {
+        let (reply, pending) = Pending::channel();
+        self.send(Item::Cleanup {
+            expired,
+            cursor,
+            reply,
+        })?;
+        Ok(pending)
+    }
+
+    fn is_healthy(&self) -> bool {
+        !self.failed.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Acquire) - 1
+    }
+
+    /// Writes everything already queued, syncs the WAL and stops the
+    /// writer thread.
+    fn close(&self) {
+        {
+            let _shut = self.gate.write();
+            self.closing.store(true, Ordering::Release);
+        }
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            // A blocking send: the writer is draining, so there is room soon.
+            let _ = self.tx.send(Item::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Writer {
+    store: Store,
+    rx: Receiver<Item>,
+    sync: bool,
+    batch_events_max: usize,
+    failed: Arc<AtomicBool>,
+    next_seq: Arc<AtomicU64>,
+}
+
+/// Marks the journal failed if the writer thread ends by panicking, so that
+/// submissions are refused and `/readyz` turns red instead of hanging.
+struct PanicGuard(Arc<AtomicBool>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Writer {
+    fn run(self) {
+        let _guard = PanicGuard(self.failed.clone());
+        let mut carry: Option<Item> = None;
+        let mut stopping = false;
+        loop {
+            let item = match carry.take() {
+                Some(item) => item,
+                None if stopping => match self.rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                },
+                None => match self.rx.recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                },
+            };
+            match item {
+                Item::Stop => stopping = true,
+                Item::Cleanup {
+                    expired,
+                    cursor,
+                    reply,
+                } => {
+                    let result = self.cleanup(expired, cursor);
+                    let _ = reply.send(result.map(|()| None));
+                }
+                Item::Commit(commit, reply) => {
+                    let mut group = vec![(commit, reply)];
+                    while group.len() < self.batch_events_max {
+                        match self.rx.try_recv() {
+                            Ok(Item::Commit(c, r)) => group.push((c, r)),
+                            Ok(other) => {
+                                carry = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.write_group(group);
+                }
+            }
+        }
+        if let Err(e) = self.store.db().flush_wal(true) {
+            tracing::error!(error = %e, "journal: syncing the WAL at shutdown failed");
+        }
+    }
+
+    fn options(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync);
+        wo
+    }
+
+    fn write_group(&self, group: Vec<(Commit, Reply)>) {
+        if self.failed.load(Ordering::Acquire) {
+            for (_, reply) in group {
+                let _ = reply.send(Err(CommitError::Failed));
+            }
+            return;
+        }
+        let first_seq = self.next_seq.load(Ordering::Acquire);
+        let mut seq = first_seq;
+        let mut batch = WriteBatch::default();
+        let mut seqs = Vec::with_capacity(group.len());
+        let mut records = 0u64;
+        for (commit, _) in &group {
+            let mut assigned = None;
+            let first = commit.record.as_ref().map(|r| (r, commit.card.as_deref()));
+            let also = commit.also.iter().map(|(r, c)| (r, Some(&**c)));
+            for (record, card) in first.into_iter().chain(also) {
+                batch.put_cf(self.store.cf(Cf::Journal), seq.to_be_bytes(), record);
+                if let Some(card) = card.filter(|c| !c.is_empty()) {
+                    batch.put_cf(self.store.cf(Cf::CardTx), card_tx_key(card, seq), b"");
+                }
+                assigned.get_or_insert(seq);
+                records += 1;
+                seq += 1;
+            }
+            seqs.push(assigned);
+            for op in &commit.ops {
+                match op {
+                    Op::Put(cf, k, v) => batch.put_cf(self.store.cf(*cf), k, v),
+                    Op::Delete(cf, k) => batch.delete_cf(self.store.cf(*cf), k),
+                }
+            }
+        }
+        super::crashpoint::hit("journal.before_write");
+        let started = Instant::now();
+        let result = self.store.db().write_opt(batch, &self.options());
+        metrics::histogram!("onecard_journal_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("onecard_journal_batch_events").record(group.len() as f64);
+        match result {
+            Ok(()) => {
+                super::crashpoint::hit("journal.after_write");
+                self.next_seq.store(seq, Ordering::Release);
+                metrics::counter!("onecard_journal_records_total").increment(records);
+                metrics::gauge!("onecard_journal_last_seq").set((seq - 1) as f64);
+                for ((_, reply), s) in group.into_iter().zip(seqs) {
+                    let _ = reply.send(Ok(s));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, first_seq, "journal: write failed; refusing further writes");
+                self.failed.store(true, Ordering::Release);
+                metrics::counter!("onecard_journal_failures_total").increment(1);
+                for (_, reply) in group {
+                    let _ = reply.send(Err(CommitError::Failed));
+                }
+            }
+        }
+    }
+
+    fn cleanup(&self, expired: Vec<Expired>, cursor: u64) -> Result<(), CommitError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(CommitError::Failed);
+        }
+        let mut batch = WriteBatch::default();
+        let mut deleted = 0u64;
+        for e in &expired {
+            let current = self
+                .store
+                .get(Cf::Idem, &e.idem_key)
+                .map_err(|_| CommitError::Failed)?;
+            // A key reused after its retention has a new answer with a new
+            // auth_id: that one stays.
+            if current.is_some_and(|v| idem::stored_auth_id(&v) == Some(e.auth_id.as_str())) {
+                batch.delete_cf(self.store.cf(Cf::Idem), &e.idem_key);
+                deleted += 1;
+            }
+        }
+        batch.put_cf(
+            self.store.cf(Cf::Meta),
+            meta::IDEM_CLEANUP_SEQ,
+            cursor.to_be_bytes(),
+        );
+        self.store
+            .db()
+            .write_opt(batch, &self.options())
+            .map_err(|e| {
+                tracing::error!(error = %e, "journal: idempotency clean-up write failed");
+                self.failed.store(true, Ordering::Release);
+                CommitError::Failed
+            })?;
+        metrics::counter!("onecard_idempotency_expired_total").increment(deleted);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_with_several_records_numbers_and_indexes_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let journal = Journal::start(store.clone(), Durability::Sync, 16, 16).unwrap();
+        let journal: &dyn Durable = &journal;
+        let one = journal
+            .commit(Commit::new(Some(b"r1".to_vec()), Vec::new()))
+            .await
+            .unwrap();
+        assert_eq!(one, Some(1));
+        let mut batch = Commit::new(None, vec![Op::Put(Cf::Meta, b"k".to_vec(), b"v".to_vec())]);
+        batch.also = vec![
+            (b"c1".to_vec(), "500118D00000001".into()),
+            (b"c2".to_vec(), "500118D00000002".into()),
+            (b"c3".to_vec(), "500118D00000001".into()),
+        ];
+        // The reply names the first of the commit's records.
+        assert_eq!(journal.commit(batch).await.unwrap(), Some(2));
+        assert_eq!(journal.last_seq(), 4);
+        for (seq, want) in [(2u64, &b"c1"[..]), (3, b"c2"), (4, b"c3")] {
+            assert_eq!(
+                store
+                    .get(Cf::Journal, &seq.to_be_bytes())
+                    .unwrap()
+                    .as_deref(),
+                Some(want)
+            );
+        }
+        for (card, seq) in [
+            ("500118D00000001", 2),
+            ("500118D00000002", 3),
+            ("500118D00000001", 4),
+        ] {
+            assert!(store
+                .get(Cf::CardTx, &card_tx_key(card, seq))
+                .unwrap()
+                .is_some());
+        }
+        assert!(store
+            .get(Cf::CardTx, &card_tx_key("500118D00000002", 2))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store.get(Cf::Meta, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        // Without records the reply names none.
+        let none = journal.commit(Commit::new(None, Vec::new())).await.unwrap();
+        assert_eq!(none, None);
+        journal.close();
+    }
+}

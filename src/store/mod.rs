@@ -1,0 +1,327 @@
+//! The store layer: what the gateway keeps, on disk and in memory.
+//!
+//! - this file: the RocksDB database, its column families, point reads
+//!   (one that never waits for the disk, [`Store::get_cached`], for the
+//!   async workers) and scans;
+//! - [`durable`]: the durability seam every durable write goes through,
+//!   and [`journal`], its RocksDB group commit; [`crashpoint`]: named
+//!   places in the write paths where the simulation may kill the process;
+//! - the tables, each in memory for the hot path (lock-free reads, a lock
+//!   per writer) and in its column family: [`cards`], [`denylist`],
+//!   [`venues`], [`allow`], [`partners`], [`profiles`]; and the records
+//!   kept only on disk: [`idem`] (stored answers), [`holds`], [`audit`].
+//!
+//! Memory is a cache of disk: rebuilt from RocksDB at start; every change
+//! reaches disk through a [`durable::Commit`] and memory once that commit
+//! is queued (under the card's lock) or durable (the deny list). Only this
+//! layer touches RocksDB handles. It knows nothing of HTTP or of the
+//! services above it.
+
+pub mod allow;
+pub mod audit;
+pub mod cards;
+pub mod crashpoint;
+pub mod denylist;
+pub mod durable;
+pub mod holds;
+pub mod idem;
+pub mod journal;
+pub mod partners;
+pub mod profiles;
+pub mod venues;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use cards::CardTable;
+pub use denylist::DenyList;
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    MemtableFactory, Options, SliceTransform, DB,
+};
+
+/// The column families (DESIGN.md, "Storage").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cf {
+    /// card_no → card record (JSON).
+    Cards,
+    /// card_no → deny entry (JSON).
+    Denylist,
+    /// version (u64 BE) → deny-list change (JSON), for deltas to validators.
+    DenylistLog,
+    /// sequence (u64 BE) → decision record (JSON).
+    Journal,
+    /// terminal 0x00 event_id → stored answer.
+    Idem,
+    /// named counters and cursors.
+    Meta,
+    /// settlement: per-sink cursor, sealed batches awaiting acknowledgement,
+    /// parked batches.
+    Settle,
+    /// credential id → binding (JSON): which card a scanned code names.
+    Creds,
+    /// card_no → profile (JSON): the holder's hashed personal ID, bound
+    /// credentials, and the cards it replaced or was replaced by.
+    Profiles,
+    /// keyed hash of a personal ID → card_no (the holder's current card).
+    Persons,
+    /// sequence (u64 BE) → audit entry (JSON): card life changes and
+    /// look-ups, with who did them.
+    Audit,
+    /// card_no 0x00 sequence (u64 BE) → empty: a card's journal records,
+    /// for the hotline's look-up.
+    CardTx,
+    /// card_no 0x00 terminal → offline risk (JSON): offline taps of cards
+    /// that were deny-listed at the time.
+    OfflineRisk,
+    /// site → the local day and its approved entries (u32 BE each): a
+    /// culture venue's daily quota.
+    Venues,
+    /// site 0x00 card_no → allow-list entry (JSON: time-of-day windows):
+    /// who opens a controlled door.
+    Allow,
+    /// partner 0x00 card_no → empty: a partner region's deny list (its
+    /// version in `meta`, `partner_version/<partner>`).
+    PartnerDeny,
+    /// disbursements: `b/<batch_id>` → the body's fingerprint and the
+    /// report; `w/<project> 0x00 <month> 0x00 <card_no> 0x00 <event_id>` →
+    /// a credited wage; `p/<project>` → the project's roster of workers.
+    Disburse,
+    /// terminal 0x00 hold event_id → medical hold (JSON: card, amount,
+    /// category, split, times, state, captured amount).
+    Holds,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 18] = [
+        Cf::Cards,
+        Cf::Denylist,
+        Cf::DenylistLog,
+        Cf::Journal,
+        Cf::Idem,
+        Cf::Meta,
+        Cf::Settle,
+        Cf::Creds,
+        Cf::Profiles,
+        Cf::Persons,
+        Cf::Audit,
+        Cf::CardTx,
+        Cf::OfflineRisk,
+        Cf::Venues,
+        Cf::Allow,
+        Cf::PartnerDeny,
+        Cf::Disburse,
+        Cf::Holds,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Cards => "cards",
+            Cf::Denylist => "denylist",
+            Cf::DenylistLog => "denylist_log",
+            Cf::Journal => "journal",
+            Cf::Idem => "idem",
+            Cf::Meta => "meta",
+            Cf::Settle => "settle",
+            Cf::Creds => "creds",
+            Cf::Profiles => "profiles",
+            Cf::Persons => "persons",
+            Cf::Audit => "audit",
+            Cf::CardTx => "card_tx",
+            Cf::OfflineRisk => "offline_risk",
+            Cf::Venues => "venues",
+            Cf::Allow => "allow",
+            Cf::PartnerDeny => "partner_deny",
+            Cf::Disburse => "disburse",
+            Cf::Holds => "holds",
+        }
+    }
+}
+
+/// Keys in [`Cf::Meta`].
+pub mod meta {
+    pub const DENYLIST_VERSION: &[u8] = b"denylist_version";
+    pub const BOOT: &[u8] = b"boot";
+    pub const IDEM_CLEANUP_SEQ: &[u8] = b"idem_cleanup_seq";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record in {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// The open database, shared by the journal writer and readers.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(DBCompressionType::Lz4);
+        opts.set_max_background_jobs(2);
+        // The hash memtable of `idem` cannot take concurrent inserts; every
+        // write comes from the journal writer thread anyway.
+        opts.set_allow_concurrent_memtable_write(false);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::Lz4);
+            if matches!(cf, Cf::Idem | Cf::Cards) {
+                // Point reads and writes only, never iterated: a hash
+                // memtable (the whole key is the "prefix") makes both O(1),
+                // where the default skip list spent a fifth of the gateway's
+                // CPU searching (perf, 64 terminals closed-loop), and a
+                // memtable bloom filter answers the usual miss (a new event
+                // id) without a search at all.
+                o.set_prefix_extractor(SliceTransform::create_noop());
+                o.set_memtable_factory(MemtableFactory::HashSkipList {
+                    bucket_count: 1 << 20,
+                    height: 4,
+                    branching_factor: 4,
+                });
+                o.set_memtable_prefix_bloom_ratio(0.05);
+            }
+            if matches!(cf, Cf::Idem | Cf::Cards | Cf::Denylist | Cf::Creds) {
+                // Point lookups, mostly of keys that are absent (new event
+                // ids): a bloom filter answers those without a disk read.
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                o.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    /// A point read that never waits for the disk: answered from the
+    /// memtable or the block cache (the bloom filters are in memory, so the
+    /// usual miss of a new key is answered too), or `Ok(None)` when it would
+    /// have to read a file. Async code calls [`Store::read`], which then
+    /// reads on the blocking pool.
+    pub fn get_cached(&self, cf: Cf, key: &[u8]) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_read_tier(rocksdb::ReadTier::BlockCache);
+        match self.db.get_cf_opt(self.cf(cf), key, &ro) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A point read for async code: from memory when it can be, otherwise
+    /// on the blocking pool, so that an async worker (serving terminals)
+    /// never waits for the disk.
+    pub async fn read(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.get_cached(cf, key)? {
+            return Ok(v);
+        }
+        let (store, key) = (self.clone(), key.to_vec());
+        match tokio::task::spawn_blocking(move || store.get(cf, &key)).await {
+            Ok(r) => r,
+            Err(e) => match e.try_into_panic() {
+                Ok(p) => std::panic::resume_unwind(p),
+                // Cancelled: the runtime is shutting down.
+                Err(_) => Err(StoreError::Closed),
+            },
+        }
+    }
+
+    pub fn get_u64(&self, cf: Cf, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.get(cf, key)? {
+            None => Ok(None),
+            Some(v) => decode_u64(&v).map(Some).ok_or(StoreError::Corrupt {
+                cf: cf.name(),
+                detail: "not a u64".into(),
+            }),
+        }
+    }
+
+    /// Calls `f` for each record of `cf` from `start` on, in key order, until
+    /// it returns `false`.
+    pub fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.iterate(cf, start, Direction::Forward, f)
+    }
+
+    /// Calls `f` for each record of `cf` at or before `start`, in reverse
+    /// key order, until it returns `false`.
+    pub fn scan_back(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.iterate(cf, start, Direction::Reverse, f)
+    }
+
+    fn iterate(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        direction: Direction,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        // In key order over every key, whatever the column family's
+        // prefix extractor (the hash memtables of `idem` and `cards`).
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_total_order_seek(true);
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(start, direction))
+        {
+            let (k, v) = item?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// RocksDB's estimate of the keys in `cf` (exact enough to size a map).
+    pub fn estimated_keys(&self, cf: Cf) -> usize {
+        self.db
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0) as usize
+    }
+
+    /// The last key of `cf`, if any.
+    pub fn last_key(&self, cf: Cf) -> Result<Option<Box<[u8]>>, StoreError> {
+        match self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
+            None => Ok(None),
+            Some(item) => Ok(Some(item?.0)),
+        }
+    }
+}
+
+pub fn decode_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}

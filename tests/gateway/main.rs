@@ -1,0 +1,26 @@
+//! Black-box tests of the gateway: each starts a real gateway (or the
+//! real binary) on loopback and speaks to it over real sockets, with real
+//! certificates, as terminals, operators and downstream receivers do.
+//!
+//! One test harness, one module per area, so the tests link once (each
+//! test binary links the gateway and RocksDB).
+
+mod common;
+
+mod authorize;
+mod cardlife;
+mod cli;
+mod credentials;
+mod disburse;
+mod durability;
+mod import;
+mod limits;
+mod medical;
+mod offline;
+mod openapi;
+mod reverse;
+mod scenarios;
+mod settle_receiver;
+mod settlement;
+mod simulation;
+mod strict_receiver;
