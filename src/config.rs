@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use onecard_core::authz::{Policy, ScenarioRule};
-use onecard_core::model::{Function, Scenario};
+use onecard_core::authz::{Policy, PolicyConfig, ScenariosConfig, Sections};
+use onecard_core::model::Scenario;
 
 pub const DATA_DIR_DEFAULT: &str = "./data";
 pub const TERMINAL_ADDR_DEFAULT: &str = "0.0.0.0:8443";
@@ -31,8 +31,6 @@ pub const JOURNAL_BATCH_EVENTS_MAX_DEFAULT: usize = 2_048;
 pub const JOURNAL_QUEUE_EVENTS_MAX_DEFAULT: usize = 16_384;
 pub const IDEMPOTENCY_RETENTION_S_DEFAULT: u64 = 72 * 3600;
 pub const IDEMPOTENCY_CLEANUP_INTERVAL_S_DEFAULT: u64 = 60;
-pub const DAY_OFFSET_MINUTES_DEFAULT: i32 = 8 * 60;
-pub const CARD_DAILY_SPEND_MAX_FEN_DEFAULT: i64 = 100_000;
 
 /// The files of the development CA and its certificates under
 /// `<data_dir>/certs` (`terminal.dev_certs`), which the config's default
@@ -684,68 +682,6 @@ impl Default for IdempotencyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PolicyConfig {
-    /// The offset from UTC of the local day that daily caps count in
-    /// (China Standard Time, +08:00, by default).
-    pub day_offset_minutes: i32,
-    /// What one card may spend per local day over all charging scenarios.
-    pub card_daily_spend_max_fen: i64,
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        PolicyConfig {
-            day_offset_minutes: DAY_OFFSET_MINUTES_DEFAULT,
-            card_daily_spend_max_fen: CARD_DAILY_SPEND_MAX_FEN_DEFAULT,
-        }
-    }
-}
-
-/// One table per scenario; keys left out keep that scenario's default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScenariosConfig {
-    pub transit: ScenarioToml,
-    pub medical: ScenarioToml,
-    pub culture: ScenarioToml,
-    pub access: ScenarioToml,
-    pub payment: ScenarioToml,
-    pub identity: ScenarioToml,
-    pub health: ScenarioToml,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScenarioToml {
-    /// The card function the scenario needs, or `"none"`.
-    pub function: Option<String>,
-    /// Whether the scenario moves money (then `amount_fen` is required and
-    /// counts against the daily cap).
-    pub charges: Option<bool>,
-    /// The largest single amount approved.
-    pub amount_max_fen: Option<i64>,
-}
-
-/// Built-in rules: which function each scenario needs and whether it charges.
-pub fn scenario_default(s: Scenario) -> ScenarioRule {
-    let (function, charges, amount_max_fen) = match s {
-        Scenario::Transit => (Some(Function::Transit), true, 2_000),
-        Scenario::Medical => (Some(Function::Medical), true, 500_000),
-        Scenario::Payment => (Some(Function::Financial), true, 200_000),
-        Scenario::Culture => (None, true, 20_000),
-        Scenario::Access => (None, false, 0),
-        Scenario::Identity => (None, false, 0),
-        Scenario::Health => (None, false, 0),
-    };
-    ScenarioRule {
-        function,
-        charges,
-        amount_max_fen,
-    }
-}
-
 impl Config {
     /// Reads and validates a config file; its relative paths are taken
     /// relative to the file's directory ([`Config::resolve_paths`]).
@@ -962,79 +898,27 @@ impl Config {
         Ok(())
     }
 
-    /// The decision core's view of the config.
+    /// The decision core's view of the config: its rule sections, built
+    /// and checked by the core crate.
     pub fn policy(&self) -> Result<Policy, ConfigError> {
-        let s = &self.scenarios;
-        let tables = [
-            (Scenario::Transit, &s.transit),
-            (Scenario::Medical, &s.medical),
-            (Scenario::Culture, &s.culture),
-            (Scenario::Access, &s.access),
-            (Scenario::Payment, &s.payment),
-            (Scenario::Identity, &s.identity),
-            (Scenario::Health, &s.health),
-        ];
-        let mut policy = Policy::with_defaults(
-            self.policy.card_daily_spend_max_fen,
-            self.policy.day_offset_minutes,
-        );
-        for (scenario, table) in tables {
-            let mut rule = scenario_default(scenario);
-            if let Some(f) = &table.function {
-                rule.function = match f.as_str() {
-                    "none" | "" => None,
-                    name => Some(Function::parse(name).ok_or_else(|| {
-                        ConfigError::Invalid(format!(
-                            "scenarios.{scenario}.function: unknown function `{name}`; expected none or one of {}",
-                            Function::expected()
-                        ))
-                    })?),
-                };
-            }
-            if let Some(c) = table.charges {
-                rule.charges = c;
-            }
-            if let Some(m) = table.amount_max_fen {
-                if m < 0 {
-                    return Err(ConfigError::Invalid(format!(
-                        "scenarios.{scenario}.amount_max_fen must not be negative"
-                    )));
-                }
-                rule.amount_max_fen = m;
-            }
-            policy.set_rule(scenario, rule);
-        }
-        use onecard_core::scenario::culture;
-        use onecard_core::scenario::identity;
-        use onecard_core::scenario::medical;
-        use onecard_core::scenario::region;
-        use onecard_core::scenario::transit;
-        policy.transit =
-            transit::Rules::from_config(&self.transit).map_err(ConfigError::Invalid)?;
-        policy.culture =
-            culture::Rules::from_config(&self.culture).map_err(ConfigError::Invalid)?;
-        policy.identity =
-            identity::Rules::from_config(&self.identity).map_err(ConfigError::Invalid)?;
-        policy.regions = region::Rules::from_config(&self.regions).map_err(ConfigError::Invalid)?;
-        policy.medical =
-            medical::Rules::from_config(&self.medical).map_err(ConfigError::Invalid)?;
-        if !self.medical.categories.is_empty() {
-            // A hold reserves the daily spend and needs the medical
-            // function; a scenario that neither charges nor checks it
-            // could not keep a hold's promises.
-            let rule = policy.rule(Scenario::Medical);
-            if !rule.charges || rule.function != Some(Function::Medical) {
-                return Err(ConfigError::Invalid(
-                    "medical.categories need scenarios.medical to charge and to require the medical function (the defaults)".into(),
-                ));
-            }
-            // A hold's event id must not be reusable while the hold lives.
-            if self.idempotency.retention_s < self.medical.hold_ttl_s {
-                return Err(ConfigError::Invalid(format!(
-                    "idempotency.retention_s ({}) must be at least medical.hold_ttl_s ({}): a hold's event id is remembered for as long as the hold lives",
-                    self.idempotency.retention_s, self.medical.hold_ttl_s
-                )));
-            }
+        let policy = Policy::from_config(Sections {
+            policy: &self.policy,
+            scenarios: &self.scenarios,
+            transit: &self.transit,
+            culture: &self.culture,
+            identity: &self.identity,
+            regions: &self.regions,
+            medical: &self.medical,
+        })
+        .map_err(ConfigError::Invalid)?;
+        // A hold's event id must not be reusable while the hold lives.
+        if !self.medical.categories.is_empty()
+            && self.idempotency.retention_s < self.medical.hold_ttl_s
+        {
+            return Err(ConfigError::Invalid(format!(
+                "idempotency.retention_s ({}) must be at least medical.hold_ttl_s ({}): a hold's event id is remembered for as long as the hold lives",
+                self.idempotency.retention_s, self.medical.hold_ttl_s
+            )));
         }
         Ok(policy)
     }
@@ -1131,6 +1015,7 @@ fn lexical(p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use onecard_core::model::Function;
 
     #[test]
     fn empty_config_is_the_defaults() {

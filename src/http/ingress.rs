@@ -35,6 +35,7 @@ use crate::http::admission::Admission;
 use crate::http::error::ApiError;
 use crate::http::routes::{self, Listener, Match, RouteId};
 use crate::http::Front;
+use onecard_core::wire::{self, HoldOp};
 
 pub type Body = Full<Bytes>;
 
@@ -500,23 +501,26 @@ async fn authorize(
     )
     .await?;
     let now_ms = gw.now_ms();
+    // Decoded here, so a service takes a request that is already well
+    // formed; what its rules refuse, it refuses itself.
     let answer = match id {
-        RouteId::Reverse => gw.reverse(&terminal, &body, now_ms).await,
-        RouteId::Hold => gw.hold(&terminal, &body, now_ms).await,
-        RouteId::Capture => {
-            gw.hold_step(
-                onecard_core::wire::HoldOp::Capture,
-                &terminal,
-                &body,
-                now_ms,
-            )
-            .await
-        }
-        RouteId::Void => {
-            gw.hold_step(onecard_core::wire::HoldOp::Void, &terminal, &body, now_ms)
+        RouteId::Reverse => {
+            gw.reverse(&terminal, &wire::parse_reverse(&body)?, now_ms)
                 .await
         }
-        _ => gw.authorize(&terminal, &body, now_ms).await,
+        RouteId::Hold => gw.hold(&terminal, &wire::parse_hold(&body)?, now_ms).await,
+        RouteId::Capture => {
+            let req = wire::parse_hold_step(HoldOp::Capture, &body)?;
+            gw.hold_step(&terminal, &req, now_ms).await
+        }
+        RouteId::Void => {
+            let req = wire::parse_hold_step(HoldOp::Void, &body)?;
+            gw.hold_step(&terminal, &req, now_ms).await
+        }
+        _ => {
+            gw.authorize(&terminal, &wire::parse_authorize(&body)?, now_ms)
+                .await
+        }
     };
     Ok(answer?)
 }

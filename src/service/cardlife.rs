@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use onecard_core::cardlife::{transition, DenyEffect, LifeOp};
-use onecard_core::model::{Card, CardNo, CardStatus};
+use onecard_core::model::{Card, CardNo, CardStatus, StoredCardNo};
 use onecard_core::privacy;
 use onecard_core::qr::CredType;
 
@@ -54,7 +54,7 @@ impl Actor {
             who: self.name.clone(),
             role: self.role.as_str().to_owned(),
             action: action.to_owned(),
-            card_no: card.map(|c| c.as_str().to_owned()),
+            card_no: card.map(StoredCardNo::from),
             detail,
         }
     }
@@ -63,14 +63,14 @@ impl Actor {
 /// The answer to a card-life change.
 #[derive(Debug, Serialize)]
 pub struct LifeAnswer {
-    pub card_no: String,
+    pub card_no: StoredCardNo,
     pub status: CardStatus,
     /// `false`: the change was already in effect.
     pub changed: bool,
     pub denylisted: bool,
     pub denylist_version: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub replaced_by: Option<String>,
+    pub replaced_by: Option<StoredCardNo>,
 }
 
 fn not_found(card: &CardNo) -> ServiceError {
@@ -216,7 +216,7 @@ impl Gateway {
         tracing::info!(card = %card_no, op = op.as_str(), who = %actor.name, status = %status, changed, "card life");
         metrics::counter!("onecard_card_life_total", "op" => op.as_str()).increment(1);
         Ok(LifeAnswer {
-            card_no: card_no.as_str().to_owned(),
+            card_no: card_no.into(),
             status,
             changed,
             denylisted: self.deny.get(card_no).is_some(),
@@ -287,7 +287,7 @@ impl Gateway {
             ));
             for c in &old_profile.credentials {
                 let b = Binding {
-                    card_no: new.as_str().to_owned(),
+                    card_no: new.into(),
                     typ: c.typ,
                     bound_at_ms: now_ms,
                 };
@@ -301,12 +301,12 @@ impl Gateway {
                 holder: old_profile.holder.clone(),
                 name_masked: old_profile.name_masked.clone(),
                 credentials: old_profile.credentials.clone(),
-                replaces: Some(old.as_str().to_owned()),
+                replaces: Some(old.into()),
                 replaced_by: None,
             };
             let old_after = Profile {
                 credentials: Vec::new(),
-                replaced_by: Some(new.as_str().to_owned()),
+                replaced_by: Some(new.into()),
                 ..old_profile.clone()
             };
             ops.push(Op::Put(
@@ -356,12 +356,12 @@ impl Gateway {
         metrics::counter!("onecard_card_life_total", "op" => "replace").increment(1);
         tracing::info!(card = %old, new = %new, who = %actor.name, "card replaced");
         Ok(LifeAnswer {
-            card_no: old.as_str().to_owned(),
+            card_no: old.into(),
             status: CardStatus::Cancelled,
             changed: true,
             denylisted: self.deny.get(old).is_some(),
             denylist_version: version,
-            replaced_by: Some(new.as_str().to_owned()),
+            replaced_by: Some(new.into()),
         })
     }
 
@@ -402,7 +402,7 @@ impl Gateway {
             typ,
         });
         let binding = Binding {
-            card_no: card_no.as_str().to_owned(),
+            card_no: card_no.into(),
             typ,
             bound_at_ms: now_ms,
         };

@@ -12,17 +12,25 @@
 //! journal's recent scans, so a restart does not reopen a window for
 //! replaying codes that are still within their lifetime.
 
-use serde::Deserialize;
+use std::borrow::Cow;
 
-use onecard_core::model::{CardNo, Reason};
-use onecard_core::qr::{self, Keyring, Rules};
-use onecard_core::record::ScanRef;
-use onecard_core::wire::Credential;
+use serde::Deserialize;
 
 use crate::config::QrConfig;
 use crate::service::error::ServiceError;
-use crate::service::replay::{ReplayCache, Seen};
-use crate::store::{profiles, Cf, Store, StoreError};
+use crate::service::replay::ReplayCache;
+use crate::service::replay::Seen;
+use crate::store::profiles;
+use crate::store::Cf;
+use crate::store::Store;
+use crate::store::StoreError;
+use onecard_core::model::CardNo;
+use onecard_core::model::Reason;
+use onecard_core::qr;
+use onecard_core::qr::Keyring;
+use onecard_core::qr::Rules;
+use onecard_core::record::ScanRef;
+use onecard_core::wire::Credential;
 
 /// Issuer keys, the rules and the replay cache.
 pub struct Scanner {
@@ -31,11 +39,33 @@ pub struct Scanner {
     replay: ReplayCache,
 }
 
-/// The outcome of the credential step.
-pub enum Resolved<'a> {
-    Card(std::borrow::Cow<'a, CardNo>, Option<ScanRef>),
-    /// Declined before the decision core; the card when it is known.
-    Decline(Reason, Option<CardNo>, Option<ScanRef>),
+/// What the credential phase found.
+pub struct Resolved<'a> {
+    /// The card the credential names, if any is known.
+    pub card: Option<Cow<'a, CardNo>>,
+    /// A scan's spent code, recorded with the decision (and given back if
+    /// the decision cannot be recorded).
+    pub scan: Option<ScanRef>,
+    /// Declined before the rules: a bad, expired or replayed code, a code
+    /// bound to no card.
+    pub early: Option<Reason>,
+}
+
+impl<'a> Resolved<'a> {
+    fn card(card: Cow<'a, CardNo>, scan: Option<ScanRef>) -> Resolved<'a> {
+        Resolved {
+            card: Some(card),
+            scan,
+            early: None,
+        }
+    }
+    fn decline(reason: Reason, card: Option<CardNo>) -> Resolved<'a> {
+        Resolved {
+            card: card.map(Cow::Owned),
+            scan: None,
+            early: Some(reason),
+        }
+    }
 }
 
 impl Scanner {
@@ -102,15 +132,18 @@ impl Scanner {
     }
 }
 
-/// The card a credential names, or why the event is declined.
-pub fn resolve<'a>(
+/// The card a credential names, or why the event is declined before the
+/// rules. A bad, expired or replayed code is a decline with its reason;
+/// only a store that cannot be read, or a replay cache full of live codes,
+/// is an error.
+pub async fn resolve<'a>(
     scanner: Option<&Scanner>,
     store: &Store,
     credential: &'a Credential,
     now_ms: i64,
 ) -> Result<Resolved<'a>, ServiceError> {
     let token = match credential {
-        Credential::Tap(card) => return Ok(Resolved::Card(std::borrow::Cow::Borrowed(card), None)),
+        Credential::Tap(card) => return Ok(Resolved::card(Cow::Borrowed(card), None)),
         Credential::Scan(token) => token,
     };
     let scanner = scanner.ok_or_else(not_configured)?;
@@ -119,20 +152,16 @@ pub fn resolve<'a>(
         Ok(c) => c,
         Err(reject) => {
             metrics::counter!("onecard_qr_rejects_total", "why" => label_of(reject)).increment(1);
-            return Ok(Resolved::Decline(reason_of(reject), None, None));
+            return Ok(Resolved::decline(reason_of(reject), None));
         }
     };
-    let binding = profiles::binding(store, &claims.sub).map_err(|e| {
-        tracing::error!(error = %e, "storage read failed");
-        ServiceError::unavailable("the gateway cannot read its store; retry shortly")
-    })?;
-    let Some(binding) = binding else {
-        return Ok(Resolved::Decline(Reason::CredentialUnbound, None, None));
+    let Some(binding) = profiles::binding_async(store, &claims.sub).await? else {
+        return Ok(Resolved::decline(Reason::CredentialUnbound, None));
     };
-    let card = CardNo::parse(&binding.card_no).ok();
+    let card = binding.card_no.card_no();
     if binding.typ != claims.typ {
         metrics::counter!("onecard_qr_rejects_total", "why" => "type_mismatch").increment(1);
-        return Ok(Resolved::Decline(Reason::QrInvalid, card, None));
+        return Ok(Resolved::decline(Reason::QrInvalid, card));
     }
     let spent = ScanRef {
         sub: claims.sub,
@@ -144,25 +173,28 @@ pub fn resolve<'a>(
         .check_and_remember(&spent.sub, &spent.jti, spent.forget_at, now)
     {
         Ok(()) => {}
-        Err(Seen::Replayed) => return Ok(Resolved::Decline(Reason::QrReplayed, card, None)),
+        Err(Seen::Replayed) => return Ok(Resolved::decline(Reason::QrReplayed, card)),
         // Every remembered code is still live: accepting one more could
         // admit a replay, so the scan is refused as a failure (retry, or
         // tap the card) and SRE is told by the metric and the log.
         Err(Seen::Full) => {
             metrics::counter!("onecard_qr_replay_cache_full_total").increment(1);
             tracing::warn!("QR replay cache is full of live codes; raise qr.replay_cache_max");
-            return Err(ServiceError::unavailable("too many codes in flight to check this one for replay; retry shortly or tap the card",
+            return Err(ServiceError::unavailable(
+                "too many codes in flight to check this one for replay; retry shortly or tap the card",
             ));
         }
     }
     match card {
-        Some(card) => Ok(Resolved::Card(std::borrow::Cow::Owned(card), Some(spent))),
+        Some(card) => Ok(Resolved::card(Cow::Owned(card), Some(spent))),
         None => Err(ServiceError::unavailable(
             "a credential binding is corrupt; tap the card",
         )),
     }
 }
 
+/// `400` for a scan where no issuer key is configured: a configuration
+/// matter, refused before anything is recorded.
 pub(crate) fn not_configured() -> ServiceError {
     ServiceError::invalid(
         "scanning is not configured on this gateway: no QR issuer keys are set up, so `kind: scan` cannot be verified; tap the card instead",

@@ -59,7 +59,7 @@ use onecard_core::disburse::{
     assess, check_batch_id, check_project, credit_event_id, credit_record, fingerprint, parse,
     wage_of, Format, Found, Programmes, Record, Rules, Target,
 };
-use onecard_core::model::{CardNo, CardStatus};
+use onecard_core::model::{CardNo, CardStatus, StoredCardNo};
 use onecard_core::scenario::region::Origin;
 use onecard_core::settle::batch::Cards;
 use onecard_core::settle::batch::Rules as SinkRules;
@@ -378,7 +378,7 @@ fn audit_entry(actor: &Actor, action: &str, detail: Option<Value>, at_ms: i64) -
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Roster {
-    pub workers: Vec<String>,
+    pub workers: Vec<StoredCardNo>,
     pub at_ms: i64,
 }
 
@@ -392,7 +392,7 @@ pub async fn put_roster(
     check_project(project)?;
     let now = gw.now_ms();
     let roster = Roster {
-        workers: workers.iter().map(|c| c.as_str().to_owned()).collect(),
+        workers: workers.iter().map(StoredCardNo::from).collect(),
         at_ms: now,
     };
     let detail = serde_json::json!({"project": project, "workers": workers.len()});
@@ -416,7 +416,7 @@ pub async fn put_roster(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Unpaid {
     /// In the clear: an operator-only answer, as the card GET is.
-    pub card_no: String,
+    pub card_no: StoredCardNo,
     /// The card's status, `null` when the card is not known.
     pub status: Option<CardStatus>,
 }

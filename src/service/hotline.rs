@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use onecard_core::model::CardNo;
+use onecard_core::model::{CardNo, StoredCardNo};
 use onecard_core::record::DecisionRecord;
 
 use crate::service::cardlife::Actor;
@@ -32,7 +32,7 @@ pub struct Transaction {
     pub seq: u64,
     pub at_ms: i64,
     /// Masked unless it is the card asked for.
-    pub card_no: String,
+    pub card_no: StoredCardNo,
     #[serde(flatten)]
     pub record: RecordView,
     /// `none` (a decline or nothing charged), `unsettled` (no sink takes
@@ -68,7 +68,7 @@ pub struct RecordView {
 
 #[derive(Debug, Serialize)]
 pub struct Lookup {
-    pub card_no: String,
+    pub card_no: StoredCardNo,
     pub transactions: Vec<Transaction>,
     /// More records match than `limit`.
     pub more: bool,
@@ -175,9 +175,9 @@ impl Gateway {
                 seq,
                 at_ms: r.at_ms,
                 card_no: if &card == card_no {
-                    card.as_str().to_owned()
+                    card.as_str().into()
                 } else {
-                    card.masked()
+                    card.masked().into()
                 },
                 settlement,
                 record: RecordView {
@@ -205,7 +205,7 @@ impl Gateway {
         self.audit_lookup(actor, card_no, detail, now_ms).await?;
         tracing::info!(card = %card_no, who = %actor.name, "transactions looked up");
         Ok(Lookup {
-            card_no: card_no.as_str().to_owned(),
+            card_no: card_no.into(),
             transactions,
             more,
         })
@@ -223,7 +223,7 @@ impl Gateway {
             who: actor.name.clone(),
             role: actor.role.as_str().to_owned(),
             action: "transactions".into(),
-            card_no: Some(card_no.as_str().to_owned()),
+            card_no: Some(card_no.into()),
             detail: Some(detail),
         };
         self.journal

@@ -100,7 +100,7 @@ impl Idempotency {
                 key,
                 _done: done,
             };
-            let Some(value) = self.store.get(Cf::Idem, guard.key())? else {
+            let Some(value) = self.store.read(Cf::Idem, guard.key()).await? else {
                 return Ok((guard, None));
             };
             let stored = decode(&value).ok_or(StoreError::Corrupt {

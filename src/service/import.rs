@@ -441,4 +441,43 @@ mod tests {
         assert_eq!(report.errors[0].line, 2);
         assert_eq!(report.errors[1].line, 4);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// Import lines, random or a good line changed in places: never a
+        /// panic, the same answer twice, and no card number in a message.
+        #[test]
+        fn import_lines_take_any_bytes(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 1..5),
+        ) {
+            let good = br#"{"card_no":"500118A00000001","status":"active","functions":["transit"],"reason":"lost"}"#;
+            let mut mutated = good.to_vec();
+            for (at, byte) in edits {
+                let i = at.index(mutated.len());
+                mutated[i] = byte;
+            }
+            for line in [noise, mutated] {
+                let card = card_line(&line).map_err(|e| e.to_string());
+                proptest::prop_assert_eq!(&card, &card_line(&line).map_err(|e| e.to_string()));
+                let deny = deny_line(&line).map_err(|e| e.to_string());
+                proptest::prop_assert_eq!(&deny, &deny_line(&line).map_err(|e| e.to_string()));
+                for e in [card.err(), deny.err()].into_iter().flatten() {
+                    proptest::prop_assert!(!e.contains("A00000001"), "{}", e);
+                }
+            }
+        }
+
+        /// Query strings of the terminal and admin routes: never a panic.
+        #[test]
+        fn query_strings_take_any_text(q in "\\PC{0,120}") {
+            let since = crate::service::offline::since_param(Some(&q)).map_err(|e| e.to_string());
+            proptest::prop_assert_eq!(&since, &crate::service::offline::since_param(Some(&q)).map_err(|e| e.to_string()));
+            let window = crate::service::hotline::window(Some(&q)).map(|_| ()).map_err(|e| e.to_string());
+            proptest::prop_assert_eq!(&window, &crate::service::hotline::window(Some(&q)).map(|_| ()).map_err(|e| e.to_string()));
+            let month = onecard_core::disburse::month_query(Some(&q));
+            proptest::prop_assert_eq!(&month, &onecard_core::disburse::month_query(Some(&q)));
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! scan, hold, capture, void, reverse) runs the same named phases of
 //! [`pipeline`]; the rules themselves are the core crate's.
 
+pub mod authorize;
 pub mod cardlife;
 pub mod credential;
 pub mod disburse;
@@ -14,5 +15,7 @@ pub mod idempotency;
 pub mod import;
 pub mod metrics;
 pub mod offline;
+pub mod pipeline;
 pub mod replay;
+pub mod reverse;
 pub mod settle;

@@ -20,17 +20,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use onecard_core::model::{CardNo, EventKind, Reason};
+use std::collections::HashMap;
+
+use onecard_core::model::{Card, CardNo, EventKind, Reason, StoredCardNo};
 use onecard_core::record::DecisionRecord;
 use onecard_core::wire::{self, Credential};
 
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
-use crate::service::idempotency::{self, Lookup};
+use crate::service::pipeline::{Begun, Committed, Decided, Remember, Ticket};
 use crate::store::denylist::{DenyChange, DenyOp};
-use crate::store::durable::{Commit, Op, Pending};
-use crate::store::idem::{self, Origin, Tail};
-use crate::store::{cards, Cf, StoreError};
+use crate::store::durable::Op;
+use crate::store::idem;
+use crate::store::{Cf, StoreError};
 
 /// The answer to a deny-list sync.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub fn since_param(query: Option<&str>) -> Result<Option<u64>, ServiceError> {
     }
     Ok(since)
 }
+
+/// The conflict of an offline event whose id was used for another event.
+const OFFLINE_REUSED: &str = "`event_id` was already used by this terminal with a different event";
 
 impl Gateway {
     /// The deny-list changes a validator at version `since` needs.
@@ -209,7 +214,7 @@ pub struct OfflineAnswer {
 /// `offline_risk`: one card's risky taps at one terminal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RiskRecord {
-    pub card_no: String,
+    pub card_no: StoredCardNo,
     pub terminal: String,
     pub taps: u64,
     pub amount_fen: i64,
@@ -306,7 +311,7 @@ fn parse_event(v: &Value, now_ms: i64, gw: &Gateway) -> Result<OfflineEvent, Ser
     // The scenario's own rules hold offline too: a validator may not
     // charge where the scenario is free, nor more than one event may.
     let amount =
-        crate::service::gateway::amount_for(&gw.policy, req.scenario, req.amount_fen, approved)?;
+        crate::service::authorize::amount_for(&gw.policy, req.scenario, req.amount_fen, approved)?;
     let most = gw.policy.rule(req.scenario).amount_max_fen;
     if amount > most {
         return Err(ServiceError::invalid(format!(
@@ -387,13 +392,9 @@ impl Gateway {
                 }
             };
             let key = idem::key(terminal, &e.req.event_id);
-            let lookup = self
-                .idem
-                .begin(key, &e.fingerprint, now_ms)
-                .await
-                .map_err(ServiceError::from)?;
-            let (guard, reversed) = match lookup {
-                Lookup::Replay(stored) => {
+            let ticket = match self.begin(key, e.fingerprint, now_ms, OFFLINE_REUSED).await {
+                Ok(Begun::Decide(ticket)) => ticket,
+                Ok(Begun::Replay(stored)) => {
                     let auth_id = serde_json::from_slice::<Value>(&stored)
                         .ok()
                         .and_then(|v| v.get("auth_id").and_then(Value::as_str).map(str::to_owned));
@@ -406,30 +407,26 @@ impl Gateway {
                     });
                     continue;
                 }
-                Lookup::Conflict => {
+                Err(conflict @ ServiceError::AlreadyUsed(_)) => {
                     outcomes.push(OfflineOutcome {
                         event_id,
                         status: "conflict".into(),
                         auth_id: None,
                         risk: false,
-                        error: Some(
-                            ServiceError::already_used("`event_id` was already used by this terminal with a different event",
-                            )
-                            .body(),
-                        ),
+                        error: Some(conflict.body()),
                     });
                     continue;
                 }
-                Lookup::Fresh(g) => (g, false),
-                Lookup::Reversed(g) => (g, true),
+                Err(other) => return Err(other),
             };
-            let (outcome, rx) =
-                self.record_offline(terminal, e, guard, reversed, &mut risks, now_ms)?;
+            let (outcome, committed) = self
+                .record_offline(terminal, e, ticket, &mut risks, now_ms)
+                .await?;
             outcomes.push(outcome);
-            pending.push(rx);
+            pending.push(committed.pending);
         }
-        for rx in pending {
-            rx.durable().await.map_err(ServiceError::from)?;
+        for p in pending {
+            p.durable().await?;
         }
         let count = |s: &str| outcomes.iter().filter(|o| o.status == s).count();
         let answer = OfflineAnswer {
@@ -450,19 +447,78 @@ impl Gateway {
         Ok(answer)
     }
 
-    /// Journals one accepted offline event (queued, not yet awaited).
-    #[allow(clippy::type_complexity)]
-    fn record_offline(
+    /// Records one offline event through the pipeline's commit phase
+    /// (queued, not yet awaited). The validator has already let the
+    /// resident through: nothing is decided again here, the tap is
+    /// recorded as it was decided, and its fare counts toward the card's
+    /// daily spend of the tap's day, under the card's lock like an online
+    /// tap.
+    async fn record_offline(
         &self,
         terminal: &str,
         e: OfflineEvent,
-        guard: idempotency::InFlight,
-        reversed: bool,
-        risks: &mut std::collections::HashMap<Vec<u8>, RiskRecord>,
+        ticket: Ticket,
+        risks: &mut HashMap<Vec<u8>, RiskRecord>,
         now_ms: i64,
-    ) -> Result<(OfflineOutcome, Pending), ServiceError> {
-        let auth_id = self.auth_ids.next();
+    ) -> Result<(OfflineOutcome, Committed), ServiceError> {
         // A reversal that came first: the tap is recorded, charged nothing.
+        let reversed = ticket.reversed;
+        let approved = e.approved && !reversed;
+        let denied = self
+            .deny
+            .get(&e.card_no)
+            .filter(|d| d.added_at_ms <= e.occurred_ms);
+        let risk = approved && denied.is_some();
+        let mut ops = Vec::new();
+        if let Some(d) = denied.filter(|_| risk) {
+            let charged = if approved {
+                e.req.amount_fen.unwrap_or(0)
+            } else {
+                0
+            };
+            ops.push(
+                self.offline_risk(terminal, &e, charged, &d.reason, risks)
+                    .await?,
+            );
+        }
+        let auth_id = self.auth_ids.next();
+        // Dated by the tap, not the upload: a reversal gives the fare back
+        // to the day it was counted in.
+        let committed =
+            self.decide_and_commit(ticket, Some(&e.card_no), e.occurred_ms, |snapshot| {
+                Ok(self.offline_recorded(
+                    terminal,
+                    &e,
+                    reversed,
+                    auth_id.clone(),
+                    ops,
+                    snapshot,
+                    now_ms,
+                ))
+            })?;
+        let outcome = OfflineOutcome {
+            event_id: e.req.event_id,
+            status: "accepted".into(),
+            auth_id: Some(auth_id),
+            risk,
+            error: None,
+        };
+        Ok((outcome, committed))
+    }
+
+    /// What an offline event writes: its answer, its record (marked
+    /// offline) and the card's spend of the tap's day.
+    #[allow(clippy::too_many_arguments)]
+    fn offline_recorded(
+        &self,
+        terminal: &str,
+        e: &OfflineEvent,
+        reversed: bool,
+        auth_id: String,
+        ops: Vec<Op>,
+        snapshot: Option<Card>,
+        now_ms: i64,
+    ) -> Decided<'static> {
         let approved = e.approved && !reversed;
         let reason = if reversed { Reason::Reversed } else { e.reason };
         let charged = if approved {
@@ -470,11 +526,6 @@ impl Gateway {
         } else {
             0
         };
-        let denied = self
-            .deny
-            .get(&e.card_no)
-            .filter(|d| d.added_at_ms <= e.occurred_ms);
-        let risk = approved && denied.is_some();
         let answer = serde_json::to_vec(&serde_json::json!({
             "event_id": e.req.event_id,
             "auth_id": auth_id,
@@ -484,11 +535,19 @@ impl Gateway {
             "offline": true,
         }))
         .expect("an answer serializes");
+        let day = self.policy.local_day(e.occurred_ms.div_euclid(1000));
+        let card_after = snapshot.and_then(|mut c| {
+            (charged > 0 && day >= c.spent_day).then(|| {
+                c.spent_fen = c.spent_on(day).saturating_add(charged);
+                c.spent_day = day;
+                (e.card_no.clone(), c)
+            })
+        });
         let record = DecisionRecord {
             at_ms: now_ms,
             terminal: terminal.to_owned(),
             event_id: e.req.event_id.clone(),
-            auth_id: auth_id.clone(),
+            auth_id,
             kind: EventKind::Tap,
             card_no: (&e.card_no).into(),
             scenario: Some(e.req.scenario),
@@ -498,110 +557,59 @@ impl Gateway {
             charged_fen: charged,
             site: e.req.site.clone(),
             occurred_at: e.req.occurred_at.clone(),
-            reverses: None,
-            scan: None,
             offline: true,
-            fare: None,
-            bill_ref: None,
-            credit: None,
-            split: None,
+            ..DecisionRecord::default()
         };
-        let origin = Origin {
-            approved,
-            charged_fen: charged,
-            scenario: e.req.scenario,
-            card_no: e.card_no.as_str(),
-            site: e.req.site.as_deref(),
-        };
-        let mut ops = vec![Op::Put(
-            Cf::Idem,
-            guard.key().to_vec(),
-            // Dated by the tap, not the upload: a reversal gives the fare
-            // back to the day it was counted in.
-            idem::encode(
-                &e.fingerprint,
-                e.occurred_ms,
-                &auth_id,
-                Tail::Origin(origin),
-                &answer,
-            ),
-        )];
-        if let Some(d) = denied.filter(|_| risk) {
-            let key = risk_key(e.card_no.as_str(), terminal);
-            let stored = match risks.remove(&key) {
-                Some(r) => Some(r),
-                None => self
-                    .store
-                    .get(Cf::OfflineRisk, &key)
-                    .map_err(ServiceError::from)?
-                    .and_then(|v| serde_json::from_slice(&v).ok()),
-            };
-            let mut r = match stored {
-                Some(r) => r,
-                None => RiskRecord {
-                    card_no: e.card_no.as_str().to_owned(),
-                    terminal: terminal.to_owned(),
-                    first_at_ms: e.occurred_ms,
-                    ..RiskRecord::default()
-                },
-            };
-            r.taps += 1;
-            r.amount_fen += charged;
-            r.first_at_ms = r.first_at_ms.min(e.occurred_ms);
-            r.last_at_ms = r.last_at_ms.max(e.occurred_ms);
-            r.denylist_reason = d.reason;
-            ops.push(Op::Put(
-                Cf::OfflineRisk,
-                key.clone(),
-                serde_json::to_vec(&r).expect("serializes"),
-            ));
-            risks.insert(key, r);
-            metrics::counter!("onecard_offline_risk_taps_total").increment(1);
-            tracing::warn!(card = %e.card_no, terminal, "offline approval of a card deny-listed before the tap");
+        Decided {
+            record,
+            answer,
+            remember: Remember::Event { approved },
+            ops,
+            card_after,
+            venue_after: None,
         }
-        let record = serde_json::to_vec(&record).expect("a decision record always serializes");
-        // The fare counts toward the card's daily spend of the tap's day,
-        // under the card's lock like an online tap; it is never declined
-        // here: the validator has already let the resident through.
-        let _card = self.cards.lock(&e.card_no);
-        let after = self.cards.get(&e.card_no).and_then(|mut c| {
-            let day = self.policy.local_day(e.occurred_ms.div_euclid(1000));
-            (charged > 0 && day >= c.spent_day).then(|| {
-                c.spent_fen = c.spent_on(day).saturating_add(charged);
-                c.spent_day = day;
-                c
-            })
+    }
+
+    /// The offline risk of an approval of a card listed before the tap:
+    /// counted per card and terminal, adding to what this upload already
+    /// counted (`risks`, not yet on disk) or to what is stored.
+    async fn offline_risk(
+        &self,
+        terminal: &str,
+        e: &OfflineEvent,
+        charged: i64,
+        listed_for: &str,
+        risks: &mut HashMap<Vec<u8>, RiskRecord>,
+    ) -> Result<Op, ServiceError> {
+        let key = risk_key(e.card_no.as_str(), terminal);
+        let stored = match risks.remove(&key) {
+            Some(r) => Some(r),
+            None => self
+                .store
+                .read(Cf::OfflineRisk, &key)
+                .await?
+                .and_then(|v| serde_json::from_slice(&v).ok()),
+        };
+        let mut r = stored.unwrap_or_else(|| RiskRecord {
+            card_no: (&e.card_no).into(),
+            terminal: terminal.to_owned(),
+            first_at_ms: e.occurred_ms,
+            ..RiskRecord::default()
         });
-        if let Some(after) = after {
-            ops.push(Op::Put(
-                Cf::Cards,
-                e.card_no.as_str().as_bytes().to_vec(),
-                cards::encode(&after),
-            ));
-        }
-        let rx = self
-            .journal
-            .submit(Commit {
-                record: Some(record),
-                ops,
-                hold_until_written: Some(Box::new(guard)),
-                card: Some(e.card_no.as_str().into()),
-                also: Vec::new(),
-            })
-            .map_err(ServiceError::from)?;
-        if let Some(after) = after {
-            self.cards.set(e.card_no.clone(), after);
-        }
-        Ok((
-            OfflineOutcome {
-                event_id: e.req.event_id,
-                status: "accepted".into(),
-                auth_id: Some(auth_id),
-                risk,
-                error: None,
-            },
-            rx,
-        ))
+        r.taps += 1;
+        r.amount_fen += charged;
+        r.first_at_ms = r.first_at_ms.min(e.occurred_ms);
+        r.last_at_ms = r.last_at_ms.max(e.occurred_ms);
+        r.denylist_reason = listed_for.to_owned();
+        let op = Op::Put(
+            Cf::OfflineRisk,
+            key.clone(),
+            serde_json::to_vec(&r).expect("serializes"),
+        );
+        risks.insert(key, r);
+        metrics::counter!("onecard_offline_risk_taps_total").increment(1);
+        tracing::warn!(card = %e.card_no, terminal, "offline approval of a card deny-listed before the tap");
+        Ok(op)
     }
 }
 

@@ -6,6 +6,7 @@
 //! commit as the change they describe, so a change is never durable
 //! without its entry; a look-up's entry is durable before its answer.
 
+use onecard_core::model::StoredCardNo;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -25,7 +26,7 @@ pub struct AuditEntry {
     /// project's workers replaced).
     pub action: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub card_no: Option<String>,
+    pub card_no: Option<StoredCardNo>,
     /// What else the action needs to be understood (never a personal ID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,

@@ -14,7 +14,17 @@ pub fn hold_key(terminal: &str, hold_event_id: &str) -> Vec<u8> {
 }
 
 pub fn read_hold(store: &Store, key: &[u8]) -> Result<Option<HoldRecord>, StoreError> {
-    match store.get(Cf::Holds, key)? {
+    decode(store.get(Cf::Holds, key)?)
+}
+
+/// [`read_hold`] for async code: never waits for the disk on an async
+/// worker ([`Store::read`]).
+pub async fn read_hold_async(store: &Store, key: &[u8]) -> Result<Option<HoldRecord>, StoreError> {
+    decode(store.read(Cf::Holds, key).await?)
+}
+
+fn decode(v: Option<Vec<u8>>) -> Result<Option<HoldRecord>, StoreError> {
+    match v {
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v)
             .map(Some)

@@ -3,7 +3,7 @@
 //! request fingerprint, time, auth_id, what a reversal needs of the event
 //! (or a tombstone), and the answer's bytes, replayed to a retry.
 
-use onecard_core::model::Scenario;
+use onecard_core::model::{mask_card_no, Scenario};
 
 /// An answer to a request that carries no event to reverse (a reversal's own answer).
 const FORMAT_PLAIN: u8 = 1;
@@ -33,13 +33,26 @@ pub fn reversal_key(terminal: &str, event_id: &str) -> Vec<u8> {
 }
 
 /// What a reversal needs to know of the event an answer was for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Origin<'a> {
     pub approved: bool,
     pub charged_fen: i64,
     pub scenario: Scenario,
     pub card_no: &'a str,
     pub site: Option<&'a str>,
+}
+
+/// Masked, like every type that carries a card number.
+impl std::fmt::Debug for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("approved", &self.approved)
+            .field("charged_fen", &self.charged_fen)
+            .field("scenario", &self.scenario)
+            .field("card_no", &mask_card_no(self.card_no))
+            .field("site", &self.site)
+            .finish()
+    }
 }
 
 /// What kind of record is stored besides the answer.

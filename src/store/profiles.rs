@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use onecard_core::model::CardNo;
+use onecard_core::model::{CardNo, StoredCardNo};
 use onecard_core::qr::CredType;
 
 use crate::store::{Cf, Store, StoreError};
@@ -28,7 +28,7 @@ pub fn valid_credential_id(s: &str) -> bool {
 /// `creds`: what a credential id leads to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
-    pub card_no: String,
+    pub card_no: StoredCardNo,
     pub typ: CredType,
     pub bound_at_ms: i64,
 }
@@ -53,10 +53,10 @@ pub struct Profile {
     pub credentials: Vec<BoundCredential>,
     /// The card this one replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replaces: Option<String>,
+    pub replaces: Option<StoredCardNo>,
     /// The card that replaced this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replaced_by: Option<String>,
+    pub replaced_by: Option<StoredCardNo>,
 }
 
 fn corrupt(cf: &'static str) -> StoreError {
@@ -67,14 +67,36 @@ fn corrupt(cf: &'static str) -> StoreError {
 }
 
 pub fn profile(store: &Store, card: &CardNo) -> Result<Profile, StoreError> {
-    match store.get(Cf::Profiles, card.as_str().as_bytes())? {
+    decode_profile(store.get(Cf::Profiles, card.as_str().as_bytes())?)
+}
+
+pub fn binding(store: &Store, credential_id: &str) -> Result<Option<Binding>, StoreError> {
+    decode_binding(store.get(Cf::Creds, credential_id.as_bytes())?)
+}
+
+/// [`profile`] for async code: never waits for the disk on an async
+/// worker ([`Store::read`]).
+pub async fn profile_async(store: &Store, card: &CardNo) -> Result<Profile, StoreError> {
+    decode_profile(store.read(Cf::Profiles, card.as_str().as_bytes()).await?)
+}
+
+/// [`binding`] for async code.
+pub async fn binding_async(
+    store: &Store,
+    credential_id: &str,
+) -> Result<Option<Binding>, StoreError> {
+    decode_binding(store.read(Cf::Creds, credential_id.as_bytes()).await?)
+}
+
+fn decode_profile(v: Option<Vec<u8>>) -> Result<Profile, StoreError> {
+    match v {
         None => Ok(Profile::default()),
         Some(v) => serde_json::from_slice(&v).map_err(|_| corrupt("profiles")),
     }
 }
 
-pub fn binding(store: &Store, credential_id: &str) -> Result<Option<Binding>, StoreError> {
-    match store.get(Cf::Creds, credential_id.as_bytes())? {
+fn decode_binding(v: Option<Vec<u8>>) -> Result<Option<Binding>, StoreError> {
+    match v {
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v)
             .map(Some)

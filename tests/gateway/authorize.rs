@@ -859,6 +859,7 @@ async fn a_request_abandoned_while_its_record_is_written_is_still_decided_once()
     seed(&gw).await;
     let g = gw.running().gateway().clone();
     let body = serde_json::to_vec(&tap("gone-1", ACTIVE, "transit", 300)).unwrap();
+    let body = onecard_core::wire::parse_authorize(&body).unwrap();
     // The terminal hangs up right after sending: the future is polled once
     // (it decides and queues its record) and dropped while it waits for disk.
     let mut first = Box::pin(g.authorize("term-x", &body, g.now_ms()));

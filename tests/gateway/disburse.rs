@@ -109,12 +109,7 @@ async fn setup_regions(regional: bool) -> (Sink, sink_sim::Running, TestGateway)
             amount_max_fen: 1_000_000,
         },
     );
-    config.validate().unwrap();
-    let gw = TestGateway {
-        running: Some(onecard::app::server::start(config.clone()).await.unwrap()),
-        dir,
-        config,
-    };
+    let gw = TestGateway::start_in(dir, config).await;
     let fin = json!({"status": "active", "functions": ["transit", "financial"]});
     for card in [GOOD, HELD, LOST, W1, W2, W3] {
         gw.put_card(card, fin.clone()).await;

@@ -50,7 +50,7 @@ async fn expired_idempotency_records_are_cleaned_up_and_the_key_can_be_reused() 
     let g = gw.running().gateway().clone();
 
     // Within the retention nothing is removed.
-    let now = onecard_core::time::wall_ms();
+    let now = g.now_ms();
     assert_eq!(
         idempotency::cleanup_step(&g.store, &*g.journal, 60, now)
             .await
@@ -80,7 +80,7 @@ async fn expired_idempotency_records_are_cleaned_up_and_the_key_can_be_reused() 
     assert_eq!(decision(&again).0, "approve");
     assert_ne!(again.json()["auth_id"], first.json()["auth_id"]);
     // The cursor moved past the old record, and the new answer is kept.
-    let now = onecard_core::time::wall_ms();
+    let now = g.now_ms();
     assert_eq!(
         idempotency::cleanup_step(&g.store, &*g.journal, 60, now)
             .await
@@ -108,10 +108,9 @@ async fn a_late_clean_up_does_not_remove_the_answer_of_a_reused_key() {
         .authorize(&tap("reuse-1", CARD, "transit", 100))
         .await
         .unwrap();
-    // Let the first answer's retention pass (the behaviour under test is
-    // the passing of time, not a synchronisation).
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let reused_at = onecard_core::time::wall_ms();
+    // Let the first answer's retention pass on the gateway's clock.
+    gw.advance_ms(1_100);
+    let reused_at = gw.running().gateway().now_ms();
     let again = t
         .authorize(&tap("reuse-1", CARD, "transit", 100))
         .await
@@ -187,7 +186,9 @@ async fn a_keep_alive_connection_outlives_the_header_read_timeout() {
                 a.is_ok_and(|a| a.status == http::StatusCode::OK),
                 "{protocol:?}: request {i} on the same connection"
             );
-            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            // Idle for longer than the header-read timeout (a transport
+            // timer, which runs in real time).
+            tokio::time::sleep(Duration::from_millis(500)).await;
             assert!(!t.is_closed(), "{protocol:?}: closed after request {i}");
         }
     }

@@ -15,6 +15,7 @@ mod disburse;
 mod durability;
 mod import;
 mod limits;
+mod masking;
 mod medical;
 mod offline;
 mod openapi;

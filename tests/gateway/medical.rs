@@ -193,8 +193,8 @@ async fn an_expired_hold_is_not_captured_and_its_reservation_goes_back() {
     let h = step(&mut t, "hold", &hold("h-1", CARD, 5_000, "outpatient")).await;
     assert_eq!(decision(&h).1, "OK");
     assert_eq!(spent(&gw, CARD).await, 5_000);
-    // The expiry itself is what is under test: wait for it to pass.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // The expiry itself is what is under test: move the clock past it.
+    gw.advance_ms(1_100);
     let c = step(&mut t, "capture", &capture("c-1", "h-1", 5_000)).await;
     assert_eq!(decision(&c), ("decline".into(), "HOLD_EXPIRED".into()));
     assert_eq!(spent(&gw, CARD).await, 0);
@@ -326,12 +326,7 @@ async fn the_medical_sink_books_the_captured_amount_once_with_its_split() {
     ))
     .unwrap();
     config.settlement.sinks = vec![sink_config];
-    config.validate().unwrap();
-    let gw = TestGateway {
-        running: Some(onecard::app::server::start(config.clone()).await.unwrap()),
-        dir,
-        config,
-    };
+    let gw = TestGateway::start_in(dir, config).await;
     cards(&gw).await;
     let mut t = gw.terminal(1, Protocol::Http1).await;
 
@@ -502,7 +497,9 @@ async fn the_sweep_releases_holds_nobody_touches_and_forgets_closed_ones() {
     let mut t = gw.terminal(1, Protocol::Http1).await;
     let h = step(&mut t, "hold", &hold("h-1", CARD, 5_000, "outpatient")).await;
     assert_eq!(decision(&h).1, "OK");
-    // Released by the sweep, with nobody touching the hold.
+    // Released by the sweep (on its own schedule), with nobody touching
+    // the hold, once its expiry has passed on the gateway's clock.
+    gw.advance_ms(1_100);
     eventually("the reservation goes back", || async {
         (spent(&gw, CARD).await == 0).then_some(())
     })
@@ -528,6 +525,7 @@ async fn the_sweep_releases_holds_nobody_touches_and_forgets_closed_ones() {
     );
     // Kept for idempotency.retention_s, then deleted: the holds stay
     // bounded, and a capture after that finds nothing.
+    gw.advance_ms(1_100);
     let deadline = Instant::now() + Duration::from_secs(30);
     for n in 0.. {
         let c = step(&mut t, "capture", &capture(&format!("c-{n}"), "h-1", 5_000)).await;

@@ -83,12 +83,7 @@ async fn setup_with(
     .unwrap();
     config.settlement.sinks = vec![sink_config];
     config.offline.terminal_prefixes = vec!["term-".into()];
-    config.validate().unwrap();
-    let gw = TestGateway {
-        running: Some(onecard::app::server::start(config.clone()).await.unwrap()),
-        dir,
-        config,
-    };
+    let gw = TestGateway::start_in(dir, config).await;
     gw.put_card(
         CARD,
         json!({"status": "active", "functions": ["transit", "medical"]}),

@@ -68,6 +68,36 @@ pub struct DecisionRecord {
     pub split: Option<crate::scenario::medical::Split>,
 }
 
+/// A blank record, for filling in with struct update syntax: every field a
+/// decision does not set stays empty (`kind` tap, `reason` OK, `decision`
+/// empty; a record is never written without its decision).
+impl Default for DecisionRecord {
+    fn default() -> Self {
+        DecisionRecord {
+            at_ms: 0,
+            terminal: String::new(),
+            event_id: String::new(),
+            auth_id: String::new(),
+            kind: crate::model::EventKind::Tap,
+            card_no: StoredCardNo::default(),
+            scenario: None,
+            amount_fen: None,
+            decision: String::new(),
+            reason: crate::model::Reason::Ok,
+            charged_fen: 0,
+            site: None,
+            occurred_at: None,
+            reverses: None,
+            scan: None,
+            offline: false,
+            fare: None,
+            bill_ref: None,
+            credit: None,
+            split: None,
+        }
+    }
+}
+
 /// What a credit pays: a disbursement batch's record and its programme.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditRef {
@@ -90,4 +120,118 @@ pub struct ScanRef {
     pub jti: String,
     /// Until when the code is remembered (its `exp` plus the skew).
     pub forget_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every type of this crate that carries a card number formats it
+    //! masked with `{:?}`: a record logged by mistake leaks nothing.
+
+    use super::*;
+    use crate::deny::{DenyChange, DenyOp};
+    use crate::disburse::{Credit, Found, Record, Target};
+    use crate::holds::{CategoryRules, HoldRecord};
+    use crate::model::{CardNo, EventKind, Reason, Scenario};
+    use crate::scenario::medical::{HoldState, Split};
+    use crate::settle::batch::Line;
+    use crate::wire::{parse_authorize, parse_hold};
+
+    const CARD: &str = "500118A12345678";
+    /// What only the clear number shows: masking keeps the first six and
+    /// the last four characters.
+    const HIDDEN: &str = "A1234";
+
+    fn assert_masked(what: &str, debug: String) {
+        assert!(
+            !debug.contains(HIDDEN),
+            "{what} shows a card number: {debug}"
+        );
+        assert!(
+            debug.contains("500118"),
+            "{what} shows no masked card: {debug}"
+        );
+    }
+
+    #[test]
+    fn every_record_type_formats_its_card_number_masked() {
+        let card = CardNo::parse(CARD).unwrap();
+        let record = DecisionRecord {
+            card_no: CARD.into(),
+            scenario: Some(Scenario::Transit),
+            decision: "approve".into(),
+            kind: EventKind::Tap,
+            reason: Reason::Ok,
+            ..DecisionRecord::default()
+        };
+        assert_masked("DecisionRecord", format!("{record:?}"));
+        let hold = HoldRecord {
+            auth_id: "h1".into(),
+            card_no: CARD.into(),
+            amount_fen: 1,
+            category: "outpatient".into(),
+            rules: CategoryRules {
+                coverage_pct: 70,
+                deductible: true,
+                annual_deductible_fen: None,
+            },
+            split: Split::default(),
+            created_ms: 0,
+            expires_ms: 0,
+            day: 0,
+            state: HoldState::Open,
+            captured_fen: 0,
+            site: None,
+        };
+        assert_masked("HoldRecord", format!("{hold:?}"));
+        let change = DenyChange {
+            op: DenyOp::Add,
+            card_no: CARD.into(),
+            reason: Some("lost".into()),
+            at_ms: 0,
+        };
+        assert_masked("DenyChange", format!("{change:?}"));
+        let line = Line::of(1, &record);
+        assert_masked("settlement Line", format!("{line:?}"));
+        let r = Record {
+            line: 1,
+            record_id: "r1".into(),
+            target: Target::Card(card.clone()),
+            amount_fen: 1,
+            programme: "grant".into(),
+            project: None,
+            month: None,
+        };
+        assert_masked("disbursement Record", format!("{r:?}"));
+        let credit = Credit {
+            record: r,
+            card_no: card.clone(),
+        };
+        assert_masked("disbursement Credit", format!("{credit:?}"));
+        let found = Found {
+            card_no: Some(card),
+            ..Found::nothing()
+        };
+        assert_masked("disbursement Found", format!("{found:?}"));
+        let tap = format!(
+            r#"{{"event_id":"e1","kind":"tap","card_no":"{CARD}","scenario":"transit","amount_fen":1}}"#
+        );
+        assert_masked(
+            "AuthorizeRequest",
+            format!("{:?}", parse_authorize(tap.as_bytes()).unwrap()),
+        );
+        let hold = format!(
+            r#"{{"event_id":"e1","kind":"tap","card_no":"{CARD}","amount_fen":1,"category":"outpatient"}}"#
+        );
+        assert_masked(
+            "HoldRequest",
+            format!("{:?}", parse_hold(hold.as_bytes()).unwrap()),
+        );
+        let stored = StoredCardNo::from(CARD);
+        assert_masked("StoredCardNo", format!("{stored:?} {stored}"));
+        assert_eq!(stored.as_str(), CARD, "kept in the clear for storage");
+        assert_eq!(
+            serde_json::to_string(&stored).unwrap(),
+            format!("\"{CARD}\"")
+        );
+    }
 }

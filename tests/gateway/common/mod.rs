@@ -9,6 +9,9 @@ pub mod sink;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use onecard_core::time::ShiftedClock;
 
 use http::{Method, StatusCode};
 use onecard::app::server::{self, Running};
@@ -22,6 +25,9 @@ pub struct TestGateway {
     pub running: Option<Running>,
     pub dir: tempfile::TempDir,
     pub config: Config,
+    /// The gateway's clock: the wall clock, which a test moves ahead
+    /// instead of waiting for an expiry or a retention to pass.
+    pub clock: Arc<ShiftedClock>,
 }
 
 /// A config for tests: loopback ports chosen by the OS, development
@@ -44,13 +50,29 @@ impl TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         tweak(&mut config);
+        TestGateway::start_in(dir, config).await
+    }
+
+    /// Starts a gateway on `config`, whose data directory is `dir` (a
+    /// test that prepares files there first).
+    pub async fn start_in(dir: tempfile::TempDir, config: Config) -> TestGateway {
         config.validate().unwrap();
-        let running = server::start(config.clone()).await.expect("gateway starts");
+        let clock = Arc::new(ShiftedClock::new());
+        let running = server::start_with_clock(config.clone(), clock.clone())
+            .await
+            .expect("gateway starts");
         TestGateway {
             running: Some(running),
             dir,
             config,
+            clock,
         }
+    }
+
+    /// Moves the gateway's clock `ms` ahead: what takes that long to
+    /// expire has expired at the next request.
+    pub fn advance_ms(&self, ms: i64) {
+        self.clock.advance(ms);
     }
 
     pub fn running(&self) -> &Running {
@@ -61,7 +83,7 @@ impl TestGateway {
     pub async fn restart(&mut self) {
         self.running.take().unwrap().shutdown().await;
         self.running = Some(
-            server::start(self.config.clone())
+            server::start_with_clock(self.config.clone(), self.clock.clone())
                 .await
                 .expect("gateway restarts"),
         );

@@ -26,7 +26,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Scenario;
+use crate::model::{Scenario, StoredCardNo};
 use crate::record::DecisionRecord;
 
 /// A sink's routing and batch limits.
@@ -125,7 +125,7 @@ pub struct Line<'a> {
     pub reverses: Option<&'a str>,
     pub terminal: &'a str,
     pub event_id: &'a str,
-    pub card_no: &'a str,
+    pub card_no: &'a StoredCardNo,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scenario: Option<Scenario>,
     /// Negative for a reversal and a credit.

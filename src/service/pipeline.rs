@@ -1,0 +1,292 @@
+//! The phases every terminal request runs, each a function with one job.
+//!
+//! 1. [`Gateway::begin`]: idempotency. A retry gets the first answer again
+//!    byte for byte, another body under the same event id is refused, and a
+//!    new event gets the [`Ticket`] to decide under: its idempotency slot,
+//!    held until the decision is durable, so a concurrent copy waits.
+//! 2. [`Gateway::resolve`]: the credential. A tap names its card; a scan's
+//!    code is verified, its binding looked up and its `jti` spent; a code
+//!    that fails is a decline with a reason, not an error.
+//! 3. *gather*: what the rules need besides the card (a door's allow-list
+//!    entry, a partner's deny list, a counter's purpose). Each path has its
+//!    own (`authorize::gather`), read before the card's lock.
+//! 4. [`Gateway::decide_and_commit`]: under the card's lock, the card's
+//!    snapshot goes to the path's decision step (pure rules from the core
+//!    crate, plus building the record and the answer), and everything the
+//!    decision writes goes to the durability seam as one commit; memory
+//!    follows once the commit is queued, still under the lock, so the next
+//!    decision of the card sees this one and the journal gets them in order.
+//! 5. [`Gateway::answered`]: waits until the commit is durable, then
+//!    counts it. Only then does the answer go out.
+//!
+//! Authorize, scan, hold, capture, void, reverse and an offline upload's
+//! events are these phases in order with their own decision step, so each
+//! reads as a list of steps. No phase waits for the disk on an async worker:
+//! store reads go through `Store::read` (memory first, the blocking pool
+//! when a file must be read).
+
+use std::time::Instant;
+
+use onecard_core::model::{Card, CardNo, Reason, Scenario};
+use onecard_core::record::DecisionRecord;
+use onecard_core::wire::Credential;
+
+use crate::service::credential::{self, Resolved};
+use crate::service::error::ServiceError;
+use crate::service::gateway::Gateway;
+use crate::service::idempotency::{InFlight, Lookup};
+use crate::store::durable::{Commit, Op, Pending};
+use crate::store::idem::{self, Origin, Tail};
+use crate::store::venues::Count;
+use crate::store::{cards, profiles, Cf, StoreError};
+
+/// An event being decided: the key its answer is remembered under, the
+/// request's fingerprint, and the idempotency slot(s) it holds. The slots
+/// travel inside the commit and are released by the durability seam once
+/// the commit is durable, even if the client has hung up by then: a retry
+/// can never be decided while the first decision is still queued.
+pub(crate) struct Ticket {
+    key: Vec<u8>,
+    fingerprint: [u8; 32],
+    slots: Vec<InFlight>,
+    /// A reversal of this event arrived first: it is declined `REVERSED`.
+    pub reversed: bool,
+}
+
+impl Ticket {
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Holds one more slot until the commit is durable (a hold step holds
+    /// its hold's slot, a reversal its event's).
+    pub fn also_holding(mut self, slot: InFlight) -> Ticket {
+        self.slots.push(slot);
+        self
+    }
+}
+
+/// What the idempotency phase found.
+pub(crate) enum Begun {
+    /// Seen with the same body: this answer again.
+    Replay(Vec<u8>),
+    Decide(Ticket),
+}
+
+/// How a decision's answer is remembered under its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Remember {
+    /// With what a later reversal needs to know of the event (approved,
+    /// charged, scenario, card, site).
+    Event { approved: bool },
+    /// The answer alone (a reversal's own answer).
+    Answer,
+}
+
+/// Everything one decision writes, built by a path's decision step under
+/// the card's lock; [`Gateway::decide_and_commit`] commits it whole.
+pub(crate) struct Decided<'g> {
+    pub record: DecisionRecord,
+    /// The answer's bytes: sent, and replayed to a retry.
+    pub answer: Vec<u8>,
+    pub remember: Remember,
+    /// The decision's other writes (a hold, a tombstone).
+    pub ops: Vec<Op>,
+    /// The card's new state: written with the decision, and set in memory
+    /// once the commit is queued.
+    pub card_after: Option<(CardNo, Card)>,
+    /// A venue's new count, under the venue's lock (taken after the
+    /// card's): written with the decision, set in memory likewise.
+    pub venue_after: Option<(parking_lot::MutexGuard<'g, Count>, String, Count)>,
+}
+
+/// A decision whose commit is queued: wait for it with
+/// [`Gateway::answered`].
+pub(crate) struct Committed {
+    pub pending: Pending,
+    pub reason: Reason,
+    pub answer: Vec<u8>,
+}
+
+impl Gateway {
+    /// Phase 1, idempotency: the first answer again, `409` with `reused`
+    /// for another body, or the ticket to decide under.
+    pub(crate) async fn begin(
+        &self,
+        key: Vec<u8>,
+        fingerprint: [u8; 32],
+        now_ms: i64,
+        reused: &'static str,
+    ) -> Result<Begun, ServiceError> {
+        let (slot, reversed) = match self.idem.begin(key.clone(), &fingerprint, now_ms).await? {
+            Lookup::Replay(body) => {
+                self.metrics.replays.increment(1);
+                return Ok(Begun::Replay(body));
+            }
+            Lookup::Conflict => return Err(ServiceError::already_used(reused)),
+            Lookup::Fresh(slot) => (slot, false),
+            Lookup::Reversed(slot) => (slot, true),
+        };
+        Ok(Begun::Decide(Ticket {
+            key,
+            fingerprint,
+            slots: vec![slot],
+            reversed,
+        }))
+    }
+
+    /// Phase 2, the credential: the card it names, or why the event is
+    /// declined before the rules.
+    pub(crate) async fn resolve<'a>(
+        &self,
+        credential: &'a Credential,
+        now_ms: i64,
+    ) -> Result<Resolved<'a>, ServiceError> {
+        credential::resolve(self.scanner.as_ref(), &self.store, credential, now_ms).await
+    }
+
+    /// Phase 4, decide and commit: under the lock of `card` (if the event
+    /// names one), `step` decides on the card's snapshot and builds what the
+    /// decision writes; it is committed as one, remembered under the
+    /// ticket's key (dated `remembered_ms`), and memory follows.
+    pub(crate) fn decide_and_commit<'g>(
+        &'g self,
+        ticket: Ticket,
+        card: Option<&CardNo>,
+        remembered_ms: i64,
+        step: impl FnOnce(Option<Card>) -> Result<Decided<'g>, ServiceError>,
+    ) -> Result<Committed, ServiceError> {
+        let _card_lock = card.map(|c| self.cards.lock(c));
+        let snapshot = card.and_then(|c| self.cards.get(c));
+        let Decided {
+            record,
+            answer,
+            remember,
+            mut ops,
+            card_after,
+            venue_after,
+        } = step(snapshot)?;
+        if let Some((card_no, after)) = &card_after {
+            ops.push(Op::Put(
+                Cf::Cards,
+                card_no.as_str().as_bytes().to_vec(),
+                cards::encode(after),
+            ));
+        }
+        if let Some((_, site, count)) = &venue_after {
+            ops.push(Op::Put(
+                Cf::Venues,
+                site.as_bytes().to_vec(),
+                count.encode(),
+            ));
+        }
+        let pending = self.commit(ticket, remembered_ms, &record, &answer, remember, ops)?;
+        if let Some((card_no, after)) = card_after {
+            self.cards.set(card_no, after);
+        }
+        if let Some((mut guard, _, count)) = venue_after {
+            *guard = count;
+        }
+        Ok(Committed {
+            pending,
+            reason: record.reason,
+            answer,
+        })
+    }
+
+    /// Queues a decision's one commit: its record, its answer remembered
+    /// under the ticket's key, and its other writes. A scan's spent code is
+    /// given back if the commit is refused, so the terminal's retry is a new
+    /// attempt, not a replay.
+    fn commit(
+        &self,
+        ticket: Ticket,
+        remembered_ms: i64,
+        record: &DecisionRecord,
+        answer: &[u8],
+        remember: Remember,
+        mut ops: Vec<Op>,
+    ) -> Result<Pending, ServiceError> {
+        let tail = match remember {
+            Remember::Event { approved } => Tail::Origin(Origin {
+                approved,
+                charged_fen: record.charged_fen,
+                scenario: record
+                    .scenario
+                    .expect("the record of a terminal's event names its scenario"),
+                card_no: record.card_no.as_str(),
+                site: record.site.as_deref(),
+            }),
+            Remember::Answer => Tail::Plain,
+        };
+        let remembered = idem::encode(
+            &ticket.fingerprint,
+            remembered_ms,
+            &record.auth_id,
+            tail,
+            answer,
+        );
+        ops.push(Op::Put(Cf::Idem, ticket.key, remembered));
+        let commit = Commit {
+            record: Some(serde_json::to_vec(record).expect("a decision record always serializes")),
+            ops,
+            hold_until_written: Some(Box::new(ticket.slots)),
+            card: (!record.card_no.is_empty()).then(|| record.card_no.as_str().into()),
+            also: Vec::new(),
+        };
+        self.journal.submit(commit).map_err(|e| {
+            if let (Some(s), Some(spent)) = (&self.scanner, &record.scan) {
+                s.unspend(spent);
+            }
+            ServiceError::from(e)
+        })
+    }
+
+    /// Phase 5: waits until a decision's commit is durable, then counts it
+    /// under its scenario and reason, with the time since `started`.
+    pub(crate) async fn answered(
+        &self,
+        committed: Committed,
+        scenario: Scenario,
+        started: Instant,
+    ) -> Result<Vec<u8>, ServiceError> {
+        committed.pending.durable().await?;
+        self.metrics
+            .decision(scenario, committed.reason)
+            .increment(1);
+        self.metrics
+            .latency(scenario)
+            .record(started.elapsed().as_secs_f64());
+        Ok(committed.answer)
+    }
+
+    /// The card that carries `card`'s counters now: the card that replaced
+    /// it, through any number of replacements, or `card` itself. A
+    /// replacement takes over the old card's daily spend, deductible and
+    /// holds' reservations, so what a step or a reversal gives back or
+    /// books goes there.
+    pub(crate) async fn current_card(&self, card: CardNo) -> Result<CardNo, ServiceError> {
+        let corrupt = |detail: &str| {
+            ServiceError::from(StoreError::Corrupt {
+                cf: "profiles",
+                detail: detail.into(),
+            })
+        };
+        let mut card = card;
+        // A card is replaced a few times in its holder's life; the bound
+        // only stops a corrupt loop.
+        for _ in 0..16 {
+            match profiles::profile_async(&self.store, &card)
+                .await?
+                .replaced_by
+            {
+                Some(next) => {
+                    card = CardNo::parse(&next)
+                        .map_err(|_| corrupt("a replacement card number is not valid"))?
+                }
+                None => return Ok(card),
+            }
+        }
+        Err(corrupt("card replacements form a loop"))
+    }
+}
