@@ -14,9 +14,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use onecard::config::Durability;
 use onecard::service::idempotency;
 use onecard::store::denylist::DenyEntry;
+use onecard::store::denylist::DenyList;
 use onecard::store::durable::{Commit, Durable, Op};
 use onecard::store::journal::Journal;
-use onecard::store::{idem, Cf, DenyList, Store};
+use onecard::store::{idem, Cf, Store};
 
 use onecard_core::authz::{decide, DenySet, Event, Facts, Policy};
 use onecard_core::model::{Card, CardNo, CardStatus, Concession, Function, Scenario};

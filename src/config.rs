@@ -56,6 +56,12 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl From<onecard_core::Invalid> for ConfigError {
+    fn from(e: onecard_core::Invalid) -> ConfigError {
+        ConfigError::Invalid(e.0)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -827,7 +833,7 @@ impl Config {
             return bad("policy.day_offset_minutes must be within -840..=840");
         }
         let policy = self.policy()?;
-        self.access.validate().map_err(ConfigError::Invalid)?;
+        self.access.validate()?;
         for sink in &self.settlement.sinks {
             if let Some(p) = sink
                 .partners
@@ -909,8 +915,7 @@ impl Config {
             identity: &self.identity,
             regions: &self.regions,
             medical: &self.medical,
-        })
-        .map_err(ConfigError::Invalid)?;
+        })?;
         // A hold's event id must not be reusable while the hold lives.
         if !self.medical.categories.is_empty()
             && self.idempotency.retention_s < self.medical.hold_ttl_s

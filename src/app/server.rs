@@ -200,16 +200,7 @@ pub async fn start_with_clock(
             let limits = limits.clone();
             async move {
                 let handler = move |req| admin_state.clone().handle(req);
-                ingress::serve_connection(
-                    stream,
-                    handler,
-                    Duration::from_millis(limits.header_read_timeout_ms),
-                    Duration::from_millis(limits.idle_timeout_ms),
-                    true,
-                    stop,
-                )
-                .await;
-                drop(permit);
+                ingress::serve_plain(stream, handler, &limits, stop, permit).await;
             }
         },
     )));
@@ -234,7 +225,7 @@ pub async fn start_with_clock(
             .ok()
             .and_then(|u| u.host().map(str::to_owned));
         tracing::info!(sink = %sink.name, host = host.as_deref().unwrap_or(""), "settlement sink");
-        tasks.push(tokio::spawn(crate::service::settle::deliver::run(
+        tasks.push(tokio::spawn(crate::service::settle::run(
             gateway.clone(),
             sink.clone(),
             tls,

@@ -525,6 +525,31 @@ async fn authorize(
     Ok(answer?)
 }
 
+/// Serves one plaintext connection (the loopback terminal listener, the
+/// admin listener) within the configured header-read and idle timeouts,
+/// then frees its slot.
+pub async fn serve_plain<F, Fut>(
+    stream: TcpStream,
+    handler: F,
+    limits: &crate::config::LimitsConfig,
+    stop: watch::Receiver<bool>,
+    permit: crate::http::admission::ConnectionPermit,
+) where
+    F: Fn(Req) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_connection(
+        stream,
+        handler,
+        Duration::from_millis(limits.header_read_timeout_ms),
+        Duration::from_millis(limits.idle_timeout_ms),
+        true,
+        stop,
+    )
+    .await;
+    drop(permit);
+}
+
 /// `ConnActivity::head_started_ms` when no request is being received.
 const NO_HEAD: u64 = u64::MAX;
 
@@ -840,16 +865,7 @@ pub async fn run_plain_listener(
                 let limits = front.gw.config.limits.clone();
                 let handler =
                     move |req| terminal_request(front.clone(), TerminalIdentity::Header, req);
-                serve_connection(
-                    stream,
-                    handler,
-                    Duration::from_millis(limits.header_read_timeout_ms),
-                    Duration::from_millis(limits.idle_timeout_ms),
-                    true,
-                    stop,
-                )
-                .await;
-                drop(permit);
+                serve_plain(stream, handler, &limits, stop, permit).await;
             }
         },
     )

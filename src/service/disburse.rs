@@ -77,7 +77,7 @@ use crate::store::{profiles, Cf, Store, StoreError};
 const REPLACEMENTS_FOLLOWED_MAX: usize = 8;
 
 /// The routing of every configured sink, as its delivery task builds it
-/// (`settle::deliver`): the batch limits play no part in what it takes.
+/// (`service::settle`): the batch limits play no part in what it takes.
 pub fn sink_rules(
     config: &crate::config::Config,
     policy: &onecard_core::authz::Policy,

@@ -16,10 +16,12 @@ use crate::service::credential;
 use crate::service::idempotency::Idempotency;
 use crate::service::metrics::HotMetrics;
 use crate::store::allow::AllowList;
+use crate::store::cards::CardTable;
+use crate::store::denylist::DenyList;
 use crate::store::durable::Durable;
 use crate::store::journal::Journal;
 use crate::store::partners::PartnerLists;
-use crate::store::{meta, venues, CardTable, Cf, DenyList, Store, StoreError};
+use crate::store::{meta, venues, Cf, Store, StoreError};
 
 /// Unique authorization ids: the boot number (persisted, bumped at every
 /// start) and a counter within the boot, as 20 hex digits. Unique across
@@ -56,7 +58,7 @@ pub struct Gateway {
     pub metrics: HotMetrics,
     /// Each settlement sink's status, shared by its delivery task and the
     /// admin API.
-    pub settlement: crate::service::settle::status::Settlement,
+    pub settlement: crate::service::sinks::Settlement,
     pub auth_ids: AuthIds,
     ready: AtomicBool,
     /// Scans: issuer keys and replay cache; `None` without keys.
@@ -119,7 +121,7 @@ impl Gateway {
             boot,
             "state rebuilt from RocksDB"
         );
-        let settlement = crate::service::settle::status::Settlement::new(&config.settlement.sinks);
+        let settlement = crate::service::sinks::Settlement::new(&config.settlement.sinks);
         let scanner = credential::Scanner::from_config(&config.qr);
         if let Some(s) = &scanner {
             let refilled = s.refill(&store, clock.now_ms())?;

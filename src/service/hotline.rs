@@ -16,7 +16,7 @@ use onecard_core::record::DecisionRecord;
 use crate::service::cardlife::Actor;
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
-use crate::service::settle::deliver;
+use crate::service::settle;
 use crate::store::durable::Commit;
 use crate::store::journal::card_tx_key;
 use crate::store::{profiles, Cf, StoreError};
@@ -315,15 +315,15 @@ impl Gateway {
         // durable cursor).
         let cursor = self
             .store
-            .get_u64(Cf::Settle, &deliver::cursor_key(&sink.name))?
+            .get_u64(Cf::Settle, &settle::cursor_key(&sink.name))?
             .unwrap_or(0);
         if seq >= cursor {
             return Ok("pending");
         }
-        if deliver::holding(&self.store, &deliver::batch_prefix(&sink.name), seq)?.is_some() {
+        if settle::holding(&self.store, &settle::batch_prefix(&sink.name), seq)?.is_some() {
             return Ok("sent");
         }
-        if deliver::holding(&self.store, &deliver::parked_prefix(&sink.name), seq)?.is_some() {
+        if settle::holding(&self.store, &settle::parked_prefix(&sink.name), seq)?.is_some() {
             return Ok("parked");
         }
         Ok("acknowledged")

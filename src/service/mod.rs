@@ -19,3 +19,4 @@ pub mod pipeline;
 pub mod replay;
 pub mod reverse;
 pub mod settle;
+pub mod sinks;

@@ -348,7 +348,8 @@ impl Gateway {
     ) -> Result<OfflineAnswer, ServiceError> {
         let allowed = &self.config.offline.terminal_prefixes;
         if !allowed.iter().any(|p| terminal.starts_with(p.as_str())) {
-            return Err(ServiceError::forbidden("this terminal is not configured as an offline validator (offline.terminal_prefixes)",
+            return Err(ServiceError::forbidden(
+                "this terminal is not configured as an offline validator (offline.terminal_prefixes)",
             ));
         }
         let m = wire::parse_object(body)?;
@@ -369,82 +370,64 @@ impl Gateway {
         let mut pending = Vec::new();
         // Risk records written by this upload and not yet on disk: the next
         // risky tap of the same card and terminal adds to these.
-        let mut risks = std::collections::HashMap::new();
+        let mut risks = HashMap::new();
         for v in events {
-            let event_id = v
-                .get("event_id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .chars()
-                .take(64)
-                .collect::<String>();
-            let e = match parse_event(v, now_ms, self) {
-                Ok(e) => e,
-                Err(err) => {
-                    outcomes.push(OfflineOutcome {
-                        event_id,
-                        status: "rejected".into(),
-                        auth_id: None,
-                        risk: false,
-                        error: Some(err.body()),
-                    });
-                    continue;
-                }
-            };
-            let key = idem::key(terminal, &e.req.event_id);
-            let ticket = match self.begin(key, e.fingerprint, now_ms, OFFLINE_REUSED).await {
-                Ok(Begun::Decide(ticket)) => ticket,
-                Ok(Begun::Replay(stored)) => {
-                    let auth_id = serde_json::from_slice::<Value>(&stored)
-                        .ok()
-                        .and_then(|v| v.get("auth_id").and_then(Value::as_str).map(str::to_owned));
-                    outcomes.push(OfflineOutcome {
-                        event_id,
-                        status: "duplicate".into(),
-                        auth_id,
-                        risk: false,
-                        error: None,
-                    });
-                    continue;
-                }
-                Err(conflict @ ServiceError::AlreadyUsed(_)) => {
-                    outcomes.push(OfflineOutcome {
-                        event_id,
-                        status: "conflict".into(),
-                        auth_id: None,
-                        risk: false,
-                        error: Some(conflict.body()),
-                    });
-                    continue;
-                }
-                Err(other) => return Err(other),
-            };
-            let (outcome, committed) = self
-                .record_offline(terminal, e, ticket, &mut risks, now_ms)
-                .await?;
+            let (outcome, committed) = self.offline_event(terminal, v, &mut risks, now_ms).await?;
             outcomes.push(outcome);
-            pending.push(committed.pending);
+            pending.extend(committed.map(|c| c.pending));
         }
         for p in pending {
             p.durable().await?;
         }
-        let count = |s: &str| outcomes.iter().filter(|o| o.status == s).count();
-        let answer = OfflineAnswer {
-            accepted: count("accepted"),
-            duplicates: count("duplicate"),
-            rejected: count("rejected") + count("conflict"),
-            risk: outcomes.iter().filter(|o| o.risk).count(),
-            events: outcomes,
+        Ok(offline_answer(outcomes))
+    }
+
+    /// One event of an upload: rejected (malformed), a duplicate (the
+    /// same event again), a conflict (its id used for another event), or
+    /// recorded (queued, not yet awaited).
+    async fn offline_event(
+        &self,
+        terminal: &str,
+        v: &Value,
+        risks: &mut HashMap<Vec<u8>, RiskRecord>,
+        now_ms: i64,
+    ) -> Result<(OfflineOutcome, Option<Committed>), ServiceError> {
+        let event_id: String = v
+            .get("event_id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect();
+        let outcome = |status: &str, auth_id, error| OfflineOutcome {
+            event_id: event_id.clone(),
+            status: status.into(),
+            auth_id,
+            risk: false,
+            error,
         };
-        for (result, n) in [
-            ("accepted", answer.accepted),
-            ("duplicate", answer.duplicates),
-            ("rejected", answer.rejected),
-        ] {
-            metrics::counter!("onecard_offline_events_total", "result" => result)
-                .increment(n as u64);
-        }
-        Ok(answer)
+        let e = match parse_event(v, now_ms, self) {
+            Ok(e) => e,
+            Err(err) => return Ok((outcome("rejected", None, Some(err.body())), None)),
+        };
+        let key = idem::key(terminal, &e.req.event_id);
+        let ticket = match self.begin(key, e.fingerprint, now_ms, OFFLINE_REUSED).await {
+            Ok(Begun::Decide(ticket)) => ticket,
+            Ok(Begun::Replay(stored)) => {
+                let auth_id = serde_json::from_slice::<Value>(&stored)
+                    .ok()
+                    .and_then(|v| v.get("auth_id").and_then(Value::as_str).map(str::to_owned));
+                return Ok((outcome("duplicate", auth_id, None), None));
+            }
+            Err(conflict @ ServiceError::AlreadyUsed(_)) => {
+                return Ok((outcome("conflict", None, Some(conflict.body())), None))
+            }
+            Err(other) => return Err(other),
+        };
+        let (recorded, committed) = self
+            .record_offline(terminal, e, ticket, risks, now_ms)
+            .await?;
+        Ok((recorded, Some(committed)))
     }
 
     /// Records one offline event through the pipeline's commit phase
@@ -611,6 +594,27 @@ impl Gateway {
         tracing::warn!(card = %e.card_no, terminal, "offline approval of a card deny-listed before the tap");
         Ok(op)
     }
+}
+
+/// The answer to an upload: each event's outcome and the counts, which
+/// are also counted in `onecard_offline_events_total`.
+fn offline_answer(outcomes: Vec<OfflineOutcome>) -> OfflineAnswer {
+    let count = |s: &str| outcomes.iter().filter(|o| o.status == s).count();
+    let answer = OfflineAnswer {
+        accepted: count("accepted"),
+        duplicates: count("duplicate"),
+        rejected: count("rejected") + count("conflict"),
+        risk: outcomes.iter().filter(|o| o.risk).count(),
+        events: outcomes,
+    };
+    for (result, n) in [
+        ("accepted", answer.accepted),
+        ("duplicate", answer.duplicates),
+        ("rejected", answer.rejected),
+    ] {
+        metrics::counter!("onecard_offline_events_total", "result" => result).increment(n as u64);
+    }
+    answer
 }
 
 /// Offline risk records, up to `limit`, in card order.

@@ -33,8 +33,6 @@ pub mod venues;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use cards::CardTable;
-pub use denylist::DenyList;
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
     MemtableFactory, Options, SliceTransform, DB,

@@ -9,7 +9,7 @@ use http::Method;
 use onecard::app::sink_sim::{self, Ledger};
 use onecard::config::SinkConfig;
 use onecard::net::client::Protocol;
-use onecard::service::settle::deliver;
+use onecard::service::settle;
 use serde_json::json;
 
 use onecard_core::settle::sign::{Algorithm, Signer};
@@ -134,7 +134,7 @@ async fn approved_events_are_booked_once_through_failures_and_a_restart() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let store = gw.running().gateway().store.clone();
     let parked = loop {
-        let p = deliver::list(&store, &deliver::parked_prefix("transport"), 10).unwrap();
+        let p = settle::list(&store, &settle::parked_prefix("transport"), 10).unwrap();
         if !p.is_empty() || Instant::now() > deadline {
             break p;
         }

@@ -199,7 +199,7 @@ impl RulesConfig {
 impl Policy {
     /// The rules a config describes, or what is wrong with it (a message
     /// naming the key).
-    pub fn from_config(c: Sections<'_>) -> Result<Policy, String> {
+    pub fn from_config(c: Sections<'_>) -> Result<Policy, crate::Invalid> {
         let s = c.scenarios;
         let tables = [
             (Scenario::Transit, &s.transit),
@@ -236,7 +236,7 @@ impl Policy {
 }
 
 /// One `[scenarios.<name>]` table over the scenario's default.
-fn scenario_rule(scenario: Scenario, table: &ScenarioToml) -> Result<ScenarioRule, String> {
+fn scenario_rule(scenario: Scenario, table: &ScenarioToml) -> Result<ScenarioRule, crate::Invalid> {
     let mut rule = scenario_default(scenario);
     if let Some(f) = &table.function {
         rule.function = match f.as_str() {
@@ -254,9 +254,7 @@ fn scenario_rule(scenario: Scenario, table: &ScenarioToml) -> Result<ScenarioRul
     }
     if let Some(m) = table.amount_max_fen {
         if m < 0 {
-            return Err(format!(
-                "scenarios.{scenario}.amount_max_fen must not be negative"
-            ));
+            return Err(format!("scenarios.{scenario}.amount_max_fen must not be negative").into());
         }
         rule.amount_max_fen = m;
     }

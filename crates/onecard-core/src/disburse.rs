@@ -1028,13 +1028,6 @@ pub fn credit_record(
         decision: "credit".to_owned(),
         reason: Reason::Ok,
         charged_fen: r.amount_fen,
-        site: None,
-        occurred_at: None,
-        reverses: None,
-        scan: None,
-        offline: false,
-        fare: None,
-        bill_ref: None,
         credit: Some(CreditRef {
             batch_id: batch_id.to_owned(),
             record_id: r.record_id.clone(),
@@ -1042,7 +1035,7 @@ pub fn credit_record(
             project: r.project.clone(),
             month: r.month.clone(),
         }),
-        split: None,
+        ..DecisionRecord::default()
     }
 }
 

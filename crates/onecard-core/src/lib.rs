@@ -22,6 +22,32 @@
 //!   [`rng`]: a small seeded generator.
 #![forbid(unsafe_code)]
 
+/// A value that breaks a rule: a request's field or a config's key, named
+/// with the rule in the message, never quoting the value (it may be a card
+/// number). On the wire every one is `INVALID_REQUEST`; in a config, the
+/// start is refused with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Invalid {
+    pub fn new(message: impl Into<String>) -> Invalid {
+        Invalid(message.into())
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Invalid {
+        Invalid(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Invalid {
+        Invalid(message.to_owned())
+    }
+}
+
 pub mod authz;
 pub mod cardlife;
 pub mod deny;

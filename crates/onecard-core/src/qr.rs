@@ -153,11 +153,11 @@ impl fmt::Debug for IssuerKey {
     }
 }
 
-fn check_window(valid_from: i64, valid_until: Option<i64>) -> Result<(), String> {
+fn check_window(valid_from: i64, valid_until: Option<i64>) -> Result<(), crate::Invalid> {
     match valid_until {
-        Some(until) if until <= valid_from => {
-            Err("valid_until must be later than valid_from".to_string())
-        }
+        Some(until) if until <= valid_from => Err("valid_until must be later than valid_from"
+            .to_string()
+            .into()),
         _ => Ok(()),
     }
 }
@@ -171,9 +171,11 @@ impl IssuerKey {
         pem: &str,
         valid_from: i64,
         valid_until: Option<i64>,
-    ) -> Result<IssuerKey, String> {
+    ) -> Result<IssuerKey, crate::Invalid> {
         if !valid_kid(kid) {
-            return Err("kid must be 1-32 characters of A-Za-z0-9_-".to_string());
+            return Err("kid must be 1-32 characters of A-Za-z0-9_-"
+                .to_string()
+                .into());
         }
         check_window(valid_from, valid_until)?;
         let key = match alg {
@@ -234,17 +236,19 @@ pub struct Keyring {
 }
 
 impl Keyring {
-    pub fn new(mut keys: Vec<IssuerKey>) -> Result<Keyring, String> {
+    pub fn new(mut keys: Vec<IssuerKey>) -> Result<Keyring, crate::Invalid> {
         for k in &keys {
             // The fields are public, so a key may have been edited after construction.
             if !valid_kid(&k.kid) {
-                return Err("kid must be 1-32 characters of A-Za-z0-9_-".to_string());
+                return Err("kid must be 1-32 characters of A-Za-z0-9_-"
+                    .to_string()
+                    .into());
             }
             check_window(k.valid_from, k.valid_until).map_err(|e| format!("key {}: {e}", k.kid))?;
         }
         keys.sort_by(|a, b| a.kid.cmp(&b.kid));
         if let Some(w) = keys.windows(2).find(|w| w[0].kid == w[1].kid) {
-            return Err(format!("duplicate kid {}", w[0].kid));
+            return Err(format!("duplicate kid {}", w[0].kid).into());
         }
         Ok(Keyring { keys })
     }
@@ -486,14 +490,16 @@ impl SigningKey {
 
     /// From a PKCS#8 PEM private key ("-----BEGIN PRIVATE KEY-----"); the algorithm is taken
     /// from the key's own OID so a key cannot be loaded as the wrong kind.
-    pub fn from_pkcs8_pem(pem: &str) -> Result<SigningKey, String> {
+    pub fn from_pkcs8_pem(pem: &str) -> Result<SigningKey, crate::Invalid> {
         use sm2::pkcs8::{der::SecretDocument, ObjectIdentifier, PrivateKeyInfo};
         const SM2_CURVE_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.156.10197.1.301");
 
         let (label, doc) =
             SecretDocument::from_pem(pem).map_err(|e| format!("not a PEM private key: {e}"))?;
         if label != "PRIVATE KEY" {
-            return Err("expected an unencrypted PKCS#8 \"PRIVATE KEY\" PEM".to_string());
+            return Err("expected an unencrypted PKCS#8 \"PRIVATE KEY\" PEM"
+                .to_string()
+                .into());
         }
         let info = PrivateKeyInfo::try_from(doc.as_bytes())
             .map_err(|e| format!("not a PKCS#8 private key: {e}"))?;
@@ -509,7 +515,9 @@ impl SigningKey {
                 .map_err(|e| format!("bad SM2 private key: {e}"))?;
             SecretKey::Sm2(sm2_signing_key(&sk))
         } else {
-            return Err("unsupported key algorithm: expected Ed25519 or SM2".to_string());
+            return Err("unsupported key algorithm: expected Ed25519 or SM2"
+                .to_string()
+                .into());
         };
         Ok(SigningKey { key })
     }
@@ -570,18 +578,24 @@ pub fn issue(
     iat: i64,
     ttl_s: i64,
     jti: &str,
-) -> Result<String, String> {
+) -> Result<String, crate::Invalid> {
     if !valid_kid(kid) {
-        return Err("kid must be 1-32 characters of A-Za-z0-9_-".to_string());
+        return Err("kid must be 1-32 characters of A-Za-z0-9_-"
+            .to_string()
+            .into());
     }
     if !valid_sub(sub) {
-        return Err("sub must be 1-64 characters of A-Za-z0-9_-".to_string());
+        return Err("sub must be 1-64 characters of A-Za-z0-9_-"
+            .to_string()
+            .into());
     }
     if !valid_jti(jti) {
-        return Err("jti must be 8-32 characters of A-Za-z0-9_-".to_string());
+        return Err("jti must be 8-32 characters of A-Za-z0-9_-"
+            .to_string()
+            .into());
     }
     if ttl_s < 0 {
-        return Err("ttl must not be negative".to_string());
+        return Err("ttl must not be negative".to_string().into());
     }
     let exp = iat
         .checked_add(ttl_s)
@@ -595,14 +609,14 @@ pub fn issue(
     };
     let json = serde_json::to_vec(&payload).map_err(|e| format!("payload encoding: {e}"))?;
     if json.len() > MAX_PAYLOAD_LEN {
-        return Err("payload too large".to_string());
+        return Err("payload too large".to_string().into());
     }
     let mut token = format!("{PREFIX}.{kid}.{}", URL_SAFE_NO_PAD.encode(&json));
     let sig = key.sign(token.as_bytes());
     token.push('.');
     token.push_str(&URL_SAFE_NO_PAD.encode(sig));
     if token.len() > MAX_TOKEN_LEN {
-        return Err("token too long".to_string());
+        return Err("token too long".to_string().into());
     }
     Ok(token)
 }

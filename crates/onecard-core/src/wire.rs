@@ -25,18 +25,7 @@ pub const TIME_LEN_MAX: usize = 40;
 /// The largest amount the wire accepts: ten million yuan.
 pub const AMOUNT_FEN_MAX: i64 = 1_000_000_000;
 
-/// Why a request was refused before anything was decided: a message that
-/// names the field and the rule, never the value (it may be a card
-/// number). Every one is `INVALID_REQUEST` on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
-
-impl Invalid {
-    pub fn new(message: impl Into<String>) -> Invalid {
-        Invalid(message.into())
-    }
-}
+pub use crate::Invalid;
 
 /// The stable error codes of the wire contract (API.md), as a client reads
 /// them in `{"error": {"code": …}}`. What HTTP status each goes with is the

@@ -35,7 +35,7 @@ use crate::http::routes::{self, Access, Listener, Match, RouteId};
 use crate::service::cardlife::Actor;
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
-use crate::service::settle::deliver;
+use crate::service::settle;
 use crate::service::{hotline, import, offline};
 use crate::store::cards::CardRecord;
 use crate::store::durable::CommitError;
@@ -510,8 +510,8 @@ impl Admin {
         Ok(json_response(StatusCode::OK, report))
     }
 
-    fn parked(&self, sink: &str, n: usize) -> Result<Vec<deliver::Stored>, ApiError> {
-        deliver::list_heads(&self.gateway.store, &deliver::parked_prefix(sink), n)
+    fn parked(&self, sink: &str, n: usize) -> Result<Vec<settle::Stored>, ApiError> {
+        settle::list_heads(&self.gateway.store, &settle::parked_prefix(sink), n)
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "the store cannot be read; retry"))
     }
 
@@ -541,13 +541,13 @@ impl Admin {
             |_| ApiError::new(ErrorCode::Unavailable, "the store cannot be read; retry");
         let mut sinks = Vec::new();
         for s in gw.settlement.all() {
-            let mut sites = deliver::report(&gw.store, &s.name, n).map_err(unreadable)?;
+            let mut sites = settle::report(&gw.store, &s.name, n).map_err(unreadable)?;
             sites.sort_by(|a, b| a.site.cmp(&b.site));
             let mut total = DaySite::default();
             for site in &sites {
                 total.add(site);
             }
-            let pending = deliver::pending(&gw.store, &s.name, n).map_err(unreadable)?;
+            let pending = settle::pending(&gw.store, &s.name, n).map_err(unreadable)?;
             sinks.push(serde_json::json!({
                 "sink": s.name,
                 "acknowledged": report_figures(&total),

@@ -37,7 +37,7 @@ impl Default for AccessConfig {
 }
 
 impl AccessConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::Invalid> {
         if self.controlled_site_prefixes.iter().any(String::is_empty) {
             return Err(
                 "access.controlled_site_prefixes: an empty prefix would control every site; list the prefixes, or none"
@@ -74,9 +74,9 @@ impl Windows {
 
     /// From `["07:00-22:00", ...]`; the error names the bad window by its
     /// position only.
-    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Windows, String> {
+    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Windows, crate::Invalid> {
         if list.len() > WINDOWS_MAX {
-            return Err(format!("at most {WINDOWS_MAX} windows per entry"));
+            return Err(format!("at most {WINDOWS_MAX} windows per entry").into());
         }
         let mut out = Windows::ALL_DAY;
         for (i, s) in list.iter().enumerate() {
@@ -90,10 +90,7 @@ impl Windows {
             let from = minute(a).ok_or_else(bad)?;
             let to = minute(b).ok_or_else(bad)?;
             if from == to {
-                return Err(format!(
-                    "window {} is empty (it starts where it ends)",
-                    i + 1
-                ));
+                return Err(format!("window {} is empty (it starts where it ends)", i + 1).into());
             }
             out.w[i] = (from, to);
             out.n += 1;
@@ -213,7 +210,7 @@ mod tests {
         ];
         for (list, want) in cases {
             let e = Windows::parse(list).unwrap_err();
-            assert!(e.contains(want), "{list:?}: {e}");
+            assert!(e.0.contains(want), "{list:?}: {e}");
         }
     }
 

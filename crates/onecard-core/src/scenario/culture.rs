@@ -47,9 +47,9 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn from_config(c: &CultureConfig) -> Result<Rules, String> {
+    pub fn from_config(c: &CultureConfig) -> Result<Rules, crate::Invalid> {
         if c.venues.len() > VENUES_MAX {
-            return Err(format!("culture.venues: at most {VENUES_MAX} venues"));
+            return Err(format!("culture.venues: at most {VENUES_MAX} venues").into());
         }
         let mut venues = HashMap::with_hasher(foldhash::fast::FixedState::default());
         for v in &c.venues {
@@ -57,16 +57,15 @@ impl Rules {
                 return Err("culture.venues: `site` must be 1 to 64 characters".into());
             }
             if v.fee_fen.is_some_and(|f| f < 0) {
-                return Err(format!(
-                    "culture.venues `{}`: fee_fen must not be negative",
-                    v.site
-                ));
+                return Err(
+                    format!("culture.venues `{}`: fee_fen must not be negative", v.site).into(),
+                );
             }
             if venues
                 .insert(v.site.clone().into_boxed_str(), v.clone())
                 .is_some()
             {
-                return Err(format!("culture.venues `{}` is configured twice", v.site));
+                return Err(format!("culture.venues `{}` is configured twice", v.site).into());
             }
         }
         Ok(Rules {
@@ -235,7 +234,7 @@ mod tests {
         for (text, want) in cases {
             let c: CultureConfig = toml::from_str(text).unwrap();
             let e = Rules::from_config(&c).unwrap_err();
-            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.0.contains(want), "{text}: {e}");
         }
     }
 }

@@ -95,13 +95,14 @@ impl Default for Rules {
 }
 
 impl Rules {
-    pub fn from_config(c: &IdentityConfig) -> Result<Rules, String> {
+    pub fn from_config(c: &IdentityConfig) -> Result<Rules, crate::Invalid> {
         let mut rules = Rules::default();
         for (name, p) in &c.purposes {
             if name == VERIFY_ONLY {
                 return Err(format!(
                     "identity.purposes.{VERIFY_ONLY} is built in (the verified flag only)"
-                ));
+                )
+                .into());
             }
             let require = p
                 .require_functions
@@ -301,7 +302,7 @@ mod tests {
         for (text, want) in cases {
             let c: IdentityConfig = toml::from_str(text).unwrap();
             let e = Rules::from_config(&c).unwrap_err();
-            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.0.contains(want), "{text}: {e}");
         }
     }
 }

@@ -96,11 +96,9 @@ pub fn valid_category_name(s: &str) -> bool {
 }
 
 impl Rules {
-    pub fn from_config(c: &MedicalConfig) -> Result<Rules, String> {
+    pub fn from_config(c: &MedicalConfig) -> Result<Rules, crate::Invalid> {
         if !(1..=HOLD_TTL_S_MAX).contains(&c.hold_ttl_s) {
-            return Err(format!(
-                "medical.hold_ttl_s must be 1 to {HOLD_TTL_S_MAX} seconds"
-            ));
+            return Err(format!("medical.hold_ttl_s must be 1 to {HOLD_TTL_S_MAX} seconds").into());
         }
         if !(1..=3_600).contains(&c.sweep_interval_s) {
             return Err("medical.sweep_interval_s must be 1 to 3600 seconds".into());
@@ -109,26 +107,27 @@ impl Rules {
             return Err("medical.annual_deductible_fen must not be negative".into());
         }
         if c.categories.len() > CATEGORIES_MAX {
-            return Err(format!(
-                "medical.categories: at most {CATEGORIES_MAX} categories"
-            ));
+            return Err(format!("medical.categories: at most {CATEGORIES_MAX} categories").into());
         }
         let mut categories = BTreeMap::new();
         for (name, k) in &c.categories {
             if !valid_category_name(name) {
                 return Err(format!(
                     "medical.categories: a name is 1 to 32 of a-z, 0-9, '_' (`{name}`)"
-                ));
+                )
+                .into());
             }
             if k.coverage_pct > 100 {
                 return Err(format!(
                     "medical.categories.{name}.coverage_pct is a percentage, 0 to 100"
-                ));
+                )
+                .into());
             }
             if k.amount_max_fen.is_some_and(|m| m < 0) {
                 return Err(format!(
                     "medical.categories.{name}.amount_max_fen must not be negative"
-                ));
+                )
+                .into());
             }
             categories.insert(
                 name.clone(),
@@ -518,7 +517,7 @@ mod tests {
         for (text, want) in cases {
             let c: MedicalConfig = toml::from_str(text).unwrap();
             let e = Rules::from_config(&c).unwrap_err();
-            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.0.contains(want), "{text}: {e}");
         }
         assert!(toml::from_str::<MedicalConfig>("[categories.a]\ncoverage = 1").is_err());
         assert_eq!(Rules::default().hold_ttl_s, 1_800);

@@ -68,7 +68,7 @@ impl ConcessionRates {
     pub fn from_table(
         what: &str,
         table: &BTreeMap<String, u32>,
-    ) -> Result<ConcessionRates, String> {
+    ) -> Result<ConcessionRates, crate::Invalid> {
         let mut rates = ConcessionRates::default();
         for (name, pct) in table {
             let c = Concession::parse(name).ok_or_else(|| {
@@ -78,9 +78,9 @@ impl ConcessionRates {
                 )
             })?;
             if *pct > 100 {
-                return Err(format!(
-                    "{what}.{name}: the share paid is a percentage, 0 to 100"
-                ));
+                return Err(
+                    format!("{what}.{name}: the share paid is a percentage, 0 to 100").into(),
+                );
             }
             rates.0[c.bit()] = Some(*pct as u8);
         }
@@ -185,6 +185,7 @@ mod tests {
         let bad: BTreeMap<String, u32> = [("pilot".into(), 0)].into_iter().collect();
         assert!(ConcessionRates::from_table("t", &bad)
             .unwrap_err()
+            .0
             .contains("pilot"));
         let over: BTreeMap<String, u32> = [("student".into(), 101)].into_iter().collect();
         assert!(ConcessionRates::from_table("t", &over).is_err());

@@ -76,11 +76,9 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 impl Rules {
-    pub fn from_config(c: &RegionsConfig) -> Result<Rules, String> {
+    pub fn from_config(c: &RegionsConfig) -> Result<Rules, crate::Invalid> {
         if let Some(p) = c.home.iter().find(|p| !valid_prefix(p)) {
-            return Err(format!(
-                "regions.home: `{p}` is not a prefix of 1 to 6 digits"
-            ));
+            return Err(format!("regions.home: `{p}` is not a prefix of 1 to 6 digits").into());
         }
         let mut partners: Vec<Partner> = Vec::new();
         for p in &c.partners {
@@ -88,17 +86,18 @@ impl Rules {
                 return Err("regions.partners: `name` must be 1 to 32 of a-z0-9_".into());
             }
             if partners.iter().any(|q| q.name == p.name) {
-                return Err(format!("regions.partners `{}` is configured twice", p.name));
+                return Err(format!("regions.partners `{}` is configured twice", p.name).into());
             }
             if p.prefixes.is_empty() {
-                return Err(format!("regions.partners `{}`: no prefixes", p.name));
+                return Err(format!("regions.partners `{}`: no prefixes", p.name).into());
             }
             for pre in &p.prefixes {
                 if !valid_prefix(pre) {
                     return Err(format!(
                         "regions.partners `{}`: `{pre}` is not a prefix of 1 to 6 digits",
                         p.name
-                    ));
+                    )
+                    .into());
                 }
                 let overlaps =
                     |q: &String| q.starts_with(pre.as_str()) || pre.starts_with(q.as_str());
@@ -108,7 +107,8 @@ impl Rules {
                     return Err(format!(
                         "regions.partners `{}`: prefix `{pre}` overlaps another region",
                         p.name
-                    ));
+                    )
+                    .into());
                 }
             }
             let scenarios = p
@@ -128,7 +128,8 @@ impl Rules {
                 return Err(format!(
                     "regions.partners `{}`: denylist_max must be positive",
                     p.name
-                ));
+                )
+                .into());
             }
             partners.push(Partner {
                 name: p.name.clone(),
@@ -232,7 +233,7 @@ mod tests {
         for (text, want) in cases {
             let c: RegionsConfig = toml::from_str(&text).unwrap();
             let e = Rules::from_config(&c).unwrap_err();
-            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.0.contains(want), "{text}: {e}");
         }
     }
 }

@@ -118,7 +118,7 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn from_config(c: &TransitConfig) -> Result<Rules, String> {
+    pub fn from_config(c: &TransitConfig) -> Result<Rules, crate::Invalid> {
         let negative = [
             ("passback_s", c.passback_s),
             ("transfer_window_s", c.transfer_window_s),
@@ -127,10 +127,10 @@ impl Rules {
             ("cap_weekly_fen", c.cap_weekly_fen),
         ];
         if let Some((name, _)) = negative.iter().find(|(_, v)| *v < 0) {
-            return Err(format!("transit.{name} must not be negative"));
+            return Err(format!("transit.{name} must not be negative").into());
         }
         if c.routes.len() > ROUTES_MAX {
-            return Err(format!("transit.routes: at most {ROUTES_MAX} routes"));
+            return Err(format!("transit.routes: at most {ROUTES_MAX} routes").into());
         }
         let mut routes = HashMap::with_hasher(foldhash::fast::FixedState::default());
         for r in &c.routes {
@@ -139,16 +139,16 @@ impl Rules {
                 return Err("transit.routes: `site` must be 1 to 64 characters".into());
             }
             if r.base_fen < 0 || r.step_fen < 0 || r.max_fen.is_some_and(|m| m < 0) {
-                return Err(format!("{what}: fares must not be negative"));
+                return Err(format!("{what}: fares must not be negative").into());
             }
             if r.step_units == 0 {
-                return Err(format!("{what}: step_units must be at least 1"));
+                return Err(format!("{what}: step_units must be at least 1").into());
             }
             if routes
                 .insert(r.site.clone().into_boxed_str(), r.clone())
                 .is_some()
             {
-                return Err(format!("{what} is configured twice"));
+                return Err(format!("{what} is configured twice").into());
             }
         }
         Ok(Rules {
@@ -522,7 +522,7 @@ mod tests {
         for (text, want) in cases {
             let c: TransitConfig = toml::from_str(text).unwrap();
             let e = Rules::from_config(&c).unwrap_err();
-            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.0.contains(want), "{text}: {e}");
         }
     }
 

@@ -462,14 +462,7 @@ mod tests {
             },
             charged_fen: if approve { fen } else { 0 },
             site: Some("line-12".into()),
-            occurred_at: None,
-            reverses: None,
-            scan: None,
-            offline: false,
-            fare: None,
-            bill_ref: None,
-            credit: None,
-            split: None,
+            ..DecisionRecord::default()
         }
     }
 

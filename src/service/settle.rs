@@ -294,6 +294,24 @@ enum Sent {
     Retry(String),
 }
 
+/// Why a receiver could not be reached (the send is retried).
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("no connection within {0} ms")]
+    Timeout(u64),
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{0} has no address")]
+    NoAddress(String),
+    #[error("{0} is not a valid server name")]
+    ServerName(String),
+    #[error("connecting: {0}")]
+    Connect(#[from] crate::net::client::ClientError),
+}
+
 /// How to reach a receiver; shared by the sends in flight, each on its own
 /// connection.
 struct Sink {
@@ -315,30 +333,33 @@ type Done = (Option<Connection>, Stored, Sent);
 impl Sink {
     /// Connects within `timeout_ms` (a receiver that accepts TCP and then
     /// stalls the handshake must not hold a send slot forever).
-    async fn connect(&self) -> Result<Connection, String> {
+    async fn connect(&self) -> Result<Connection, ConnectError> {
         let ms = self.cfg.timeout_ms;
         tokio::time::timeout(Duration::from_millis(ms), self.connect_now())
             .await
-            .unwrap_or_else(|_| Err(format!("no connection within {ms} ms")))
+            .unwrap_or(Err(ConnectError::Timeout(ms)))
     }
 
-    async fn connect_now(&self) -> Result<Connection, String> {
+    async fn connect_now(&self) -> Result<Connection, ConnectError> {
+        let host = || self.host.clone();
         let addr = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("resolving {}: {e}", self.host))?
+            .map_err(|source| ConnectError::Resolve {
+                host: host(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("{} has no address", self.host))?;
+            .ok_or_else(|| ConnectError::NoAddress(host()))?;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
-            .map_err(|e| format!("server name {}: {e}", self.host))?;
-        Connection::tls_named(
+            .map_err(|_| ConnectError::ServerName(host()))?;
+        Ok(Connection::tls_named(
             addr,
             name,
             &self.authority,
             self.tls.clone(),
             Protocol::Http1,
         )
-        .await
-        .map_err(|e| format!("connecting: {e}"))
+        .await?)
     }
 
     async fn send(self: Arc<Self>, conn: Option<Connection>, b: Stored) -> Done {
@@ -346,7 +367,7 @@ impl Sink {
             Some(c) => c,
             None => match self.connect().await {
                 Ok(c) => c,
-                Err(e) => return (None, b, Sent::Retry(e)),
+                Err(e) => return (None, b, Sent::Retry(e.to_string())),
             },
         };
         let sent = self.exchange(&mut conn, &b).await;
