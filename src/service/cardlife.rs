@@ -242,7 +242,14 @@ impl Gateway {
         }
         let _life = self.life.lock().await;
         let _serial = self.deny.serial().await;
-        let old_profile = profiles::profile(&self.store, old).map_err(ServiceError::from)?;
+        let old_profile = profiles::profile_async(&self.store, old).await?;
+        // The holder's current card, read before the cards' locks (no
+        // await under them); card-life changes, the only writers of it,
+        // are serialized by `life`.
+        let holders_card = match &old_profile.holder {
+            Some(h) => profiles::person_async(&self.store, h).await?,
+            None => None,
+        };
         let (pending, plan) = {
             let stripes: BTreeSet<usize> = [self.cards.stripe(old), self.cards.stripe(new)].into();
             let _locks = self.cards.lock_stripes(&stripes);
@@ -322,11 +329,7 @@ impl Gateway {
             if let Some(h) = &old_profile.holder {
                 // Only if the person's current card is this one: an older
                 // card of theirs must not take over the look-up.
-                if profiles::person(&self.store, h)
-                    .map_err(ServiceError::from)?
-                    .as_ref()
-                    == Some(old)
-                {
+                if holders_card.as_ref() == Some(old) {
                     ops.push(Op::Put(
                         Cf::Persons,
                         h.as_bytes().to_vec(),
@@ -380,9 +383,7 @@ impl Gateway {
         if card.status == CardStatus::Cancelled {
             return Err(conflict(card_no, "the card is cancelled"));
         }
-        if let Some(b) =
-            profiles::binding(&self.store, credential_id).map_err(ServiceError::from)?
-        {
+        if let Some(b) = profiles::binding_async(&self.store, credential_id).await? {
             if b.card_no == card_no.as_str() && b.typ == typ {
                 return Ok(false);
             }
@@ -390,7 +391,7 @@ impl Gateway {
                 "the credential is bound to another card or type; unbind it first",
             ));
         }
-        let mut profile = profiles::profile(&self.store, card_no).map_err(ServiceError::from)?;
+        let mut profile = profiles::profile_async(&self.store, card_no).await?;
         if profile.credentials.len() >= CREDENTIALS_PER_CARD_MAX {
             return Err(conflict(
                 card_no,
@@ -432,8 +433,8 @@ impl Gateway {
         now_ms: i64,
     ) -> Result<CardNo, ServiceError> {
         let _life = self.life.lock().await;
-        let b = profiles::binding(&self.store, credential_id)
-            .map_err(ServiceError::from)?
+        let b = profiles::binding_async(&self.store, credential_id)
+            .await?
             .ok_or_else(|| ServiceError::not_found("the credential is not bound"))?;
         let card_no = CardNo::parse(&b.card_no).map_err(|_| {
             ServiceError::from(StoreError::Corrupt {
@@ -441,7 +442,7 @@ impl Gateway {
                 detail: "a binding names an invalid card".into(),
             })
         })?;
-        let mut profile = profiles::profile(&self.store, &card_no).map_err(ServiceError::from)?;
+        let mut profile = profiles::profile_async(&self.store, &card_no).await?;
         profile
             .credentials
             .retain(|c| c.credential_id != credential_id);
@@ -486,10 +487,11 @@ impl Gateway {
         let hash = self.id_hash(personal_id)?;
         let _life = self.life.lock().await;
         self.cards.get(card_no).ok_or_else(|| not_found(card_no))?;
-        let mut profile = profiles::profile(&self.store, card_no).map_err(ServiceError::from)?;
+        let mut profile = profiles::profile_async(&self.store, card_no).await?;
         let mut ops = Vec::new();
         if let Some(old) = profile.holder.as_deref().filter(|h| *h != hash) {
-            if profiles::person(&self.store, old)
+            if profiles::person_async(&self.store, old)
+                .await
                 .map_err(ServiceError::from)?
                 .as_ref()
                 == Some(card_no)
@@ -530,7 +532,9 @@ impl Gateway {
         now_ms: i64,
     ) -> Result<CardNo, ServiceError> {
         let hash = self.id_hash(personal_id)?;
-        let found = profiles::person(&self.store, &hash).map_err(ServiceError::from)?;
+        let found = profiles::person_async(&self.store, &hash)
+            .await
+            .map_err(ServiceError::from)?;
         let detail = serde_json::json!({"found": found.is_some()});
         let entry = actor.entry("find", found.as_ref(), Some(detail), now_ms);
         self.journal

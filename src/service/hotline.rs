@@ -150,7 +150,7 @@ impl Gateway {
         let mut chain = vec![card_no.clone()];
         while chain.len() < CHAIN_MAX {
             let last = chain.last().expect("never empty");
-            let p = profiles::profile(&self.store, last).map_err(ServiceError::from)?;
+            let p = profiles::profile_async(&self.store, last).await?;
             match p.replaces.and_then(|c| CardNo::parse(&c).ok()) {
                 Some(prev) if !chain.contains(&prev) => chain.push(prev),
                 _ => break,
@@ -159,7 +159,10 @@ impl Gateway {
         let mut found: Vec<(u64, CardNo, DecisionRecord)> = Vec::new();
         let mut more = false;
         for card in &chain {
-            let (records, card_more) = self.card_records(card, w).map_err(ServiceError::from)?;
+            // A scan of the card's index and a read per record: on this
+            // thread, with the runtime told it blocks (a terminal's request
+            // is not left waiting behind it).
+            let (records, card_more) = tokio::task::block_in_place(|| self.card_records(card, w))?;
             more |= card_more;
             found.extend(records.into_iter().map(|(seq, r)| (seq, card.clone(), r)));
         }

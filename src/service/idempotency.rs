@@ -153,33 +153,37 @@ pub async fn cleanup_step(
     let mut passed = 0usize;
     let mut last = cursor;
     let mut corrupt = None;
-    store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
-        let Some(seq) = decode_u64(k) else {
-            corrupt = Some("journal key is not a u64");
-            return false;
-        };
-        let Ok(record) = serde_json::from_slice::<DecisionRecord>(v) else {
-            corrupt = Some("journal record does not decode");
-            return false;
-        };
-        if record.at_ms >= cutoff_ms {
-            return false;
-        }
-        if record.decision == "reverse" {
-            // A reversal's answer has its own key; the event's key holds
-            // the reversal's id only when it is a tombstone.
+    // Up to CLEANUP_STEP_RECORDS_MAX records read: the runtime is told
+    // this thread blocks, so terminals' requests do not wait behind it.
+    tokio::task::block_in_place(|| {
+        store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
+            let Some(seq) = decode_u64(k) else {
+                corrupt = Some("journal key is not a u64");
+                return false;
+            };
+            let Ok(record) = serde_json::from_slice::<DecisionRecord>(v) else {
+                corrupt = Some("journal record does not decode");
+                return false;
+            };
+            if record.at_ms >= cutoff_ms {
+                return false;
+            }
+            if record.decision == "reverse" {
+                // A reversal's answer has its own key; the event's key holds
+                // the reversal's id only when it is a tombstone.
+                expired.push(Expired {
+                    idem_key: reversal_key(&record.terminal, &record.event_id),
+                    auth_id: record.auth_id.clone(),
+                });
+            }
             expired.push(Expired {
-                idem_key: reversal_key(&record.terminal, &record.event_id),
-                auth_id: record.auth_id.clone(),
+                idem_key: key(&record.terminal, &record.event_id),
+                auth_id: record.auth_id,
             });
-        }
-        expired.push(Expired {
-            idem_key: key(&record.terminal, &record.event_id),
-            auth_id: record.auth_id,
-        });
-        last = seq;
-        passed += 1;
-        passed < CLEANUP_STEP_RECORDS_MAX
+            last = seq;
+            passed += 1;
+            passed < CLEANUP_STEP_RECORDS_MAX
+        })
     })?;
     if let Some(detail) = corrupt {
         return Err(StoreError::Corrupt {

@@ -106,7 +106,16 @@ fn decode_binding(v: Option<Vec<u8>>) -> Result<Option<Binding>, StoreError> {
 
 /// The card a hashed personal ID leads to.
 pub fn person(store: &Store, id_hash: &str) -> Result<Option<CardNo>, StoreError> {
-    match store.get(Cf::Persons, id_hash.as_bytes())? {
+    decode_person(store.get(Cf::Persons, id_hash.as_bytes())?)
+}
+
+/// [`person`] for async code.
+pub async fn person_async(store: &Store, id_hash: &str) -> Result<Option<CardNo>, StoreError> {
+    decode_person(store.read(Cf::Persons, id_hash.as_bytes()).await?)
+}
+
+fn decode_person(v: Option<Vec<u8>>) -> Result<Option<CardNo>, StoreError> {
+    match v {
         None => Ok(None),
         Some(v) => std::str::from_utf8(&v)
             .ok()
