@@ -56,6 +56,7 @@ impl Policy {
         }
     }
 
+    #[inline]
     pub fn rule(&self, s: Scenario) -> ScenarioRule {
         self.rules[s as usize]
     }
@@ -65,6 +66,7 @@ impl Policy {
     }
 
     /// The local calendar day that `now_unix` falls in, as days since the epoch.
+    #[inline]
     pub fn local_day(&self, now_unix: i64) -> i32 {
         let local = now_unix + i64::from(self.day_offset_minutes) * 60;
         local.div_euclid(86_400) as i32
@@ -73,6 +75,7 @@ impl Policy {
     /// Whether the scenario's price at this site comes from the config (a
     /// transit route's tariff, a venue's fee), so that the terminal need
     /// not send an amount.
+    #[inline]
     pub fn priced_here(&self, scenario: Scenario, site: Option<&str>) -> bool {
         let Some(site) = site else { return false };
         match scenario {
@@ -337,16 +340,19 @@ pub enum Decision {
 }
 
 impl Decision {
+    #[inline]
     pub fn reason(self) -> Reason {
         match self {
             Decision::Approve { .. } => Reason::Ok,
             Decision::Decline(r) => r,
         }
     }
+    #[inline]
     pub fn is_approve(self) -> bool {
         matches!(self, Decision::Approve { .. })
     }
     /// The amount charged: zero for a decline.
+    #[inline]
     pub fn amount_fen(self) -> i64 {
         match self {
             Decision::Approve { amount_fen } => amount_fen,
@@ -369,6 +375,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    #[inline]
     pub fn decline(reason: Reason) -> Outcome {
         Outcome {
             decision: Decision::Decline(reason),
@@ -430,6 +437,7 @@ pub fn decide(
 /// the card's status, a card-life deny entry, the issuing region, the
 /// card's existence and the scenario's function. Returns the card to
 /// decide on (`blank` for a partner's card seen here the first time).
+#[inline]
 fn admit_card<'c>(
     event: Event<'_>,
     card: Option<&'c Card>,
@@ -491,6 +499,7 @@ struct Ruled {
 
 /// The scenario's own rules (`scenario::*`) and its per-transaction
 /// maximum.
+#[inline]
 fn scenario_rules(
     event: Event<'_>,
     card: &Card,

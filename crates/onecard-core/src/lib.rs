@@ -20,6 +20,10 @@
 //!   ([`settle::sign`]);
 //! - [`privacy`]: personal ID numbers (checksum, keyed hash, masks);
 //!   [`rng`]: a small seeded generator.
+//!
+//! The small functions on the decision's path are `#[inline]`: the gateway
+//! calls them across the crate boundary, where (without LTO) only inline
+//! and generic functions can be inlined, and `decide` runs per tap.
 #![forbid(unsafe_code)]
 
 /// A value that breaks a rule: a request's field or a config's key, named

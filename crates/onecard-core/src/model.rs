@@ -50,11 +50,13 @@ impl CardNo {
     }
 
     /// The number in the clear: for storage keys and the admin API only.
+    #[inline]
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The issuing region: the first six digits.
+    #[inline]
     pub fn region(&self) -> &str {
         &self.0[..6]
     }
@@ -106,6 +108,7 @@ impl StoredCardNo {
     }
     /// The number in the clear: for storage keys, settlement lines and
     /// the admin API only.
+    #[inline]
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -177,6 +180,7 @@ macro_rules! string_enum {
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
+            #[inline]
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
@@ -359,6 +363,7 @@ impl Default for Health {
 }
 
 impl Card {
+    #[inline]
     pub fn new(status: CardStatus, functions: &[Function], concessions: &[Concession]) -> Card {
         let mut f = BitSet::default();
         for x in functions {
@@ -382,6 +387,7 @@ impl Card {
         }
     }
 
+    #[inline]
     pub fn has_function(&self, f: Function) -> bool {
         self.functions.contains(f.bit())
     }
@@ -404,6 +410,7 @@ impl Card {
 
     /// The card with `fen` given back to the spend of `day`, if the counter
     /// still counts that day (an earlier day's spend no longer limits).
+    #[inline]
     pub fn give_back(self, day: i32, fen: i64) -> Card {
         let mut c = self;
         if fen > 0 && c.spent_day == day {
@@ -413,6 +420,7 @@ impl Card {
     }
 
     /// What has been spent on `day`: counters of an earlier day count as zero.
+    #[inline]
     pub fn spent_on(&self, day: i32) -> i64 {
         if self.spent_day == day {
             self.spent_fen

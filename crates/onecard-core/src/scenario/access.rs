@@ -150,6 +150,7 @@ pub enum Allow {
     Listed(Windows),
 }
 
+#[inline]
 pub fn admit(allow: Allow, minute_of_day: u16) -> Result<(), Reason> {
     match allow {
         Allow::Open => Ok(()),

@@ -74,6 +74,7 @@ impl Rules {
         })
     }
 
+    #[inline]
     pub fn venue(&self, site: &str) -> Option<&Venue> {
         self.venues.get(site)
     }
@@ -93,6 +94,7 @@ pub struct Entry {
 
 /// Admits one entry: `asked_fen` is the gate's amount, `entries_today`
 /// the venue's approved entries so far today.
+#[inline]
 pub fn enter(
     rules: &Rules,
     card: &Card,

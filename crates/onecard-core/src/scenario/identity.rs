@@ -154,6 +154,7 @@ impl Rules {
 }
 
 /// Whether the card serves the purpose.
+#[inline]
 pub fn check(purpose: &Purpose, card: &Card) -> Result<(), Reason> {
     if purpose.require.iter().all(|f| card.has_function(*f)) {
         Ok(())

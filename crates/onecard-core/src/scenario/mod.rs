@@ -133,6 +133,7 @@ pub fn place_hash(site: &str) -> u64 {
 }
 
 /// The minute of the local day (0..1440) at `now_unix`.
+#[inline]
 pub fn local_minute(now_unix: i64, day_offset_minutes: i32) -> u16 {
     let local = now_unix + i64::from(day_offset_minutes) * 60;
     (local.rem_euclid(86_400) / 60) as u16
@@ -140,6 +141,7 @@ pub fn local_minute(now_unix: i64, day_offset_minutes: i32) -> u16 {
 
 /// The week a local day falls in, weeks starting on Monday (day 0,
 /// 1970-01-01, was a Thursday).
+#[inline]
 pub fn week_of(day: i32) -> i32 {
     (day + 3).div_euclid(7)
 }

@@ -144,6 +144,7 @@ impl Rules {
         })
     }
 
+    #[inline]
     pub fn origin(&self, card: &CardNo) -> Origin {
         let region = card.region();
         if let Some(i) = self.partners.iter().position(|p| {
@@ -161,6 +162,7 @@ impl Rules {
     }
 
     /// Whether a partner's cards are accepted for the scenario.
+    #[inline]
     pub fn covers(&self, partner: usize, scenario: Scenario) -> bool {
         self.partners[partner].scenarios.contains(&scenario)
     }

@@ -64,6 +64,7 @@ fn one() -> u32 {
 
 impl Route {
     /// The fare for `units` stops or zones (ignored for a flat fare).
+    #[inline]
     pub fn fare_fen(&self, units: u32) -> i64 {
         let mut fen = self.base_fen;
         if self.fare != FareKind::Flat && units > self.base_units {
@@ -163,6 +164,7 @@ impl Rules {
         })
     }
 
+    #[inline]
     pub fn route(&self, site: &str) -> Option<&Route> {
         self.routes.get(site)
     }
@@ -182,6 +184,7 @@ pub struct Boarding {
 
 /// Prices a boarding: the fare and the card's transit state after it, or
 /// `DUPLICATE_TAP`.
+#[inline]
 pub fn board(rules: &Rules, card: &Card, b: Boarding) -> Result<(Fare, TransitState), Reason> {
     let t = card.transit;
     if rules.passback_s > 0
