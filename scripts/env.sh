@@ -8,3 +8,15 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
     export CARGO_TARGET_DIR="$PWD/target"
   fi
 fi
+# Tools the tests run (nats-server), installed by scripts/setup-system.
+if [ -z "${ONECARD_TOOLS:-}" ]; then
+  if mkdir -p /var/cache/onecard-tools 2>/dev/null && [ -w /var/cache/onecard-tools ]; then
+    export ONECARD_TOOLS=/var/cache/onecard-tools
+  else
+    export ONECARD_TOOLS="${HOME:-$PWD}/.cache/onecard-tools"
+  fi
+fi
+case ":$PATH:" in
+  *":$ONECARD_TOOLS/nats-venv/bin:"*) ;;
+  *) export PATH="$ONECARD_TOOLS/nats-venv/bin:$PATH" ;;
+esac

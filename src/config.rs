@@ -86,6 +86,158 @@ pub struct Config {
     pub medical: onecard_core::scenario::medical::MedicalConfig,
     pub regions: onecard_core::scenario::region::RegionsConfig,
     pub disbursement: DisbursementConfig,
+    /// Cluster mode on NATS JetStream; absent: the single node on its own
+    /// RocksDB journal.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: several gateways serve one city on one NATS JetStream
+/// cluster. Every decision is published to its card's subject and answered
+/// only once the stream's quorum has it; local RocksDB is a cache rebuilt
+/// from the stream (see `store::replicated`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This gateway's name in the cluster: 1 to 32 of `a-z0-9_-`.
+    pub node: String,
+    /// NATS servers to connect to (`nats://host:port` or `tls://host:port`);
+    /// the client moves to another one when its server goes away.
+    pub urls: Vec<String>,
+    /// NATS user and password, or a token; none: no authentication.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// The environment variable holding the password instead.
+    pub password_env: Option<String>,
+    pub token_env: Option<String>,
+    /// CA of the NATS servers' certificates (PEM): TLS to NATS is required
+    /// when set.
+    pub ca: Option<PathBuf>,
+    /// The journal stream's name, and the prefix of its subjects.
+    pub stream: String,
+    pub subject_prefix: String,
+    /// Copies of every stream message: 3 tolerates the loss of any one
+    /// NATS node; 1 is for a single development server only.
+    pub replicas: usize,
+    /// How long a publish may wait for the quorum's acknowledgement before
+    /// the request is answered `503` (terminals then use their offline
+    /// rules).
+    pub publish_timeout_ms: u64,
+    /// How long NATS remembers a message id to drop a duplicate publish:
+    /// the window in which a retry sent to another node is recognised by
+    /// the stream itself (after it, every node has applied the first).
+    pub duplicate_window_s: u64,
+    /// How long the journal stream keeps a message.
+    pub max_age_days: u64,
+    /// How many times one request is decided again after losing a race
+    /// for its card to another node before it is answered `503`.
+    pub conflict_retries_max: u32,
+}
+
+pub const CLUSTER_PUBLISH_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node: String::new(),
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            user: None,
+            password: None,
+            password_env: None,
+            token_env: None,
+            ca: None,
+            stream: "ONECARD".into(),
+            subject_prefix: "onecard".into(),
+            replicas: 3,
+            publish_timeout_ms: CLUSTER_PUBLISH_TIMEOUT_MS_DEFAULT,
+            duplicate_window_s: 600,
+            max_age_days: 400,
+            conflict_retries_max: 8,
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let name_ok = |s: &str, extra: &[u8]| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b))
+        };
+        if !name_ok(&self.node, b"_-") {
+            return bad("cluster.node must be 1 to 32 of a-z, 0-9, _ and -".into());
+        }
+        if self.urls.is_empty() {
+            return bad("cluster.urls must name at least one NATS server".into());
+        }
+        for u in &self.urls {
+            let ok = ["nats://", "tls://"]
+                .iter()
+                .any(|s| u.strip_prefix(s).is_some_and(|rest| !rest.is_empty()));
+            if !ok || u.contains('@') {
+                return bad(format!(
+                    "cluster.urls: `{u}` must be nats://host:port or tls://host:port, without credentials (use cluster.user)"
+                ));
+            }
+        }
+        if !self
+            .stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || self.stream.is_empty()
+            || self.stream.len() > 32
+        {
+            return bad("cluster.stream must be 1 to 32 of A-Z, a-z, 0-9, _ and -".into());
+        }
+        if !name_ok(&self.subject_prefix, b"_-") {
+            return bad("cluster.subject_prefix must be 1 to 32 of a-z, 0-9, _ and -".into());
+        }
+        if !(1..=5).contains(&self.replicas) || self.replicas % 2 == 0 {
+            return bad("cluster.replicas must be 1, 3 or 5".into());
+        }
+        if !(100..=60_000).contains(&self.publish_timeout_ms) {
+            return bad("cluster.publish_timeout_ms must be 100 to 60000".into());
+        }
+        if !(10..=86_400).contains(&self.duplicate_window_s) {
+            return bad("cluster.duplicate_window_s must be 10 to 86400".into());
+        }
+        if !(1..=3_650).contains(&self.max_age_days) {
+            return bad("cluster.max_age_days must be 1 to 3650".into());
+        }
+        if !(1..=100).contains(&self.conflict_retries_max) {
+            return bad("cluster.conflict_retries_max must be 1 to 100".into());
+        }
+        if self.password.is_some() && self.password_env.is_some() {
+            return bad("cluster: set password or password_env, not both".into());
+        }
+        Ok(())
+    }
+
+    /// The password, from the file or its environment variable.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.password, &self.password_env) {
+            (Some(p), _) => Ok(Some(p.clone())),
+            (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "cluster.password_env: the environment variable {var} is not set"
+                ))
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The token, from its environment variable.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        match &self.token_env {
+            Some(var) => std::env::var(var).map(Some).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "cluster.token_env: the environment variable {var} is not set"
+                ))
+            }),
+            None => Ok(None),
+        }
+    }
 }
 
 pub const DISBURSEMENT_RECORDS_MAX_DEFAULT: usize = 10_000;
@@ -452,6 +604,7 @@ impl Default for Config {
             medical: Default::default(),
             regions: Default::default(),
             disbursement: DisbursementConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -722,6 +875,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         // Each scenario goes to one home sink and to one sink per partner
         // region: an event is settled once.
         let mut taken: Vec<(Scenario, Option<&str>, &str)> = Vec::new();
@@ -989,6 +1145,9 @@ impl Config {
             {
                 at(p);
             }
+        }
+        if let Some(ca) = self.cluster.as_mut().and_then(|c| c.ca.as_mut()) {
+            at(ca);
         }
     }
 }

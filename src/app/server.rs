@@ -47,6 +47,8 @@ pub enum ServerError {
     Tls(#[from] TlsSetupError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::store::replicated::ClusterError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
@@ -139,7 +141,15 @@ pub async fn start_with_clock(
     let principals = config.admin.principals()?;
     // Opening RocksDB and rebuilding memory blocks; it happens once, before
     // any listener exists, so nothing else waits on this thread.
-    let gateway = Arc::new(Gateway::open(config, clock)?);
+    let gateway = Arc::new(match config.cluster.clone() {
+        None => Gateway::open(config, clock)?,
+        // Cluster mode: join the NATS cluster and catch up with its
+        // journal before any listener exists.
+        Some(c) => {
+            let cluster = crate::store::replicated::Cluster::connect(&c).await?;
+            Gateway::open_cluster(config, clock, cluster).await?
+        }
+    });
     let config = &gateway.config;
     let terminal = bind(config.terminal.addr).await?;
     let admin = bind(config.admin.addr).await?;

@@ -43,6 +43,16 @@ impl Gateway {
         req: &AuthorizeRequest,
         now_ms: i64,
     ) -> Result<Vec<u8>, ServiceError> {
+        self.retrying(|| self.authorize_once(terminal, req, now_ms))
+            .await
+    }
+
+    async fn authorize_once(
+        &self,
+        terminal: &str,
+        req: &AuthorizeRequest,
+        now_ms: i64,
+    ) -> Result<Vec<u8>, ServiceError> {
         let started = Instant::now();
         let amount_fen = self.check_authorize(req)?;
         let key = idem::key(terminal, &req.event_id);
@@ -57,28 +67,30 @@ impl Gateway {
         let gathered = self.gather(terminal, req, &resolved).await?;
         let reversed = ticket.reversed;
         let card = resolved.card.as_deref();
-        let committed = self.decide_and_commit(ticket, card, now_ms, |snapshot| {
-            let outcome = match (card, resolved.early) {
-                // Reversed by its terminal before it got here: a late copy
-                // of a request the terminal gave up on must not charge.
-                _ if reversed => Outcome::decline(Reason::Reversed),
-                (_, Some(reason)) => Outcome::decline(reason),
-                (None, None) => Outcome::decline(Reason::CardNotFound),
-                (Some(card_no), None) => {
-                    let event = Event {
-                        card_no,
-                        scenario: req.scenario,
-                        amount_fen,
-                    };
-                    return self.decide_authorize(
-                        terminal, req, event, snapshot, gathered, &resolved, now_ms,
-                    );
-                }
-            };
-            Ok(self.authorized(
-                terminal, req, &resolved, outcome, None, &gathered, snapshot, now_ms,
-            ))
-        })?;
+        let committed = self
+            .decide_and_commit(ticket, card, now_ms, |snapshot| {
+                let outcome = match (card, resolved.early) {
+                    // Reversed by its terminal before it got here: a late copy
+                    // of a request the terminal gave up on must not charge.
+                    _ if reversed => Outcome::decline(Reason::Reversed),
+                    (_, Some(reason)) => Outcome::decline(reason),
+                    (None, None) => Outcome::decline(Reason::CardNotFound),
+                    (Some(card_no), None) => {
+                        let event = Event {
+                            card_no,
+                            scenario: req.scenario,
+                            amount_fen,
+                        };
+                        return self.decide_authorize(
+                            terminal, req, event, snapshot, gathered, &resolved, now_ms,
+                        );
+                    }
+                };
+                Ok(self.authorized(
+                    terminal, req, &resolved, outcome, None, &gathered, snapshot, now_ms,
+                ))
+            })
+            .await?;
         self.answered(committed, req.scenario, started).await
     }
 

@@ -57,6 +57,10 @@ fn commit_message(e: CommitError) -> &'static str {
         CommitError::Failed => {
             "the gateway cannot record decisions (storage failure); retry on another node"
         }
+        CommitError::Unreachable => {
+            "this node cannot reach the cluster's journal; retry on another node or shortly"
+        }
+        CommitError::Raced { .. } => "the card was busy at another node; retry shortly",
     }
 }
 

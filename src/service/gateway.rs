@@ -21,12 +21,14 @@ use crate::store::denylist::DenyList;
 use crate::store::durable::Durable;
 use crate::store::journal::Journal;
 use crate::store::partners::PartnerLists;
+use crate::store::replicated::{Cluster, ClusterError, Replicated, Tables};
 use crate::store::{meta, venues, Cf, Store, StoreError};
 
 /// Unique authorization ids: the boot number (persisted, bumped at every
 /// start) and a counter within the boot, as 20 hex digits. Unique across
 /// restarts without a write per request.
 pub struct AuthIds {
+    node: Option<Box<str>>,
     boot: u64,
     next: AtomicU64,
 }
@@ -34,13 +36,25 @@ pub struct AuthIds {
 impl AuthIds {
     pub fn new(boot: u64) -> AuthIds {
         AuthIds {
+            node: None,
             boot,
             next: AtomicU64::new(1),
         }
     }
+    /// Cluster mode: every node counts its own boots, so its name goes
+    /// in front.
+    pub fn on_node(node: &str, boot: u64) -> AuthIds {
+        AuthIds {
+            node: Some(node.into()),
+            ..AuthIds::new(boot)
+        }
+    }
     pub fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}{:012x}", self.boot & 0xffff_ffff, n)
+        match &self.node {
+            None => format!("{:08x}{:012x}", self.boot & 0xffff_ffff, n),
+            Some(node) => format!("{node}-{:08x}{:012x}", self.boot & 0xffff_ffff, n),
+        }
     }
 }
 
@@ -52,7 +66,13 @@ pub struct Gateway {
     pub journal: Arc<dyn Durable>,
     /// Where the time comes from: the wall clock, or a test's.
     pub clock: Arc<dyn Clock>,
-    pub cards: CardTable,
+    /// Shared with the cluster's applier, which sets the cards other
+    /// nodes change.
+    pub cards: Arc<CardTable>,
+    /// Cluster mode: one gate per card-lock stripe, held by a decision
+    /// from before it reads the card until its commit is applied here
+    /// (see `pipeline::Committed`).
+    pub card_gates: Option<Box<[Arc<tokio::sync::Mutex<()>>]>>,
     pub deny: DenyList,
     pub idem: Idempotency,
     pub metrics: HotMetrics,
@@ -78,7 +98,7 @@ pub struct Gateway {
     /// One full deny list built at a time.
     pub deny_full_build: tokio::sync::Mutex<()>,
     /// Culture venues' entries today, for their quotas.
-    pub venues: venues::Venues,
+    pub venues: Arc<venues::Venues>,
     /// Allow-lists of controlled doors and gates.
     pub allow: AllowList,
     /// Partner regions' deny lists.
@@ -92,26 +112,58 @@ impl Gateway {
     /// Opens the store, rebuilds memory from it and starts the journal
     /// writer. `clock` is where every request reads the time.
     pub fn open(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, StoreError> {
-        let policy = config.policy().expect("config was validated");
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Corrupt {
-            cf: "data_dir",
-            detail: e.to_string(),
-        })?;
-        let store = Store::open(&config.data_dir.join("db"))?;
-        let boot = store.get_u64(Cf::Meta, meta::BOOT)?.unwrap_or(0) + 1;
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        store
-            .db()
-            .put_cf_opt(store.cf(Cf::Meta), meta::BOOT, boot.to_be_bytes(), &wo)?;
-        let cards = CardTable::load(&store)?;
-        let deny = DenyList::load(&store)?;
+        let (store, boot) = open_store(&config)?;
+        let tables = load_tables(&config, &store)?;
         let journal: Arc<dyn Durable> = Arc::new(Journal::start(
             store.clone(),
             config.journal.durability,
             config.journal.batch_events_max,
             config.journal.queue_events_max,
         )?);
+        Gateway::assemble(config, clock, store, boot, tables, journal)
+    }
+
+    /// [`Gateway::open`] in cluster mode: the journal is the cluster's
+    /// stream, and this node's RocksDB first catches up with it, so the
+    /// tables are rebuilt from what the whole cluster has decided.
+    pub async fn open_cluster(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        cluster: Cluster,
+    ) -> Result<Gateway, ClusterError> {
+        let (store, boot) = open_store(&config)?;
+        let tables = load_tables(&config, &store)?;
+        let shared = Tables {
+            cards: tables.cards.clone(),
+            venues: tables.venues.clone(),
+        };
+        let journal: Arc<dyn Durable> = Arc::new(
+            Replicated::start(
+                cluster,
+                store.clone(),
+                shared,
+                config.journal.queue_events_max,
+            )
+            .await?,
+        );
+        Ok(Gateway::assemble(
+            config, clock, store, boot, tables, journal,
+        )?)
+    }
+
+    /// The tables besides the cards, loaded once the journal is running
+    /// (in a cluster: once this node has caught up).
+    fn assemble(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        store: Store,
+        boot: u64,
+        tables: Tables,
+        journal: Arc<dyn Durable>,
+    ) -> Result<Gateway, StoreError> {
+        let policy = config.policy().expect("config was validated");
+        let Tables { cards, venues } = tables;
+        let deny = DenyList::load(&store)?;
         let idem = Idempotency::new(store.clone(), config.idempotency.retention_s);
         tracing::info!(
             cards = cards.len(),
@@ -132,7 +184,6 @@ impl Gateway {
         }
         let audit = crate::store::audit::Audit::load(&store)?;
         let id_key = config.privacy.id_hash_key().expect("config was validated");
-        let venues = venues::Venues::load(&store, &policy.culture)?;
         let allow = AllowList::load(&store)?;
         let partner_names: Vec<String> = policy
             .regions
@@ -141,7 +192,17 @@ impl Gateway {
             .map(|p| p.name.clone())
             .collect();
         let partners = PartnerLists::load(&store, &partner_names)?;
+        let auth_ids = match &config.cluster {
+            Some(c) => AuthIds::on_node(&c.node, boot),
+            None => AuthIds::new(boot),
+        };
+        let card_gates = config.cluster.as_ref().map(|_| {
+            (0..crate::store::cards::CARD_LOCK_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect()
+        });
         Ok(Gateway {
+            card_gates,
             venues,
             allow,
             partners,
@@ -163,7 +224,7 @@ impl Gateway {
             idem,
             clock,
             metrics: HotMetrics::new(),
-            auth_ids: AuthIds::new(boot),
+            auth_ids,
             ready: AtomicBool::new(false),
         })
     }
@@ -202,4 +263,30 @@ impl Gateway {
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
     }
+}
+
+/// The tables a cluster's applier keeps up to date, loaded before it
+/// starts.
+fn load_tables(config: &Config, store: &Store) -> Result<Tables, StoreError> {
+    let policy = config.policy().expect("config was validated");
+    Ok(Tables {
+        cards: Arc::new(CardTable::load(store)?),
+        venues: Arc::new(venues::Venues::load(store, &policy.culture)?),
+    })
+}
+
+/// Opens RocksDB under `data_dir` and counts this start (`boot`).
+fn open_store(config: &Config) -> Result<(Store, u64), StoreError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Corrupt {
+        cf: "data_dir",
+        detail: e.to_string(),
+    })?;
+    let store = Store::open(&config.data_dir.join("db"))?;
+    let boot = store.get_u64(Cf::Meta, meta::BOOT)?.unwrap_or(0) + 1;
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    store
+        .db()
+        .put_cf_opt(store.cf(Cf::Meta), meta::BOOT, boot.to_be_bytes(), &wo)?;
+    Ok((store, boot))
 }

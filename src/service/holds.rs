@@ -59,6 +59,16 @@ impl Gateway {
         req: &HoldRequest,
         now_ms: i64,
     ) -> Result<Vec<u8>, ServiceError> {
+        self.retrying(|| self.hold_once(terminal, req, now_ms))
+            .await
+    }
+
+    async fn hold_once(
+        &self,
+        terminal: &str,
+        req: &HoldRequest,
+        now_ms: i64,
+    ) -> Result<Vec<u8>, ServiceError> {
         let started = Instant::now();
         if self.scanner.is_none() && req.auth.kind() == EventKind::Scan {
             return Err(crate::service::credential::not_configured());
@@ -83,9 +93,11 @@ impl Gateway {
         }
         let resolved = self.resolve(&req.auth.credential, now_ms).await?;
         let card = resolved.card.as_deref();
-        let committed = self.decide_and_commit(ticket, card, now_ms, |snapshot| {
-            Ok(self.decide_hold(terminal, req, category, &resolved, snapshot, now_ms))
-        })?;
+        let committed = self
+            .decide_and_commit(ticket, card, now_ms, |snapshot| {
+                Ok(self.decide_hold(terminal, req, category, &resolved, snapshot, now_ms))
+            })
+            .await?;
         self.answered(committed, Scenario::Medical, started).await
     }
 
@@ -249,6 +261,16 @@ impl Gateway {
         req: &HoldStepRequest,
         now_ms: i64,
     ) -> Result<Vec<u8>, ServiceError> {
+        self.retrying(|| self.hold_step_once(terminal, req, now_ms))
+            .await
+    }
+
+    async fn hold_step_once(
+        &self,
+        terminal: &str,
+        req: &HoldStepRequest,
+        now_ms: i64,
+    ) -> Result<Vec<u8>, ServiceError> {
         let started = Instant::now();
         let hold_key = hold_key(terminal, &req.hold_event_id);
         let ticket = match self.begin_step(terminal, req, &hold_key, now_ms).await? {
@@ -261,25 +283,27 @@ impl Gateway {
             None => None,
         };
         let reversed = ticket.reversed;
-        let committed = self.decide_and_commit(ticket, card.as_ref(), now_ms, |snapshot| {
-            let step = match (&stored, snapshot) {
-                _ if reversed => Step::decline(Reason::Reversed),
-                (Some(h), Some(c)) => {
-                    decide_step(&self.policy, req.op, h, c, req.amount_fen, false, now_ms)
-                }
-                _ => Step::decline(Reason::HoldNotFound),
-            };
-            Ok(self.stepped(
-                terminal,
-                req,
-                &hold_key,
-                stored.as_ref(),
-                card.clone(),
-                step,
-                snapshot,
-                now_ms,
-            ))
-        })?;
+        let committed = self
+            .decide_and_commit(ticket, card.as_ref(), now_ms, |snapshot| {
+                let step = match (&stored, snapshot) {
+                    _ if reversed => Step::decline(Reason::Reversed),
+                    (Some(h), Some(c)) => {
+                        decide_step(&self.policy, req.op, h, c, req.amount_fen, false, now_ms)
+                    }
+                    _ => Step::decline(Reason::HoldNotFound),
+                };
+                Ok(self.stepped(
+                    terminal,
+                    req,
+                    &hold_key,
+                    stored.as_ref(),
+                    card.clone(),
+                    step,
+                    snapshot,
+                    now_ms,
+                ))
+            })
+            .await?;
         self.answered(committed, Scenario::Medical, started).await
     }
 

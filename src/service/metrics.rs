@@ -14,6 +14,9 @@ pub struct HotMetrics {
     latency: Vec<metrics::Histogram>,
     pub decide_latency: metrics::Histogram,
     pub replays: metrics::Counter,
+    /// Cluster mode: requests decided again after losing a race for their
+    /// card to another node.
+    pub cluster_retries: metrics::Counter,
 }
 
 impl HotMetrics {
@@ -38,6 +41,7 @@ impl HotMetrics {
             latency,
             decide_latency: metrics::histogram!("onecard_decide_latency_seconds"),
             replays: metrics::counter!("onecard_idempotent_replays_total"),
+            cluster_retries: metrics::counter!("onecard_cluster_retries_total"),
         }
     }
 

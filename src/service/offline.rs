@@ -467,8 +467,8 @@ impl Gateway {
         let auth_id = self.auth_ids.next();
         // Dated by the tap, not the upload: a reversal gives the fare back
         // to the day it was counted in.
-        let committed =
-            self.decide_and_commit(ticket, Some(&e.card_no), e.occurred_ms, |snapshot| {
+        let committed = self
+            .decide_and_commit(ticket, Some(&e.card_no), e.occurred_ms, |snapshot| {
                 Ok(self.offline_recorded(
                     terminal,
                     &e,
@@ -478,7 +478,8 @@ impl Gateway {
                     snapshot,
                     now_ms,
                 ))
-            })?;
+            })
+            .await?;
         let outcome = OfflineOutcome {
             event_id: e.req.event_id,
             status: "accepted".into(),

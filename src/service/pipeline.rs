@@ -10,7 +10,8 @@
 //! 3. *gather*: what the rules need besides the card (a door's allow-list
 //!    entry, a partner's deny list, a counter's purpose). Each path has its
 //!    own (`authorize::gather`), read before the card's lock.
-//! 4. [`Gateway::decide_and_commit`]: under the card's lock, the card's
+//! 4. [`Gateway::decide_and_commit`]: under the card's lock (in a cluster,
+//!    also its gate on this node until the commit is applied), the card's
 //!    snapshot goes to the path's decision step (pure rules from the core
 //!    crate, plus building the record and the answer), and everything the
 //!    decision writes goes to the durability seam as one commit; memory
@@ -35,7 +36,7 @@ use crate::service::credential::{self, Resolved};
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
 use crate::service::idempotency::{InFlight, Lookup};
-use crate::store::durable::{Commit, Op, Pending};
+use crate::store::durable::{Commit, CommitError, Op, Pending};
 use crate::store::idem::{self, Origin, Tail};
 use crate::store::venues::Count;
 use crate::store::{cards, profiles, Cf, StoreError};
@@ -106,6 +107,14 @@ pub(crate) struct Committed {
     pub pending: Pending,
     pub reason: Reason,
     pub answer: Vec<u8>,
+    /// A scan's spent code: given back if the commit fails after all.
+    pub scan: Option<onecard_core::record::ScanRef>,
+    /// Cluster mode: the card's gate on this node, held until the commit
+    /// is durable and applied. Without it every request for a busy card
+    /// at this node would decide on the same snapshot and all but one
+    /// would lose the race at the stream; with it only requests at
+    /// different nodes race.
+    _gate: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Gateway {
@@ -149,13 +158,17 @@ impl Gateway {
     /// names one), `step` decides on the card's snapshot and builds what the
     /// decision writes; it is committed as one, remembered under the
     /// ticket's key (dated `remembered_ms`), and memory follows.
-    pub(crate) fn decide_and_commit<'g>(
+    pub(crate) async fn decide_and_commit<'g>(
         &'g self,
         ticket: Ticket,
         card: Option<&CardNo>,
         remembered_ms: i64,
         step: impl FnOnce(Option<Card>) -> Result<Decided<'g>, ServiceError>,
     ) -> Result<Committed, ServiceError> {
+        let gate = match (card, &self.card_gates) {
+            (Some(c), Some(gates)) => Some(gates[self.cards.stripe(c)].clone().lock_owned().await),
+            _ => None,
+        };
         let _card_lock = card.map(|c| self.cards.lock(c));
         let snapshot = card.and_then(|c| self.cards.get(c));
         let Decided {
@@ -181,16 +194,22 @@ impl Gateway {
             ));
         }
         let pending = self.commit(ticket, remembered_ms, &record, &answer, remember, ops)?;
-        if let Some((card_no, after)) = card_after {
-            self.cards.set(card_no, after);
-        }
-        if let Some((mut guard, _, count)) = venue_after {
-            *guard = count;
+        // In a cluster memory follows the replicated journal instead, on
+        // every node alike, once the stream has the commit.
+        if !self.journal.applies_memory() {
+            if let Some((card_no, after)) = card_after {
+                self.cards.set(card_no, after);
+            }
+            if let Some((mut guard, _, count)) = venue_after {
+                *guard = count;
+            }
         }
         Ok(Committed {
             pending,
             reason: record.reason,
             answer,
+            scan: record.scan.clone(),
+            _gate: gate,
         })
     }
 
@@ -250,7 +269,14 @@ impl Gateway {
         scenario: Scenario,
         started: Instant,
     ) -> Result<Vec<u8>, ServiceError> {
-        committed.pending.durable().await?;
+        if let Err(e) = committed.pending.durable().await {
+            // Not recorded (a cluster's race lost, or no quorum): the
+            // code may be scanned again.
+            if let (Some(s), Some(spent)) = (&self.scanner, &committed.scan) {
+                s.unspend(spent);
+            }
+            return Err(e.into());
+        }
         self.metrics
             .decision(scenario, committed.reason)
             .increment(1);
@@ -258,6 +284,58 @@ impl Gateway {
             .latency(scenario)
             .record(started.elapsed().as_secs_f64());
         Ok(committed.answer)
+    }
+
+    /// Runs a request again when it lost a race for its card (or its
+    /// event) to another node of the cluster, once this node has applied
+    /// the winner: the next run sees the card as the winner left it, or
+    /// replays the event's first answer. At most
+    /// `cluster.conflict_retries_max` times; then `503`.
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut once: F) -> Result<T, ServiceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ServiceError>>,
+    {
+        let max = self
+            .config
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.conflict_retries_max);
+        let mut tries = 0;
+        loop {
+            match once().await {
+                Err(ServiceError::Commit(CommitError::Raced { after })) if tries < max => {
+                    tries += 1;
+                    self.metrics.cluster_retries.increment(1);
+                    self.wait_applied(after).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until this node has applied the cluster's journal up to
+    /// `seq` (at once on a single node).
+    async fn wait_applied(&self, seq: u64) -> Result<(), ServiceError> {
+        let Some(mut rx) = self.journal.applied_watch() else {
+            return Ok(());
+        };
+        let timeout = std::time::Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(crate::config::CLUSTER_PUBLISH_TIMEOUT_MS_DEFAULT, |c| {
+                    c.publish_timeout_ms
+                }),
+        );
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if reached {
+            Ok(())
+        } else {
+            Err(CommitError::Unreachable.into())
+        }
     }
 
     /// The card that carries `card`'s counters now: the card that replaced

@@ -137,6 +137,16 @@ impl Gateway {
         req: &ReverseRequest,
         now_ms: i64,
     ) -> Result<Vec<u8>, ServiceError> {
+        self.retrying(|| self.reverse_once(terminal, req, now_ms))
+            .await
+    }
+
+    async fn reverse_once(
+        &self,
+        terminal: &str,
+        req: &ReverseRequest,
+        now_ms: i64,
+    ) -> Result<Vec<u8>, ServiceError> {
         let key = idem::reversal_key(terminal, &req.event_id);
         let ticket = match self
             .begin(key, req.fingerprint(), now_ms, REVERSAL_REUSED)
@@ -162,11 +172,13 @@ impl Gateway {
         };
         let ticket = ticket.also_holding(event_slot);
         let locked = card.clone();
-        let committed = self.decide_and_commit(ticket, locked.as_ref(), now_ms, |snapshot| {
-            Ok(self.reversal(
-                terminal, req, &event, &event_key, hold, card, snapshot, now_ms,
-            ))
-        })?;
+        let committed = self
+            .decide_and_commit(ticket, locked.as_ref(), now_ms, |snapshot| {
+                Ok(self.reversal(
+                    terminal, req, &event, &event_key, hold, card, snapshot, now_ms,
+                ))
+            })
+            .await?;
         committed.pending.durable().await?;
         metrics::counter!("onecard_reversals_total", "status" => event.status.as_str())
             .increment(1);

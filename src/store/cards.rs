@@ -104,6 +104,13 @@ pub fn keep_counters(old: Option<Card>, new: Card) -> Card {
     }
 }
 
+/// A card record as stored, decoded; `None` if it does not decode.
+pub fn decode(bytes: &[u8]) -> Option<Card> {
+    serde_json::from_slice::<CardRecord>(bytes)
+        .ok()
+        .map(|r| Card::from(&r))
+}
+
 pub fn encode(card: &Card) -> Vec<u8> {
     serde_json::to_vec(&CardRecord::from(card)).expect("a card record always serializes")
 }

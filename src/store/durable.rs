@@ -75,6 +75,15 @@ pub enum CommitError {
     Closed,
     #[error("the journal failed to write and refuses further writes until restart")]
     Failed,
+    /// Cluster mode: the journal stream's quorum did not acknowledge in
+    /// time (this node is cut off, or the quorum is lost).
+    #[error("the cluster's journal did not acknowledge in time")]
+    Unreachable,
+    /// Cluster mode: another node wrote about the same card (or decided
+    /// the same event) first, at stream sequence `after`. Nothing was
+    /// written: wait until `after` is applied here, then decide again.
+    #[error("another node decided about this card first")]
+    Raced { after: u64 },
 }
 
 /// A queued commit: its result comes when it is durable.
@@ -127,6 +136,20 @@ pub trait Durable: Send + Sync {
     /// Refuses new commits, makes everything already queued durable, and
     /// stops. Safe to call more than once.
     fn close(&self);
+
+    /// Whether this implementation sets the in-memory tables itself once a
+    /// commit is durable (cluster mode: memory follows the replicated
+    /// journal, every node alike). When false, the pipeline sets memory as
+    /// soon as a commit is queued, under the card's lock.
+    fn applies_memory(&self) -> bool {
+        false
+    }
+
+    /// How far this node has applied a replicated journal (cluster mode):
+    /// a request that lost a race ([`CommitError::Raced`]) waits on it.
+    fn applied_watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 impl dyn Durable + '_ {

@@ -42,6 +42,35 @@ pub fn card_tx_key(card_no: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// Adds a commit to `batch`: its records numbered from `seq` (each indexed
+/// under its card), then its ops. Returns the first record's number, if it
+/// had records, and the next free number. The RocksDB journal and the
+/// cluster's applier write commits the same way.
+pub(super) fn add_to_batch<'a>(
+    store: &Store,
+    batch: &mut WriteBatch,
+    mut seq: u64,
+    records: impl Iterator<Item = (&'a [u8], Option<&'a str>)>,
+    ops: &[Op],
+) -> (Option<u64>, u64) {
+    let mut first = None;
+    for (record, card) in records {
+        batch.put_cf(store.cf(Cf::Journal), seq.to_be_bytes(), record);
+        if let Some(card) = card.filter(|c| !c.is_empty()) {
+            batch.put_cf(store.cf(Cf::CardTx), card_tx_key(card, seq), b"");
+        }
+        first.get_or_insert(seq);
+        seq += 1;
+    }
+    for op in ops {
+        match op {
+            Op::Put(cf, k, v) => batch.put_cf(store.cf(*cf), k, v),
+            Op::Delete(cf, k) => batch.delete_cf(store.cf(*cf), k),
+        }
+    }
+    (first, seq)
+}
+
 type Reply = oneshot::Sender<Result<Option<u64>, CommitError>>;
 
 enum Item {
@@ -270,25 +299,21 @@ impl Writer {
         let mut seqs = Vec::with_capacity(group.len());
         let mut records = 0u64;
         for (commit, _) in &group {
-            let mut assigned = None;
-            let first = commit.record.as_ref().map(|r| (r, commit.card.as_deref()));
-            let also = commit.also.iter().map(|(r, c)| (r, Some(&**c)));
-            for (record, card) in first.into_iter().chain(also) {
-                batch.put_cf(self.store.cf(Cf::Journal), seq.to_be_bytes(), record);
-                if let Some(card) = card.filter(|c| !c.is_empty()) {
-                    batch.put_cf(self.store.cf(Cf::CardTx), card_tx_key(card, seq), b"");
-                }
-                assigned.get_or_insert(seq);
-                records += 1;
-                seq += 1;
-            }
+            let first = commit
+                .record
+                .as_deref()
+                .map(|r| (r, commit.card.as_deref()));
+            let also = commit.also.iter().map(|(r, c)| (&r[..], Some(&**c)));
+            let (assigned, next) = add_to_batch(
+                &self.store,
+                &mut batch,
+                seq,
+                first.into_iter().chain(also),
+                &commit.ops,
+            );
+            records += next - seq;
+            seq = next;
             seqs.push(assigned);
-            for op in &commit.ops {
-                match op {
-                    Op::Put(cf, k, v) => batch.put_cf(self.store.cf(*cf), k, v),
-                    Op::Delete(cf, k) => batch.delete_cf(self.store.cf(*cf), k),
-                }
-            }
         }
         super::crashpoint::hit("journal.before_write");
         let started = Instant::now();

@@ -4,7 +4,8 @@
 //!   (one that never waits for the disk, [`Store::get_cached`], for the
 //!   async workers) and scans;
 //! - [`durable`]: the durability seam every durable write goes through,
-//!   and [`journal`], its RocksDB group commit; [`crashpoint`]: named
+//!   [`journal`], its RocksDB group commit, and [`replicated`], cluster
+//!   mode's journal on NATS JetStream; [`crashpoint`]: named
 //!   places in the write paths where the simulation may kill the process;
 //! - the tables, each in memory for the hot path (lock-free reads, a lock
 //!   per writer) and in its column family: [`cards`], [`denylist`],
@@ -28,6 +29,7 @@ pub mod idem;
 pub mod journal;
 pub mod partners;
 pub mod profiles;
+pub mod replicated;
 pub mod venues;
 
 use std::path::Path;

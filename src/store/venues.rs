@@ -71,6 +71,19 @@ impl Venues {
         self.counts.get(site).map(|m| m.lock())
     }
 
+    /// Sets a venue's count from its stored form (cluster mode: a count
+    /// another node wrote). A venue without a quota here is ignored.
+    pub fn set_stored(&self, site: &[u8], stored: &[u8]) -> Result<(), StoreError> {
+        let count = Count::decode(stored).ok_or(StoreError::Corrupt {
+            cf: "venues",
+            detail: "a count does not decode".into(),
+        })?;
+        if let Some(mut c) = std::str::from_utf8(site).ok().and_then(|s| self.lock(s)) {
+            *c = count;
+        }
+        Ok(())
+    }
+
     /// Every venue with a quota and its count, for the admin view.
     pub fn all(&self) -> Vec<(String, Count)> {
         let mut v: Vec<_> = self

@@ -10,6 +10,7 @@ mod common;
 mod authorize;
 mod cardlife;
 mod cli;
+mod cluster;
 mod credentials;
 mod disburse;
 mod durability;

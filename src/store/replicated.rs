@@ -1,0 +1,907 @@
+//! Cluster mode's durability: the replicated journal on NATS JetStream.
+//!
+//! Every [`Commit`] becomes one message of one JetStream stream (replicated
+//! `cluster.replicas` times) and is durable when the stream's quorum has
+//! acknowledged it. Local RocksDB and the in-memory tables are a cache of
+//! that stream: one task per node (the *applier*) reads the stream in order
+//! and writes each message's records and ops to RocksDB exactly as the
+//! single node's journal does ([`super::journal::add_to_batch`]), so every
+//! node holds the same journal with the same sequence numbers.
+//!
+//! **One card, one history.** A commit about a card goes on the card's
+//! subject (`<prefix>.card.<hash>`) with the expected last subject sequence
+//! the deciding node has applied for that subject. Two nodes deciding about
+//! one card at once both expect the same sequence; the stream accepts the
+//! first and refuses the second ("wrong last sequence"), whose node then
+//! waits until it has applied the winner and decides again
+//! ([`CommitError::Raced`]). The pipeline reads a card and submits its
+//! commit under the card's lock, and the applier sets the card and the
+//! subject's sequence under the same lock, so the sequence a commit expects
+//! is always the one its decision saw.
+//!
+//! **Retries across nodes.** A commit carrying an idempotency record is
+//! published with `Nats-Msg-Id` derived from its key: a retry decided at
+//! another node within `cluster.duplicate_window_s` is dropped by the
+//! stream, which names the first message; the node waits until it has
+//! applied it and the request is replayed from the idempotency record.
+//!
+//! **Read your writes.** A commit is reported durable only once the
+//! quorum has it *and* this node's applier has applied it, so the node's
+//! next decision about the card sees it.
+//!
+//! **Fail closed.** A publish that is not acknowledged within
+//! `cluster.publish_timeout_ms` fails ([`CommitError::Unreachable`], a
+//! `503`); the node never decides on its own. It recovers by itself: the
+//! next acknowledged publish (or the health probe) makes it healthy again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, consumer, context, stream};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use rocksdb::{WriteBatch, WriteOptions};
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
+
+use onecard_core::model::CardNo;
+
+use super::cards::{self, CardTable};
+use super::durable::{Commit, CommitError, Durable, Expired, Op, Pending};
+use super::venues::Venues;
+use super::{decode_u64, Cf, Store, StoreError};
+use crate::config::ClusterConfig;
+
+/// Keys in [`Cf::Meta`] that only cluster mode writes.
+pub mod meta {
+    /// The last stream sequence applied to this node's RocksDB.
+    pub const APPLIED: &[u8] = b"cluster_applied";
+}
+
+/// Why the cluster could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot connect to NATS ({urls}): {detail}")]
+    Connect { urls: String, detail: String },
+    #[error("JetStream stream `{stream}`: {detail}")]
+    Stream { stream: String, detail: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// A connection to the NATS cluster and its journal stream.
+pub struct Cluster {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    config: ClusterConfig,
+}
+
+impl Cluster {
+    /// Connects to NATS and creates the journal stream if it does not
+    /// exist (with `cluster.replicas` copies).
+    pub async fn connect(config: &ClusterConfig) -> Result<Cluster, ClusterError> {
+        let urls = config.urls.join(",");
+        let connect_err = |detail: String| ClusterError::Connect {
+            urls: urls.clone(),
+            detail,
+        };
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("onecard-{}", config.node))
+            .connection_timeout(Duration::from_millis(config.publish_timeout_ms))
+            // Reconnect for ever: a node cut off from NATS answers 503
+            // until it is back, then serves again by itself.
+            .max_reconnects(None);
+        let password = config
+            .password()
+            .map_err(|e| ClusterError::Config(e.to_string()))?;
+        if let (Some(user), Some(password)) = (&config.user, password) {
+            opts = opts.user_and_password(user.clone(), password);
+        }
+        if let Some(token) = config
+            .token()
+            .map_err(|e| ClusterError::Config(e.to_string()))?
+        {
+            opts = opts.token(token);
+        }
+        if let Some(ca) = &config.ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = tokio::time::timeout(
+            Duration::from_millis(config.publish_timeout_ms.max(5_000)),
+            opts.connect(config.urls.as_slice()),
+        )
+        .await
+        .map_err(|_| connect_err("no server answered in time".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(config.publish_timeout_ms))
+            .build(client.clone());
+        let stream_err = |detail: String| ClusterError::Stream {
+            stream: config.stream.clone(),
+            detail,
+        };
+        let wanted = stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![format!("{}.>", config.subject_prefix)],
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(config.duplicate_window_s),
+            max_age: Duration::from_secs(config.max_age_days * 86_400),
+            // Direct gets serve a subject's last message from any replica:
+            // the loser of a race reads where the winner left the card.
+            allow_direct: true,
+            ..Default::default()
+        };
+        let mut created = None;
+        // Three gateways starting together race to create it; the losers
+        // find it made. The stream's leader election takes a moment after
+        // the servers start.
+        for attempt in 0..40 {
+            match js.get_or_create_stream(wanted.clone()).await {
+                Ok(s) => {
+                    created = Some(s);
+                    break;
+                }
+                Err(e) if attempt < 39 => {
+                    tracing::debug!(error = %e, "cluster: the journal stream is not ready yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(stream_err(e.to_string())),
+            }
+        }
+        let mut stream = created.expect("the loop returns or sets it");
+        let info = stream.info().await.map_err(|e| stream_err(e.to_string()))?;
+        if info.config.num_replicas != config.replicas {
+            return Err(stream_err(format!(
+                "it has {} replicas, cluster.replicas says {}",
+                info.config.num_replicas, config.replicas
+            )));
+        }
+        Ok(Cluster {
+            client,
+            js,
+            stream,
+            config: config.clone(),
+        })
+    }
+
+    /// The NATS client: for the health probe and the status page.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+}
+
+/// The subject of a card's decisions: a hash, so no card number appears in
+/// NATS (its monitoring pages and logs list subjects). Two cards sharing
+/// one would only race each other more often.
+pub fn card_subject(prefix: &str, card: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"onecard card subject\0")
+        .chain_update(card.as_bytes())
+        .finalize();
+    let mut s = String::with_capacity(prefix.len() + 6 + 24);
+    s.push_str(prefix);
+    s.push_str(".card.");
+    for b in &digest[..12] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The message id of a commit that stores an answer under an idempotency
+/// key: the same event decided twice (at two nodes) has one id.
+fn message_id(commit: &Commit) -> Option<String> {
+    commit.ops.iter().find_map(|op| match op {
+        Op::Put(Cf::Idem, key, _) => {
+            let digest = Sha256::new()
+                .chain_update(b"onecard idem\0")
+                .chain_update(key)
+                .finalize();
+            Some(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+        }
+        _ => None,
+    })
+}
+
+/// The one card a commit is about: the card of its record, or the only
+/// card whose state it writes (a card-life change).
+fn commit_card(commit: &Commit) -> Option<&str> {
+    if let Some(card) = commit.card.as_deref().filter(|c| !c.is_empty()) {
+        return (commit.also.is_empty()).then_some(card);
+    }
+    if !commit.also.is_empty() {
+        return None;
+    }
+    let mut cards = commit.ops.iter().filter_map(|op| match op {
+        Op::Put(Cf::Cards, k, _) | Op::Delete(Cf::Cards, k) => std::str::from_utf8(k).ok(),
+        _ => None,
+    });
+    let first = cards.next()?;
+    cards.all(|c| c == first).then_some(first)
+}
+
+const FORMAT_VERSION: u8 = 1;
+
+/// A commit as it travels in the stream: its records (each with its card)
+/// and its ops, length-prefixed.
+pub fn encode_commit(commit: &Commit) -> Vec<u8> {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut out = Vec::with_capacity(256);
+    out.push(FORMAT_VERSION);
+    let first = commit
+        .record
+        .as_deref()
+        .map(|r| (r, commit.card.as_deref().unwrap_or("")));
+    let also = commit.also.iter().map(|(r, c)| (&r[..], &**c));
+    let records: Vec<(&[u8], &str)> = first.into_iter().chain(also).collect();
+    out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    for (record, card) in records {
+        bytes(&mut out, record);
+        bytes(&mut out, card.as_bytes());
+    }
+    out.extend_from_slice(&(commit.ops.len() as u32).to_be_bytes());
+    for op in &commit.ops {
+        let (kind, cf, key, value) = match op {
+            Op::Put(cf, k, v) => (0u8, cf, k, Some(v)),
+            Op::Delete(cf, k) => (1u8, cf, k, None),
+        };
+        out.push(kind);
+        out.push(cf_index(*cf));
+        bytes(&mut out, key);
+        if let Some(v) = value {
+            bytes(&mut out, v);
+        }
+    }
+    out
+}
+
+/// A commit read back from the stream.
+#[derive(Debug)]
+pub struct Decoded {
+    /// Records in journal order, each with its card ("" for none).
+    pub records: Vec<(Vec<u8>, String)>,
+    pub ops: Vec<Op>,
+}
+
+/// Why a stream message could not be read back.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a journal message does not decode: {0}")]
+pub struct BadMessage(&'static str);
+
+pub fn decode_commit(mut b: &[u8]) -> Result<Decoded, BadMessage> {
+    fn take<'a>(b: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], BadMessage> {
+        if b.len() < n {
+            return Err(BadMessage(what));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn u32_of(b: &mut &[u8], what: &'static str) -> Result<usize, BadMessage> {
+        let h = take(b, 4, what)?;
+        Ok(u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize)
+    }
+    fn bytes(b: &mut &[u8], what: &'static str) -> Result<Vec<u8>, BadMessage> {
+        let n = u32_of(b, what)?;
+        Ok(take(b, n, what)?.to_vec())
+    }
+    if take(&mut b, 1, "empty")?[0] != FORMAT_VERSION {
+        return Err(BadMessage("unknown format version"));
+    }
+    let n = u32_of(&mut b, "record count")?;
+    // Every record takes at least 8 bytes: a count cannot promise more.
+    if n > b.len() / 8 {
+        return Err(BadMessage("record count"));
+    }
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        let record = bytes(&mut b, "record")?;
+        let card = String::from_utf8(bytes(&mut b, "record card")?)
+            .map_err(|_| BadMessage("record card is not UTF-8"))?;
+        records.push((record, card));
+    }
+    let n = u32_of(&mut b, "op count")?;
+    if n > b.len() / 6 {
+        return Err(BadMessage("op count"));
+    }
+    let mut ops = Vec::with_capacity(n);
+    for _ in 0..n {
+        let head = take(&mut b, 2, "op")?;
+        let cf = *Cf::ALL
+            .get(head[1] as usize)
+            .ok_or(BadMessage("unknown column family"))?;
+        let key = bytes(&mut b, "op key")?;
+        ops.push(match head[0] {
+            0 => Op::Put(cf, key, bytes(&mut b, "op value")?),
+            1 => Op::Delete(cf, key),
+            _ => return Err(BadMessage("unknown op")),
+        });
+    }
+    if !b.is_empty() {
+        return Err(BadMessage("trailing bytes"));
+    }
+    Ok(Decoded { records, ops })
+}
+
+fn cf_index(cf: Cf) -> u8 {
+    Cf::ALL
+        .iter()
+        .position(|c| *c == cf)
+        .expect("every column family is in Cf::ALL") as u8
+}
+
+/// What this node has applied of the stream, shared by the applier, the
+/// publishers and the health view.
+struct Applied {
+    /// The last stream sequence applied (RocksDB and memory).
+    last: watch::Sender<u64>,
+    /// The last journal sequence number assigned locally.
+    journal_last: std::sync::atomic::AtomicU64,
+    /// Each card subject's last applied stream sequence: what the next
+    /// commit about the card expects.
+    subjects: dashmap::DashMap<String, u64>,
+    /// Publishers waiting for their message to be applied, by stream
+    /// sequence; and the recently applied messages' first journal
+    /// sequence, for a publisher that comes after its message.
+    waiting: Mutex<Waiting>,
+    /// Woken by a publisher whose message the applier has not reached in
+    /// time: the applier's consumer may be on a server that died.
+    stalled: Notify,
+}
+
+#[derive(Default)]
+struct Waiting {
+    by_seq: BTreeMap<u64, oneshot::Sender<Option<u64>>>,
+    recent: VecDeque<(u64, Option<u64>)>,
+}
+
+/// How many applied messages' journal numbers are kept for publishers
+/// that arrive after their message was applied.
+const RECENT_MAX: usize = 8_192;
+
+/// How long a publisher waits for the applier before telling it that it
+/// may be stuck.
+const APPLY_STALL: Duration = Duration::from_millis(300);
+
+/// The replicated journal. See the module's documentation.
+pub struct Replicated {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: String,
+    timeout: Duration,
+    applied: Arc<Applied>,
+    healthy: Arc<AtomicBool>,
+    closing: AtomicBool,
+    /// Commits being published at once: a bound like the journal's queue.
+    inflight: Arc<Semaphore>,
+    handle: tokio::runtime::Handle,
+    applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Replicated {
+    /// Starts the applier from where this node's RocksDB left off and
+    /// returns once it has applied everything the stream held at start.
+    pub async fn start(
+        cluster: Cluster,
+        store: Store,
+        tables: Tables,
+        queue_events_max: usize,
+    ) -> Result<Replicated, ClusterError> {
+        let from = store.get_u64(Cf::Meta, meta::APPLIED)?.unwrap_or(0);
+        let journal_last = match store.last_key(Cf::Journal)? {
+            None => 0,
+            Some(k) => decode_u64(&k).ok_or(StoreError::Corrupt {
+                cf: "journal",
+                detail: "key is not a u64".into(),
+            })?,
+        };
+        let applied = Arc::new(Applied {
+            last: watch::Sender::new(from),
+            journal_last: journal_last.into(),
+            subjects: dashmap::DashMap::new(),
+            waiting: Mutex::new(Waiting::default()),
+            stalled: Notify::new(),
+        });
+        let Cluster {
+            client,
+            js,
+            mut stream,
+            config,
+        } = cluster;
+        let prefix = config.subject_prefix.clone();
+        let target = stream
+            .info()
+            .await
+            .map_err(|e| ClusterError::Stream {
+                stream: config.stream.clone(),
+                detail: e.to_string(),
+            })?
+            .state
+            .last_sequence;
+        let applier = Applier {
+            client,
+            stream: stream.clone(),
+            store,
+            tables,
+            applied: applied.clone(),
+            prefix: prefix.clone(),
+        };
+        let task = tokio::spawn(applier.run());
+        let mut rx = applied.last.subscribe();
+        tracing::info!(from, target, "cluster: catching up with the journal stream");
+        let _ = rx.wait_for(|a| *a >= target).await;
+        tracing::info!(applied = *rx.borrow(), "cluster: caught up");
+        Ok(Replicated {
+            js,
+            stream,
+            prefix,
+            timeout: Duration::from_millis(config.publish_timeout_ms),
+            applied,
+            healthy: Arc::new(AtomicBool::new(true)),
+            closing: AtomicBool::new(false),
+            inflight: Arc::new(Semaphore::new(queue_events_max)),
+            handle: tokio::runtime::Handle::current(),
+            applier: Mutex::new(Some(task)),
+        })
+    }
+
+    /// The last stream sequence this node has applied.
+    pub fn applied(&self) -> u64 {
+        *self.applied.last.borrow()
+    }
+
+    /// Waits until this node has applied the stream up to `seq`; false if
+    /// it has not within the publish timeout.
+    pub async fn wait_applied(&self, seq: u64) -> bool {
+        wait_applied(&self.applied, seq, self.timeout).await
+    }
+}
+
+async fn wait_applied(applied: &Applied, seq: u64, timeout: Duration) -> bool {
+    let mut rx = applied.last.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout(APPLY_STALL, rx.wait_for(|a| *a >= seq)).await {
+            Ok(r) => return r.is_ok(),
+            Err(_) if tokio::time::Instant::now() < deadline => applied.stalled.notify_one(),
+            Err(_) => return false,
+        }
+    }
+}
+
+impl Durable for Replicated {
+    fn submit(&self, commit: Commit) -> Result<Pending, CommitError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(CommitError::Closed);
+        }
+        let permit = self
+            .inflight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CommitError::Busy)?;
+        let (subject, expected) = match commit_card(&commit) {
+            Some(card) => {
+                let subject = card_subject(&self.prefix, card);
+                let expected = self.applied.subjects.get(&subject).map_or(0, |s| *s);
+                (subject, Some(expected))
+            }
+            None => (format!("{}.other", self.prefix), None),
+        };
+        let mut publish = PublishMessage::build().payload(encode_commit(&commit).into());
+        if let Some(expected) = expected {
+            publish = publish.expected_last_subject_sequence(expected);
+        }
+        if let Some(id) = message_id(&commit) {
+            publish = publish.message_id(id);
+        }
+        let (reply, pending) = Pending::channel();
+        let job = Publisher {
+            js: self.js.clone(),
+            stream: self.stream.clone(),
+            applied: self.applied.clone(),
+            healthy: self.healthy.clone(),
+            timeout: self.timeout,
+        };
+        self.handle.spawn(async move {
+            let result = job.publish(subject, publish).await;
+            let _ = reply.send(result);
+            // The guards go only now: the commit is durable or failed.
+            drop(commit);
+            drop(permit);
+        });
+        Ok(pending)
+    }
+
+    /// Deletes stored answers past their retention. In a cluster every node
+    /// runs its own clean-up of its own cache, written locally: the
+    /// answers are kept in the stream for as long as it keeps messages.
+    fn cleanup(&self, expired: Vec<Expired>, cursor: u64) -> Result<Pending, CommitError> {
+        let _ = (expired, cursor);
+        let (reply, pending) = Pending::channel();
+        let _ = reply.send(Ok(None));
+        Ok(pending)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.applied.journal_last.load(Ordering::Acquire)
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        if let Some(task) = self.applier.lock().take() {
+            task.abort();
+        }
+    }
+
+    fn applies_memory(&self) -> bool {
+        true
+    }
+
+    fn applied_watch(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.applied.last.subscribe())
+    }
+}
+
+/// One commit's publish, run on its own task.
+struct Publisher {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    applied: Arc<Applied>,
+    healthy: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl Publisher {
+    async fn publish(
+        self,
+        subject: String,
+        publish: PublishMessage,
+    ) -> Result<Option<u64>, CommitError> {
+        let started = std::time::Instant::now();
+        let sent = self.js.send_publish(subject.clone(), publish).await;
+        let ack = match sent {
+            Ok(future) => future.await,
+            Err(e) => Err(e),
+        };
+        metrics::histogram!("onecard_cluster_publish_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err(e) if lost_race(&e) => {
+                metrics::counter!("onecard_cluster_conflicts_total").increment(1);
+                self.healthy.store(true, Ordering::Release);
+                // Where the winner left the card: wait for it, then decide
+                // again.
+                let after = match self.stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => m.sequence,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: reading a card's last message failed");
+                        return Err(CommitError::Unreachable);
+                    }
+                };
+                return Err(CommitError::Raced { after });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: a publish was not acknowledged; answering 503");
+                metrics::counter!("onecard_cluster_publish_failures_total").increment(1);
+                self.healthy.store(false, Ordering::Release);
+                return Err(CommitError::Unreachable);
+            }
+        };
+        self.healthy.store(true, Ordering::Release);
+        if ack.duplicate {
+            // The same event, decided first elsewhere (or before a lost
+            // answer): its first answer is the one to give.
+            metrics::counter!("onecard_cluster_duplicates_total").increment(1);
+            return Err(CommitError::Raced {
+                after: ack.sequence,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut w = self.applied.waiting.lock();
+            if *self.applied.last.borrow() >= ack.sequence {
+                let first = w
+                    .recent
+                    .iter()
+                    .find(|(s, _)| *s == ack.sequence)
+                    .and_then(|(_, first)| *first);
+                return Ok(first);
+            }
+            w.by_seq.insert(ack.sequence, tx);
+        }
+        if !wait_applied(&self.applied, ack.sequence, self.timeout).await {
+            self.applied.waiting.lock().by_seq.remove(&ack.sequence);
+            tracing::warn!(
+                seq = ack.sequence,
+                "cluster: acknowledged but not applied here in time; answering 503"
+            );
+            return Err(CommitError::Unreachable);
+        }
+        Ok(rx.await.unwrap_or(None))
+    }
+}
+
+/// Whether a publish was refused because the subject has moved on since
+/// the sequence it expected (servers from 2.12 answer with a constant
+/// message under another code).
+fn lost_race(e: &context::PublishError) -> bool {
+    if e.kind() == context::PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| {
+            j.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+        })
+}
+
+/// Reads the journal stream in order and applies each message to RocksDB
+/// and memory.
+struct Applier {
+    client: async_nats::Client,
+    stream: stream::Stream,
+    store: Store,
+    tables: Tables,
+    applied: Arc<Applied>,
+    prefix: String,
+}
+
+/// The in-memory tables the applier keeps up with the stream: what other
+/// nodes decide must reach this node's decisions.
+pub struct Tables {
+    pub cards: Arc<CardTable>,
+    pub venues: Arc<Venues>,
+}
+
+impl Applier {
+    async fn run(self) {
+        loop {
+            let from = *self.applied.last.borrow() + 1;
+            let config = consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            };
+            let messages = match self.stream.create_consumer(config).await {
+                Ok(c) => c.messages().await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: cannot read the journal stream; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: cannot read the journal stream; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            loop {
+                tokio::select! {
+                    next = messages.next() => match next {
+                        Some(Ok(m)) => {
+                            let seq = match m.info() {
+                                Ok(i) => i.stream_sequence,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cluster: a journal message without its sequence");
+                                    break;
+                                }
+                            };
+                            if seq <= *self.applied.last.borrow() {
+                                continue;
+                            }
+                            if let Err(e) = self.apply(seq, m.subject.as_str(), &m.payload) {
+                                // Stop here rather than skip: a node that
+                                // skipped a message would decide on a
+                                // wrong card. Publishers time out (503).
+                                tracing::error!(error = %e, seq, "cluster: cannot apply a journal message; stopped");
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "cluster: the journal consumer failed; recreating");
+                            break;
+                        }
+                        None => break,
+                    },
+                    () = self.applied.stalled.notified() => {
+                        // A publisher waited for a message this consumer has
+                        // not delivered: its server may have died while
+                        // the connection lives on elsewhere. Start over
+                        // from the last applied message.
+                        metrics::counter!("onecard_cluster_consumer_restarts_total").increment(1);
+                        tracing::info!("cluster: the journal consumer is behind; recreating it");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, seq: u64, subject: &str, payload: &[u8]) -> Result<(), ClusterError> {
+        let decoded = decode_commit(payload).map_err(|e| StoreError::Corrupt {
+            cf: "cluster",
+            detail: e.to_string(),
+        })?;
+        let mut batch = WriteBatch::default();
+        let next = self.applied.journal_last.load(Ordering::Acquire) + 1;
+        let records = decoded
+            .records
+            .iter()
+            .map(|(r, c)| (&r[..], (!c.is_empty()).then_some(c.as_str())));
+        let (first, next) =
+            super::journal::add_to_batch(&self.store, &mut batch, next, records, &decoded.ops);
+        batch.put_cf(self.store.cf(Cf::Meta), meta::APPLIED, seq.to_be_bytes());
+        // Not synced: the stream is the durable copy, and a crash loses
+        // only a tail this node reads again (the cursor is in the batch).
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.store
+            .db()
+            .write_opt(batch, &wo)
+            .map_err(StoreError::from)?;
+        self.applied.journal_last.store(next - 1, Ordering::Release);
+        self.apply_memory(seq, subject, &decoded.ops);
+        let mut w = self.applied.waiting.lock();
+        self.applied.last.send_replace(seq);
+        if let Some(tx) = w.by_seq.remove(&seq) {
+            let _ = tx.send(first);
+        }
+        w.recent.push_back((seq, first));
+        if w.recent.len() > RECENT_MAX {
+            w.recent.pop_front();
+        }
+        metrics::gauge!("onecard_cluster_applied_seq").set(seq as f64);
+        Ok(())
+    }
+
+    /// Sets the cards a message wrote, and moves its card subject to
+    /// `seq`, under the card's lock: a decision reads the card and the
+    /// sequence its commit expects under that lock.
+    fn apply_memory(&self, seq: u64, subject: &str, ops: &[Op]) {
+        let mut moved = false;
+        for op in ops {
+            if let Op::Put(Cf::Venues, site, count) = op {
+                if let Err(e) = self.tables.venues.set_stored(site, count) {
+                    tracing::error!(error = %e, "cluster: a venue count in the journal does not decode");
+                }
+                continue;
+            }
+            let Op::Put(Cf::Cards, key, value) = op else {
+                continue;
+            };
+            let card_no = std::str::from_utf8(key)
+                .ok()
+                .and_then(|s| CardNo::parse(s).ok());
+            let (Some(card_no), Some(card)) = (card_no, cards::decode(value)) else {
+                tracing::error!("cluster: a card record in the journal does not decode");
+                continue;
+            };
+            let _lock = self.tables.cards.lock(&card_no);
+            if !moved && card_subject(&self.prefix, card_no.as_str()) == subject {
+                self.applied.subjects.insert(subject.to_owned(), seq);
+                moved = true;
+            }
+            self.tables.cards.set(card_no, card);
+        }
+        if !moved && subject.starts_with(&format!("{}.card.", self.prefix)) {
+            // A decision that changed no card state (a decline): the
+            // subject moves on all the same.
+            self.applied.subjects.insert(subject.to_owned(), seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::idem;
+
+    #[test]
+    fn a_commit_reads_back_as_written() {
+        let mut c = Commit::new(
+            Some(b"{\"r\":1}".to_vec()),
+            vec![
+                Op::Put(Cf::Cards, b"500118D00000001".to_vec(), b"{}".to_vec()),
+                Op::Delete(Cf::Holds, b"t\0e".to_vec()),
+                Op::Put(Cf::Idem, b"t\0e1".to_vec(), Vec::new()),
+            ],
+        );
+        c.card = Some("500118D00000001".into());
+        c.also = vec![(b"x".to_vec(), "500118D00000002".into())];
+        let d = decode_commit(&encode_commit(&c)).unwrap();
+        assert_eq!(
+            d.records,
+            vec![
+                (b"{\"r\":1}".to_vec(), "500118D00000001".to_string()),
+                (b"x".to_vec(), "500118D00000002".to_string())
+            ]
+        );
+        assert_eq!(d.ops.len(), 3);
+        assert!(matches!(&d.ops[1], Op::Delete(Cf::Holds, k) if k == b"t\0e"));
+        let empty = decode_commit(&encode_commit(&Commit::new(None, Vec::new()))).unwrap();
+        assert!(empty.records.is_empty() && empty.ops.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_message_is_refused_not_misread() {
+        let mut c = Commit::new(
+            Some(b"record".to_vec()),
+            vec![Op::Put(Cf::Meta, b"k".to_vec(), b"v".to_vec())],
+        );
+        c.card = Some("500118D00000001".into());
+        let good = encode_commit(&c);
+        for cut in 0..good.len() {
+            assert!(decode_commit(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(decode_commit(&longer).is_err());
+        let mut version = good.clone();
+        version[0] = 9;
+        assert_eq!(
+            decode_commit(&version).unwrap_err(),
+            BadMessage("unknown format version")
+        );
+        // A count that promises more than the message holds.
+        let mut count = good;
+        count[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_commit(&count).is_err());
+    }
+
+    #[test]
+    fn subjects_hide_the_card_and_commits_find_their_card() {
+        let s = card_subject("onecard", "500118D00000001");
+        assert!(s.starts_with("onecard.card.") && !s.contains("500118"));
+        assert_eq!(s, card_subject("onecard", "500118D00000001"));
+        assert_ne!(s, card_subject("onecard", "500118D00000002"));
+        let life = Commit::new(
+            None,
+            vec![
+                Op::Put(Cf::Cards, b"500118D00000001".to_vec(), b"{}".to_vec()),
+                Op::Put(Cf::Audit, b"1".to_vec(), b"{}".to_vec()),
+            ],
+        );
+        assert_eq!(commit_card(&life), Some("500118D00000001"));
+        let two = Commit::new(
+            None,
+            vec![
+                Op::Put(Cf::Cards, b"500118D00000001".to_vec(), b"{}".to_vec()),
+                Op::Put(Cf::Cards, b"500118D00000002".to_vec(), b"{}".to_vec()),
+            ],
+        );
+        assert_eq!(commit_card(&two), None);
+        let mut tap = Commit::new(Some(b"r".to_vec()), Vec::new());
+        tap.card = Some("500118D00000003".into());
+        assert_eq!(commit_card(&tap), Some("500118D00000003"));
+        assert!(message_id(&tap).is_none());
+        tap.ops
+            .push(Op::Put(Cf::Idem, idem::key("t1", "e1"), Vec::new()));
+        let id = message_id(&tap).unwrap();
+        assert_eq!(id.len(), 32);
+        let mut again = Commit::new(
+            None,
+            vec![Op::Put(Cf::Idem, idem::key("t1", "e1"), b"x".to_vec())],
+        );
+        again.card = None;
+        assert_eq!(message_id(&again), Some(id));
+    }
+}
