@@ -171,7 +171,7 @@ impl Gateway {
         let outcome = authz::decide(
             event,
             snapshot.as_ref(),
-            &self.deny,
+            &*self.deny,
             &self.policy,
             &gathered.facts,
             now_s,

@@ -118,7 +118,7 @@ impl Gateway {
                 .journal
                 .submit(Commit::new(None, vec![op]))
                 .map_err(ServiceError::from)?;
-            self.cards.set(card_no.clone(), stored);
+            self.card_follows(card_no.clone(), stored);
             (pending, stored)
         };
         pending.durable().await.map_err(ServiceError::from)?;
@@ -158,7 +158,7 @@ impl Gateway {
                 .journal
                 .submit(Commit::new(None, ops))
                 .map_err(ServiceError::from)?;
-            self.cards.set(card_no.clone(), after);
+            self.card_follows(card_no.clone(), after);
             pending
         };
         pending.durable().await.map_err(ServiceError::from)?;
@@ -208,11 +208,11 @@ impl Gateway {
                 .journal
                 .submit(Commit::new(None, ops))
                 .map_err(ServiceError::from)?;
-            self.cards.set(card_no.clone(), after);
+            self.card_follows(card_no.clone(), after);
             (pending, plan, changed, t.status)
         };
         written(pending).await?;
-        let version = self.deny.apply(plan);
+        let version = self.deny_follows(plan);
         tracing::info!(card = %card_no, op = op.as_str(), who = %actor.name, status = %status, changed, "card life");
         metrics::counter!("onecard_card_life_total", "op" => op.as_str()).increment(1);
         Ok(LifeAnswer {
@@ -349,12 +349,12 @@ impl Gateway {
                 .journal
                 .submit(Commit::new(None, ops))
                 .map_err(ServiceError::from)?;
-            self.cards.set(old.clone(), old_card);
-            self.cards.set(new.clone(), new_card);
+            self.card_follows(old.clone(), old_card);
+            self.card_follows(new.clone(), new_card);
             (pending, plan)
         };
         written(pending).await?;
-        let version = self.deny.apply(plan);
+        let version = self.deny_follows(plan);
         metrics::gauge!("onecard_cards").set(self.cards.len() as f64);
         metrics::counter!("onecard_card_life_total", "op" => "replace").increment(1);
         tracing::info!(card = %old, new = %new, who = %actor.name, "card replaced");

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use onecard_core::authz::Policy;
+use onecard_core::model::{Card, CardNo};
 use onecard_core::time::Clock;
 
 use crate::config::Config;
@@ -73,7 +74,7 @@ pub struct Gateway {
     /// from before it reads the card until its commit is applied here
     /// (see `pipeline::Committed`).
     pub card_gates: Option<Box<[Arc<tokio::sync::Mutex<()>>]>>,
-    pub deny: DenyList,
+    pub deny: Arc<DenyList>,
     pub idem: Idempotency,
     pub metrics: HotMetrics,
     /// Each settlement sink's status, shared by its delivery task and the
@@ -100,9 +101,9 @@ pub struct Gateway {
     /// Culture venues' entries today, for their quotas.
     pub venues: Arc<venues::Venues>,
     /// Allow-lists of controlled doors and gates.
-    pub allow: AllowList,
+    pub allow: Arc<AllowList>,
     /// Partner regions' deny lists.
-    pub partners: PartnerLists,
+    pub partners: Arc<PartnerLists>,
     /// Serializes allow-list changes and partner deny-list imports (rare,
     /// and each reads then writes).
     pub lists: tokio::sync::Mutex<()>,
@@ -136,6 +137,9 @@ impl Gateway {
         let shared = Tables {
             cards: tables.cards.clone(),
             venues: tables.venues.clone(),
+            deny: tables.deny.clone(),
+            allow: tables.allow.clone(),
+            partners: tables.partners.clone(),
         };
         let journal: Arc<dyn Durable> = Arc::new(
             Replicated::start(
@@ -162,8 +166,13 @@ impl Gateway {
         journal: Arc<dyn Durable>,
     ) -> Result<Gateway, StoreError> {
         let policy = config.policy().expect("config was validated");
-        let Tables { cards, venues } = tables;
-        let deny = DenyList::load(&store)?;
+        let Tables {
+            cards,
+            venues,
+            deny,
+            allow,
+            partners,
+        } = tables;
         let idem = Idempotency::new(store.clone(), config.idempotency.retention_s);
         tracing::info!(
             cards = cards.len(),
@@ -184,14 +193,6 @@ impl Gateway {
         }
         let audit = crate::store::audit::Audit::load(&store)?;
         let id_key = config.privacy.id_hash_key().expect("config was validated");
-        let allow = AllowList::load(&store)?;
-        let partner_names: Vec<String> = policy
-            .regions
-            .partners
-            .iter()
-            .map(|p| p.name.clone())
-            .collect();
-        let partners = PartnerLists::load(&store, &partner_names)?;
         let auth_ids = match &config.cluster {
             Some(c) => AuthIds::on_node(&c.node, boot),
             None => AuthIds::new(boot),
@@ -255,7 +256,12 @@ impl Gateway {
             return Some("starting or shutting down");
         }
         if !self.journal.is_healthy() {
-            return Some("the journal cannot write");
+            return Some(match self.config.cluster {
+                Some(_) => {
+                    "this node cannot reach the quorum of the cluster's journal (NATS JetStream)"
+                }
+                None => "the journal cannot write",
+            });
         }
         None
     }
@@ -263,15 +269,44 @@ impl Gateway {
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
     }
+
+    /// Sets a card in memory once its commit is queued (call under the
+    /// card's lock). In a cluster the applier sets it instead, once the
+    /// stream has the commit, on every node alike: a set here could land
+    /// after a newer state from another node.
+    pub(crate) fn card_follows(&self, card_no: CardNo, card: Card) {
+        if !self.journal.applies_memory() {
+            self.cards.set(card_no, card);
+        }
+    }
+
+    /// Makes planned deny-list changes visible once durable (or, in a
+    /// cluster, leaves that to the applier); the version now.
+    pub(crate) fn deny_follows(&self, plan: crate::store::denylist::Planned) -> u64 {
+        if self.journal.applies_memory() {
+            self.deny.version()
+        } else {
+            self.deny.apply(plan)
+        }
+    }
 }
 
 /// The tables a cluster's applier keeps up to date, loaded before it
 /// starts.
 fn load_tables(config: &Config, store: &Store) -> Result<Tables, StoreError> {
     let policy = config.policy().expect("config was validated");
+    let partner_names: Vec<String> = policy
+        .regions
+        .partners
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     Ok(Tables {
         cards: Arc::new(CardTable::load(store)?),
         venues: Arc::new(venues::Venues::load(store, &policy.culture)?),
+        deny: Arc::new(DenyList::load(store)?),
+        allow: Arc::new(AllowList::load(store)?),
+        partners: Arc::new(PartnerLists::load(store, &partner_names)?),
     })
 }
 

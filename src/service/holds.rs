@@ -147,7 +147,7 @@ impl Gateway {
                 let out = authz::decide(
                     event,
                     snapshot.as_ref(),
-                    &self.deny,
+                    &*self.deny,
                     &self.policy,
                     &facts,
                     now_s,
@@ -551,7 +551,7 @@ impl Gateway {
                     also: Vec::new(),
                 })?;
                 if let Some(c) = card_after {
-                    self.cards.set(card_no.clone(), c);
+                    self.card_follows(card_no.clone(), c);
                 }
                 pending
             }

@@ -284,7 +284,7 @@ fn queue_cards(gw: &Gateway, batch: &[(CardNo, Card)]) -> Result<Pending, Commit
     }
     let pending = gw.journal.submit(Commit::new(None, ops))?;
     for (card_no, card) in stored {
-        gw.cards.set(card_no, card);
+        gw.card_follows(card_no, card);
     }
     Ok(pending)
 }

@@ -84,6 +84,28 @@ impl AllowList {
         }
     }
 
+    /// Sets or removes an entry from its stored form (cluster mode: a
+    /// change another node wrote).
+    pub fn set_stored(&self, key: &[u8], stored: Option<&[u8]>) -> Result<(), StoreError> {
+        let map = self.map.pin();
+        match stored {
+            None => {
+                map.remove(key);
+            }
+            Some(v) => {
+                let w = serde_json::from_slice::<Entry>(v)
+                    .ok()
+                    .and_then(|e| Windows::parse(&e.windows).ok())
+                    .ok_or(StoreError::Corrupt {
+                        cf: "allow",
+                        detail: "an allow-list entry does not decode".into(),
+                    })?;
+                map.insert(key.to_vec(), w);
+            }
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

@@ -156,7 +156,7 @@ impl DenyList {
         journal
             .commit(Commit::new(None, std::mem::take(&mut plan.ops)))
             .await?;
-        Ok(self.apply(plan))
+        Ok(self.follow(journal, plan))
     }
 
     /// Lifts a card. `Ok(None)` when it was not on the list (nothing changes).
@@ -174,7 +174,75 @@ impl DenyList {
         journal
             .commit(Commit::new(None, std::mem::take(&mut plan.ops)))
             .await?;
-        Ok(Some(self.apply(plan)))
+        Ok(Some(self.follow(journal, plan)))
+    }
+
+    /// After a durable change: memory follows here on one node; in a
+    /// cluster the applier has already set it (with the versions the
+    /// stream's order gave), and this only reads the version.
+    fn follow(&self, journal: &dyn Durable, plan: Planned) -> u64 {
+        if journal.applies_memory() {
+            self.version()
+        } else {
+            self.apply(plan)
+        }
+    }
+
+    /// Cluster mode: renumbers the deny-list writes of one applied commit
+    /// in stream order and applies them to memory. Each node planned its
+    /// changes from the version it had seen; two nodes changing the list
+    /// at once planned the same numbers. Applied in the stream's order,
+    /// every change gets the next version after the one before it, on
+    /// every node alike, so the log for offline validators has no gap and
+    /// no number twice. Other ops pass through unchanged.
+    pub fn renumber_and_apply(&self, ops: &mut [super::durable::Op]) -> Result<(), StoreError> {
+        use super::durable::Op;
+        let corrupt = |detail: &str| StoreError::Corrupt {
+            cf: "denylist",
+            detail: detail.into(),
+        };
+        if !ops
+            .iter()
+            .any(|op| matches!(op, Op::Put(Cf::DenylistLog, ..)))
+        {
+            return Ok(());
+        }
+        let mut version = self.version();
+        let map = self.map.pin();
+        for op in ops.iter_mut() {
+            match op {
+                Op::Put(Cf::DenylistLog, key, _) => {
+                    version += 1;
+                    *key = version.to_be_bytes().to_vec();
+                }
+                Op::Put(Cf::Denylist, key, value) => {
+                    let mut entry: DenyEntry = serde_json::from_slice(value)
+                        .map_err(|_| corrupt("an entry does not decode"))?;
+                    entry.version = version;
+                    *value = to_json(&entry);
+                    let card = std::str::from_utf8(key)
+                        .ok()
+                        .and_then(|s| CardNo::parse(s).ok())
+                        .ok_or_else(|| corrupt("an entry's card does not parse"))?;
+                    map.insert(card, entry);
+                }
+                Op::Delete(Cf::Denylist, key) => {
+                    if let Some(card) = std::str::from_utf8(key)
+                        .ok()
+                        .and_then(|s| CardNo::parse(s).ok())
+                    {
+                        map.remove(&card);
+                    }
+                }
+                Op::Put(Cf::Meta, key, value) if key.as_slice() == meta::DENYLIST_VERSION => {
+                    *value = version.to_be_bytes().to_vec();
+                }
+                _ => {}
+            }
+        }
+        self.version.store(version, Ordering::Release);
+        self.publish_gauges();
+        Ok(())
     }
 
     /// Serializes changes: hold it from [`DenyList::plan`] until

@@ -15,8 +15,12 @@ use crate::store::{Cf, Store, StoreError};
 
 /// The `meta` key of a partner's version and import fingerprint.
 pub fn version_key(partner: &str) -> Vec<u8> {
-    format!("partner_version/{partner}").into_bytes()
+    let mut k = VERSION_KEY_PREFIX.to_vec();
+    k.extend_from_slice(partner.as_bytes());
+    k
 }
+
+pub const VERSION_KEY_PREFIX: &[u8] = b"partner_version/";
 
 /// The `partner_deny` key of a card: partner 0x00 card_no.
 pub fn key(partner: &str, card: &str) -> Vec<u8> {
@@ -39,6 +43,7 @@ pub struct List {
 pub struct PartnerLists {
     /// By partner index (`regions.partners` order).
     lists: Vec<RwLock<Arc<List>>>,
+    names: Vec<String>,
 }
 
 impl PartnerLists {
@@ -82,7 +87,10 @@ impl PartnerLists {
             }
             lists.push(RwLock::new(Arc::new(list)));
         }
-        Ok(PartnerLists { lists })
+        Ok(PartnerLists {
+            lists,
+            names: names.to_vec(),
+        })
     }
 
     pub fn contains(&self, partner: usize, card: &CardNo) -> bool {
@@ -93,6 +101,16 @@ impl PartnerLists {
 
     pub fn current(&self, partner: usize) -> Arc<List> {
         self.lists[partner].read().clone()
+    }
+
+    /// Reads the lists again from the store (cluster mode: after applying
+    /// an import another node wrote).
+    pub fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let fresh = PartnerLists::load(store, &self.names)?;
+        for (mine, new) in self.lists.iter().zip(fresh.lists) {
+            *mine.write() = new.into_inner();
+        }
+        Ok(())
     }
 
     /// Call only after the import's commit was accepted.

@@ -49,8 +49,11 @@ use tokio::sync::{oneshot, watch, Notify, Semaphore};
 
 use onecard_core::model::CardNo;
 
+use super::allow::AllowList;
 use super::cards::{self, CardTable};
+use super::denylist::DenyList;
 use super::durable::{Commit, CommitError, Durable, Expired, Op, Pending};
+use super::partners::PartnerLists;
 use super::venues::Venues;
 use super::{decode_u64, Cf, Store, StoreError};
 use crate::config::ClusterConfig;
@@ -384,7 +387,8 @@ pub struct Replicated {
     /// Commits being published at once: a bound like the journal's queue.
     inflight: Arc<Semaphore>,
     handle: tokio::runtime::Handle,
-    applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The applier and the health probe, stopped at close.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Replicated {
@@ -436,6 +440,13 @@ impl Replicated {
             prefix: prefix.clone(),
         };
         let task = tokio::spawn(applier.run());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let probe = tokio::spawn(probe(
+            js.clone(),
+            config.stream.clone(),
+            healthy.clone(),
+            Duration::from_millis(config.publish_timeout_ms),
+        ));
         let mut rx = applied.last.subscribe();
         tracing::info!(from, target, "cluster: catching up with the journal stream");
         let _ = rx.wait_for(|a| *a >= target).await;
@@ -446,11 +457,11 @@ impl Replicated {
             prefix,
             timeout: Duration::from_millis(config.publish_timeout_ms),
             applied,
-            healthy: Arc::new(AtomicBool::new(true)),
+            healthy,
             closing: AtomicBool::new(false),
             inflight: Arc::new(Semaphore::new(queue_events_max)),
             handle: tokio::runtime::Handle::current(),
-            applier: Mutex::new(Some(task)),
+            tasks: Mutex::new(vec![task, probe]),
         })
     }
 
@@ -541,7 +552,7 @@ impl Durable for Replicated {
 
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        if let Some(task) = self.applier.lock().take() {
+        for task in self.tasks.lock().drain(..) {
             task.abort();
         }
     }
@@ -552,6 +563,41 @@ impl Durable for Replicated {
 
     fn applied_watch(&self) -> Option<watch::Receiver<u64>> {
         Some(self.applied.last.subscribe())
+    }
+}
+
+/// How often the health probe asks the stream's leader for its state.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// Keeps `healthy` true exactly when the journal stream answers (it has a
+/// leader, so a quorum): `/readyz` goes red when this node is cut off and
+/// green again by itself when the quorum is back, even with no traffic to
+/// try a publish (a balancer sends none to a node that is not ready).
+async fn probe(
+    js: jetstream::Context,
+    stream: String,
+    healthy: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    let mut was = true;
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let ok = matches!(
+            tokio::time::timeout(timeout, js.get_stream(&stream)).await,
+            Ok(Ok(_))
+        );
+        healthy.store(ok, Ordering::Release);
+        metrics::gauge!("onecard_cluster_quorum_reachable").set(if ok { 1.0 } else { 0.0 });
+        if ok != was {
+            if ok {
+                tracing::info!("cluster: the journal stream answers again; serving");
+            } else {
+                tracing::warn!(
+                    "cluster: the journal stream does not answer; answering 503 until it does"
+                );
+            }
+            was = ok;
+        }
     }
 }
 
@@ -592,6 +638,16 @@ impl Publisher {
                         return Err(CommitError::Unreachable);
                     }
                 };
+                return Err(CommitError::Raced { after });
+            }
+            Err(e)
+                if js_code(&e) == Some(jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) =>
+            {
+                // The same event is being stored right now for another
+                // node: decide again once it is (the retry finds it).
+                metrics::counter!("onecard_cluster_duplicates_total").increment(1);
+                self.healthy.store(true, Ordering::Release);
+                let after = *self.applied.last.borrow() + 1;
                 return Err(CommitError::Raced { after });
             }
             Err(e) => {
@@ -639,14 +695,15 @@ impl Publisher {
 /// the sequence it expected (servers from 2.12 answer with a constant
 /// message under another code).
 fn lost_race(e: &context::PublishError) -> bool {
-    if e.kind() == context::PublishErrorKind::WrongLastSequence {
-        return true;
-    }
+    e.kind() == context::PublishErrorKind::WrongLastSequence
+        || js_code(e) == Some(jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+}
+
+/// The JetStream error code behind a refused publish, if it has one.
+fn js_code(e: &context::PublishError) -> Option<jetstream::ErrorCode> {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<jetstream::Error>())
-        .is_some_and(|j| {
-            j.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
-        })
+        .map(|j| j.error_code())
 }
 
 /// Reads the journal stream in order and applies each message to RocksDB
@@ -665,6 +722,9 @@ struct Applier {
 pub struct Tables {
     pub cards: Arc<CardTable>,
     pub venues: Arc<Venues>,
+    pub deny: Arc<DenyList>,
+    pub allow: Arc<AllowList>,
+    pub partners: Arc<PartnerLists>,
 }
 
 impl Applier {
@@ -737,10 +797,11 @@ impl Applier {
     }
 
     fn apply(&self, seq: u64, subject: &str, payload: &[u8]) -> Result<(), ClusterError> {
-        let decoded = decode_commit(payload).map_err(|e| StoreError::Corrupt {
+        let mut decoded = decode_commit(payload).map_err(|e| StoreError::Corrupt {
             cf: "cluster",
             detail: e.to_string(),
         })?;
+        self.tables.deny.renumber_and_apply(&mut decoded.ops)?;
         let mut batch = WriteBatch::default();
         let next = self.applied.journal_last.load(Ordering::Acquire) + 1;
         let records = decoded
@@ -759,7 +820,7 @@ impl Applier {
             .write_opt(batch, &wo)
             .map_err(StoreError::from)?;
         self.applied.journal_last.store(next - 1, Ordering::Release);
-        self.apply_memory(seq, subject, &decoded.ops);
+        self.apply_memory(seq, subject, &decoded.ops)?;
         let mut w = self.applied.waiting.lock();
         self.applied.last.send_replace(seq);
         if let Some(tx) = w.by_seq.remove(&seq) {
@@ -776,37 +837,49 @@ impl Applier {
     /// Sets the cards a message wrote, and moves its card subject to
     /// `seq`, under the card's lock: a decision reads the card and the
     /// sequence its commit expects under that lock.
-    fn apply_memory(&self, seq: u64, subject: &str, ops: &[Op]) {
+    fn apply_memory(&self, seq: u64, subject: &str, ops: &[Op]) -> Result<(), StoreError> {
         let mut moved = false;
+        let mut partners = false;
         for op in ops {
-            if let Op::Put(Cf::Venues, site, count) = op {
-                if let Err(e) = self.tables.venues.set_stored(site, count) {
-                    tracing::error!(error = %e, "cluster: a venue count in the journal does not decode");
+            match op {
+                Op::Put(Cf::Venues, site, count) => self.tables.venues.set_stored(site, count)?,
+                Op::Put(Cf::Allow, key, entry) => self.tables.allow.set_stored(key, Some(entry))?,
+                Op::Delete(Cf::Allow, key) => self.tables.allow.set_stored(key, None)?,
+                Op::Put(Cf::PartnerDeny, ..) | Op::Delete(Cf::PartnerDeny, _) => partners = true,
+                Op::Put(Cf::Meta, key, _)
+                    if key.starts_with(super::partners::VERSION_KEY_PREFIX) =>
+                {
+                    partners = true
                 }
-                continue;
+                Op::Put(Cf::Cards, key, value) => {
+                    let card_no = std::str::from_utf8(key)
+                        .ok()
+                        .and_then(|s| CardNo::parse(s).ok());
+                    let (Some(card_no), Some(card)) = (card_no, cards::decode(value)) else {
+                        return Err(StoreError::Corrupt {
+                            cf: "cards",
+                            detail: "a card record in the journal does not decode".into(),
+                        });
+                    };
+                    let _lock = self.tables.cards.lock(&card_no);
+                    self.tables.cards.set(card_no.clone(), card);
+                    if !moved && card_subject(&self.prefix, card_no.as_str()) == subject {
+                        self.applied.subjects.insert(subject.to_owned(), seq);
+                        moved = true;
+                    }
+                }
+                _ => {}
             }
-            let Op::Put(Cf::Cards, key, value) = op else {
-                continue;
-            };
-            let card_no = std::str::from_utf8(key)
-                .ok()
-                .and_then(|s| CardNo::parse(s).ok());
-            let (Some(card_no), Some(card)) = (card_no, cards::decode(value)) else {
-                tracing::error!("cluster: a card record in the journal does not decode");
-                continue;
-            };
-            let _lock = self.tables.cards.lock(&card_no);
-            if !moved && card_subject(&self.prefix, card_no.as_str()) == subject {
-                self.applied.subjects.insert(subject.to_owned(), seq);
-                moved = true;
-            }
-            self.tables.cards.set(card_no, card);
+        }
+        if partners {
+            self.tables.partners.reload(&self.store)?;
         }
         if !moved && subject.starts_with(&format!("{}.card.", self.prefix)) {
             // A decision that changed no card state (a decline): the
             // subject moves on all the same.
             self.applied.subjects.insert(subject.to_owned(), seq);
         }
+        Ok(())
     }
 }
 

@@ -151,3 +151,242 @@ async fn concurrent_taps_of_one_card_at_three_nodes_never_pass_the_daily_cap() {
         }
     }
 }
+
+/// A tap of `card` at `gw` as terminal 1, under a new event id.
+async fn tap_at(gw: &TestGateway, event: &str, card: &str) -> onecard::net::client::Answer {
+    let mut conn = gw.terminal(1, Protocol::Http1).await;
+    conn.authorize(&tap(event, card, "transit", 200))
+        .await
+        .unwrap()
+}
+
+/// The deny list as a validator syncing from `gw` sees it (everything
+/// from version 0).
+async fn deny_sync(gw: &TestGateway) -> Value {
+    let mut conn = gw.terminal(1, Protocol::Http1).await;
+    let a = conn.denylist(Some(0)).await.unwrap();
+    assert_eq!(
+        a.status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    a.json()
+}
+
+/// A deny-list change made through node 1 declines at node 3; changes made
+/// at two nodes at once get one version each, the same on every node, so
+/// a validator may sync from any node; a node started empty catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deny_list_change_through_one_node_declines_at_another_and_an_empty_node_catches_up() {
+    let c = Cluster::start(|c| {
+        c.offline.terminal_prefixes = vec!["term-".into()];
+    })
+    .await;
+    let g = &c.gateways;
+    let cards: Vec<String> = (1..=5).map(|i| format!("500118E{i:08}")).collect();
+    for card in &cards {
+        g[0].put_card(card, json!({"status": "active", "functions": ["transit"]}))
+            .await;
+    }
+    for card in &cards {
+        until_card(&g[2], card, |_| true).await;
+    }
+    assert_eq!(
+        decision(&tap_at(&g[2], "before", &cards[0]).await).0,
+        "approve"
+    );
+    // Through node 1; in effect at node 3.
+    let started = Instant::now();
+    g[0].deny(&cards[0]).await;
+    let mut n = 0;
+    loop {
+        n += 1;
+        let (d, reason) = decision(&tap_at(&g[2], &format!("after-{n}"), &cards[0]).await);
+        if d == "decline" {
+            assert_eq!(reason, "DENYLISTED");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never declined at node 3"
+        );
+    }
+    eprintln!(
+        "deny list change in effect at another node after {:?}",
+        started.elapsed()
+    );
+    // Two nodes change the list at the same moment: each change gets its
+    // own version, and every node numbers them alike.
+    let (a, b, d) = tokio::join!(
+        g[0].deny(&cards[1]),
+        g[1].deny(&cards[2]),
+        g[2].deny(&cards[3])
+    );
+    let _ = (a, b, d);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lists = loop {
+        let lists = [
+            deny_sync(&g[0]).await,
+            deny_sync(&g[1]).await,
+            deny_sync(&g[2]).await,
+        ];
+        if lists.iter().all(|l| l["version"] == json!(4)) || Instant::now() > deadline {
+            break lists;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lists[0]["version"], json!(4), "{}", lists[0]);
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+    // A node started on an empty directory reads the stream and serves.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&g[0].certs_dir(), &dir.path().join("certs"));
+    let config = cluster_config(dir.path(), &c.nats, "g4");
+    let mut config = config;
+    config.offline.terminal_prefixes = vec!["term-".into()];
+    let g4 = TestGateway::start_in(dir, config).await;
+    assert_eq!(deny_sync(&g4).await, lists[0]);
+    for card in &cards[..4] {
+        let (d, reason) = decision(&tap_at(&g4, &format!("g4-{card}"), card).await);
+        assert_eq!((d.as_str(), reason.as_str()), ("decline", "DENYLISTED"));
+    }
+    assert_eq!(
+        decision(&tap_at(&g4, "g4-ok", &cards[4]).await).0,
+        "approve"
+    );
+    g4.shutdown().await;
+}
+
+/// A retry of the same event at another node gets the first answer byte
+/// for byte; another body under the same event id is refused there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_at_another_node_gets_the_first_answer() {
+    let c = Cluster::start(|_| {}).await;
+    let g = &c.gateways;
+    let card = "500118F00000001";
+    g[0].put_card(
+        card,
+        json!({"status": "active", "functions": ["transit", "financial"]}),
+    )
+    .await;
+    for gw in g {
+        until_card(gw, card, |_| true).await;
+    }
+    let body = tap("retry-1", card, "payment", 300);
+    let mut first = g[0].terminal(2, Protocol::Http1).await;
+    let a = first.authorize(&body).await.unwrap();
+    assert_eq!(decision(&a).0, "approve");
+    for gw in &g[1..] {
+        let mut conn = gw.terminal(2, Protocol::Http2).await;
+        let again = conn.authorize(&body).await.unwrap();
+        assert_eq!(again.status, http::StatusCode::OK);
+        assert_eq!(again.body, a.body, "the first answer, byte for byte");
+        let other = conn
+            .authorize(&tap("retry-1", card, "payment", 500))
+            .await
+            .unwrap();
+        assert_eq!(other.status, http::StatusCode::CONFLICT);
+        assert_eq!(crate::common::error_code(&other), "IDEMPOTENCY_CONFLICT");
+    }
+    // Charged once, on every node.
+    for gw in g {
+        let v = until_card(gw, card, |v| v["spent_fen"] == json!(300)).await;
+        assert_eq!(v["spent_fen"], json!(300));
+    }
+    // The same event sent to two nodes at the same moment: one decision.
+    let body = tap("retry-2", card, "payment", 400);
+    let (x, y) = tokio::join!(
+        async {
+            let mut c = g[1].terminal(3, Protocol::Http1).await;
+            c.authorize(&body).await.unwrap()
+        },
+        async {
+            let mut c = g[2].terminal(3, Protocol::Http1).await;
+            c.authorize(&body).await.unwrap()
+        }
+    );
+    assert_eq!(decision(&x).0, "approve");
+    assert_eq!(x.body, y.body);
+    for gw in g {
+        let v = until_card(gw, card, |v| v["spent_fen"] == json!(700)).await;
+        assert_eq!(v["spent_fen"], json!(700));
+    }
+}
+
+/// A node cut off from the NATS quorum answers 503 with Retry-After and
+/// says why on /readyz; it never decides alone, and serves again by itself
+/// once the quorum is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_the_quorum_answers_503_and_recovers_by_itself() {
+    let mut c = Cluster::start(|_| {}).await;
+    let card = "500118G00000001";
+    c.gateways[0]
+        .put_card(card, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    assert_eq!(
+        decision(&tap_at(&c.gateways[0], "q-0", card).await).0,
+        "approve"
+    );
+    // Two of three NATS nodes gone: no quorum.
+    c.nats.kill_node(1);
+    c.nats.kill_node(2);
+    let a = tap_at(&c.gateways[0], "q-1", card).await;
+    assert_eq!(
+        a.status,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_eq!(crate::common::error_code(&a), "UNAVAILABLE");
+    assert!(a.headers.get(http::header::RETRY_AFTER).is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let r = c.gateways[0].admin(Method::GET, "/readyz", None).await;
+        if r.status != http::StatusCode::OK || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ready.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        String::from_utf8_lossy(&ready.body).contains("quorum"),
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+    // Back: it serves again without a restart.
+    c.nats.start_node(1);
+    c.nats.start_node(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let a = tap_at(&c.gateways[0], &format!("q-back-{n}"), card).await;
+        if a.status == http::StatusCode::OK {
+            assert_eq!(decision(&a).0, "approve");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never recovered: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.gateways[0]
+        .admin(Method::GET, "/readyz", None)
+        .await
+        .status
+        != http::StatusCode::OK
+    {
+        assert!(Instant::now() < deadline, "/readyz never turned green");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The retry of the refused event is a new decision, once: q-1 was
+    // never recorded.
+    assert_eq!(
+        decision(&tap_at(&c.gateways[0], "q-1", card).await).0,
+        "approve"
+    );
+}

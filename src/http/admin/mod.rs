@@ -651,7 +651,7 @@ impl Admin {
     }
 
     fn denylisted(&self, card_no: &CardNo) -> bool {
-        onecard_core::authz::DenySet::contains(&self.gateway.deny, card_no)
+        onecard_core::authz::DenySet::contains(&*self.gateway.deny, card_no)
     }
 
     fn get_card(&self, card_no: &CardNo) -> Result<Response<Body>, ApiError> {

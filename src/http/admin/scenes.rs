@@ -329,9 +329,12 @@ async fn change_allow(
         .journal
         .submit(Commit::new(None, ops))
         .map_err(ServiceError::from)?;
-    for c in &changes {
-        gw.allow
-            .set(site, &c.card_no, c.windows.as_ref().map(|(w, _)| *w));
+    // In a cluster the applier sets them from the stream's writes.
+    if !gw.journal.applies_memory() {
+        for c in &changes {
+            gw.allow
+                .set(site, &c.card_no, c.windows.as_ref().map(|(w, _)| *w));
+        }
     }
     pending.durable().await.map_err(ServiceError::from)?;
     Ok(serde_json::json!({
@@ -424,14 +427,17 @@ async fn import_partner(
         .await
         .map_err(ServiceError::from)?;
     let entries = parsed.len();
-    gw.partners.replace(
-        p,
-        partners::List {
-            version,
-            fingerprint,
-            cards: parsed,
-        },
-    );
+    // In a cluster the applier reloads the list from the stream's writes.
+    if !gw.journal.applies_memory() {
+        gw.partners.replace(
+            p,
+            partners::List {
+                version,
+                fingerprint,
+                cards: parsed,
+            },
+        );
+    }
     tracing::info!(partner = %name, version, entries, added, removed, "partner deny list imported");
     let mut a = answer(entries, false);
     a["added"] = added.into();
