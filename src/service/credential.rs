@@ -37,6 +37,11 @@ pub struct Scanner {
     keys: Keyring,
     rules: Rules,
     replay: ReplayCache,
+    /// Cluster mode: the codes whose scans this node has applied from the
+    /// cluster's journal (any node's). A code in here is spent for good:
+    /// it is never given back, and a decision about to record it again is
+    /// refused (see `Gateway::decide_and_commit`).
+    recorded: ReplayCache,
 }
 
 /// What the credential phase found.
@@ -76,12 +81,35 @@ impl Scanner {
             keys,
             rules: c.rules(),
             replay: ReplayCache::new(c.replay_cache_max),
+            recorded: ReplayCache::new(c.replay_cache_max),
         })
     }
 
-    /// Gives a spent code back: its scan was not recorded.
+    /// Gives a spent code back: its scan was not recorded (unless another
+    /// node's scan of it was, meanwhile).
     pub fn unspend(&self, spent: &ScanRef) {
-        self.replay.forget(&spent.sub, &spent.jti);
+        // Recorded at all, however old: it stays spent.
+        if !self.recorded.contains(&spent.sub, &spent.jti, i64::MIN) {
+            self.replay.forget(&spent.sub, &spent.jti);
+        }
+    }
+
+    /// Cluster mode: a scan recorded in the cluster's journal, applied
+    /// here (called by the applier before the card's subject moves on).
+    pub fn recorded_elsewhere(&self, spent: &ScanRef, now_ms: i64) {
+        let now = now_ms.div_euclid(1000);
+        let _ = self
+            .recorded
+            .check_and_remember(&spent.sub, &spent.jti, spent.forget_at, now);
+        let _ = self
+            .replay
+            .check_and_remember(&spent.sub, &spent.jti, spent.forget_at, now);
+    }
+
+    /// Cluster mode: whether a scan of this code is already recorded.
+    pub fn is_recorded(&self, spent: &ScanRef, now_ms: i64) -> bool {
+        self.recorded
+            .contains(&spent.sub, &spent.jti, now_ms.div_euclid(1000))
     }
 
     pub fn replay_len(&self) -> usize {

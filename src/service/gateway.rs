@@ -83,7 +83,7 @@ pub struct Gateway {
     pub auth_ids: AuthIds,
     ready: AtomicBool,
     /// Scans: issuer keys and replay cache; `None` without keys.
-    pub scanner: Option<credential::Scanner>,
+    pub scanner: Option<Arc<credential::Scanner>>,
     pub audit: crate::store::audit::Audit,
     /// Serializes card-life changes and credential bindings: rare, and
     /// each reads then writes several records.
@@ -115,13 +115,14 @@ impl Gateway {
     pub fn open(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, StoreError> {
         let (store, boot) = open_store(&config)?;
         let tables = load_tables(&config, &store)?;
+        let scanner = credential::Scanner::from_config(&config.qr).map(Arc::new);
         let journal: Arc<dyn Durable> = Arc::new(Journal::start(
             store.clone(),
             config.journal.durability,
             config.journal.batch_events_max,
             config.journal.queue_events_max,
         )?);
-        Gateway::assemble(config, clock, store, boot, tables, journal)
+        Gateway::assemble(config, clock, store, boot, tables, scanner, journal)
     }
 
     /// [`Gateway::open`] in cluster mode: the journal is the cluster's
@@ -134,12 +135,29 @@ impl Gateway {
     ) -> Result<Gateway, ClusterError> {
         let (store, boot) = open_store(&config)?;
         let tables = load_tables(&config, &store)?;
+        let scanner = credential::Scanner::from_config(&config.qr).map(Arc::new);
+        // Codes scanned at any node are spent here too, before the card's
+        // subject moves past their scan.
+        let on_record: Option<Box<dyn Fn(&[u8]) + Send + Sync>> = scanner.clone().map(|s| {
+            let clock = clock.clone();
+            Box::new(move |record: &[u8]| {
+                #[derive(serde::Deserialize)]
+                struct Scanned {
+                    #[serde(default)]
+                    scan: Option<onecard_core::record::ScanRef>,
+                }
+                if let Ok(Scanned { scan: Some(spent) }) = serde_json::from_slice(record) {
+                    s.recorded_elsewhere(&spent, clock.now_ms());
+                }
+            }) as Box<dyn Fn(&[u8]) + Send + Sync>
+        });
         let shared = Tables {
             cards: tables.cards.clone(),
             venues: tables.venues.clone(),
             deny: tables.deny.clone(),
             allow: tables.allow.clone(),
             partners: tables.partners.clone(),
+            on_record,
         };
         let journal: Arc<dyn Durable> = Arc::new(
             Replicated::start(
@@ -151,7 +169,7 @@ impl Gateway {
             .await?,
         );
         Ok(Gateway::assemble(
-            config, clock, store, boot, tables, journal,
+            config, clock, store, boot, tables, scanner, journal,
         )?)
     }
 
@@ -163,6 +181,7 @@ impl Gateway {
         store: Store,
         boot: u64,
         tables: Tables,
+        scanner: Option<Arc<credential::Scanner>>,
         journal: Arc<dyn Durable>,
     ) -> Result<Gateway, StoreError> {
         let policy = config.policy().expect("config was validated");
@@ -172,6 +191,7 @@ impl Gateway {
             deny,
             allow,
             partners,
+            on_record: _,
         } = tables;
         let idem = Idempotency::new(store.clone(), config.idempotency.retention_s);
         tracing::info!(
@@ -183,7 +203,6 @@ impl Gateway {
             "state rebuilt from RocksDB"
         );
         let settlement = crate::service::sinks::Settlement::new(&config.settlement.sinks);
-        let scanner = credential::Scanner::from_config(&config.qr);
         if let Some(s) = &scanner {
             let refilled = s.refill(&store, clock.now_ms())?;
             tracing::info!(
@@ -307,6 +326,7 @@ fn load_tables(config: &Config, store: &Store) -> Result<Tables, StoreError> {
         deny: Arc::new(DenyList::load(store)?),
         allow: Arc::new(AllowList::load(store)?),
         partners: Arc::new(PartnerLists::load(store, &partner_names)?),
+        on_record: None,
     })
 }
 

@@ -549,6 +549,7 @@ impl Gateway {
                     hold_until_written: Some(Box::new(slot)),
                     card: Some(card_no.as_str().into()),
                     also: Vec::new(),
+                    fences: Vec::new(),
                 })?;
                 if let Some(c) = card_after {
                     self.card_follows(card_no.clone(), c);

@@ -36,7 +36,7 @@ use crate::service::credential::{self, Resolved};
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
 use crate::service::idempotency::{InFlight, Lookup};
-use crate::store::durable::{Commit, CommitError, Op, Pending};
+use crate::store::durable::{Commit, CommitError, Fence, Op, Pending};
 use crate::store::idem::{self, Origin, Tail};
 use crate::store::venues::Count;
 use crate::store::{cards, profiles, Cf, StoreError};
@@ -151,7 +151,7 @@ impl Gateway {
         credential: &'a Credential,
         now_ms: i64,
     ) -> Result<Resolved<'a>, ServiceError> {
-        credential::resolve(self.scanner.as_ref(), &self.store, credential, now_ms).await
+        credential::resolve(self.scanner.as_deref(), &self.store, credential, now_ms).await
     }
 
     /// Phase 4, decide and commit: under the lock of `card` (if the event
@@ -179,6 +179,16 @@ impl Gateway {
             card_after,
             venue_after,
         } = step(snapshot)?;
+        // Cluster mode: another node's scan of this code was applied since
+        // this one resolved it. Deciding again finds it spent.
+        if let (Some(s), Some(spent), Some(applied)) =
+            (&self.scanner, &record.scan, self.journal.applied_watch())
+        {
+            if s.is_recorded(spent, remembered_ms) {
+                let after = *applied.borrow();
+                return Err(CommitError::Raced { after }.into());
+            }
+        }
         if let Some((card_no, after)) = &card_after {
             ops.push(Op::Put(
                 Cf::Cards,
@@ -193,7 +203,20 @@ impl Gateway {
                 count.encode(),
             ));
         }
-        let pending = self.commit(ticket, remembered_ms, &record, &answer, remember, ops)?;
+        let fences = venue_after
+            .as_ref()
+            .map(|(_, site, _)| Fence::Venue(site.as_str().into()))
+            .into_iter()
+            .collect();
+        let pending = self.commit(
+            ticket,
+            remembered_ms,
+            &record,
+            &answer,
+            remember,
+            ops,
+            fences,
+        )?;
         // In a cluster memory follows the replicated journal instead, on
         // every node alike, once the stream has the commit.
         if !self.journal.applies_memory() {
@@ -225,6 +248,7 @@ impl Gateway {
         answer: &[u8],
         remember: Remember,
         mut ops: Vec<Op>,
+        fences: Vec<Fence>,
     ) -> Result<Pending, ServiceError> {
         let tail = match remember {
             Remember::Event { approved } => Tail::Origin(Origin {
@@ -252,6 +276,7 @@ impl Gateway {
             hold_until_written: Some(Box::new(ticket.slots)),
             card: (!record.card_no.is_empty()).then(|| record.card_no.as_str().into()),
             also: Vec::new(),
+            fences,
         };
         self.journal.submit(commit).map_err(|e| {
             if let (Some(s), Some(spent)) = (&self.scanner, &record.scan) {
@@ -305,9 +330,22 @@ impl Gateway {
         loop {
             match once().await {
                 Err(ServiceError::Commit(CommitError::Raced { after })) if tries < max => {
-                    tries += 1;
                     self.metrics.cluster_retries.increment(1);
-                    self.wait_applied(after).await?;
+                    let behind = self
+                        .journal
+                        .applied_watch()
+                        .is_some_and(|w| *w.borrow() < after);
+                    if behind {
+                        // The winner is known: decide again as soon as it
+                        // is applied here.
+                        self.wait_applied(after).await?;
+                    } else {
+                        // A copy of the event still being stored for
+                        // another node: back off 1, 2, 4 ... ms for it.
+                        tokio::time::sleep(std::time::Duration::from_millis(1 << tries.min(7)))
+                            .await;
+                    }
+                    tries += 1;
                 }
                 other => return other,
             }

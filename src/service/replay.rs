@@ -151,6 +151,18 @@ impl ReplayCache {
         }
     }
 
+    /// Whether the pair is remembered and not yet due to be forgotten.
+    pub fn contains(&self, sub: &str, jti: &str, now_unix: i64) -> bool {
+        let key = format!("{}:{sub}{jti}", sub.len());
+        let idx = (self.hasher.hash_one(&key) as usize) & (self.shards.len() - 1);
+        self.shards.get(idx).is_some_and(|s| {
+            s.0.lock()
+                .map
+                .get(key.as_str())
+                .is_some_and(|at| *at >= now_unix)
+        })
+    }
+
     /// Entries currently held, including any past their forget time not yet swept.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.0.lock().map.len()).sum()
@@ -175,6 +187,16 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_750_000_000;
+
+    #[test]
+    fn contains_sees_a_live_pair_only() {
+        let c = ReplayCache::new(16);
+        assert!(!c.contains("s", "j", 100));
+        c.check_and_remember("s", "j", 200, 100).unwrap();
+        assert!(c.contains("s", "j", 200));
+        assert!(!c.contains("s", "j", 201));
+        assert!(!c.contains("s", "k", 100));
+    }
 
     #[test]
     fn a_forgotten_pair_can_be_used_again() {

@@ -53,6 +53,19 @@ pub struct Commit {
     /// disbursement batch is all its credits or none of them, whatever
     /// crash comes between.
     pub also: Vec<(Vec<u8>, Box<str>)>,
+    /// Cluster mode: more things this commit was decided on besides its
+    /// card, each of which must not have changed at another node since
+    /// (a venue's count). One node's journal orders everything already
+    /// and ignores them.
+    pub fences: Vec<Fence>,
+}
+
+/// Something besides the card a decision read, which another node could
+/// change at the same time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// A culture venue's daily count (its quota).
+    Venue(Box<str>),
 }
 
 impl Commit {
@@ -63,6 +76,7 @@ impl Commit {
             hold_until_written: None,
             card: None,
             also: Vec::new(),
+            fences: Vec::new(),
         }
     }
 }

@@ -52,7 +52,7 @@ use onecard_core::model::CardNo;
 use super::allow::AllowList;
 use super::cards::{self, CardTable};
 use super::denylist::DenyList;
-use super::durable::{Commit, CommitError, Durable, Expired, Op, Pending};
+use super::durable::{Commit, CommitError, Durable, Expired, Fence, Op, Pending};
 use super::partners::PartnerLists;
 use super::venues::Venues;
 use super::{decode_u64, Cf, Store, StoreError};
@@ -139,6 +139,9 @@ impl Cluster {
             // Direct gets serve a subject's last message from any replica:
             // the loser of a race reads where the winner left the card.
             allow_direct: true,
+            // Atomic batches: a decision and its fences (a venue's count)
+            // are stored together or not at all.
+            allow_atomic_publish: true,
             ..Default::default()
         };
         let mut created = None;
@@ -160,6 +163,14 @@ impl Cluster {
         }
         let mut stream = created.expect("the loop returns or sets it");
         let info = stream.info().await.map_err(|e| stream_err(e.to_string()))?;
+        if !info.config.allow_atomic_publish {
+            // A stream made by an earlier version: turn atomic batches on.
+            let mut updated = info.config.clone();
+            updated.allow_atomic_publish = true;
+            js.update_stream(updated)
+                .await
+                .map_err(|e| stream_err(e.to_string()))?;
+        }
         if info.config.num_replicas != config.replicas {
             return Err(stream_err(format!(
                 "it has {} replicas, cluster.replicas says {}",
@@ -507,13 +518,24 @@ impl Durable for Replicated {
             }
             None => (format!("{}.other", self.prefix), None),
         };
-        let mut publish = PublishMessage::build().payload(encode_commit(&commit).into());
-        if let Some(expected) = expected {
-            publish = publish.expected_last_subject_sequence(expected);
-        }
-        if let Some(id) = message_id(&commit) {
-            publish = publish.message_id(id);
-        }
+        // Read under the locks the caller holds (the card's, a venue's),
+        // as the applier moves them under the same locks.
+        let fences: Vec<(String, u64)> = commit
+            .fences
+            .iter()
+            .map(|f| {
+                let subject = fence_subject(&self.prefix, f);
+                let expected = self.applied.subjects.get(&subject).map_or(0, |s| *s);
+                (subject, expected)
+            })
+            .collect();
+        let message = Outgoing {
+            subject,
+            expected,
+            id: message_id(&commit),
+            payload: encode_commit(&commit).into(),
+            fences,
+        };
         let (reply, pending) = Pending::channel();
         let job = Publisher {
             js: self.js.clone(),
@@ -523,7 +545,7 @@ impl Durable for Replicated {
             timeout: self.timeout,
         };
         self.handle.spawn(async move {
-            let result = job.publish(subject, publish).await;
+            let result = job.publish(message).await;
             let _ = reply.send(result);
             // The guards go only now: the commit is durable or failed.
             drop(commit);
@@ -610,47 +632,73 @@ struct Publisher {
     timeout: Duration,
 }
 
+/// A commit ready to go: its message, and the fences that travel with
+/// it in one atomic batch.
+struct Outgoing {
+    subject: String,
+    expected: Option<u64>,
+    id: Option<String>,
+    payload: bytes::Bytes,
+    fences: Vec<(String, u64)>,
+}
+
+/// Why a publish did not store the commit.
+enum Refused {
+    /// Another node moved one of the subjects first.
+    Raced,
+    /// The same message id is being stored for another node right now.
+    InProcess,
+    Failed(String),
+}
+
 impl Publisher {
-    async fn publish(
-        self,
-        subject: String,
-        publish: PublishMessage,
-    ) -> Result<Option<u64>, CommitError> {
+    async fn publish(self, m: Outgoing) -> Result<Option<u64>, CommitError> {
         let started = std::time::Instant::now();
-        let sent = self.js.send_publish(subject.clone(), publish).await;
-        let ack = match sent {
-            Ok(future) => future.await,
-            Err(e) => Err(e),
+        let subjects: Vec<String> = std::iter::once(m.subject.clone())
+            .chain(m.fences.iter().map(|(s, _)| s.clone()))
+            .collect();
+        let stored = if m.fences.is_empty() {
+            self.publish_one(m).await
+        } else {
+            self.publish_batch(m).await
         };
         metrics::histogram!("onecard_cluster_publish_seconds")
             .record(started.elapsed().as_secs_f64());
-        let ack = match ack {
-            Ok(ack) => ack,
-            Err(e) if lost_race(&e) => {
+        let (seq, duplicate) = match stored {
+            Ok(stored) => stored,
+            Err(Refused::Raced) => {
                 metrics::counter!("onecard_cluster_conflicts_total").increment(1);
                 self.healthy.store(true, Ordering::Release);
-                // Where the winner left the card: wait for it, then decide
-                // again.
-                let after = match self.stream.get_last_raw_message_by_subject(&subject).await {
-                    Ok(m) => m.sequence,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cluster: reading a card's last message failed");
-                        return Err(CommitError::Unreachable);
+                // Where the winner left the subjects: wait for it, then
+                // decide again.
+                let mut after = 0;
+                for subject in &subjects {
+                    match self.stream.get_last_raw_message_by_subject(subject).await {
+                        Ok(m) => after = after.max(m.sequence),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                stream::LastRawMessageErrorKind::NoMessageFound
+                            ) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster: reading a subject's last message failed");
+                            return Err(CommitError::Unreachable);
+                        }
                     }
-                };
+                }
                 return Err(CommitError::Raced { after });
             }
-            Err(e)
-                if js_code(&e) == Some(jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) =>
-            {
+            Err(Refused::InProcess) => {
                 // The same event is being stored right now for another
                 // node: decide again once it is (the retry finds it).
                 metrics::counter!("onecard_cluster_duplicates_total").increment(1);
                 self.healthy.store(true, Ordering::Release);
-                let after = *self.applied.last.borrow() + 1;
+                // Nothing to wait for by number (it may be applied here
+                // already): the retry backs off and finds it.
+                let after = *self.applied.last.borrow();
                 return Err(CommitError::Raced { after });
             }
-            Err(e) => {
+            Err(Refused::Failed(e)) => {
                 tracing::warn!(error = %e, "cluster: a publish was not acknowledged; answering 503");
                 metrics::counter!("onecard_cluster_publish_failures_total").increment(1);
                 self.healthy.store(false, Ordering::Release);
@@ -658,36 +706,171 @@ impl Publisher {
             }
         };
         self.healthy.store(true, Ordering::Release);
-        if ack.duplicate {
+        if duplicate {
             // The same event, decided first elsewhere (or before a lost
             // answer): its first answer is the one to give.
             metrics::counter!("onecard_cluster_duplicates_total").increment(1);
-            return Err(CommitError::Raced {
-                after: ack.sequence,
-            });
+            return Err(CommitError::Raced { after: seq });
         }
+        self.applied_here(seq).await
+    }
+
+    /// One message: the stream's acknowledgement, with its sequence.
+    async fn publish_one(&self, m: Outgoing) -> Result<(u64, bool), Refused> {
+        let mut publish = PublishMessage::build().payload(m.payload);
+        if let Some(expected) = m.expected {
+            publish = publish.expected_last_subject_sequence(expected);
+        }
+        if let Some(id) = m.id {
+            publish = publish.message_id(id);
+        }
+        let ack = match self.js.send_publish(m.subject, publish).await {
+            Ok(future) => future.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => Ok((ack.sequence, ack.duplicate)),
+            Err(e) if lost_race(&e) => Err(Refused::Raced),
+            Err(e)
+                if js_code(&e) == Some(jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) =>
+            {
+                Err(Refused::InProcess)
+            }
+            Err(e) => Err(Refused::Failed(e.to_string())),
+        }
+    }
+
+    /// The commit and its fences as one atomic batch (JetStream's atomic
+    /// batch publish, server 2.12 or later): every subject's expected
+    /// sequence holds, or nothing is stored. Returns the commit's own
+    /// sequence (the batch's first). A batch carries no message id: the
+    /// card's subject already stops a second decision of the same event.
+    async fn publish_batch(&self, m: Outgoing) -> Result<(u64, bool), Refused> {
+        let client = self.js.client();
+        let batch = format!("{}", nuid_like());
+        let count = 1 + m.fences.len();
+        let headers = |n: usize, expected: Option<u64>| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Batch-Id", batch.as_str());
+            h.insert("Nats-Batch-Sequence", n.to_string().as_str());
+            if let Some(e) = expected {
+                h.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    e.to_string().as_str(),
+                );
+            }
+            if n == count {
+                h.insert("Nats-Batch-Commit", "1");
+            }
+            h
+        };
+        let mut messages = vec![(m.subject, m.expected, m.payload)];
+        for (subject, expected) in m.fences {
+            messages.push((subject, Some(expected), bytes::Bytes::from_static(FENCE)));
+        }
+        let last = messages.pop().expect("a batch has its commit message");
+        for (n, (subject, expected, payload)) in messages.into_iter().enumerate() {
+            client
+                .publish_with_headers(subject, headers(n + 1, expected), payload)
+                .await
+                .map_err(|e| Refused::Failed(e.to_string()))?;
+        }
+        let reply = tokio::time::timeout(
+            self.timeout,
+            client.request_with_headers(last.0, headers(count, last.1), last.2),
+        )
+        .await
+        .map_err(|_| Refused::Failed("the batch's commit was not answered in time".into()))?
+        .map_err(|e| Refused::Failed(e.to_string()))?;
+        #[derive(serde::Deserialize)]
+        struct BatchAck {
+            seq: Option<u64>,
+            count: Option<u64>,
+            error: Option<ApiError>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ApiError {
+            err_code: Option<u64>,
+            description: Option<String>,
+        }
+        let ack: BatchAck = serde_json::from_slice(&reply.payload).map_err(|e| {
+            Refused::Failed(format!("a batch acknowledgement does not decode: {e}"))
+        })?;
+        if let Some(err) = ack.error {
+            let code = err.err_code.unwrap_or(0);
+            return Err(
+                if code == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE.0
+                    || code == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT.0
+                {
+                    Refused::Raced
+                } else {
+                    Refused::Failed(err.description.unwrap_or_else(|| format!("error {code}")))
+                },
+            );
+        }
+        match (ack.seq, ack.count) {
+            (Some(seq), Some(n)) if n == count as u64 && seq >= n => Ok((seq + 1 - n, false)),
+            _ => Err(Refused::Failed(
+                "a batch acknowledgement is incomplete".into(),
+            )),
+        }
+    }
+
+    /// Waits until this node's applier has applied stream sequence `seq`;
+    /// the first journal sequence it gave the commit's records.
+    async fn applied_here(&self, seq: u64) -> Result<Option<u64>, CommitError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut w = self.applied.waiting.lock();
-            if *self.applied.last.borrow() >= ack.sequence {
+            if *self.applied.last.borrow() >= seq {
                 let first = w
                     .recent
                     .iter()
-                    .find(|(s, _)| *s == ack.sequence)
+                    .find(|(s, _)| *s == seq)
                     .and_then(|(_, first)| *first);
                 return Ok(first);
             }
-            w.by_seq.insert(ack.sequence, tx);
+            w.by_seq.insert(seq, tx);
         }
-        if !wait_applied(&self.applied, ack.sequence, self.timeout).await {
-            self.applied.waiting.lock().by_seq.remove(&ack.sequence);
+        if !wait_applied(&self.applied, seq, self.timeout).await {
+            self.applied.waiting.lock().by_seq.remove(&seq);
             tracing::warn!(
-                seq = ack.sequence,
+                seq,
                 "cluster: acknowledged but not applied here in time; answering 503"
             );
             return Err(CommitError::Unreachable);
         }
         Ok(rx.await.unwrap_or(None))
+    }
+}
+
+/// The payload of a fence: a message that only moves its subject.
+const FENCE: &[u8] = &[0xFE];
+
+/// A batch id unique to this process: 1 to 64 characters.
+fn nuid_like() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let boot = BOOT.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id())
+    });
+    format!("{boot:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The subject a fence moves.
+fn fence_subject(prefix: &str, fence: &Fence) -> String {
+    match fence {
+        Fence::Venue(site) => {
+            let digest = Sha256::new()
+                .chain_update(b"onecard venue subject\0")
+                .chain_update(site.as_bytes())
+                .finalize();
+            let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+            format!("{prefix}.venue.{hex}")
+        }
     }
 }
 
@@ -725,6 +908,9 @@ pub struct Tables {
     pub deny: Arc<DenyList>,
     pub allow: Arc<AllowList>,
     pub partners: Arc<PartnerLists>,
+    /// Called with each decision record as it is applied, before its
+    /// card's subject moves on (the QR scanner marks the code it spent).
+    pub on_record: Option<Box<dyn Fn(&[u8]) + Send + Sync>>,
 }
 
 impl Applier {
@@ -797,11 +983,19 @@ impl Applier {
     }
 
     fn apply(&self, seq: u64, subject: &str, payload: &[u8]) -> Result<(), ClusterError> {
+        if payload == FENCE {
+            return self.apply_fence(seq, subject);
+        }
         let mut decoded = decode_commit(payload).map_err(|e| StoreError::Corrupt {
             cf: "cluster",
             detail: e.to_string(),
         })?;
         self.tables.deny.renumber_and_apply(&mut decoded.ops)?;
+        if let Some(hook) = &self.tables.on_record {
+            for (record, _) in &decoded.records {
+                hook(record);
+            }
+        }
         let mut batch = WriteBatch::default();
         let next = self.applied.journal_last.load(Ordering::Acquire) + 1;
         let records = decoded
@@ -831,6 +1025,32 @@ impl Applier {
             w.recent.pop_front();
         }
         metrics::gauge!("onecard_cluster_applied_seq").set(seq as f64);
+        Ok(())
+    }
+
+    /// A fence only moves its subject (and this node's position).
+    fn apply_fence(&self, seq: u64, subject: &str) -> Result<(), ClusterError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.store
+            .db()
+            .put_cf_opt(
+                self.store.cf(Cf::Meta),
+                meta::APPLIED,
+                seq.to_be_bytes(),
+                &wo,
+            )
+            .map_err(StoreError::from)?;
+        self.applied.subjects.insert(subject.to_owned(), seq);
+        let mut w = self.applied.waiting.lock();
+        self.applied.last.send_replace(seq);
+        if let Some(tx) = w.by_seq.remove(&seq) {
+            let _ = tx.send(None);
+        }
+        w.recent.push_back((seq, None));
+        if w.recent.len() > RECENT_MAX {
+            w.recent.pop_front();
+        }
         Ok(())
     }
 

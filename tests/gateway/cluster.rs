@@ -390,3 +390,112 @@ async fn a_node_without_the_quorum_answers_503_and_recovers_by_itself() {
         "approve"
     );
 }
+
+/// One QR code scanned at three nodes at once is spent once; a venue's
+/// daily quota holds across nodes for different cards entering at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_code_is_spent_once_and_a_venue_quota_holds_across_nodes() {
+    use crate::common::qr::{now_s, scan, TestKey};
+    let keys = tempfile::tempdir().unwrap();
+    let key = TestKey::ed25519(21);
+    let public_key = key.write_public(keys.path(), "ed-c");
+    const QUOTA: usize = 5;
+    let c = Cluster::start(|c| {
+        c.qr.keys = vec![onecard::config::QrKeyConfig {
+            kid: "ed-c".into(),
+            alg: key.alg().into(),
+            public_key: public_key.clone(),
+            valid_from: None,
+            valid_until: None,
+        }];
+        let rules = Config::parse(&format!(
+            "[[culture.venues]]\nsite = \"museum-9\"\nquota_daily = {QUOTA}\nfee_fen = 0\n"
+        ))
+        .unwrap();
+        c.culture = rules.culture;
+    })
+    .await;
+    let g = &c.gateways;
+    let cards: Vec<String> = (1..=12).map(|i| format!("500118H{i:08}")).collect();
+    for card in &cards {
+        g[0].put_card(
+            card,
+            json!({"status": "active", "functions": ["transit", "financial"]}),
+        )
+        .await;
+    }
+    g[0].bind(&cards[0], "essc-c1", "essc").await;
+    for card in &cards {
+        until_card(&g[2], card, |_| true).await;
+    }
+    // Bindings are read from each node's store, applied from the stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 0..4 {
+        let code = key.code(
+            "ed-c",
+            "essc-c1",
+            "essc",
+            now_s(),
+            60,
+            &format!("jti-cluster-{round:04}"),
+        );
+        let mut tasks = Vec::new();
+        for (n, gw) in g.iter().enumerate() {
+            let (certs, addr) = (gw.certs_dir(), gw.terminal_addr());
+            let body = scan(&format!("scan-{round}-{n}"), &code, "transit", 200);
+            tasks.push(tokio::spawn(async move {
+                let mut conn =
+                    crate::common::connect_terminal(&certs, addr, 1 + n as u32, Protocol::Http1)
+                        .await;
+                decision(&conn.authorize(&body).await.unwrap())
+            }));
+        }
+        let mut approved = 0;
+        for t in tasks {
+            let (d, reason) = t.await.unwrap();
+            if d == "approve" {
+                approved += 1;
+            } else {
+                assert_eq!(reason, "QR_REPLAYED", "round {round}");
+            }
+        }
+        assert_eq!(approved, 1, "round {round}: one code, one approval");
+    }
+    // Eleven cards enter one venue through three nodes at once.
+    let mut tasks = Vec::new();
+    for (i, card) in cards[1..].iter().enumerate() {
+        let gw = &g[i % 3];
+        let (certs, addr) = (gw.certs_dir(), gw.terminal_addr());
+        let body = json!({"event_id": format!("museum-{i}"), "kind": "tap", "card_no": card,
+                          "scenario": "culture", "site": "museum-9"});
+        tasks.push(tokio::spawn(async move {
+            let mut conn =
+                crate::common::connect_terminal(&certs, addr, 1 + (i % 3) as u32, Protocol::Http1)
+                    .await;
+            decision(&conn.authorize(&body).await.unwrap())
+        }));
+    }
+    let mut approved = 0;
+    for t in tasks {
+        let (d, reason) = t.await.unwrap();
+        if d == "approve" {
+            approved += 1;
+        } else {
+            assert_eq!(reason, "QUOTA_EXHAUSTED");
+        }
+    }
+    assert_eq!(approved, QUOTA, "the quota, exactly, across nodes");
+    for gw in g {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = gw.admin_ok(Method::GET, "/admin/v1/venues", None).await;
+            if v.to_string()
+                .contains(&format!("\"entries_today\":{QUOTA}"))
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "venue count on a node: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
