@@ -339,3 +339,123 @@ pub async fn connect_terminal(
     )?;
     Connection::tls(addr, tls, protocol).await
 }
+
+/// How long [`FailoverTerminal`] waits for a node's answer before trying
+/// the next one.
+pub const FAILOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A terminal that knows every gateway node of a cluster (or one node):
+/// it keeps one connection, and after a connection error or a `503` from
+/// a node it moves to the next and sends the same request again. That is
+/// safe because a terminal's request carries its event id: a node that
+/// already decided it answers with the first answer.
+pub struct FailoverTerminal {
+    addrs: Vec<SocketAddr>,
+    certs: Option<std::path::PathBuf>,
+    n: u32,
+    protocol: Protocol,
+    current: usize,
+    conn: Option<Connection>,
+    /// How many times it moved to another node.
+    pub failovers: u64,
+}
+
+impl FailoverTerminal {
+    /// Development terminal `n` (its certificate under `certs`, or
+    /// plaintext without), starting at `addrs[first % len]`.
+    pub fn new(
+        addrs: Vec<SocketAddr>,
+        certs: Option<&Path>,
+        n: u32,
+        protocol: Protocol,
+        first: usize,
+    ) -> FailoverTerminal {
+        assert!(!addrs.is_empty(), "a terminal needs a gateway address");
+        let current = first % addrs.len();
+        FailoverTerminal {
+            addrs,
+            certs: certs.map(Path::to_path_buf),
+            n,
+            protocol,
+            current,
+            conn: None,
+            failovers: 0,
+        }
+    }
+
+    /// The node it sends to now.
+    pub fn node(&self) -> SocketAddr {
+        self.addrs[self.current]
+    }
+
+    fn next_node(&mut self) {
+        self.conn = None;
+        self.current = (self.current + 1) % self.addrs.len();
+        self.failovers += 1;
+    }
+
+    /// Sends one request, moving through the nodes (each at most twice)
+    /// until one answers other than `503`; the last `503` or error if none
+    /// does.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Answer, ClientError> {
+        let mut last = None;
+        for _ in 0..2 * self.addrs.len() {
+            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+                match connect_terminal(self.node(), self.certs.as_deref(), self.n, self.protocol)
+                    .await
+                {
+                    Ok(c) => self.conn = Some(c),
+                    Err(e) => {
+                        last = Some(Err(e));
+                        self.next_node();
+                        continue;
+                    }
+                }
+            }
+            let conn = self.conn.as_mut().expect("connected above");
+            // A node that stopped answering (not closed, just silent) is
+            // left after this long, like one that refused.
+            let sent = tokio::time::timeout(
+                FAILOVER_AFTER,
+                conn.send(method.clone(), path, headers, body.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the node did not answer in time",
+                )))
+            });
+            match sent {
+                Ok(a) if a.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    last = Some(Ok(a));
+                    self.next_node();
+                }
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    last = Some(Err(e));
+                    self.next_node();
+                }
+            }
+        }
+        last.expect("at least one node was tried")
+    }
+
+    /// `POST /v1/authorize` with a JSON body.
+    pub async fn authorize(&mut self, body: &serde_json::Value) -> Result<Answer, ClientError> {
+        let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
+        self.send(
+            Method::POST,
+            "/v1/authorize",
+            &[("content-type", "application/json")],
+            bytes,
+        )
+        .await
+    }
+}

@@ -499,3 +499,213 @@ async fn a_code_is_spent_once_and_a_venue_quota_holds_across_nodes() {
         }
     }
 }
+
+/// One answer a terminal received under load.
+struct Answered {
+    terminal: u32,
+    event: String,
+    card: usize,
+    approved: bool,
+    body: bytes::Bytes,
+    node: std::net::SocketAddr,
+    at: Instant,
+}
+
+/// The real binary as three cluster nodes; kill -9 of one gateway, then of
+/// one NATS node, under load from terminals that fail over. Afterwards
+/// every answer a terminal received is in the cluster's journal exactly
+/// once: replayed byte for byte by a survivor, and each card's spend on
+/// every survivor is the sum of its approved charges. The survivors went
+/// on deciding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
+    use crate::common::process::{spawn_gateway, wait_ready};
+    use onecard::net::client::{self, FailoverTerminal};
+    let mut nats = NatsCluster::start(3);
+    let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
+    let base = tempfile::tempdir().unwrap();
+    let extra = |node: &str| {
+        format!(
+            "[cluster]\nnode = \"{node}\"\nurls = [{}]\npublish_timeout_ms = 2000\n[policy]\ncard_daily_spend_max_fen = 100000000\n",
+            urls.join(", ")
+        )
+    };
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 1..=3 {
+        let dir = base.path().join(format!("g{i}"));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        if i > 1 {
+            copy_dir(&base.path().join("g1/data/certs"), &dir.join("data/certs"));
+        }
+        let mut child = spawn_gateway(&dir, 8, &extra(&format!("g{i}")));
+        addrs.push(wait_ready(&mut child, &dir));
+        children.push(child);
+    }
+    let certs = base.path().join("g1/data/certs");
+    const CARDS: usize = 40;
+    let card = |i: usize| format!("500118K{i:08}");
+    for i in 0..CARDS {
+        let a = client::admin(
+            addrs[0].admin,
+            Some(crate::common::TOKEN),
+            Method::PUT,
+            &format!("/admin/v1/cards/{}", card(i)),
+            Some(&json!({"status": "active", "functions": ["transit", "financial"]})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, http::StatusCode::OK);
+    }
+    let spent_at = |admin: std::net::SocketAddr, i: usize| async move {
+        let a = client::admin(
+            admin,
+            Some(crate::common::TOKEN),
+            Method::GET,
+            &format!("/admin/v1/cards/{}", card(i)),
+            None,
+        )
+        .await
+        .ok()?;
+        (a.status == http::StatusCode::OK).then(|| a.json()["spent_fen"].as_i64().unwrap_or(0))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spent_at(addrs[2].admin, CARDS - 1).await.is_none() {
+        assert!(Instant::now() < deadline, "cards never reached node 3");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Load: six terminals, each starting at a node of its own.
+    let terminal_addrs: Vec<_> = addrs.iter().map(|a| a.terminal).collect();
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs(8);
+    let mut tasks = Vec::new();
+    for n in 1..=6u32 {
+        let mut t = FailoverTerminal::new(
+            terminal_addrs.clone(),
+            Some(&certs),
+            n,
+            Protocol::Http1,
+            n as usize,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(u64::from(n));
+            let mut got = Vec::new();
+            let mut i = 0;
+            while Instant::now() < stop_at {
+                i += 1;
+                let c = rng.below(CARDS as u64) as usize;
+                let event = format!("k{n}-{i}");
+                let node = t.node();
+                if let Ok(a) = t.authorize(&tap(&event, &card(c), "payment", 1)).await {
+                    if a.status == http::StatusCode::OK {
+                        let approved = a.json()["decision"] == "approve";
+                        got.push(Answered {
+                            terminal: n,
+                            event,
+                            card: c,
+                            approved,
+                            body: a.body,
+                            node,
+                            at: Instant::now(),
+                        });
+                        let _ = node;
+                    }
+                }
+            }
+            (got, t.failovers)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_gateway = Instant::now();
+    let mut g1 = children.remove(0);
+    g1.kill().unwrap();
+    g1.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let killed_nats = Instant::now();
+    nats.kill_node(0);
+    let mut answers = Vec::new();
+    let mut failovers = 0;
+    for t in tasks {
+        let (got, f) = t.await.unwrap();
+        answers.extend(got);
+        failovers += f;
+    }
+    let after_gateway = answers
+        .iter()
+        .filter(|a| a.at > killed_gateway + Duration::from_millis(500))
+        .count();
+    let after_nats = answers
+        .iter()
+        .filter(|a| a.at > killed_nats + Duration::from_millis(500))
+        .count();
+    assert!(failovers > 0, "terminals on the killed node moved");
+    assert!(
+        after_gateway > 0 && after_nats > 0,
+        "the survivors went on deciding ({after_gateway}, {after_nats})"
+    );
+    // Failover as a terminal sees it: its last answer from the killed node
+    // to its first from another.
+    let mut gaps = Vec::new();
+    for n in 1..=6u32 {
+        let mine: Vec<_> = answers.iter().filter(|a| a.terminal == n).collect();
+        if let Some(last_g1) = mine.iter().rposition(|a| a.node == terminal_addrs[0]) {
+            if let Some(next) = mine.get(last_g1 + 1) {
+                gaps.push(next.at - mine[last_g1].at);
+            }
+        }
+    }
+    eprintln!(
+        "kill -9 under load: {} answers, {after_gateway} after the gateway's kill, {after_nats} after the NATS node's; failovers {failovers}; failover gaps {gaps:?}",
+        answers.len()
+    );
+    // Every answer is in the journal once: each card's spend on both
+    // survivors is the sum of its approved charges ...
+    let mut want = vec![0i64; CARDS];
+    for a in &answers {
+        if a.approved {
+            want[a.card] += 1;
+        }
+    }
+    for admin in [addrs[1].admin, addrs[2].admin] {
+        for (i, w) in want.iter().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let got = spent_at(admin, i).await;
+                if got == Some(*w) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "card {i}: spent {got:?}, answers say {w}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // ... and each is replayed byte for byte by a survivor.
+    let mut by_terminal: std::collections::BTreeMap<u32, Vec<&Answered>> = Default::default();
+    for a in &answers {
+        by_terminal.entry(a.terminal).or_default().push(a);
+    }
+    for (n, list) in by_terminal {
+        let mut t = FailoverTerminal::new(
+            vec![terminal_addrs[1], terminal_addrs[2]],
+            Some(&certs),
+            n,
+            Protocol::Http1,
+            0,
+        );
+        for a in list {
+            let again = t
+                .authorize(&tap(&a.event, &card(a.card), "payment", 1))
+                .await
+                .unwrap();
+            assert_eq!(again.status, http::StatusCode::OK);
+            assert_eq!(again.body, a.body, "{} replayed", a.event);
+        }
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

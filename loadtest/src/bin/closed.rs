@@ -19,9 +19,11 @@ use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
-    /// Gateway (or onecard-bare) terminal address; loopback only.
-    #[arg(long)]
-    addr: SocketAddr,
+    /// Gateway (or onecard-bare) terminal address; loopback only. Give it
+    /// once per node of a cluster: each terminal starts at one node (round
+    /// robin) and moves to the next after a connection error or a 503.
+    #[arg(long, required = true)]
+    addr: Vec<SocketAddr>,
     /// Certificates from `onecard certs`; plaintext with X-Terminal-Id without.
     #[arg(long)]
     certs: Option<PathBuf>,
@@ -55,7 +57,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        args.addr.ip().is_loopback(),
+        args.addr.iter().all(|a| a.ip().is_loopback()),
         "load goes to loopback addresses only"
     );
     let protocol = if args.protocol == "h2" {
@@ -75,8 +77,19 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for n in 1..=args.terminals {
         let id = certs::terminal_id(n);
-        let mut conn =
-            client::connect_terminal(args.addr, args.certs.as_deref(), n, protocol).await?;
+        let mut conn = if args.addr.len() == 1 {
+            Term::One(
+                client::connect_terminal(args.addr[0], args.certs.as_deref(), n, protocol).await?,
+            )
+        } else {
+            Term::Many(client::FailoverTerminal::new(
+                args.addr.clone(),
+                args.certs.as_deref(),
+                n,
+                protocol,
+                n as usize,
+            ))
+        };
         let cards = args.cards;
         let plaintext = args.certs.is_none();
         tasks.push(tokio::spawn(async move {
@@ -102,30 +115,35 @@ async fn main() -> anyhow::Result<()> {
                 {
                     Ok(a) if a.status == http::StatusCode::OK => ok += 1,
                     Ok(_) => other += 1,
-                    Err(_) => break,
+                    // One node: the connection is gone, and so is this
+                    // terminal. Several: every node failed this request.
+                    Err(_) if matches!(conn, Term::One(_)) => break,
+                    Err(_) => other += 1,
                 }
                 h.saturating_record(t.elapsed().as_micros() as u64);
                 i += 1;
             }
-            (h, ok, other)
+            (h, ok, other, conn.failovers())
         }));
     }
     let started = Instant::now();
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut ok, mut other) = (0, 0);
+    let (mut ok, mut other, mut failovers) = (0, 0, 0);
     for t in tasks {
-        let (h, o, x) = t.await?;
+        let (h, o, x, f) = t.await?;
         all.add(h)?;
         ok += o;
         other += x;
+        failovers += f;
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{}: {:.0} req/s  ok {}  non-200 {}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} terminals, {:?}, {:.1} s)",
+        "{}: {:.0} req/s  ok {}  non-200 {}  failovers {}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} terminals, {:?}, {:.1} s)",
         args.label,
         (ok + other) as f64 / secs,
         ok,
         other,
+        failovers,
         all.value_at_quantile(0.5) as f64 / 1000.0,
         all.value_at_quantile(0.99) as f64 / 1000.0,
         all.value_at_quantile(0.999) as f64 / 1000.0,
@@ -135,6 +153,35 @@ async fn main() -> anyhow::Result<()> {
         secs
     );
     Ok(())
+}
+
+/// A terminal's connection: to one node, or to a cluster's nodes with
+/// failover.
+enum Term {
+    One(client::Connection),
+    Many(client::FailoverTerminal),
+}
+
+impl Term {
+    async fn send(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<client::Answer, client::ClientError> {
+        match self {
+            Term::One(c) => c.send(method, path, headers, body).await,
+            Term::Many(f) => f.send(method, path, headers, body).await,
+        }
+    }
+
+    fn failovers(&self) -> u64 {
+        match self {
+            Term::One(_) => 0,
+            Term::Many(f) => f.failovers,
+        }
+    }
 }
 
 /// Creates the cards through the admin API, 16 at a time.
