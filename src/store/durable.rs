@@ -164,6 +164,13 @@ pub trait Durable: Send + Sync {
     fn applied_watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// What an SRE should see of a replicated journal on the status page
+    /// (cluster mode): this node, the stream's servers and how far behind
+    /// this node is. `None` on a single node.
+    fn cluster_view(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 impl dyn Durable + '_ {

@@ -370,6 +370,8 @@ struct Applied {
     /// Woken by a publisher whose message the applier has not reached in
     /// time: the applier's consumer may be on a server that died.
     stalled: Notify,
+    /// When the last message was applied here.
+    applied_at: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Default)]
@@ -400,6 +402,21 @@ pub struct Replicated {
     handle: tokio::runtime::Handle,
     /// The applier and the health probe, stopped at close.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The stream as the probe last saw it.
+    view: Arc<Mutex<StreamView>>,
+    node: String,
+    stream_name: String,
+}
+
+/// The journal stream as the health probe last saw it.
+#[derive(Default)]
+struct StreamView {
+    probed_at: Option<std::time::Instant>,
+    last_seq: u64,
+    messages: u64,
+    leader: Option<String>,
+    /// The other servers holding the stream: name, current, offline, lag.
+    replicas: Vec<(String, bool, bool, u64)>,
 }
 
 impl Replicated {
@@ -425,6 +442,7 @@ impl Replicated {
             subjects: dashmap::DashMap::new(),
             waiting: Mutex::new(Waiting::default()),
             stalled: Notify::new(),
+            applied_at: Mutex::new(None),
         });
         let Cluster {
             client,
@@ -452,11 +470,14 @@ impl Replicated {
         };
         let task = tokio::spawn(applier.run());
         let healthy = Arc::new(AtomicBool::new(true));
+        let view = Arc::new(Mutex::new(StreamView::default()));
         let probe = tokio::spawn(probe(
             js.clone(),
             config.stream.clone(),
             healthy.clone(),
             Duration::from_millis(config.publish_timeout_ms),
+            view.clone(),
+            applied.clone(),
         ));
         let mut rx = applied.last.subscribe();
         tracing::info!(from, target, "cluster: catching up with the journal stream");
@@ -473,6 +494,9 @@ impl Replicated {
             inflight: Arc::new(Semaphore::new(queue_events_max)),
             handle: tokio::runtime::Handle::current(),
             tasks: Mutex::new(vec![task, probe]),
+            view,
+            node: config.node.clone(),
+            stream_name: config.stream.clone(),
         })
     }
 
@@ -586,6 +610,38 @@ impl Durable for Replicated {
     fn applied_watch(&self) -> Option<watch::Receiver<u64>> {
         Some(self.applied.last.subscribe())
     }
+
+    fn cluster_view(&self) -> Option<serde_json::Value> {
+        let v = self.view.lock();
+        let applied = *self.applied.last.borrow();
+        let since_applied = self
+            .applied
+            .applied_at
+            .lock()
+            .map(|at| at.elapsed().as_secs_f64());
+        let replicas: Vec<_> = v
+            .replicas
+            .iter()
+            .map(|(name, current, offline, lag)| {
+                serde_json::json!({"server": name, "current": current, "offline": offline, "lag": lag})
+            })
+            .collect();
+        Some(serde_json::json!({
+            "node": self.node,
+            "quorum_reachable": self.healthy.load(Ordering::Acquire),
+            "stream": {
+                "name": self.stream_name,
+                "leader": v.leader,
+                "replicas": replicas,
+                "last_seq": v.last_seq,
+                "messages": v.messages,
+                "probed_s_ago": v.probed_at.map(|t| t.elapsed().as_secs_f64()),
+            },
+            "applied_seq": applied,
+            "apply_lag_messages": v.last_seq.saturating_sub(applied),
+            "last_applied_s_ago": since_applied,
+        }))
+    }
 }
 
 /// How often the health probe asks the stream's leader for its state.
@@ -600,14 +656,41 @@ async fn probe(
     stream: String,
     healthy: Arc<AtomicBool>,
     timeout: Duration,
+    view: Arc<Mutex<StreamView>>,
+    applied: Arc<Applied>,
 ) {
     let mut was = true;
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
-        let ok = matches!(
-            tokio::time::timeout(timeout, js.get_stream(&stream)).await,
-            Ok(Ok(_))
-        );
+        let info = match tokio::time::timeout(timeout, js.get_stream(&stream)).await {
+            Ok(Ok(mut s)) => s.info().await.ok().cloned(),
+            _ => None,
+        };
+        let ok = info.is_some();
+        {
+            let mut v = view.lock();
+            v.probed_at = Some(std::time::Instant::now());
+            if let Some(info) = info {
+                v.last_seq = info.state.last_sequence;
+                v.messages = info.state.messages;
+                v.leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+                v.replicas = info
+                    .cluster
+                    .map(|c| {
+                        c.replicas
+                            .into_iter()
+                            .map(|p| (p.name, p.current, p.offline, p.lag.unwrap_or(0)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let lag = v.last_seq.saturating_sub(*applied.last.borrow());
+                metrics::gauge!("onecard_cluster_apply_lag_messages").set(lag as f64);
+            }
+        }
+        if let Some(at) = *applied.applied_at.lock() {
+            metrics::gauge!("onecard_cluster_last_applied_age_seconds")
+                .set(at.elapsed().as_secs_f64());
+        }
         healthy.store(ok, Ordering::Release);
         metrics::gauge!("onecard_cluster_quorum_reachable").set(if ok { 1.0 } else { 0.0 });
         if ok != was {
@@ -1025,6 +1108,8 @@ impl Applier {
             w.recent.pop_front();
         }
         metrics::gauge!("onecard_cluster_applied_seq").set(seq as f64);
+        drop(w);
+        *self.applied.applied_at.lock() = Some(std::time::Instant::now());
         Ok(())
     }
 

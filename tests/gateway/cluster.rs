@@ -328,6 +328,28 @@ async fn a_node_without_the_quorum_answers_503_and_recovers_by_itself() {
         decision(&tap_at(&c.gateways[0], "q-0", card).await).0,
         "approve"
     );
+    // The status page shows the cluster: this node, the stream's leader
+    // and its two other servers, and how far this node has applied.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let s = c.gateways[0]
+            .admin_ok(Method::GET, "/admin/v1/status", None)
+            .await;
+        let v = s["cluster"].clone();
+        if v["stream"]["leader"].is_string() && v["apply_lag_messages"] == json!(0) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no cluster view: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(view["node"], "g1");
+    assert_eq!(view["quorum_reachable"], true);
+    assert_eq!(
+        view["stream"]["replicas"].as_array().unwrap().len(),
+        2,
+        "{view}"
+    );
+    assert!(view["applied_seq"].as_u64().unwrap() >= 2, "{view}");
     // Two of three NATS nodes gone: no quorum.
     c.nats.kill_node(1);
     c.nats.kill_node(2);

@@ -239,6 +239,7 @@ impl Admin {
                     "cards": gw.cards.len(),
                     "denylist": {"entries": gw.deny.len(), "version": gw.deny.version()},
                     "journal": {"last_seq": gw.journal.last_seq(), "healthy": gw.journal.is_healthy(), "durability": gw.config.journal.durability},
+                    "cluster": gw.journal.cluster_view(),
                     "connections_open": self.admission.connections_open(),
                     "process": {
                         "resident_bytes": crate::service::metrics::resident_bytes(),
