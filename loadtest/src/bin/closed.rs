@@ -48,6 +48,10 @@ struct Args {
     /// Only create the cards (needs --admin), send no load.
     #[arg(long)]
     seed_only: bool,
+    /// Tap a Zipf-skewed mix of the cards with this exponent (e.g. 1.0: a
+    /// few hot cards) instead of walking them evenly.
+    #[arg(long)]
+    zipf: Option<f64>,
     /// A label for the output line.
     #[arg(long, default_value = "run")]
     label: String,
@@ -74,8 +78,12 @@ async fn main() -> anyhow::Result<()> {
     let run = onecard_core::time::wall_ms();
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let per_terminal_max = args.requests_max / u64::from(args.terminals.max(1));
+    let zipf = args
+        .zipf
+        .map(|s| std::sync::Arc::new(onecard_load::zipf::Zipf::new(args.cards as usize, s)));
     let mut tasks = Vec::new();
     for n in 1..=args.terminals {
+        let zipf = zipf.clone();
         let id = certs::terminal_id(n);
         let mut conn = if args.addr.len() == 1 {
             Term::One(
@@ -96,11 +104,13 @@ async fn main() -> anyhow::Result<()> {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut ok, mut other) = (0u64, 0u64);
             let mut i = 0u64;
+            let mut rng = onecard_load::rng::Rng::new(u64::from(n));
             while Instant::now() < deadline && i < per_terminal_max {
-                let card = format!(
-                    "500118B{:08}",
-                    (u64::from(n) * 7919 + i * 104_729) % u64::from(cards)
-                );
+                let index = match &zipf {
+                    Some(z) => z.sample(&mut rng) as u64,
+                    None => (u64::from(n) * 7919 + i * 104_729) % u64::from(cards),
+                };
+                let card = format!("500118B{index:08}");
                 let body = json!({"event_id": format!("c{run}-{i}"), "kind": "tap", "card_no": card,
                                   "scenario": "transit", "amount_fen": 1, "site": "bench"});
                 let bytes = serde_json::to_vec(&body).expect("serializes");
