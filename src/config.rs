@@ -131,6 +131,12 @@ pub struct ClusterConfig {
     /// How many times one request is decided again after losing a race
     /// for its card to another node before it is answered `503`.
     pub conflict_retries_max: u32,
+    /// This node delivers the settlement sinks for the whole cluster (every
+    /// node holds the same journal with the same sequence numbers, so its
+    /// batches are the cluster's). Set it on exactly one node, and
+    /// configure sinks only there. Handing delivery over to another node
+    /// when that one dies is not built yet (issue 17).
+    pub settle: bool,
 }
 
 pub const CLUSTER_PUBLISH_TIMEOUT_MS_DEFAULT: u64 = 2_000;
@@ -152,6 +158,7 @@ impl Default for ClusterConfig {
             duplicate_window_s: 600,
             max_age_days: 400,
             conflict_retries_max: 8,
+            settle: false,
         }
     }
 }
@@ -877,6 +884,11 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if let Some(c) = &self.cluster {
             c.validate()?;
+            if !self.settlement.sinks.is_empty() && !c.settle {
+                return bad(
+                    "settlement.sinks on a cluster node: set cluster.settle = true on exactly one node, which delivers every sink's batches for the whole cluster, and configure no sinks on the others",
+                );
+            }
         }
         // Each scenario goes to one home sink and to one sink per partner
         // region: an event is settled once.

@@ -33,6 +33,11 @@ pub fn cluster_config(dir: &std::path::Path, nats: &NatsCluster, node: &str) -> 
 
 impl Cluster {
     pub async fn start(tweak: impl Fn(&mut Config)) -> Cluster {
+        Cluster::start_each(|_, c| tweak(c)).await
+    }
+
+    /// As [`Cluster::start`], `tweak` told which node (1 to 3) it sets up.
+    pub async fn start_each(tweak: impl Fn(usize, &mut Config)) -> Cluster {
         if std::env::var_os("ONECARD_TEST_LOG").is_some() {
             onecard::app::telemetry::init_tracing();
         }
@@ -45,7 +50,7 @@ impl Cluster {
                 copy_dir(&first.certs_dir(), &dir.path().join("certs"));
             }
             let mut config = cluster_config(dir.path(), &nats, &format!("g{i}"));
-            tweak(&mut config);
+            tweak(i, &mut config);
             gateways.push(TestGateway::start_in(dir, config).await);
         }
         Cluster { nats, gateways }
@@ -730,4 +735,92 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+/// Settlement in a cluster: the one node with `cluster.settle` delivers
+/// the whole cluster's approvals, taken through every node, to a real
+/// receiver (`onecard sink-sim`), each booked once. A sink on a node
+/// without `cluster.settle` is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_settling_node_books_every_nodes_approvals_once() {
+    use crate::common::sink::Sink;
+    use onecard_core::settle::sign::{Algorithm, Signer};
+    const KEY: &str = "cluster-transport-key";
+    let sink_dir = tempfile::tempdir().unwrap();
+    let sink = Sink::new(sink_dir.path(), 3);
+    let receiver = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+        )
+        .await;
+    let sink_config: onecard::config::SinkConfig = toml::from_str(&format!(
+        "name = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = \"{}\"\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\nage_max_ms = 200\nbackoff_base_ms = 10\nbackoff_max_ms = 100\n",
+        receiver.addr.port(),
+        sink.certs.join(onecard::net::certs::CA_CERT).display()
+    ))
+    .unwrap();
+    // Refused without cluster.settle.
+    let mut refused = test_config(sink_dir.path());
+    refused.cluster = Some(ClusterConfig {
+        node: "gx".into(),
+        ..ClusterConfig::default()
+    });
+    refused.settlement.sinks = vec![sink_config.clone()];
+    let e = refused.validate().unwrap_err().to_string();
+    assert!(e.contains("cluster.settle"), "{e}");
+    let c = Cluster::start_each(|i, config| {
+        if i == 1 {
+            config.settlement.sinks = vec![sink_config.clone()];
+            config.cluster.as_mut().unwrap().settle = true;
+        }
+    })
+    .await;
+    let g = &c.gateways;
+    let cards: Vec<String> = (1..=6).map(|i| format!("500118J{i:08}")).collect();
+    for card in &cards {
+        g[0].put_card(card, json!({"status": "active", "functions": ["transit"]}))
+            .await;
+    }
+    for card in &cards {
+        until_card(&g[2], card, |_| true).await;
+    }
+    let mut approved = 0u64;
+    let mut fen = 0i64;
+    for (n, gw) in g.iter().enumerate() {
+        let mut t = gw.terminal(1 + n as u32, Protocol::Http1).await;
+        for (k, card) in cards.iter().enumerate() {
+            let a = t
+                .authorize(&tap(
+                    &format!("settle-{n}-{k}"),
+                    card,
+                    "transit",
+                    100 + k as i64,
+                ))
+                .await
+                .unwrap();
+            if decision(&a).0 == "approve" {
+                approved += 1;
+                fen += a.json()["amount_fen"].as_i64().unwrap();
+            }
+        }
+    }
+    assert_eq!(approved, 18);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ledger = loop {
+        let l = sink.ledger(receiver.addr).await;
+        if l.events >= approved || Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (ledger.events, ledger.total_fen),
+        (approved, fen),
+        "{ledger:?}"
+    );
+    // Nothing more arrives: each approval once.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let again = sink.ledger(receiver.addr).await;
+    assert_eq!((again.events, again.total_fen), (approved, fen));
 }
