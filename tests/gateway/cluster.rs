@@ -604,7 +604,9 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
     // Load: six terminals, each starting at a node of its own.
     let terminal_addrs: Vec<_> = addrs.iter().map(|a| a.terminal).collect();
     let started = Instant::now();
-    let stop_at = started + Duration::from_secs(8);
+    // Long enough to outlast the stream's leader election after the NATS
+    // node's kill (RAFT waits several seconds before electing).
+    let stop_at = started + Duration::from_secs(22);
     let mut tasks = Vec::new();
     for n in 1..=6u32 {
         let mut t = FailoverTerminal::new(
@@ -647,9 +649,29 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
     let mut g1 = children.remove(0);
     g1.kill().unwrap();
     g1.wait().unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // The NATS node that leads the journal stream: the worst one to lose.
+    let status = client::admin(
+        addrs[1].admin,
+        Some(crate::common::TOKEN),
+        Method::GET,
+        "/admin/v1/status",
+        None,
+    )
+    .await
+    .unwrap()
+    .json();
+    let leader = status["cluster"]["stream"]["leader"]
+        .as_str()
+        .unwrap_or("n1")
+        .to_owned();
+    let victim = nats
+        .nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .unwrap_or(0);
     let killed_nats = Instant::now();
-    nats.kill_node(0);
+    nats.kill_node(victim);
     let mut answers = Vec::new();
     let mut failovers = 0;
     for t in tasks {
@@ -665,6 +687,12 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
         .iter()
         .filter(|a| a.at > killed_nats + Duration::from_millis(500))
         .count();
+    // How long no decision was made after the stream's leader died.
+    let resumed = answers
+        .iter()
+        .filter(|a| a.at > killed_nats)
+        .map(|a| a.at - killed_nats)
+        .min();
     assert!(failovers > 0, "terminals on the killed node moved");
     assert!(
         after_gateway > 0 && after_nats > 0,
@@ -682,7 +710,7 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
         }
     }
     eprintln!(
-        "kill -9 under load: {} answers, {after_gateway} after the gateway's kill, {after_nats} after the NATS node's; failovers {failovers}; failover gaps {gaps:?}",
+        "kill -9 under load: {} answers, {after_gateway} after the gateway's kill, {after_nats} after the NATS node's; failovers {failovers}; failover gaps {gaps:?}; first answer after the stream leader's ({leader}) kill {resumed:?}",
         answers.len()
     );
     // Every answer is in the journal once: each card's spend on both
@@ -709,11 +737,24 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
             }
         }
     }
-    // ... and each is replayed byte for byte by a survivor.
-    let mut by_terminal: std::collections::BTreeMap<u32, Vec<&Answered>> = Default::default();
-    for a in &answers {
-        by_terminal.entry(a.terminal).or_default().push(a);
+    // ... and is replayed byte for byte by a survivor: every answer from
+    // a second before each kill to two seconds after it, and every fifth
+    // of the rest (each terminal's in order, the six at once).
+    let near = |at: Instant, kill: Instant| {
+        at + Duration::from_secs(1) > kill && at < kill + Duration::from_secs(2)
+    };
+    let mut by_terminal: std::collections::BTreeMap<u32, Vec<(String, usize, bytes::Bytes)>> =
+        Default::default();
+    for (i, a) in answers.iter().enumerate() {
+        if i % 5 == 0 || near(a.at, killed_gateway) || near(a.at, killed_nats) {
+            by_terminal.entry(a.terminal).or_default().push((
+                a.event.clone(),
+                a.card,
+                a.body.clone(),
+            ));
+        }
     }
+    let mut replays = Vec::new();
     for (n, list) in by_terminal {
         let mut t = FailoverTerminal::new(
             vec![terminal_addrs[1], terminal_addrs[2]],
@@ -722,14 +763,19 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
             Protocol::Http1,
             0,
         );
-        for a in list {
-            let again = t
-                .authorize(&tap(&a.event, &card(a.card), "payment", 1))
-                .await
-                .unwrap();
-            assert_eq!(again.status, http::StatusCode::OK);
-            assert_eq!(again.body, a.body, "{} replayed", a.event);
-        }
+        replays.push(tokio::spawn(async move {
+            for (event, c, body) in list {
+                let again = t
+                    .authorize(&tap(&event, &card(c), "payment", 1))
+                    .await
+                    .unwrap();
+                assert_eq!(again.status, http::StatusCode::OK);
+                assert_eq!(again.body, body, "{event} replayed");
+            }
+        }));
+    }
+    for r in replays {
+        r.await.unwrap();
     }
     for mut c in children {
         let _ = c.kill();
