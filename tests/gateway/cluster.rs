@@ -624,20 +624,36 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
                 i += 1;
                 let c = rng.below(CARDS as u64) as usize;
                 let event = format!("k{n}-{i}");
-                let node = t.node();
-                if let Ok(a) = t.authorize(&tap(&event, &card(c), "payment", 1)).await {
-                    if a.status == http::StatusCode::OK {
-                        let approved = a.json()["decision"] == "approve";
-                        got.push(Answered {
-                            terminal: n,
-                            event,
-                            card: c,
-                            approved,
-                            body: a.body,
-                            node,
-                            at: Instant::now(),
-                        });
-                        let _ = node;
+                // As a terminal does: the same event again until some node
+                // gives a definite answer (a 503 or a lost connection says
+                // nothing about whether it was recorded).
+                let give_up = Instant::now() + Duration::from_secs(40);
+                loop {
+                    let node = t.node();
+                    match t.authorize(&tap(&event, &card(c), "payment", 1)).await {
+                        Ok(a) if a.status == http::StatusCode::OK => {
+                            let approved = a.json()["decision"] == "approve";
+                            got.push(Answered {
+                                terminal: n,
+                                event,
+                                card: c,
+                                approved,
+                                body: a.body,
+                                node,
+                                at: Instant::now(),
+                            });
+                            break;
+                        }
+                        Ok(a) if a.status != http::StatusCode::SERVICE_UNAVAILABLE => {
+                            panic!("{event}: {} {}", a.status, String::from_utf8_lossy(&a.body))
+                        }
+                        _ => {
+                            assert!(
+                                Instant::now() < give_up,
+                                "{event}: no node answered for 40 s"
+                            );
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                     }
                 }
             }
