@@ -184,11 +184,6 @@ impl Cluster {
             config: config.clone(),
         })
     }
-
-    /// The NATS client: for the health probe and the status page.
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
 }
 
 /// The subject of a card's decisions: a hash, so no card number appears in
@@ -498,17 +493,6 @@ impl Replicated {
             node: config.node.clone(),
             stream_name: config.stream.clone(),
         })
-    }
-
-    /// The last stream sequence this node has applied.
-    pub fn applied(&self) -> u64 {
-        *self.applied.last.borrow()
-    }
-
-    /// Waits until this node has applied the stream up to `seq`; false if
-    /// it has not within the publish timeout.
-    pub async fn wait_applied(&self, seq: u64) -> bool {
-        wait_applied(&self.applied, seq, self.timeout).await
     }
 }
 

@@ -70,6 +70,20 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// `body` sent to `gw` by terminal `n` on a task of its own; its
+/// (decision, reason).
+fn spawn_authorize(
+    gw: &TestGateway,
+    n: u32,
+    body: Value,
+) -> tokio::task::JoinHandle<(String, String)> {
+    let (certs, addr) = (gw.certs_dir(), gw.terminal_addr());
+    tokio::spawn(async move {
+        let mut conn = crate::common::connect_terminal(&certs, addr, n, Protocol::Http1).await;
+        decision(&conn.authorize(&body).await.unwrap())
+    })
+}
+
 /// Waits until `check` holds on the card as gateway `gw` shows it.
 async fn until_card(gw: &TestGateway, card: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -123,19 +137,8 @@ async fn concurrent_taps_of_one_card_at_three_nodes_never_pass_the_daily_cap() {
         let mut tasks = Vec::new();
         for t in 0..TAPS {
             let node = rng.below(3) as usize;
-            let certs = gws[node].certs_dir();
-            let addr = gws[node].terminal_addr();
-            let card = card.clone();
-            let terminal = 1 + (t % 3) as u32;
-            tasks.push(tokio::spawn(async move {
-                let mut conn =
-                    crate::common::connect_terminal(&certs, addr, terminal, Protocol::Http1).await;
-                let a = conn
-                    .authorize(&tap(&format!("s{seed}-t{t}"), &card, "payment", CHARGE_FEN))
-                    .await
-                    .unwrap();
-                decision(&a)
-            }));
+            let body = tap(&format!("s{seed}-t{t}"), &card, "payment", CHARGE_FEN);
+            tasks.push(spawn_authorize(&gws[node], 1 + (t % 3) as u32, body));
         }
         let mut approved = 0;
         for t in tasks {
@@ -444,19 +447,17 @@ async fn a_code_is_spent_once_and_a_venue_quota_holds_across_nodes() {
     .await;
     let g = &c.gateways;
     let cards: Vec<String> = (1..=12).map(|i| format!("500118H{i:08}")).collect();
-    for card in &cards {
-        g[0].put_card(
-            card,
-            json!({"status": "active", "functions": ["transit", "financial"]}),
-        )
-        .await;
-    }
+    let active = json!({"status": "active", "functions": ["transit", "financial"]});
+    g[0].put_card(&cards[0], active.clone()).await;
     g[0].bind(&cards[0], "essc-c1", "essc").await;
-    for card in &cards {
-        until_card(&g[2], card, |_| true).await;
+    for card in &cards[1..] {
+        g[0].put_card(card, active.clone()).await;
     }
-    // Bindings are read from each node's store, applied from the stream.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every node applies the stream in order: once it shows the last
+    // card, it has the binding made before it.
+    for gw in g {
+        until_card(gw, &cards[11], |_| true).await;
+    }
     for round in 0..4 {
         let code = key.code(
             "ed-c",
@@ -468,14 +469,8 @@ async fn a_code_is_spent_once_and_a_venue_quota_holds_across_nodes() {
         );
         let mut tasks = Vec::new();
         for (n, gw) in g.iter().enumerate() {
-            let (certs, addr) = (gw.certs_dir(), gw.terminal_addr());
             let body = scan(&format!("scan-{round}-{n}"), &code, "transit", 200);
-            tasks.push(tokio::spawn(async move {
-                let mut conn =
-                    crate::common::connect_terminal(&certs, addr, 1 + n as u32, Protocol::Http1)
-                        .await;
-                decision(&conn.authorize(&body).await.unwrap())
-            }));
+            tasks.push(spawn_authorize(gw, 1 + n as u32, body));
         }
         let mut approved = 0;
         for t in tasks {
@@ -491,16 +486,9 @@ async fn a_code_is_spent_once_and_a_venue_quota_holds_across_nodes() {
     // Eleven cards enter one venue through three nodes at once.
     let mut tasks = Vec::new();
     for (i, card) in cards[1..].iter().enumerate() {
-        let gw = &g[i % 3];
-        let (certs, addr) = (gw.certs_dir(), gw.terminal_addr());
         let body = json!({"event_id": format!("museum-{i}"), "kind": "tap", "card_no": card,
                           "scenario": "culture", "site": "museum-9"});
-        tasks.push(tokio::spawn(async move {
-            let mut conn =
-                crate::common::connect_terminal(&certs, addr, 1 + (i % 3) as u32, Protocol::Http1)
-                    .await;
-            decision(&conn.authorize(&body).await.unwrap())
-        }));
+        tasks.push(spawn_authorize(&g[i % 3], 1 + (i % 3) as u32, body));
     }
     let mut approved = 0;
     for t in tasks {
