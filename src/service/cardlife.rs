@@ -106,6 +106,10 @@ impl Gateway {
     /// spending counters are kept, so that re-registering a card cannot
     /// reset a daily cap. Durable when this returns.
     pub async fn put_card(&self, card_no: &CardNo, new: Card) -> Result<Card, ServiceError> {
+        self.retrying(|| self.put_card_once(card_no, new)).await
+    }
+
+    async fn put_card_once(&self, card_no: &CardNo, new: Card) -> Result<Card, ServiceError> {
         let (pending, stored) = {
             let _card_lock = self.cards.lock(card_no);
             let stored = cards::keep_counters(self.cards.get(card_no), new);
@@ -131,6 +135,17 @@ impl Gateway {
     /// the time of the report), audited. Nothing else about the card
     /// changes. Durable when this returns.
     pub async fn set_health(
+        &self,
+        actor: &Actor,
+        card_no: &CardNo,
+        health: onecard_core::model::Health,
+        now_ms: i64,
+    ) -> Result<onecard_core::model::Health, ServiceError> {
+        self.retrying(|| self.set_health_once(actor, card_no, health, now_ms))
+            .await
+    }
+
+    async fn set_health_once(
         &self,
         actor: &Actor,
         card_no: &CardNo,
@@ -167,6 +182,21 @@ impl Gateway {
 
     /// Reports a loss, lifts it, freezes, unfreezes or cancels a card.
     pub async fn card_life(
+        &self,
+        actor: &Actor,
+        card_no: &CardNo,
+        op: LifeOp,
+        note: Option<String>,
+        now_ms: i64,
+    ) -> Result<LifeAnswer, ServiceError> {
+        // In a cluster a change that lost its card to another node (a tap
+        // decided there at the same moment) wrote nothing: it is made
+        // again on the card as the winner left it.
+        self.retrying(|| self.card_life_once(actor, card_no, op, note.clone(), now_ms))
+            .await
+    }
+
+    async fn card_life_once(
         &self,
         actor: &Actor,
         card_no: &CardNo,
@@ -229,6 +259,17 @@ impl Gateway {
     /// status (active), functions, concessions and spending counters, the
     /// holder and the credentials; the old one is cancelled and deny-listed.
     pub async fn replace_card(
+        &self,
+        actor: &Actor,
+        old: &CardNo,
+        new: &CardNo,
+        now_ms: i64,
+    ) -> Result<LifeAnswer, ServiceError> {
+        self.retrying(|| self.replace_card_once(actor, old, new, now_ms))
+            .await
+    }
+
+    async fn replace_card_once(
         &self,
         actor: &Actor,
         old: &CardNo,

@@ -61,6 +61,9 @@ fn commit_message(e: CommitError) -> &'static str {
             "this node cannot reach the cluster's journal; retry on another node or shortly"
         }
         CommitError::Raced { .. } => "the card was busy at another node; retry shortly",
+        CommitError::TooLarge => {
+            "the change writes too many cards at once for the cluster's journal; send fewer"
+        }
     }
 }
 

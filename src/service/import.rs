@@ -238,13 +238,27 @@ pub async fn cards(
         let started = Instant::now();
         let (mut report, parsed) = parse_blocking(body, card_line).await?;
         let parsed = Arc::new(parsed);
-        for start in (0..parsed.len()).step_by(IMPORT_BATCH) {
-            let (gw2, batch) = (gw.clone(), parsed.clone());
-            let end = (start + IMPORT_BATCH).min(parsed.len());
-            let pending = blocking(move || queue_cards(&gw2, &batch[start..end]))
-                .await?
-                .map_err(ServiceError::from)?;
-            pending.durable().await.map_err(ServiceError::from)?;
+        // In a cluster every card a write touches is fenced, and one
+        // replicated write fences so many at most.
+        let per_commit = match gw.config.cluster {
+            Some(_) => IMPORT_BATCH.min(crate::store::replicated::CARDS_PER_COMMIT_MAX),
+            None => IMPORT_BATCH,
+        };
+        for start in (0..parsed.len()).step_by(per_commit) {
+            let end = (start + per_commit).min(parsed.len());
+            // A batch that lost a race for one of its cards (a tap of it
+            // at another node) wrote nothing: read the cards again and
+            // write it again (`retrying` waits for the winner first).
+            gw.retrying(|| {
+                let (gw2, batch) = (gw.clone(), parsed.clone());
+                async move {
+                    let pending = blocking(move || queue_cards(&gw2, &batch[start..end]))
+                        .await?
+                        .map_err(ServiceError::from)?;
+                    pending.durable().await.map_err(ServiceError::from)
+                }
+            })
+            .await?;
             report.imported += (end - start) as u64;
         }
         metrics::gauge!("onecard_cards").set(gw.cards.len() as f64);

@@ -98,6 +98,10 @@ pub enum CommitError {
     /// written: wait until `after` is applied here, then decide again.
     #[error("another node decided about this card first")]
     Raced { after: u64 },
+    /// Cluster mode: a commit that fences more subjects than one atomic
+    /// batch may carry (a caller's bug: imports split their batches).
+    #[error("a commit writes more cards than one replicated write may fence")]
+    TooLarge,
 }
 
 /// A queued commit: its result comes when it is durable.

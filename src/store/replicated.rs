@@ -235,6 +235,26 @@ fn commit_card(commit: &Commit) -> Option<&str> {
     cards.all(|c| c == first).then_some(first)
 }
 
+/// Every card a commit writes, each once.
+fn commit_cards(commit: &Commit) -> std::collections::BTreeSet<&str> {
+    commit
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Put(Cf::Cards, k, _) | Op::Delete(Cf::Cards, k) => std::str::from_utf8(k).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Messages in one atomic batch, at most (nats-server's limit): a commit
+/// and its fences. Callers that write many cards at once (an import)
+/// split them into commits of [`CARDS_PER_COMMIT_MAX`].
+const BATCH_MESSAGES_MAX: usize = 1_000;
+
+/// Cards one commit may write in cluster mode (each is fenced).
+pub const CARDS_PER_COMMIT_MAX: usize = 500;
+
 const FORMAT_VERSION: u8 = 1;
 
 /// A commit as it travels in the stream: its records (each with its card)
@@ -518,25 +538,40 @@ impl Durable for Replicated {
             .clone()
             .try_acquire_owned()
             .map_err(|_| CommitError::Busy)?;
-        let (subject, expected) = match commit_card(&commit) {
+        let expected_of = |subject: &str| self.applied.subjects.get(subject).map_or(0, |s| *s);
+        // Read under the locks the caller holds (the cards', a venue's),
+        // as the applier moves them under the same locks.
+        let (subject, expected, mut fences) = match commit_card(&commit) {
             Some(card) => {
                 let subject = card_subject(&self.prefix, card);
-                let expected = self.applied.subjects.get(&subject).map_or(0, |s| *s);
-                (subject, Some(expected))
+                let expected = expected_of(&subject);
+                (subject, Some(expected), Vec::new())
             }
-            None => (format!("{}.other", self.prefix), None),
+            // A commit that writes several cards (an import's batch, a
+            // replacement) goes on no card's subject, so it fences every
+            // card it writes: a tap of one of them decided at another
+            // node at the same moment, on the card as it was, must lose
+            // (or make this lose), never overwrite it or be overwritten.
+            None => {
+                let fences = commit_cards(&commit)
+                    .into_iter()
+                    .map(|card| {
+                        let subject = card_subject(&self.prefix, card);
+                        let expected = expected_of(&subject);
+                        (subject, expected)
+                    })
+                    .collect();
+                (format!("{}.other", self.prefix), None, fences)
+            }
         };
-        // Read under the locks the caller holds (the card's, a venue's),
-        // as the applier moves them under the same locks.
-        let fences: Vec<(String, u64)> = commit
-            .fences
-            .iter()
-            .map(|f| {
-                let subject = fence_subject(&self.prefix, f);
-                let expected = self.applied.subjects.get(&subject).map_or(0, |s| *s);
-                (subject, expected)
-            })
-            .collect();
+        fences.extend(commit.fences.iter().map(|f| {
+            let subject = fence_subject(&self.prefix, f);
+            let expected = expected_of(&subject);
+            (subject, expected)
+        }));
+        if fences.len() >= BATCH_MESSAGES_MAX {
+            return Err(CommitError::TooLarge);
+        }
         let message = Outgoing {
             subject,
             expected,
@@ -739,9 +774,13 @@ impl Publisher {
                 // Where the winner left the subjects: wait for it, then
                 // decide again.
                 let mut after = 0;
-                for subject in &subjects {
-                    match self.stream.get_last_raw_message_by_subject(subject).await {
-                        Ok(m) => after = after.max(m.sequence),
+                let mut last = Vec::with_capacity(subjects.len());
+                for subject in subjects {
+                    match self.stream.get_last_raw_message_by_subject(&subject).await {
+                        Ok(m) => {
+                            after = after.max(m.sequence);
+                            last.push((subject, m.sequence));
+                        }
                         Err(e)
                             if matches!(
                                 e.kind(),
@@ -751,6 +790,17 @@ impl Publisher {
                             tracing::warn!(error = %e, "cluster: reading a subject's last message failed");
                             return Err(CommitError::Unreachable);
                         }
+                    }
+                }
+                // A subject this node has not seen move since it started
+                // (it resumed the stream past the subject's last message)
+                // is where the stream says, once that message is applied
+                // here: without this the next try would expect the same
+                // stale sequence and lose again, to the past.
+                if wait_applied(&self.applied, after, self.timeout).await {
+                    for (subject, seq) in last {
+                        let mut at = self.applied.subjects.entry(subject).or_insert(0);
+                        *at = (*at).max(seq);
                     }
                 }
                 return Err(CommitError::Raced { after });
