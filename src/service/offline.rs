@@ -30,7 +30,7 @@ use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
 use crate::service::pipeline::{Begun, Committed, Decided, Remember, Ticket};
 use crate::store::denylist::{DenyChange, DenyOp};
-use crate::store::durable::Op;
+use crate::store::durable::{CommitError, Op};
 use crate::store::idem;
 use crate::store::{Cf, StoreError};
 
@@ -371,7 +371,15 @@ impl Gateway {
         // Risk records written by this upload and not yet on disk: the next
         // risky tap of the same card and terminal adds to these.
         let mut risks = HashMap::new();
+        let cluster = self.config.cluster.is_some();
         for v in events {
+            if cluster {
+                outcomes.push(
+                    self.offline_event_raced(terminal, v, &mut risks, now_ms)
+                        .await?,
+                );
+                continue;
+            }
             let (outcome, committed) = self.offline_event(terminal, v, &mut risks, now_ms).await?;
             outcomes.push(outcome);
             pending.extend(committed.map(|c| c.pending));
@@ -380,6 +388,38 @@ impl Gateway {
             p.durable().await?;
         }
         Ok(offline_answer(outcomes))
+    }
+
+    /// Cluster mode: one event, durable before the next, recorded again
+    /// if its card was written at another node at the same moment (the
+    /// race wrote nothing; the next try reads the card as the winner left
+    /// it). Awaited one by one so that a lost race is retried alone,
+    /// before any later event of the upload is queued on its risk record.
+    async fn offline_event_raced(
+        &self,
+        terminal: &str,
+        v: &Value,
+        risks: &mut HashMap<Vec<u8>, RiskRecord>,
+        now_ms: i64,
+    ) -> Result<OfflineOutcome, ServiceError> {
+        let mut tries = 0;
+        loop {
+            let before = risks.clone();
+            let (outcome, committed) = self.offline_event(terminal, v, risks, now_ms).await?;
+            let Some(committed) = committed else {
+                return Ok(outcome);
+            };
+            match committed.pending.durable().await {
+                Ok(_) => return Ok(outcome),
+                Err(CommitError::Raced { after }) if tries < self.race_retries_max() => {
+                    // Its risk record was not written either.
+                    *risks = before;
+                    self.after_race(after, tries).await?;
+                    tries += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// One event of an upload: rejected (malformed), a duplicate (the

@@ -321,34 +321,44 @@ impl Gateway {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ServiceError>>,
     {
-        let max = self
-            .config
-            .cluster
-            .as_ref()
-            .map_or(0, |c| c.conflict_retries_max);
+        let max = self.race_retries_max();
         let mut tries = 0;
         loop {
             match once().await {
                 Err(ServiceError::Commit(CommitError::Raced { after })) if tries < max => {
-                    self.metrics.cluster_retries.increment(1);
-                    let behind = self
-                        .journal
-                        .applied_watch()
-                        .is_some_and(|w| *w.borrow() < after);
-                    if behind {
-                        // The winner is known: decide again as soon as it
-                        // is applied here.
-                        self.wait_applied(after).await?;
-                    } else {
-                        // A copy of the event still being stored for
-                        // another node: back off 1, 2, 4 ... ms for it.
-                        tokio::time::sleep(std::time::Duration::from_millis(1 << tries.min(7)))
-                            .await;
-                    }
+                    self.after_race(after, tries).await?;
                     tries += 1;
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// How many times [`Gateway::retrying`] runs a request again, at most.
+    pub(crate) fn race_retries_max(&self) -> u32 {
+        self.config
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.conflict_retries_max)
+    }
+
+    /// Before try `tries + 1` of a request that lost a race: waits until
+    /// the winner (`after`) is applied here, or backs off.
+    pub(crate) async fn after_race(&self, after: u64, tries: u32) -> Result<(), ServiceError> {
+        self.metrics.cluster_retries.increment(1);
+        let behind = self
+            .journal
+            .applied_watch()
+            .is_some_and(|w| *w.borrow() < after);
+        if behind {
+            // The winner is known: decide again as soon as it is applied
+            // here.
+            self.wait_applied(after).await
+        } else {
+            // A copy of the event still being stored for another node:
+            // back off 1, 2, 4 ... ms for it.
+            tokio::time::sleep(std::time::Duration::from_millis(1 << tries.min(7))).await;
+            Ok(())
         }
     }
 

@@ -923,3 +923,67 @@ async fn one_settling_node_books_every_nodes_approvals_once() {
     let again = sink.ledger(receiver.addr).await;
     assert_eq!((again.events, again.total_fen), (approved, fen));
 }
+
+/// A validator's offline upload recorded at one node while the same card
+/// is tapped online at the two others: an offline event that lost its card
+/// to an online tap is recorded again, not failed, and every fare counts
+/// once on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_offline_upload_and_online_taps_of_one_card_at_other_nodes_all_count() {
+    let c = Cluster::start(|c| {
+        c.offline.terminal_prefixes = vec!["term-".into()];
+    })
+    .await;
+    let g = &c.gateways;
+    let card = "500118L00000001";
+    g[0].put_card(card, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    for gw in g {
+        until_card(gw, card, |_| true).await;
+    }
+    const OFFLINE: i64 = 40;
+    const ONLINE: usize = 20;
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(onecard_core::time::wall_ms()) * 1_000_000,
+    )
+    .unwrap()
+    .format(&time::format_description::well_known::Rfc3339)
+    .unwrap();
+    let events: Vec<Value> = (0..OFFLINE)
+        .map(|i| {
+            json!({
+                "event_id": format!("off-{i}"), "kind": "tap", "card_no": card,
+                "scenario": "transit", "amount_fen": 10, "site": "bus-88",
+                "occurred_at": at, "decision": "approve",
+            })
+        })
+        .collect();
+    let mut online = Vec::new();
+    for t in 0..ONLINE {
+        let body = tap(&format!("on-{t}"), card, "transit", 100);
+        online.push(spawn_authorize(&g[1 + t % 2], 1 + (t % 2) as u32, body));
+    }
+    let mut validator = g[0].terminal(3, Protocol::Http1).await;
+    let a = validator
+        .offline_batch(&json!({ "events": events }))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_eq!(a.json()["accepted"], json!(OFFLINE), "{}", a.json());
+    let mut approved = 0;
+    for t in online {
+        let (d, reason) = t.await.unwrap();
+        assert_eq!(d, "approve", "{reason}");
+        approved += 1;
+    }
+    let spent = OFFLINE * 10 + approved * 100;
+    for gw in g {
+        let v = until_card(gw, card, |v| v["spent_fen"] == json!(spent)).await;
+        assert_eq!(v["spent_fen"], json!(spent));
+    }
+}
