@@ -131,12 +131,17 @@ pub struct ClusterConfig {
     /// How many times one request is decided again after losing a race
     /// for its card to another node before it is answered `503`.
     pub conflict_retries_max: u32,
-    /// This node delivers the settlement sinks for the whole cluster (every
-    /// node holds the same journal with the same sequence numbers, so its
-    /// batches are the cluster's). Set it on exactly one node, and
-    /// configure sinks only there. Handing delivery over to another node
-    /// when that one dies is not built yet (issue 17).
+    /// This node may deliver the settlement sinks for the whole cluster
+    /// (every node holds the same journal with the same sequence numbers,
+    /// so its batches are the cluster's). Set it, with the same sinks, on
+    /// two or more nodes: one at a time delivers each sink (it holds the
+    /// sink's lease), and when it dies another takes over where it left
+    /// off. Sinks on a node without it are refused.
     pub settle: bool,
+    /// How long a sink's delivery lease lasts unless its holder renews it
+    /// (every third of it): the longest a sink waits for another node to
+    /// take over after its delivering node died.
+    pub settle_lease_ms: u64,
 }
 
 pub const CLUSTER_PUBLISH_TIMEOUT_MS_DEFAULT: u64 = 2_000;
@@ -159,6 +164,7 @@ impl Default for ClusterConfig {
             max_age_days: 400,
             conflict_retries_max: 8,
             settle: false,
+            settle_lease_ms: 5_000,
         }
     }
 }
@@ -214,6 +220,9 @@ impl ClusterConfig {
         }
         if !(1..=100).contains(&self.conflict_retries_max) {
             return bad("cluster.conflict_retries_max must be 1 to 100".into());
+        }
+        if !(1_000..=60_000).contains(&self.settle_lease_ms) {
+            return bad("cluster.settle_lease_ms must be 1000 to 60000".into());
         }
         if self.password.is_some() && self.password_env.is_some() {
             return bad("cluster: set password or password_env, not both".into());

@@ -22,7 +22,12 @@ use crate::store::denylist::DenyList;
 use crate::store::durable::Durable;
 use crate::store::journal::Journal;
 use crate::store::partners::PartnerLists;
-use crate::store::replicated::{Cluster, ClusterError, Replicated, Tables};
+use crate::store::replicated::{Cluster, ClusterError, Leases, Replicated, Tables};
+
+/// Room a sealed batch needs besides its body in a replicated write: its
+/// head and per-site summary (a site is about 150 bytes of JSON; a batch of
+/// 1,000 events at 1,000 sites is the worst case).
+const SEAL_HEAD_BYTES_MAX: usize = 256 * 1024;
 use crate::store::{meta, venues, Cf, Store, StoreError};
 
 /// Unique authorization ids: the boot number (persisted, bumped at every
@@ -107,6 +112,9 @@ pub struct Gateway {
     /// Serializes allow-list changes and partner deny-list imports (rare,
     /// and each reads then writes).
     pub lists: tokio::sync::Mutex<()>,
+    /// Cluster mode, on a node with `cluster.settle`: the sinks' delivery
+    /// leases (one node at a time delivers each sink).
+    pub leases: Option<Arc<Leases>>,
 }
 
 impl Gateway {
@@ -159,18 +167,43 @@ impl Gateway {
             partners: tables.partners.clone(),
             on_record,
         };
-        let journal: Arc<dyn Durable> = Arc::new(
-            Replicated::start(
-                cluster,
-                store.clone(),
-                shared,
-                config.journal.queue_events_max,
-            )
-            .await?,
-        );
-        Ok(Gateway::assemble(
-            config, clock, store, boot, tables, scanner, journal,
-        )?)
+        let replicated = Replicated::start(
+            cluster,
+            store.clone(),
+            shared,
+            config.journal.queue_events_max,
+        )
+        .await?;
+        // A sealed batch travels in one message: it must fit.
+        for sink in &config.settlement.sinks {
+            let need = sink.bytes_max + SEAL_HEAD_BYTES_MAX;
+            if need > replicated.max_payload() {
+                return Err(ClusterError::Config(format!(
+                    "settlement.sinks.{}: bytes_max {} does not fit in one NATS message \
+                     (the servers' max_payload is {}): raise max_payload on the servers \
+                     or lower bytes_max",
+                    sink.name,
+                    sink.bytes_max,
+                    replicated.max_payload()
+                )));
+            }
+        }
+        let c = config
+            .cluster
+            .as_ref()
+            .expect("cluster mode has its config");
+        let leases = match c.settle {
+            true => Some(Arc::new(
+                replicated
+                    .leases(std::time::Duration::from_millis(c.settle_lease_ms))
+                    .await?,
+            )),
+            false => None,
+        };
+        let journal: Arc<dyn Durable> = Arc::new(replicated);
+        let mut gw = Gateway::assemble(config, clock, store, boot, tables, scanner, journal)?;
+        gw.leases = leases;
+        Ok(gw)
     }
 
     /// The tables besides the cards, loaded once the journal is running
@@ -227,6 +260,7 @@ impl Gateway {
             allow,
             partners,
             lists: tokio::sync::Mutex::new(()),
+            leases: None,
             scanner,
             audit,
             life: tokio::sync::Mutex::new(()),

@@ -28,6 +28,7 @@ use onecard_core::settle::sign::Signer;
 use crate::config::SinkConfig;
 use crate::net::client::{Connection, Protocol};
 use crate::service::gateway::Gateway;
+use crate::store::durable::{Commit, CommitError, Durable, Fence, Op};
 use crate::store::{Cf, Store, StoreError};
 
 /// Journal records read per pass.
@@ -39,6 +40,9 @@ const SEAL_AHEAD_PER_SEND: usize = 4;
 const HELD_BACK_MAX: usize = 16;
 /// How often an idle sink looks at the journal again.
 const POLL: Duration = Duration::from_millis(20);
+/// Cluster mode: how often the cursor alone (nothing sealed) is written.
+/// A node taking the sink over re-reads at most this much of the journal.
+const CLUSTER_CURSOR_EVERY: Duration = Duration::from_secs(10);
 
 /// A sealed batch as kept in [`Cf::Settle`] until acknowledged.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -146,10 +150,8 @@ pub fn report_prefix(sink: &str, day: i32) -> Vec<u8> {
 /// Forgets an acknowledged batch and adds its lines to the daily report,
 /// in one synced write: the report counts each batch once, whatever
 /// crashes come between.
-fn acknowledge(store: &Store, bp: &[u8], sink: &str, b: &Stored) -> Result<(), StoreError> {
-    let cf = store.cf(Cf::Settle);
-    let mut wb = rocksdb::WriteBatch::default();
-    wb.delete_cf(cf, key(bp, b.first_seq));
+fn acknowledge(store: &Store, bp: &[u8], sink: &str, b: &Stored) -> Result<Vec<Op>, StoreError> {
+    let mut ops = vec![Op::Delete(Cf::Settle, key(bp, b.first_seq))];
     for part in &b.summary {
         let k = [&report_prefix(sink, part.day)[..], part.site.as_bytes()].concat();
         let mut total = match store.get(Cf::Settle, &k)? {
@@ -164,10 +166,13 @@ fn acknowledge(store: &Store, bp: &[u8], sink: &str, b: &Stored) -> Result<(), S
             },
         };
         total.add(part);
-        wb.put_cf(cf, k, serde_json::to_vec(&total).expect("serializes"));
+        ops.push(Op::Put(
+            Cf::Settle,
+            k,
+            serde_json::to_vec(&total).expect("serializes"),
+        ));
     }
-    store.db().write_opt(wb, &synced())?;
-    Ok(())
+    Ok(ops)
 }
 
 /// What of a sink's local day is in stored or parked batches (sealed, not
@@ -200,10 +205,59 @@ pub fn report(store: &Store, sink: &str, day: i32) -> Result<Vec<DaySite>, Store
     Ok(out)
 }
 
-fn synced() -> rocksdb::WriteOptions {
-    let mut wo = rocksdb::WriteOptions::default();
-    wo.set_sync(true);
-    wo
+/// Why a sink's delivery stopped.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    /// Its state cannot be read or written here: stop loudly.
+    #[error("storage failure: {0}")]
+    Store(#[from] StoreError),
+    /// Cluster mode: another node wrote the sink's state since this node
+    /// read it (it took over, or this node restarted and had not seen
+    /// where the sink stands). Nothing was written: start over from the
+    /// state as it is now.
+    #[error("another node wrote this sink's state")]
+    Stale,
+    /// Cluster mode: the state could not be written to the cluster (no
+    /// quorum): give the sink up for now.
+    #[error("cannot write to the cluster's journal: {0}")]
+    Cut(CommitError),
+}
+
+/// Where a sink's delivery state (sealed batches, cursor, report) is
+/// written: this node's RocksDB, synced; or, in a cluster, the replicated
+/// journal, fenced on the sink, so every node holds it and a node that
+/// takes the sink over starts where its predecessor stopped.
+struct Writes {
+    cluster: Option<(Arc<dyn Durable>, Box<str>)>,
+}
+
+impl Writes {
+    async fn write(&self, store: &Store, ops: Vec<Op>, sync: bool) -> Result<(), Stop> {
+        match &self.cluster {
+            None => tokio::task::block_in_place(|| {
+                let mut wb = rocksdb::WriteBatch::default();
+                for op in &ops {
+                    match op {
+                        Op::Put(cf, k, v) => wb.put_cf(store.cf(*cf), k, v),
+                        Op::Delete(cf, k) => wb.delete_cf(store.cf(*cf), k),
+                    }
+                }
+                let mut wo = rocksdb::WriteOptions::default();
+                wo.set_sync(sync);
+                store.db().write_opt(wb, &wo).map_err(StoreError::from)
+            })
+            .map_err(Stop::from),
+            Some((journal, sink)) => {
+                let mut commit = Commit::new(None, ops);
+                commit.fences = vec![Fence::Sink(sink.clone())];
+                match journal.commit(commit).await {
+                    Ok(_) => Ok(()),
+                    Err(CommitError::Raced { .. }) => Err(Stop::Stale),
+                    Err(e) => Err(Stop::Cut(e)),
+                }
+            }
+        }
+    }
 }
 
 /// The batches of a sink waiting under `prefix`, oldest first, at most `n`.
@@ -461,7 +515,9 @@ fn read_journal(
     }
 }
 
-/// Runs delivery for one sink until `stop` fires.
+/// Runs delivery for one sink until `stop` fires. In a cluster, only while
+/// this node holds the sink's lease: it waits for the lease, delivers
+/// while it holds it, and waits again if it loses it.
 pub async fn run(
     gw: Arc<Gateway>,
     cfg: SinkConfig,
@@ -469,18 +525,146 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let name = cfg.name.clone();
-    if let Err(e) = run_inner(gw, cfg, tls, &mut stop).await {
-        tracing::error!(sink = %name, error = %e, "settlement stopped: storage failure");
+    let result = match gw.leases.clone() {
+        None => {
+            let writes = Writes { cluster: None };
+            run_inner(&gw, &cfg, &tls, &writes, &mut stop).await
+        }
+        Some(leases) => run_leased(&gw, &cfg, &tls, &leases, &mut stop).await,
+    };
+    if let Err(e) = result {
+        tracing::error!(sink = %name, error = %e, "settlement stopped");
         metrics::gauge!("onecard_settle_failed", "sink" => name).set(1.0);
     }
 }
 
-async fn run_inner(
-    gw: Arc<Gateway>,
-    cfg: SinkConfig,
-    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+/// Cluster mode: delivers the sink for the whole cluster while this node
+/// holds its lease. A node that takes the lease first applies everything
+/// the stream holds (its predecessor's last batches and acknowledgements),
+/// then starts from the sink's replicated state: the same sealed batches,
+/// with the same ids, go out again, and a receiver that booked one
+/// acknowledges it again. Its writes are fenced on the sink, so a
+/// predecessor that has not noticed it lost the lease cannot write over it.
+async fn run_leased(
+    gw: &Arc<Gateway>,
+    cfg: &SinkConfig,
+    tls: &Arc<tokio_rustls::rustls::ClientConfig>,
+    leases: &Arc<crate::store::replicated::Leases>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), StoreError> {
+) -> Result<(), Stop> {
+    let name = cfg.name.clone();
+    let status = gw
+        .settlement
+        .get(&name)
+        .cloned()
+        .expect("every configured sink has a status");
+    let writes = Writes {
+        cluster: Some((gw.journal.clone(), name.as_str().into())),
+    };
+    let wait = leases.ttl / 3;
+    let what = format!("settle/{name}");
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let mut lease = match leases.try_acquire(&what).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                status.set_deliverer(leases.holder(&what).await, false);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(sink = %name, error = %e, "settlement: cannot ask for the sink's lease; asking again");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                continue;
+            }
+        };
+        if let Err(e) = leases.caught_up().await {
+            tracing::warn!(sink = %name, error = %e, "settlement: holding the lease but not caught up; giving it back");
+            leases.release(lease).await;
+            continue;
+        }
+        tracing::info!(sink = %name, "settlement: this node delivers the sink for the cluster");
+        status.set_deliverer(gw.config.cluster.as_ref().map(|c| c.node.clone()), true);
+        metrics::counter!("onecard_settle_takeovers_total", "sink" => name.clone()).increment(1);
+        metrics::gauge!("onecard_settle_delivering", "sink" => name.clone()).set(1.0);
+        // Delivery runs until the outer stop, or until a renewal fails.
+        let (inner_tx, mut inner_stop) = watch::channel(false);
+        let mut outer = stop.clone();
+        let renewals = async {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {
+                        if let Err(e) = leases.renew(&mut lease).await {
+                            tracing::warn!(sink = %name, error = %e, "settlement: the sink's lease was not renewed; stopping delivery here");
+                            return false;
+                        }
+                    }
+                    _ = outer.changed() => return true,
+                }
+            }
+        };
+        let delivery = async {
+            loop {
+                match run_inner(gw, cfg, tls, &writes, &mut inner_stop).await {
+                    // Another node wrote the sink's state (this node had
+                    // not seen all of it): start over from it, still
+                    // holding the lease; a successor's writes win.
+                    Err(Stop::Stale) => {
+                        tracing::info!(sink = %name, "settlement: the sink's state moved elsewhere; reading it again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if *inner_stop.borrow() {
+                            return Ok(());
+                        }
+                    }
+                    other => return other,
+                }
+            }
+        };
+        tokio::pin!(delivery);
+        let stopping = tokio::select! {
+            r = &mut delivery => match r {
+                Ok(()) => true,
+                Err(Stop::Cut(e)) => {
+                    tracing::warn!(sink = %name, error = %e, "settlement: cannot write to the cluster; giving the sink up for now");
+                    false
+                }
+                Err(e) => return Err(e),
+            },
+            outer_stop = renewals => {
+                let _ = inner_tx.send(true);
+                let _ = (&mut delivery).await;
+                outer_stop
+            }
+        };
+        status.set_deliverer(None, false);
+        metrics::gauge!("onecard_settle_delivering", "sink" => name.clone()).set(0.0);
+        leases.release(lease).await;
+        if stopping || *stop.borrow() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+async fn run_inner(
+    gw: &Arc<Gateway>,
+    cfg: &SinkConfig,
+    tls: &Arc<tokio_rustls::rustls::ClientConfig>,
+    writes: &Writes,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Stop> {
+    let (cfg, tls) = (cfg.clone(), tls.clone());
     let store = gw.store.clone();
     let name = cfg.name.clone();
     let uri: http::Uri = cfg.url.parse().expect("validated with the config");
@@ -522,6 +706,7 @@ async fn run_inner(
     let (bp, pp, ck) = (batch_prefix(&name), parked_prefix(&name), cursor_key(&name));
     let mut next_seq = store.get_u64(Cf::Settle, &ck)?.unwrap_or(0);
     let mut durable_cursor = next_seq;
+    let mut cursor_written_at = Instant::now();
     let mut read_ahead = VecDeque::new();
     // Failed attempts and the next try of each batch that failed: per
     // batch, since with several in flight one batch's failures must
@@ -571,7 +756,8 @@ async fn run_inner(
         }
         full_warned = full;
         if status.take_replay() {
-            let back = tokio::task::block_in_place(|| replay(&store, &name))?;
+            let (back, ops) = tokio::task::block_in_place(|| replay(&store, &name))?;
+            writes.write(&store, ops, true).await?;
             status.set_parked(0);
             tracing::info!(sink = %name, batches = back.len(), "parked batches put back in line by an operator");
             for b in &back {
@@ -581,19 +767,48 @@ async fn run_inner(
         // Reading and decoding the journal and the synced writes are
         // blocking work: off the async workers, which serve terminals.
         let now_ms = gw.now_ms();
-        let (read_any, stored) = tokio::task::block_in_place(|| {
+        let mut room = ahead.saturating_sub(backlog.batches);
+        if writes.cluster.is_some() {
+            // One batch per replicated write: a write is one message.
+            room = room.min(1);
+        }
+        let Filled {
+            read_any,
+            stored,
+            write,
+        } = tokio::task::block_in_place(|| {
             fill(
                 &store,
                 &mut batcher,
                 &mut read_ahead,
                 &mut next_seq,
-                &mut durable_cursor,
-                &ck,
-                &bp,
-                ahead.saturating_sub(backlog.batches),
+                durable_cursor,
+                (&ck, &bp),
+                room,
                 now_ms,
             )
         })?;
+        match write {
+            Some((ops, cursor)) if !stored.is_empty() => {
+                writes.write(&store, ops, true).await?;
+                durable_cursor = cursor;
+                crate::store::crashpoint::hit("settle.after_seal");
+            }
+            // Only the cursor moved. Unsynced: losing it costs a re-read
+            // from the last synced cursor, which rebuilds the same open
+            // batch. In a cluster every write is a replicated message: the
+            // cursor alone goes at most every few seconds.
+            Some((ops, cursor))
+                if writes.cluster.is_none()
+                    || cursor_written_at.elapsed() >= CLUSTER_CURSOR_EVERY =>
+            {
+                writes.write(&store, ops, false).await?;
+                durable_cursor = cursor;
+                cursor_written_at = Instant::now();
+                crate::store::crashpoint::hit("settle.after_cursor");
+            }
+            _ => {}
+        }
         for b in &stored {
             backlog.add(b);
             metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "sealed").increment(1);
@@ -696,7 +911,8 @@ async fn run_inner(
                     status.acked(gw.now_ms());
                     circuit.success();
                     retries.remove(&b.first_seq);
-                    tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, &b))?;
+                    let ops = tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, &b))?;
+                    writes.write(&store, ops, true).await?;
                     crate::store::crashpoint::hit("settle.after_ack");
                     metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
                     metrics::counter!("onecard_settle_events_total", "sink" => name.clone())
@@ -707,7 +923,7 @@ async fn run_inner(
                 Sent::Park(why) => {
                     circuit.success();
                     retries.remove(&b.first_seq);
-                    park(&store, &bp, &pp, &b, &why)?;
+                    writes.write(&store, park(&bp, &pp, &b, &why), true).await?;
                     status.parked_add(1);
                     backlog.remove(&b);
                     parked(&name, &b, &why);
@@ -726,7 +942,7 @@ async fn run_inner(
                     }
                     if attempts >= cfg.attempts_max {
                         let why = format!("{attempts} attempts failed; the last: {why}");
-                        park(&store, &bp, &pp, &b, &why)?;
+                        writes.write(&store, park(&bp, &pp, &b, &why), true).await?;
                         status.parked_add(1);
                         backlog.remove(&b);
                         parked(&name, &b, &why);
@@ -758,22 +974,28 @@ async fn run_inner(
     }
 }
 
+/// What one pass over the journal came to: whether anything was read, the
+/// batches sealed, and what to write for them (all or nothing, synced when
+/// it stores batches) with the cursor it moves to.
+struct Filled {
+    read_any: bool,
+    stored: Vec<Stored>,
+    write: Option<(Vec<Op>, u64)>,
+}
+
 /// One pass over the journal: offers records from `next_seq` on to the
-/// batcher and stores, in one synced write, every batch that seals (at most
-/// `room` of them), with the cursor past the last. Returns whether anything
-/// was read and the batches stored.
-#[allow(clippy::too_many_arguments)]
+/// batcher and returns every batch that seals (at most `room` of them) and
+/// the write that stores them with the cursor past the last.
 fn fill(
     store: &Store,
     batcher: &mut Batcher,
     read_ahead: &mut VecDeque<(u64, DecisionRecord)>,
     next_seq: &mut u64,
-    durable_cursor: &mut u64,
-    ck: &[u8],
-    bp: &[u8],
+    durable_cursor: u64,
+    (ck, bp): (&[u8], &[u8]),
     room: usize,
     now_ms: i64,
-) -> Result<(bool, Vec<Stored>), StoreError> {
+) -> Result<Filled, StoreError> {
     // Records read and decoded but not offered yet wait in `read_ahead`
     // (from `next_seq` on): when only a batch or two have room, the rest
     // of a read is not decoded again on the next pass.
@@ -794,33 +1016,35 @@ fn fill(
         sealed.extend(batcher.tick(now_ms));
     }
     let stored: Vec<Stored> = sealed.into_iter().map(Stored::from).collect();
-    let cf = store.cf(Cf::Settle);
     // Where a restart reads the journal again: the first record that
     // shaped the open batch, not the one after the last stored event (a
     // reversal that took a charge out of the open batch may lie between
     // them, and offered again without its charge it would go out as a
     // refund of a charge never sent).
     let resume = batcher.resume_seq(*next_seq);
-    if !stored.is_empty() {
-        let mut wb = rocksdb::WriteBatch::default();
-        for b in &stored {
-            debug_assert!(b.last_seq < resume, "a stored batch is behind the cursor");
-            wb.put_cf(cf, key(bp, b.first_seq), b.encode());
-        }
-        *durable_cursor = resume;
-        wb.put_cf(cf, ck, resume.to_be_bytes());
-        store.db().write_opt(wb, &synced())?;
-        crate::store::crashpoint::hit("settle.after_seal");
-    } else if resume > *durable_cursor {
+    let cursor = Op::Put(Cf::Settle, ck.to_vec(), resume.to_be_bytes().to_vec());
+    let write = if !stored.is_empty() {
+        let mut ops: Vec<Op> = stored
+            .iter()
+            .map(|b| {
+                debug_assert!(b.last_seq < resume, "a stored batch is behind the cursor");
+                Op::Put(Cf::Settle, key(bp, b.first_seq), b.encode())
+            })
+            .collect();
+        ops.push(cursor);
+        Some((ops, resume))
+    } else if resume > durable_cursor {
         // Nothing new is stored, and everything before `resume` is in a
         // stored batch or cancelled out: skip it on the next start.
-        // Unsynced: losing it costs a re-read from the last synced cursor,
-        // which rebuilds the same open batch.
-        store.db().put_cf(cf, ck, resume.to_be_bytes())?;
-        *durable_cursor = resume;
-        crate::store::crashpoint::hit("settle.after_cursor");
-    }
-    Ok((read_any, stored))
+        Some((vec![cursor], resume))
+    } else {
+        None
+    };
+    Ok(Filled {
+        read_any,
+        stored,
+        write,
+    })
 }
 
 /// Batches and events stored and not yet acknowledged.
@@ -858,35 +1082,31 @@ fn parked(sink: &str, b: &Stored, why: &str) {
 /// once the receiver is fixed), in one synced write, and returns them. Ids
 /// and bytes are unchanged, so a receiver that booked one answers with its
 /// acknowledgement again. Run by the delivery task, which counts them.
-fn replay(store: &Store, sink: &str) -> Result<Vec<Stored>, StoreError> {
+fn replay(store: &Store, sink: &str) -> Result<(Vec<Stored>, Vec<Op>), StoreError> {
     let (bp, pp) = (batch_prefix(sink), parked_prefix(sink));
     let parked = list(store, &pp, usize::MAX)?;
-    let mut wb = rocksdb::WriteBatch::default();
-    let cf = store.cf(Cf::Settle);
+    let mut ops = Vec::with_capacity(parked.len() * 2);
     for b in &parked {
         let back = Stored {
             parked: None,
             ..b.clone()
         };
-        wb.delete_cf(cf, key(&pp, b.first_seq));
-        wb.put_cf(cf, key(&bp, b.first_seq), back.encode());
+        ops.push(Op::Delete(Cf::Settle, key(&pp, b.first_seq)));
+        ops.push(Op::Put(Cf::Settle, key(&bp, b.first_seq), back.encode()));
     }
-    store.db().write_opt(wb, &synced())?;
-    Ok(parked)
+    Ok((parked, ops))
 }
 
 /// Moves a batch from waiting to parked, in one synced write.
-fn park(store: &Store, bp: &[u8], pp: &[u8], b: &Stored, why: &str) -> Result<(), StoreError> {
+fn park(bp: &[u8], pp: &[u8], b: &Stored, why: &str) -> Vec<Op> {
     let parked = Stored {
         parked: Some(why.to_owned()),
         ..b.clone()
     };
-    let mut wb = rocksdb::WriteBatch::default();
-    let cf = store.cf(Cf::Settle);
-    wb.delete_cf(cf, key(bp, b.first_seq));
-    wb.put_cf(cf, key(pp, b.first_seq), parked.encode());
-    store.db().write_opt(wb, &synced())?;
-    Ok(())
+    vec![
+        Op::Delete(Cf::Settle, key(bp, b.first_seq)),
+        Op::Put(Cf::Settle, key(pp, b.first_seq), parked.encode()),
+    ]
 }
 
 #[cfg(test)]

@@ -24,6 +24,10 @@ pub struct SinkStatus {
     /// From the sink's config: the backlog bound and the age that warns.
     batches_max: u64,
     warn_age_ms: i64,
+    /// Cluster mode: the node delivering the sink for the cluster (as
+    /// far as this node knows), and whether it is this one.
+    deliverer: parking_lot::Mutex<Option<String>>,
+    delivering_here: AtomicBool,
 }
 
 /// A sink's status as the admin API shows it.
@@ -44,6 +48,14 @@ pub struct View {
     pub circuit: &'static str,
     pub paused: bool,
     pub parked: u64,
+    /// Cluster mode: the node delivering this sink for the whole cluster
+    /// (null while none holds its lease); absent on a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_by: Option<Option<String>>,
+    /// Cluster mode: whether this node delivers it. The other figures
+    /// are this node's last view when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivering_here: Option<bool>,
     /// What an SRE should look at; empty when all is well. Authorization
     /// does not depend on any of it, so `/readyz` stays green and lists
     /// them.
@@ -99,11 +111,19 @@ impl SinkStatus {
     pub fn take_replay(&self) -> bool {
         self.replay.swap(false, Ordering::AcqRel)
     }
+    /// Cluster mode: who delivers the sink, and whether this node does.
+    pub fn set_deliverer(&self, node: Option<String>, here: bool) {
+        *self.deliverer.lock() = node.or_else(|| Some(String::new()));
+        self.delivering_here.store(here, Ordering::Relaxed);
+    }
 
     pub fn view(&self, now_ms: i64) -> View {
         let parked = self.parked.load(Ordering::Relaxed);
         let oldest = self.oldest_at_ms.load(Ordering::Relaxed);
         let last = self.last_ack_ms.load(Ordering::Relaxed);
+        // Read once: a second lock in the same expression would wait for
+        // the first for ever.
+        let deliverer = self.deliverer.lock().clone();
         let mut v = View {
             sink: self.name.clone(),
             cursor: self.cursor.load(Ordering::Relaxed),
@@ -123,6 +143,10 @@ impl SinkStatus {
             },
             paused: self.is_paused(),
             parked,
+            delivering_here: deliverer
+                .is_some()
+                .then(|| self.delivering_here.load(Ordering::Relaxed)),
+            delivered_by: deliverer.map(|n| (!n.is_empty()).then_some(n)),
             warnings: Vec::new(),
         };
         v.warnings = self.warnings(&v);
@@ -225,6 +249,8 @@ mod tests {
                 circuit: "open",
                 paused: true,
                 parked: 3,
+                delivered_by: None,
+                delivering_here: None,
                 warnings: vec![
                     "backlog at 2 of 4 batches; at the bound new events wait in the journal".into(),
                     "the oldest unacknowledged event is 4 s old (warning from 3 s)".into(),

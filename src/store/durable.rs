@@ -66,6 +66,10 @@ pub struct Commit {
 pub enum Fence {
     /// A culture venue's daily count (its quota).
     Venue(Box<str>),
+    /// A settlement sink's delivery state (its sealed batches, cursor and
+    /// report): written by the one node delivering the sink, and by a
+    /// node that took over only once it has read all its predecessor wrote.
+    Sink(Box<str>),
 }
 
 impl Commit {

@@ -421,6 +421,9 @@ pub struct Replicated {
     view: Arc<Mutex<StreamView>>,
     node: String,
     stream_name: String,
+    replicas: usize,
+    /// The largest message the servers take (`max_payload`).
+    max_payload: usize,
 }
 
 /// The journal stream as the health probe last saw it.
@@ -459,6 +462,7 @@ impl Replicated {
             stalled: Notify::new(),
             applied_at: Mutex::new(None),
         });
+        let max_payload = cluster.client.server_info().max_payload;
         let Cluster {
             client,
             js,
@@ -512,7 +516,168 @@ impl Replicated {
             view,
             node: config.node.clone(),
             stream_name: config.stream.clone(),
+            replicas: config.replicas,
+            max_payload,
         })
+    }
+
+    /// The largest message the NATS servers take: a commit (a sealed
+    /// settlement batch, a disbursement batch) must fit in one.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Leases for work one node does for the whole cluster (delivering a
+    /// sink's batches), in the key-value bucket `<stream>_LEASES`
+    /// (replicated like the stream), each lasting `ttl` unless renewed.
+    pub async fn leases(&self, ttl: Duration) -> Result<Leases, ClusterError> {
+        let bucket = format!("{}_LEASES", self.stream_name);
+        let err = |detail: String| ClusterError::Stream {
+            stream: format!("KV_{bucket}"),
+            detail,
+        };
+        let kv = match self.js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => {
+                let config = jetstream::kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    // A lease nobody renews is gone after this long: the
+                    // node holding it died, and another takes over.
+                    max_age: ttl,
+                    num_replicas: self.replicas,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                };
+                match self.js.create_key_value(config).await {
+                    Ok(kv) => kv,
+                    // Another node made it at the same moment.
+                    Err(e) => self
+                        .js
+                        .get_key_value(&bucket)
+                        .await
+                        .map_err(|_| err(e.to_string()))?,
+                }
+            }
+        };
+        Ok(Leases {
+            kv,
+            owner: format!("{} {}", self.node, nuid_like()),
+            ttl,
+            stream: self.stream.clone(),
+            applied: self.applied.clone(),
+        })
+    }
+}
+
+/// One node at a time does some work for the whole cluster: a lease in a
+/// replicated key-value bucket, created by the first node to ask, renewed
+/// by its holder, and gone `ttl` after the holder stops renewing it (its
+/// process died or lost the quorum). A lease only says who should do the
+/// work; what makes the work safe is that its writes are fenced (see
+/// [`Fence::Sink`]): a holder that lost its lease without knowing it
+/// cannot write over its successor.
+pub struct Leases {
+    kv: jetstream::kv::Store,
+    /// This process: its node name and a token of this run, so a node
+    /// restarted at once does not take its dead run's lease for its own.
+    owner: String,
+    pub ttl: Duration,
+    stream: stream::Stream,
+    applied: Arc<Applied>,
+}
+
+/// A lease held: its key and the revision this node last wrote.
+pub struct Lease {
+    key: String,
+    revision: u64,
+}
+
+/// The key of the lease on `what` (a hash: keys allow few characters).
+fn lease_key(what: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"onecard lease\0")
+        .chain_update(what.as_bytes())
+        .finalize();
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Leases {
+    /// Takes the lease on `what` if nobody holds it (or this run already
+    /// does); `None` when another node holds it.
+    pub async fn try_acquire(&self, what: &str) -> Result<Option<Lease>, String> {
+        let key = lease_key(what);
+        let ask = tokio::time::timeout(self.ttl, self.kv.create(&key, self.owner.clone().into()))
+            .await
+            .map_err(|_| "the lease bucket did not answer in time".to_owned())?;
+        match ask {
+            Ok(revision) => Ok(Some(Lease { key, revision })),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                match self.kv.entry(&key).await {
+                    Ok(Some(entry)) if entry.value == self.owner.as_bytes() => Ok(Some(Lease {
+                        key,
+                        revision: entry.revision,
+                    })),
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Renews a lease held; an error means it may be lost (another node
+    /// holds it now, or the quorum did not answer in time).
+    pub async fn renew(&self, lease: &mut Lease) -> Result<(), String> {
+        let renewed = tokio::time::timeout(
+            self.ttl / 3,
+            self.kv
+                .update(&lease.key, self.owner.clone().into(), lease.revision),
+        )
+        .await
+        .map_err(|_| "the lease bucket did not answer in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+        lease.revision = renewed;
+        Ok(())
+    }
+
+    /// Gives a lease up (a clean stop): another node takes over at once
+    /// rather than after `ttl`.
+    pub async fn release(&self, lease: Lease) {
+        let _ = tokio::time::timeout(
+            self.ttl / 3,
+            self.kv
+                .delete_expect_revision(&lease.key, Some(lease.revision)),
+        )
+        .await;
+    }
+
+    /// The node holding the lease on `what`, as far as this node can see.
+    pub async fn holder(&self, what: &str) -> Option<String> {
+        let entry = self.kv.entry(lease_key(what)).await.ok()??;
+        if entry.operation != jetstream::kv::Operation::Put {
+            return None;
+        }
+        let owner = String::from_utf8_lossy(&entry.value).into_owned();
+        owner.split(' ').next().map(str::to_owned)
+    }
+
+    /// Waits until this node has applied everything the stream holds now:
+    /// a new holder starts from all its predecessor wrote.
+    pub async fn caught_up(&self) -> Result<(), String> {
+        let target = tokio::time::timeout(self.ttl, self.stream.get_info())
+            .await
+            .map_err(|_| "the journal stream did not answer in time".to_owned())?
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        if wait_applied(&self.applied, target, self.ttl * 2).await {
+            Ok(())
+        } else {
+            Err(format!(
+                "not caught up with stream sequence {target} in time"
+            ))
+        }
     }
 }
 
@@ -572,11 +737,17 @@ impl Durable for Replicated {
         if fences.len() >= BATCH_MESSAGES_MAX {
             return Err(CommitError::TooLarge);
         }
+        let payload = encode_commit(&commit);
+        if payload.len() > self.max_payload {
+            // The servers would refuse it (and the refusal would look like
+            // an outage): say what it is.
+            return Err(CommitError::TooLarge);
+        }
         let message = Outgoing {
             subject,
             expected,
             id: message_id(&commit),
-            payload: encode_commit(&commit).into(),
+            payload: payload.into(),
             fences,
         };
         let (reply, pending) = Pending::channel();
@@ -979,16 +1150,16 @@ fn nuid_like() -> String {
 
 /// The subject a fence moves.
 fn fence_subject(prefix: &str, fence: &Fence) -> String {
-    match fence {
-        Fence::Venue(site) => {
-            let digest = Sha256::new()
-                .chain_update(b"onecard venue subject\0")
-                .chain_update(site.as_bytes())
-                .finalize();
-            let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-            format!("{prefix}.venue.{hex}")
-        }
-    }
+    let (kind, name, domain): (&str, &str, &[u8]) = match fence {
+        Fence::Venue(site) => ("venue", site, b"onecard venue subject\0"),
+        Fence::Sink(sink) => ("sink", sink, b"onecard sink subject\0"),
+    };
+    let digest = Sha256::new()
+        .chain_update(domain)
+        .chain_update(name.as_bytes())
+        .finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}.{kind}.{hex}")
 }
 
 /// Whether a publish was refused because the subject has moved on since

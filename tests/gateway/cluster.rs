@@ -987,3 +987,215 @@ async fn an_offline_upload_and_online_taps_of_one_card_at_other_nodes_all_count(
         assert_eq!(v["spent_fen"], json!(spent));
     }
 }
+
+/// Settlement survives its delivering node: two nodes may deliver the
+/// sink (`cluster.settle`), one holds its lease; it is killed (-9) while
+/// taps go on through the others and batches are on their way. The other
+/// takes over where the stream says the sink stands, and the real
+/// receiver (`onecard sink-sim`) books every approval once: the same
+/// batches with the same ids went out again, none was sealed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_booked_once() {
+    use crate::common::process::{spawn_gateway, wait_ready};
+    use crate::common::sink::Sink;
+    use onecard::net::client::{self, FailoverTerminal};
+    use onecard_core::settle::sign::{Algorithm, Signer};
+    const KEY: &str = "cluster-takeover-key";
+    let sink_dir = tempfile::tempdir().unwrap();
+    let sink = Sink::new(sink_dir.path(), 3);
+    let receiver = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+        )
+        .await;
+    let nats = NatsCluster::start(3);
+    let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
+    let base = tempfile::tempdir().unwrap();
+    let extra = |node: &str, settle: bool| {
+        let mut s = format!(
+            "[cluster]\nnode = \"{node}\"\nurls = [{}]\npublish_timeout_ms = 2000\nsettle = {settle}\nsettle_lease_ms = 1500\n",
+            urls.join(", ")
+        );
+        if settle {
+            // Small batches, sealed quickly: many of them, some on their
+            // way when the node dies.
+            s.push_str(&format!(
+                "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\nevents_max = 7\nage_max_ms = 100\nbackoff_base_ms = 10\nbackoff_max_ms = 200\n",
+                receiver.addr.port(),
+                sink.certs.join(onecard::net::certs::CA_CERT),
+            ));
+        }
+        s
+    };
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 1..=3 {
+        let dir = base.path().join(format!("g{i}"));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        if i > 1 {
+            copy_dir(&base.path().join("g1/data/certs"), &dir.join("data/certs"));
+        }
+        let mut child = spawn_gateway(&dir, 8, &extra(&format!("g{i}"), i <= 2));
+        addrs.push(wait_ready(&mut child, &dir));
+        children.push(child);
+    }
+    eprintln!("takeover: three gateways up");
+    let certs = base.path().join("g1/data/certs");
+    const CARDS: usize = 20;
+    let card = |i: usize| format!("500118M{i:08}");
+    for i in 0..CARDS {
+        let a = client::admin(
+            addrs[2].admin,
+            Some(crate::common::TOKEN),
+            Method::PUT,
+            &format!("/admin/v1/cards/{}", card(i)),
+            Some(&json!({"status": "active", "functions": ["transit"]})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, http::StatusCode::OK);
+    }
+    // The sink as node `i` (0 or 1) shows it.
+    let sink_view = |i: usize| {
+        let admin = addrs[i].admin;
+        async move {
+            let a = client::admin(
+                admin,
+                Some(crate::common::TOKEN),
+                Method::GET,
+                "/admin/v1/settlement",
+                None,
+            )
+            .await
+            .ok()?;
+            (a.status == http::StatusCode::OK).then(|| a.json()["sinks"][0].clone())
+        }
+    };
+    // One of the two delivers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let delivering = loop {
+        let mut here = Vec::new();
+        for i in 0..2 {
+            if sink_view(i)
+                .await
+                .is_some_and(|v| v["delivering_here"] == json!(true))
+            {
+                here.push(i);
+            }
+        }
+        if here.len() == 1 {
+            break here[0];
+        }
+        assert!(Instant::now() < deadline, "no one node delivers: {here:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let survivor = 1 - delivering;
+    eprintln!("takeover: node {} delivers", delivering + 1);
+    // Taps through every node (terminals fail over), each event sent
+    // again until some node answers it.
+    let terminal_addrs: Vec<_> = addrs.iter().map(|a| a.terminal).collect();
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let mut tasks = Vec::new();
+    for n in 1..=4u32 {
+        let mut t = FailoverTerminal::new(
+            terminal_addrs.clone(),
+            Some(&certs),
+            n,
+            Protocol::Http1,
+            n as usize,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut approved = (0u64, 0i64);
+            let mut i = 0;
+            while Instant::now() < stop_at {
+                i += 1;
+                let event = format!("m{n}-{i}");
+                let body = tap(&event, &card(i % CARDS), "transit", 100 + i as i64 % 7);
+                let give_up = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match t.authorize(&body).await {
+                        Ok(a) if a.status == http::StatusCode::OK => {
+                            let v = a.json();
+                            if v["decision"] == "approve" {
+                                approved.0 += 1;
+                                approved.1 += v["amount_fen"].as_i64().unwrap();
+                            }
+                            break;
+                        }
+                        Ok(a) if a.status != http::StatusCode::SERVICE_UNAVAILABLE => {
+                            panic!("{event}: {} {}", a.status, String::from_utf8_lossy(&a.body))
+                        }
+                        _ => {
+                            assert!(Instant::now() < give_up, "{event}: no node answered");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            approved
+        }));
+    }
+    // Once the receiver has booked some batches, the delivering node dies.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.ledger(receiver.addr).await.events < 30 {
+        assert!(Instant::now() < deadline, "nothing booked before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("takeover: killing the delivering node");
+    children[delivering].kill().unwrap();
+    children[delivering].wait().unwrap();
+    let killed_at = Instant::now();
+    // The survivor takes over by itself, while the taps go on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if sink_view(survivor)
+            .await
+            .is_some_and(|v| v["delivering_here"] == json!(true))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivor never took the sink over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "takeover: the survivor delivers {} ms after the kill",
+        killed_at.elapsed().as_millis()
+    );
+    let (mut approved, mut fen) = (0u64, 0i64);
+    for t in tasks {
+        let (n, f) = t.await.unwrap();
+        approved += n;
+        fen += f;
+    }
+    assert!(approved > 60, "too little load to say anything: {approved}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ledger = loop {
+        let l = sink.ledger(receiver.addr).await;
+        if l.events >= approved || Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (ledger.events, ledger.total_fen),
+        (approved, fen),
+        "{ledger:?}"
+    );
+    // Nothing more arrives: each approval once.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let again = sink.ledger(receiver.addr).await;
+    assert_eq!(
+        (again.events, again.total_fen),
+        (approved, fen),
+        "{again:?}"
+    );
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -65,7 +65,7 @@ impl NatsCluster {
             };
             let text = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{client_port}\n\
-                 jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n{cluster}",
+                 jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\nmax_payload: 8MB\n{cluster}",
                 store.display()
             );
             let config = dir.path().join(format!("{name}.conf"));
