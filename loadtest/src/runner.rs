@@ -38,6 +38,9 @@ pub const RECONNECTS_MAX: u32 = 3;
 /// Where the terminals connect and as whom.
 pub struct Target {
     pub addr: SocketAddr,
+    /// Further nodes of a cluster: terminal `n` connects to node
+    /// `n % (1 + others.len())`, the first being `addr`.
+    pub others: Vec<SocketAddr>,
     /// Client certificates from `onecard certs`; plaintext with `X-Terminal-Id` without.
     pub certs: Option<PathBuf>,
     pub terminals: u32,
@@ -47,11 +50,21 @@ pub struct Target {
 impl Target {
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.addr.ip().is_loopback(),
+            std::iter::once(&self.addr)
+                .chain(&self.others)
+                .all(|a| a.ip().is_loopback()),
             "load goes to loopback addresses only"
         );
         anyhow::ensure!(self.terminals >= 1, "at least one terminal");
         Ok(())
+    }
+
+    /// The node terminal `n` sends to.
+    fn node(&self, n: u32) -> SocketAddr {
+        match n as usize % (1 + self.others.len()) {
+            0 => self.addr,
+            i => self.others[i - 1],
+        }
     }
 
     fn headers<'a>(&self, id: &'a str) -> Vec<(&'static str, &'a str)> {
@@ -66,7 +79,7 @@ impl Target {
     /// accepted it completely before any timed request.
     pub async fn connect(&self, n: u32) -> Result<Connection, ClientError> {
         let mut conn =
-            client::connect_terminal(self.addr, self.certs.as_deref(), n, self.protocol).await?;
+            client::connect_terminal(self.node(n), self.certs.as_deref(), n, self.protocol).await?;
         let id = certs::terminal_id(n);
         let a = conn
             .send(Method::GET, "/v1/ping", &self.headers(&id), Vec::new())

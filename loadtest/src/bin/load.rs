@@ -47,9 +47,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Terminal listener of the gateway (loopback).
-    #[arg(long)]
-    addr: SocketAddr,
+    /// Terminal listener of the gateway (loopback); given once per node
+    /// of a cluster, the terminals are spread over them round robin.
+    #[arg(long, required = true)]
+    addr: Vec<SocketAddr>,
     /// Certificates from `onecard certs` (one per terminal); plaintext with X-Terminal-Id without.
     #[arg(long)]
     certs: Option<PathBuf>,
@@ -256,7 +257,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--protocol must be h1 or h2, not {other}"),
     };
     let target = Arc::new(Target {
-        addr: a.addr,
+        addr: a.addr[0],
+        others: a.addr[1..].to_vec(),
         certs: a.certs.clone(),
         terminals: a.terminals,
         protocol,
