@@ -449,6 +449,11 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
     let signer = || Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec());
     let mut receiver: Option<Running> =
         Some(sink.start("127.0.0.1:0".parse().unwrap(), signer()).await);
+    // While the receiver is down its port stays bound (not listening, so
+    // connections are refused as by a stopped server): otherwise another
+    // test's connection or listener may take it, and the receiver could
+    // not come back on its address.
+    let mut held: Option<tokio::net::TcpSocket> = None;
     let raddr: SocketAddr = receiver.as_ref().unwrap().addr;
     let mut extra = String::from("[policy]\ncard_daily_spend_max_fen = 3000\n");
     for (name, scenario) in [("transport", "transit"), ("medical", "medical")] {
@@ -607,8 +612,14 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
             // The receiver goes down, or comes back on the same address
             // with its ledger.
             _ => match receiver.take() {
-                Some(r) => r.stop().await,
-                None => receiver = Some(sink.start(raddr, signer()).await),
+                Some(r) => {
+                    r.stop().await;
+                    held = Some(hold_port(raddr));
+                }
+                None => {
+                    drop(held.take());
+                    receiver = Some(sink.start(raddr, signer()).await);
+                }
             },
         }
     }
@@ -616,6 +627,7 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
     // The receiver is back and behaves; operators replay what was parked
     // (wrong totals); everything drains.
     if receiver.is_none() {
+        drop(held.take());
         receiver = Some(sink.start(raddr, signer()).await);
     }
     sink.misbehave(raddr, json!({})).await;
@@ -742,4 +754,14 @@ async fn settlement_books_exactly_the_approved_and_not_reversed_events() {
             );
         }
     }
+}
+
+/// Binds `addr` without listening: the port stays this test's while its
+/// server is down, and connections to it are refused.
+fn hold_port(addr: std::net::SocketAddr) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // The stopped server's connections linger in TIME_WAIT on this port.
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket
 }
