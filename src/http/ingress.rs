@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::service::stats::Kind;
+
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -341,6 +343,7 @@ pub async fn terminal_request(
     req: Req,
 ) -> Response<Body> {
     let front = &*front;
+    let started = Instant::now();
     let found = routes::find(Listener::Terminal, req.method(), req.uri().path());
     let (label, response) = match found {
         Match::Found { route, .. } => {
@@ -359,6 +362,7 @@ pub async fn terminal_request(
                     };
                     let label = route.path;
                     metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(r.status())).increment(1);
+                    front.gw.stats.record(Kind::Route, label, started.elapsed());
                     return r;
                 }
                 _ => {
@@ -385,6 +389,7 @@ pub async fn terminal_request(
     } else {
         metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(response.status())).increment(1);
     }
+    front.gw.stats.record(Kind::Route, label, started.elapsed());
     response
 }
 

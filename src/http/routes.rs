@@ -17,6 +17,8 @@ pub enum Listener {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteId {
     Authorize,
+    /// `GET /admin/v1/stats`: latency percentiles of the last seconds.
+    Stats,
     Reverse,
     Hold,
     Capture,
@@ -228,6 +230,13 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/settlement",
         RouteId::Settlement,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/stats",
+        RouteId::Stats,
         Access::Operator,
     ),
     route(

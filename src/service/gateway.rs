@@ -115,6 +115,9 @@ pub struct Gateway {
     /// Cluster mode, on a node with `cluster.settle`: the sinks' delivery
     /// leases (one node at a time delivers each sink).
     pub leases: Option<Arc<Leases>>,
+    /// Latency percentiles of the last seconds, per route and scenario,
+    /// for the SRE's page and `GET /admin/v1/stats`.
+    pub stats: crate::service::stats::Stats,
 }
 
 impl Gateway {
@@ -261,6 +264,7 @@ impl Gateway {
             partners,
             lists: tokio::sync::Mutex::new(()),
             leases: None,
+            stats: crate::service::stats::Stats::new(),
             scanner,
             audit,
             life: tokio::sync::Mutex::new(()),

@@ -20,3 +20,4 @@ pub mod replay;
 pub mod reverse;
 pub mod settle;
 pub mod sinks;
+pub mod stats;

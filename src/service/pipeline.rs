@@ -305,9 +305,13 @@ impl Gateway {
         self.metrics
             .decision(scenario, committed.reason)
             .increment(1);
-        self.metrics
-            .latency(scenario)
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.metrics.latency(scenario).record(took.as_secs_f64());
+        self.stats.record(
+            crate::service::stats::Kind::Scenario,
+            scenario.as_str(),
+            took,
+        );
         Ok(committed.answer)
     }
 

@@ -25,4 +25,5 @@ mod scenarios;
 mod settle_receiver;
 mod settlement;
 mod simulation;
+mod stats;
 mod strict_receiver;

@@ -255,6 +255,10 @@ impl Admin {
             | RouteId::PartnerDenyGet
             | RouteId::Venues => self.scenes(id, param, req, actor(), now).await,
             RouteId::Settlement => self.settlement_status(),
+            RouteId::Stats => {
+                let window = stats_window(req.uri().query())?;
+                Ok(ok_json(&self.gateway.stats.window(window)))
+            }
             RouteId::SettlementParked
             | RouteId::SettlementReplay
             | RouteId::SettlementPause
@@ -791,4 +795,27 @@ fn report_figures(d: &DaySite) -> Value {
         "credited_fen": d.credited_fen,
         "net_fen": d.net_fen(),
     })
+}
+
+/// `window=10s` or `window=60s` (10 s when absent).
+fn stats_window(query: Option<&str>) -> Result<u64, ApiError> {
+    let mut window = 10;
+    for (k, v) in query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+    {
+        match (k, v) {
+            ("window", "10s") => window = 10,
+            ("window", "60s") => window = 60,
+            ("window", _) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "`window` must be 10s or 60s",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(window)
 }
