@@ -63,6 +63,11 @@ pub fn prometheus() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_cluster();
+    describe_counter!(
+        "onecard_holds_expired_total",
+        "Medical holds released because they were neither captured nor voided in time"
+    );
     describe_counter!(
         "onecard_http_requests_total",
         "HTTP requests by listener, route and status code"
@@ -210,4 +215,60 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Cluster mode's metrics (docs/metrics.md), described on every node so
+/// that each series has its help text when it appears.
+fn describe_cluster() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        "onecard_cluster_publish_seconds",
+        Unit::Seconds,
+        "From publishing a commit to the journal stream's quorum acknowledgement (or failure)"
+    );
+    describe_counter!(
+        "onecard_cluster_conflicts_total",
+        "Publishes refused because another node wrote about the card first"
+    );
+    describe_counter!(
+        "onecard_cluster_retries_total",
+        "Requests decided again after losing a race to another node"
+    );
+    describe_counter!(
+        "onecard_cluster_duplicates_total",
+        "Publishes the stream dropped as duplicates of an event decided before"
+    );
+    describe_counter!(
+        "onecard_cluster_publish_failures_total",
+        "Publishes not acknowledged in time (answered 503)"
+    );
+    describe_gauge!(
+        "onecard_cluster_quorum_reachable",
+        "1 while the journal stream answers this node's probe, else 0"
+    );
+    describe_gauge!(
+        "onecard_cluster_apply_lag_messages",
+        "Journal stream messages this node has not applied yet"
+    );
+    describe_gauge!(
+        "onecard_cluster_last_applied_age_seconds",
+        Unit::Seconds,
+        "Time since this node last applied a change from the cluster"
+    );
+    describe_gauge!(
+        "onecard_cluster_applied_seq",
+        "The last journal stream sequence this node has applied"
+    );
+    describe_counter!(
+        "onecard_cluster_consumer_restarts_total",
+        "Times the applier recreated its consumer because a publisher waited too long"
+    );
+    describe_gauge!(
+        "onecard_settle_delivering",
+        "1 on the node delivering the sink for the cluster (it holds the sink's lease), else 0"
+    );
+    describe_counter!(
+        "onecard_settle_takeovers_total",
+        "Times this node took a sink's delivery lease"
+    );
 }

@@ -76,3 +76,108 @@ async fn stats_give_each_route_and_scenario_its_count_and_percentiles() {
         .unwrap();
     assert_eq!(anon.status, StatusCode::UNAUTHORIZED);
 }
+
+/// What `/metrics` serves on a gateway with traffic (taps, declines, a
+/// replay, a 400, a settlement sink) is what Prometheus's own `promtool
+/// check metrics` accepts: well-formed, conventional names and units.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_check_metrics() {
+    let gw = TestGateway::start(|_| {}).await;
+    let card = "500118S00000002";
+    gw.put_card(card, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    for i in 0..10 {
+        t.authorize(&tap(&format!("pm-{i}"), card, "transit", 200))
+            .await
+            .unwrap();
+    }
+    t.authorize(&tap("pm-0", card, "transit", 200))
+        .await
+        .unwrap();
+    t.authorize(&tap("pm-x", "500118S99999999", "transit", 200))
+        .await
+        .unwrap();
+    t.authorize(&json!({"event_id": "pm-bad"})).await.unwrap();
+    let m = client::admin(gw.admin_addr(), None, Method::GET, "/metrics", None)
+        .await
+        .unwrap();
+    assert_eq!(m.status, StatusCode::OK);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    assert!(text.contains("onecard_authorize_latency_seconds"), "{text}");
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (scripts/setup-system installs Debian's prometheus)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The first string literal after each `macro!(` in `text`.
+fn names_after(text: &str, macros: &[&str]) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for m in macros {
+        for (at, _) in text.match_indices(m) {
+            let rest = text[at + m.len()..].trim_start();
+            if let Some(rest) = rest.strip_prefix('"') {
+                if let Some(end) = rest.find('"') {
+                    out.insert(rest[..end].to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every metric the code records has help text (a series without it is
+/// what `promtool check metrics` flags, and cluster-mode series only show
+/// up on a cluster) and a line in docs/metrics.md for the SRE.
+#[test]
+fn every_recorded_metric_is_described_and_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = String::new();
+    let mut dirs = vec![root.join("src")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                sources.push_str(&std::fs::read_to_string(p).unwrap());
+            }
+        }
+    }
+    let recorded = names_after(&sources, &["counter!(", "gauge!(", "histogram!("]);
+    let described = names_after(
+        &sources,
+        &[
+            "describe_counter!(",
+            "describe_gauge!(",
+            "describe_histogram!(",
+        ],
+    );
+    let docs = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    assert!(recorded.len() > 30, "{recorded:?}");
+    for name in recorded.iter().filter(|n| n.starts_with("onecard_")) {
+        assert!(
+            described.contains(name),
+            "{name} has no help text (app/telemetry.rs)"
+        );
+        assert!(docs.contains(name), "{name} is not in docs/metrics.md");
+    }
+}
