@@ -3,7 +3,8 @@
 //! idempotency check on a real RocksDB (a new event and a replay), and a
 //! journal group commit on a real RocksDB in both durability modes; the QR
 //! verification of a scan (whole token: parse, decode, signature, claims)
-//! for both algorithms, and the single-use check of its `jti`.
+//! for both algorithms, and the single-use check of its `jti`; the SRE's
+//! latency windows (one record per route and scenario).
 //!
 //! `cargo bench --bench hot_path` (figures in README.md, "Performance").
 
@@ -343,8 +344,26 @@ fn bench_qr(c: &mut Criterion) {
     });
 }
 
+/// What the SRE's latency windows cost each request: one record into a
+/// route's and a scenario's one-second slot (issue 18: the goal is under
+/// 2 % of an authorization).
+fn bench_stats(c: &mut Criterion) {
+    use onecard::service::stats::{Kind, Stats};
+    let stats = Stats::new();
+    let mut us = 0u64;
+    c.bench_function("stats/record_route_and_scenario", |b| {
+        b.iter(|| {
+            us = (us + 37) % 20_000;
+            let took = Duration::from_micros(200 + us);
+            stats.record(Kind::Route, "/v1/authorize", black_box(took));
+            stats.record(Kind::Scenario, "transit", black_box(took));
+        })
+    });
+}
+
 criterion_group!(
     benches,
+    bench_stats,
     bench_qr,
     bench_decode,
     bench_decide,
