@@ -594,7 +594,7 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
             urls.join(", ")
         )
     };
-    let mut children = Vec::new();
+    let mut children = crate::common::process::Children::default();
     let mut addrs = Vec::new();
     for i in 1..=3 {
         let dir = base.path().join(format!("g{i}"));
@@ -604,7 +604,7 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
         }
         let mut child = spawn_gateway(&dir, 8, &extra(&format!("g{i}")));
         addrs.push(wait_ready(&mut child, &dir));
-        children.push(child);
+        children.0.push(child);
     }
     let certs = base.path().join("g1/data/certs");
     const CARDS: usize = 40;
@@ -699,7 +699,7 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_gateway = Instant::now();
-    let mut g1 = children.remove(0);
+    let mut g1 = children.0.remove(0);
     g1.kill().unwrap();
     g1.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
@@ -830,10 +830,7 @@ async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
     for r in replays {
         r.await.unwrap();
     }
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(children);
 }
 
 /// Settlement in a cluster: the one node with `cluster.settle` delivers
@@ -1028,7 +1025,7 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         }
         s
     };
-    let mut children = Vec::new();
+    let mut children = crate::common::process::Children::default();
     let mut addrs = Vec::new();
     for i in 1..=3 {
         let dir = base.path().join(format!("g{i}"));
@@ -1038,7 +1035,7 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         }
         let mut child = spawn_gateway(&dir, 8, &extra(&format!("g{i}"), i <= 2));
         addrs.push(wait_ready(&mut child, &dir));
-        children.push(child);
+        children.0.push(child);
     }
     eprintln!("takeover: three gateways up");
     let certs = base.path().join("g1/data/certs");
@@ -1144,8 +1141,8 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("takeover: killing the delivering node");
-    children[delivering].kill().unwrap();
-    children[delivering].wait().unwrap();
+    children.0[delivering].kill().unwrap();
+    children.0[delivering].wait().unwrap();
     let killed_at = Instant::now();
     // The survivor takes over by itself, while the taps go on.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1194,8 +1191,5 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         (approved, fen),
         "{again:?}"
     );
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(children);
 }

@@ -81,3 +81,17 @@ pub fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::Ex
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Child processes killed (SIGKILL) and reaped when dropped: a test that
+/// fails half-way does not leave its gateways running.
+#[derive(Default)]
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
