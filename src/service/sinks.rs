@@ -26,8 +26,9 @@ pub struct SinkStatus {
     warn_age_ms: i64,
     /// Cluster mode: the node delivering the sink for the cluster (as
     /// far as this node knows), and whether it is this one.
-    deliverer: parking_lot::Mutex<Option<String>>,
-    delivering_here: AtomicBool,
+    /// `None` on a single node; in a cluster (the holder, if any, and
+    /// whether it is this node).
+    deliverer: parking_lot::Mutex<Option<(Option<String>, bool)>>,
 }
 
 /// A sink's status as the admin API shows it.
@@ -113,8 +114,7 @@ impl SinkStatus {
     }
     /// Cluster mode: who delivers the sink, and whether this node does.
     pub fn set_deliverer(&self, node: Option<String>, here: bool) {
-        *self.deliverer.lock() = node.or_else(|| Some(String::new()));
-        self.delivering_here.store(here, Ordering::Relaxed);
+        *self.deliverer.lock() = Some((node, here));
     }
 
     pub fn view(&self, now_ms: i64) -> View {
@@ -143,10 +143,8 @@ impl SinkStatus {
             },
             paused: self.is_paused(),
             parked,
-            delivering_here: deliverer
-                .is_some()
-                .then(|| self.delivering_here.load(Ordering::Relaxed)),
-            delivered_by: deliverer.map(|n| (!n.is_empty()).then_some(n)),
+            delivering_here: deliverer.as_ref().map(|(_, here)| *here),
+            delivered_by: deliverer.map(|(node, _)| node),
             warnings: Vec::new(),
         };
         v.warnings = self.warnings(&v);

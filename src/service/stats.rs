@@ -37,6 +37,22 @@ impl Ring {
                 .collect(),
         }
     }
+
+    /// Records `took` into the slot of `second`, clearing a slot left
+    /// from a minute before.
+    fn record(&self, second: u64, took: Duration) {
+        let mut slot = self.slots[(second % WINDOW_MAX_S) as usize].lock();
+        if slot.0 != second {
+            slot.0 = second;
+            slot.1.reset();
+        }
+        // At least 1 µs (0 is outside the histogram); it grows to fit
+        // (`saturating_record` would clamp at its current top instead).
+        let us = (took.as_micros() as u64).max(1);
+        if slot.1.record(us).is_err() {
+            slot.1.saturating_record(us);
+        }
+    }
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -91,21 +107,18 @@ impl Stats {
         }
     }
 
-    /// Records one request of `name` that took `took`.
+    /// Records one request of `name` that took `took`: under the keys'
+    /// read lock, without touching the ring's reference count.
     pub fn record(&self, kind: Kind, name: &'static str, took: Duration) {
-        let ring = self.ring(kind, name);
         let second = self.started.elapsed().as_secs();
-        let mut slot = ring.slots[(second % WINDOW_MAX_S) as usize].lock();
-        if slot.0 != second {
-            slot.0 = second;
-            slot.1.reset();
+        {
+            let keys = self.keys.read();
+            if let Some((_, _, ring)) = keys.iter().find(|(k, n, _)| *k == kind && *n == name) {
+                ring.record(second, took);
+                return;
+            }
         }
-        // At least 1 µs (0 is outside the histogram); it grows to fit
-        // (`saturating_record` would clamp at its current top instead).
-        let us = (took.as_micros() as u64).max(1);
-        if slot.1.record(us).is_err() {
-            slot.1.saturating_record(us);
-        }
+        self.ring(kind, name).record(second, took);
     }
 
     fn ring(&self, kind: Kind, name: &'static str) -> Arc<Ring> {

@@ -227,12 +227,12 @@ fn commit_card(commit: &Commit) -> Option<&str> {
     if !commit.also.is_empty() {
         return None;
     }
-    let mut cards = commit.ops.iter().filter_map(|op| match op {
-        Op::Put(Cf::Cards, k, _) | Op::Delete(Cf::Cards, k) => std::str::from_utf8(k).ok(),
+    let cards = commit_cards(commit);
+    let mut only = cards.iter();
+    match (only.next(), only.next()) {
+        (Some(card), None) => Some(*card),
         _ => None,
-    });
-    let first = cards.next()?;
-    cards.all(|c| c == first).then_some(first)
+    }
 }
 
 /// Every card a commit writes, each once.

@@ -70,6 +70,86 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Three real gateways (the binary, killable) on `dir`, sharing the
+/// development certificates of the first; `extra(i)` is node `i`'s
+/// (1 to 3) config besides the listeners.
+struct Nodes {
+    children: crate::common::process::Children,
+    addrs: Vec<onecard::app::server::Addrs>,
+    /// The terminals' certificates (every node trusts them).
+    certs: std::path::PathBuf,
+}
+
+fn spawn_nodes(base: &std::path::Path, extra: impl Fn(usize) -> String) -> Nodes {
+    use crate::common::process::{spawn_gateway, wait_ready, Children};
+    let mut children = Children::default();
+    let mut addrs = Vec::new();
+    for i in 1..=3 {
+        let dir = base.join(format!("g{i}"));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        if i > 1 {
+            copy_dir(&base.join("g1/data/certs"), &dir.join("data/certs"));
+        }
+        let mut child = spawn_gateway(&dir, 8, &extra(i));
+        addrs.push(wait_ready(&mut child, &dir));
+        children.0.push(child);
+    }
+    Nodes {
+        children,
+        addrs,
+        certs: base.join("g1/data/certs"),
+    }
+}
+
+/// Registers `cards` through the admin API at `admin`, active with
+/// `functions`.
+async fn put_cards_at(admin: std::net::SocketAddr, cards: &[String], functions: Value) {
+    for card in cards {
+        let a = onecard::net::client::admin(
+            admin,
+            Some(crate::common::TOKEN),
+            Method::PUT,
+            &format!("/admin/v1/cards/{card}"),
+            Some(&json!({"status": "active", "functions": functions})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, http::StatusCode::OK);
+    }
+}
+
+/// Waits (up to `within`) until the receiver has booked `approved`
+/// events for `fen`, checks it booked exactly that, and that nothing more
+/// arrives in the `quiet` after: each approval once.
+async fn booked_once(
+    sink: &crate::common::sink::Sink,
+    addr: std::net::SocketAddr,
+    (approved, fen): (u64, i64),
+    within: Duration,
+    quiet: Duration,
+) {
+    let deadline = Instant::now() + within;
+    let ledger = loop {
+        let l = sink.ledger(addr).await;
+        if l.events >= approved || Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (ledger.events, ledger.total_fen),
+        (approved, fen),
+        "{ledger:?}"
+    );
+    tokio::time::sleep(quiet).await;
+    let again = sink.ledger(addr).await;
+    assert_eq!(
+        (again.events, again.total_fen),
+        (approved, fen),
+        "{again:?}"
+    );
+}
+
 /// `body` sent to `gw` by terminal `n` on a task of its own; its
 /// (decision, reason).
 fn spawn_authorize(
@@ -583,44 +663,24 @@ struct Answered {
 /// on deciding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_a_gateway_and_of_a_nats_node_under_load_loses_no_answer() {
-    use crate::common::process::{spawn_gateway, wait_ready};
     use onecard::net::client::{self, FailoverTerminal};
     let mut nats = NatsCluster::start(3);
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     let base = tempfile::tempdir().unwrap();
-    let extra = |node: &str| {
+    let Nodes {
+        mut children,
+        addrs,
+        certs,
+    } = spawn_nodes(base.path(), |i| {
         format!(
-            "[cluster]\nnode = \"{node}\"\nurls = [{}]\npublish_timeout_ms = 2000\n[policy]\ncard_daily_spend_max_fen = 100000000\n",
+            "[cluster]\nnode = \"g{i}\"\nurls = [{}]\npublish_timeout_ms = 2000\n[policy]\ncard_daily_spend_max_fen = 100000000\n",
             urls.join(", ")
         )
-    };
-    let mut children = crate::common::process::Children::default();
-    let mut addrs = Vec::new();
-    for i in 1..=3 {
-        let dir = base.path().join(format!("g{i}"));
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        if i > 1 {
-            copy_dir(&base.path().join("g1/data/certs"), &dir.join("data/certs"));
-        }
-        let mut child = spawn_gateway(&dir, 8, &extra(&format!("g{i}")));
-        addrs.push(wait_ready(&mut child, &dir));
-        children.0.push(child);
-    }
-    let certs = base.path().join("g1/data/certs");
+    });
     const CARDS: usize = 40;
     let card = |i: usize| format!("500118K{i:08}");
-    for i in 0..CARDS {
-        let a = client::admin(
-            addrs[0].admin,
-            Some(crate::common::TOKEN),
-            Method::PUT,
-            &format!("/admin/v1/cards/{}", card(i)),
-            Some(&json!({"status": "active", "functions": ["transit", "financial"]})),
-        )
-        .await
-        .unwrap();
-        assert_eq!(a.status, http::StatusCode::OK);
-    }
+    let cards: Vec<String> = (0..CARDS).map(card).collect();
+    put_cards_at(addrs[0].admin, &cards, json!(["transit", "financial"])).await;
     let spent_at = |admin: std::net::SocketAddr, i: usize| async move {
         let a = client::admin(
             admin,
@@ -902,23 +962,14 @@ async fn one_settling_node_books_every_nodes_approvals_once() {
         }
     }
     assert_eq!(approved, 18);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ledger = loop {
-        let l = sink.ledger(receiver.addr).await;
-        if l.events >= approved || Instant::now() > deadline {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(
-        (ledger.events, ledger.total_fen),
+    booked_once(
+        &sink,
+        receiver.addr,
         (approved, fen),
-        "{ledger:?}"
-    );
-    // Nothing more arrives: each approval once.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let again = sink.ledger(receiver.addr).await;
-    assert_eq!((again.events, again.total_fen), (approved, fen));
+        Duration::from_secs(30),
+        Duration::from_millis(600),
+    )
+    .await;
 }
 
 /// A validator's offline upload recorded at one node while the same card
@@ -993,7 +1044,6 @@ async fn an_offline_upload_and_online_taps_of_one_card_at_other_nodes_all_count(
 /// batches with the same ids went out again, none was sealed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_booked_once() {
-    use crate::common::process::{spawn_gateway, wait_ready};
     use crate::common::sink::Sink;
     use onecard::net::client::{self, FailoverTerminal};
     use onecard_core::settle::sign::{Algorithm, Signer};
@@ -1009,7 +1059,8 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
     let nats = NatsCluster::start(3);
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     let base = tempfile::tempdir().unwrap();
-    let extra = |node: &str, settle: bool| {
+    let extra = |i: usize| {
+        let (node, settle) = (format!("g{i}"), i <= 2);
         let mut s = format!(
             "[cluster]\nnode = \"{node}\"\nurls = [{}]\npublish_timeout_ms = 2000\nsettle = {settle}\nsettle_lease_ms = 1500\n",
             urls.join(", ")
@@ -1025,34 +1076,16 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         }
         s
     };
-    let mut children = crate::common::process::Children::default();
-    let mut addrs = Vec::new();
-    for i in 1..=3 {
-        let dir = base.path().join(format!("g{i}"));
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        if i > 1 {
-            copy_dir(&base.path().join("g1/data/certs"), &dir.join("data/certs"));
-        }
-        let mut child = spawn_gateway(&dir, 8, &extra(&format!("g{i}"), i <= 2));
-        addrs.push(wait_ready(&mut child, &dir));
-        children.0.push(child);
-    }
+    let Nodes {
+        mut children,
+        addrs,
+        certs,
+    } = spawn_nodes(base.path(), extra);
     eprintln!("takeover: three gateways up");
-    let certs = base.path().join("g1/data/certs");
     const CARDS: usize = 20;
     let card = |i: usize| format!("500118M{i:08}");
-    for i in 0..CARDS {
-        let a = client::admin(
-            addrs[2].admin,
-            Some(crate::common::TOKEN),
-            Method::PUT,
-            &format!("/admin/v1/cards/{}", card(i)),
-            Some(&json!({"status": "active", "functions": ["transit"]})),
-        )
-        .await
-        .unwrap();
-        assert_eq!(a.status, http::StatusCode::OK);
-    }
+    let cards: Vec<String> = (0..CARDS).map(card).collect();
+    put_cards_at(addrs[2].admin, &cards, json!(["transit"])).await;
     // The sink as node `i` (0 or 1) shows it.
     let sink_view = |i: usize| {
         let admin = addrs[i].admin;
@@ -1170,26 +1203,13 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         fen += f;
     }
     assert!(approved > 60, "too little load to say anything: {approved}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ledger = loop {
-        let l = sink.ledger(receiver.addr).await;
-        if l.events >= approved || Instant::now() > deadline {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(
-        (ledger.events, ledger.total_fen),
+    booked_once(
+        &sink,
+        receiver.addr,
         (approved, fen),
-        "{ledger:?}"
-    );
-    // Nothing more arrives: each approval once.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let again = sink.ledger(receiver.addr).await;
-    assert_eq!(
-        (again.events, again.total_fen),
-        (approved, fen),
-        "{again:?}"
-    );
+        Duration::from_secs(60),
+        Duration::from_millis(1_000),
+    )
+    .await;
     drop(children);
 }

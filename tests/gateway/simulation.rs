@@ -614,7 +614,7 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
             _ => match receiver.take() {
                 Some(r) => {
                     r.stop().await;
-                    held = Some(hold_port(raddr));
+                    held = hold_port(raddr);
                 }
                 None => {
                     drop(held.take());
@@ -758,10 +758,12 @@ async fn settlement_books_exactly_the_approved_and_not_reversed_events() {
 
 /// Binds `addr` without listening: the port stays this test's while its
 /// server is down, and connections to it are refused.
-fn hold_port(addr: std::net::SocketAddr) -> tokio::net::TcpSocket {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+/// `None` if another socket took the port in the instant after the stop
+/// (the start then finds it taken, as before this hold existed).
+fn hold_port(addr: std::net::SocketAddr) -> Option<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
     // The stopped server's connections linger in TIME_WAIT on this port.
-    socket.set_reuseaddr(true).unwrap();
-    socket.bind(addr).unwrap();
-    socket
+    socket.set_reuseaddr(true).ok()?;
+    socket.bind(addr).ok()?;
+    Some(socket)
 }
