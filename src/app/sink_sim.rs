@@ -491,15 +491,26 @@ pub async fn start(
     ledger: &Path,
     signer: Signer,
 ) -> Result<Running, ReceiverError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ReceiverError::Bind { addr, source })?;
+    start_on(listener, tls, ledger, signer)
+}
+
+/// Starts a receiver on a listener the caller made (a test that stops and
+/// restarts its receiver keeps the port bound in between this way).
+pub fn start_on(
+    listener: TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    ledger: &Path,
+    signer: Signer,
+) -> Result<Running, ReceiverError> {
     let state = Arc::new(State {
         signer,
         ledger_path: ledger.to_path_buf(),
         ledger: Mutex::new(load_ledger(ledger)?),
         faults: Faults::default(),
     });
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ReceiverError::Bind { addr, source })?;
     let addr = listener.local_addr().expect("bound");
     let (stop, mut stop_rx) = watch::channel(false);
     let acceptor = TlsAcceptor::from(tls);

@@ -447,14 +447,15 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
     let data = dir.path().join("data");
     let sink = Sink::new(&data, TERMINALS);
     let signer = || Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec());
-    let mut receiver: Option<Running> =
-        Some(sink.start("127.0.0.1:0".parse().unwrap(), signer()).await);
-    // While the receiver is down its port stays bound (not listening, so
-    // connections are refused as by a stopped server): otherwise another
-    // test's connection or listener may take it, and the receiver could
-    // not come back on its address.
-    let mut held: Option<tokio::net::TcpSocket> = None;
-    let raddr: SocketAddr = receiver.as_ref().unwrap().addr;
+    // The receiver's port stays this test's from start to end: a second
+    // socket is bound to it (SO_REUSEPORT, not listening) before the
+    // receiver stops, so while it is down connections are refused as by a
+    // stopped server, and no other test's connection or listener can take
+    // the port; the receiver comes back by listening on that socket.
+    let first = reuse_port_socket("127.0.0.1:0".parse().unwrap());
+    let raddr: SocketAddr = first.local_addr().unwrap();
+    let mut held = reuse_port_socket(raddr);
+    let mut receiver: Option<Running> = Some(sink.start_on(first.listen(64).unwrap(), signer()));
     let mut extra = String::from("[policy]\ncard_daily_spend_max_fen = 3000\n");
     for (name, scenario) in [("transport", "transit"), ("medical", "medical")] {
         extra.push_str(&format!(
@@ -612,14 +613,8 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
             // The receiver goes down, or comes back on the same address
             // with its ledger.
             _ => match receiver.take() {
-                Some(r) => {
-                    r.stop().await;
-                    held = hold_port(raddr);
-                }
-                None => {
-                    drop(held.take());
-                    receiver = Some(sink.start(raddr, signer()).await);
-                }
+                Some(r) => r.stop().await,
+                None => receiver = Some(restart_receiver(&sink, &mut held, raddr)),
             },
         }
     }
@@ -627,8 +622,7 @@ async fn run(seed: u64) -> BTreeMap<&'static str, u32> {
     // The receiver is back and behaves; operators replay what was parked
     // (wrong totals); everything drains.
     if receiver.is_none() {
-        drop(held.take());
-        receiver = Some(sink.start(raddr, signer()).await);
+        receiver = Some(restart_receiver(&sink, &mut held, raddr));
     }
     sink.misbehave(raddr, json!({})).await;
     let expected: BTreeMap<String, BTreeMap<String, i64>> = m
@@ -756,14 +750,20 @@ async fn settlement_books_exactly_the_approved_and_not_reversed_events() {
     }
 }
 
-/// Binds `addr` without listening: the port stays this test's while its
-/// server is down, and connections to it are refused.
-/// `None` if another socket took the port in the instant after the stop
-/// (the start then finds it taken, as before this hold existed).
-fn hold_port(addr: std::net::SocketAddr) -> Option<tokio::net::TcpSocket> {
-    let socket = tokio::net::TcpSocket::new_v4().ok()?;
-    // The stopped server's connections linger in TIME_WAIT on this port.
-    socket.set_reuseaddr(true).ok()?;
-    socket.bind(addr).ok()?;
-    Some(socket)
+/// A socket bound to `addr` (port 0: any) with SO_REUSEPORT, not listening.
+fn reuse_port_socket(addr: SocketAddr) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    // The stopped receiver's connections linger in TIME_WAIT on this port.
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket
+}
+
+/// The receiver comes back on its port: the held socket listens, and a new
+/// one holds the port for the next stop.
+fn restart_receiver(sink: &Sink, held: &mut tokio::net::TcpSocket, addr: SocketAddr) -> Running {
+    let next = reuse_port_socket(addr);
+    let listening = std::mem::replace(held, next).listen(64).unwrap();
+    sink.start_on(listening, Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()))
 }

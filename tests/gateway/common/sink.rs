@@ -51,6 +51,11 @@ impl Sink {
             .unwrap()
     }
 
+    /// Starts the receiver on a listener the test made.
+    pub fn start_on(&self, listener: tokio::net::TcpListener, signer: Signer) -> Running {
+        sink_sim::start_on(listener, self.tls.clone(), &self.ledger_file, signer).unwrap()
+    }
+
     /// A development terminal's certificate and key, as a client identity.
     pub fn identity(&self) -> (PathBuf, PathBuf) {
         let id = onecard::net::certs::terminal_id(1);
