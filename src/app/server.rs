@@ -125,6 +125,7 @@ pub async fn start_with_clock(
     let started = Instant::now();
     warn_ephemeral(&config);
     let prometheus = telemetry::prometheus();
+    telemetry::register_zero(&config);
     if config.terminal.dev_certs
         && certs::ensure(&config.certs_dir(), config.terminal.dev_terminals)?
     {
@@ -135,6 +136,14 @@ pub async fn start_with_clock(
         &config.server_key_path(),
         &config.client_ca_path(),
     )?;
+    // Paged 30 days ahead (ops/prometheus/rules/alerts.yml).
+    for (cert, path) in [
+        ("server", config.server_cert_path()),
+        ("client_ca", config.client_ca_path()),
+    ] {
+        let t = crate::net::tls::not_after_s(&path)?;
+        metrics::gauge!("onecard_tls_cert_expiry_timestamp_seconds", "cert" => cert).set(t as f64);
+    }
     let listeners_file = config.data_dir.join(LISTENERS_FILE);
     let _ = std::fs::remove_file(&listeners_file);
 

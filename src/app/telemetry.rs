@@ -200,11 +200,120 @@ fn describe() {
         Unit::Bytes,
         "Resident memory of the gateway process (read at each scrape)"
     );
+    describe_histogram!(
+        "onecard_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request received to answer ready, per terminal route"
+    );
+    describe_gauge!(
+        "onecard_ready",
+        "1 while /readyz answers ready, else 0"
+    );
+    describe_gauge!(
+        "onecard_start_time_seconds",
+        Unit::Seconds,
+        "Unix time at which this gateway started"
+    );
+    describe_gauge!(
+        "onecard_journal_pending_commits",
+        "Commits waiting for the journal writer"
+    );
+    describe_gauge!(
+        "onecard_journal_oldest_pending_seconds",
+        Unit::Seconds,
+        "How long the group commit being written has been at it (0 when idle): a stalled disk makes it grow"
+    );
+    describe_gauge!(
+        "onecard_settle_parked_batches",
+        "Batches parked for an operator (refused for good by the sink), by sink"
+    );
+    describe_gauge!(
+        "onecard_denylist_updated_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last deny-list change (this start's time if it never changed)"
+    );
+    describe_gauge!(
+        "onecard_tls_cert_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time at which the gateway's server certificate or its terminal CA expires, by cert"
+    );
+    describe_gauge!(
+        "onecard_tls_terminal_certs_expiring",
+        "Terminals seen in the last 24 h whose certificate expires within 30 days"
+    );
+    describe_gauge!(
+        "onecard_tls_terminal_cert_soonest_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "Soonest expiry (Unix time) among terminal certificates seen in the last 24 h"
+    );
+    describe_gauge!(
+        "onecard_terminals_connected",
+        "Terminals with at least one connection open"
+    );
     describe_gauge!(
         "onecard_startup_seconds",
         Unit::Seconds,
         "Time from start to ready at the last start: opening RocksDB and rebuilding memory"
     );
+}
+
+/// Counters start at zero, every series of a closed label set: Prometheus's
+/// `increase()` cannot see the first event of a series that appears with
+/// it, so an alert on the first journal failure or the first refusal would
+/// never fire.
+pub fn register_zero(config: &crate::config::Config) {
+    use metrics::counter;
+    for name in [
+        "onecard_journal_failures_total",
+        "onecard_journal_records_total",
+        "onecard_idempotent_replays_total",
+        "onecard_idempotency_expired_total",
+        "onecard_tls_handshake_failures_total",
+        "onecard_qr_replay_cache_full_total",
+        "onecard_offline_risk_taps_total",
+        "onecard_holds_expired_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    for limit in ["connections", "in_flight", "terminals_tracked", "terminal_rate"] {
+        counter!("onecard_admission_rejected_total", "limit" => limit).absolute(0);
+    }
+    for op in [
+        "report_loss",
+        "lift_loss",
+        "freeze",
+        "unfreeze",
+        "cancel",
+        "replace",
+    ] {
+        counter!("onecard_card_life_total", "op" => op).absolute(0);
+    }
+    for result in ["accepted", "duplicate", "rejected"] {
+        counter!("onecard_offline_events_total", "result" => result).absolute(0);
+    }
+    for outcome in ["accepted", "rejected"] {
+        counter!("onecard_disbursement_records_total", "outcome" => outcome).absolute(0);
+    }
+    for status in ["reversed", "not_charged", "unknown_event"] {
+        counter!("onecard_reversals_total", "status" => status).absolute(0);
+    }
+    for sink in &config.settlement.sinks {
+        for outcome in ["sealed", "acked", "failed", "parked"] {
+            counter!("onecard_settle_batches_total", "sink" => sink.name.clone(), "outcome" => outcome).absolute(0);
+        }
+        counter!("onecard_settle_events_total", "sink" => sink.name.clone()).absolute(0);
+    }
+    if config.cluster.is_some() {
+        for name in [
+            "onecard_cluster_conflicts_total",
+            "onecard_cluster_retries_total",
+            "onecard_cluster_duplicates_total",
+            "onecard_cluster_publish_failures_total",
+            "onecard_cluster_consumer_restarts_total",
+        ] {
+            counter!(name).absolute(0);
+        }
+    }
 }
 
 /// Structured logs to stderr; `RUST_LOG` overrides the default level.

@@ -179,11 +179,13 @@ pub fn valid_terminal_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// The terminal id in a verified client certificate: its subject CN.
-pub fn terminal_id_from_cert(der: &[u8]) -> Option<String> {
+/// The terminal id in a verified client certificate (its subject CN),
+/// and when the certificate expires (Unix seconds).
+pub fn terminal_id_from_cert(der: &[u8]) -> Option<(String, i64)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    valid_terminal_id(cn).then(|| cn.to_owned())
+    let not_after = cert.validity().not_after.timestamp();
+    valid_terminal_id(cn).then(|| (cn.to_owned(), not_after))
 }
 
 pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
@@ -203,10 +205,13 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 /// `onecard_http_requests_total` of `POST /v1/authorize`, the busiest
-/// route, one handle per status it answers with, registered once.
+/// route, one handle per status it answers with, and
+/// `onecard_http_request_duration_seconds` of every terminal route,
+/// registered once (a request pays an atomic add, not a registry look-up).
 pub struct RouteCounters {
     authorize: Vec<(u16, metrics::Counter)>,
     authorize_other: metrics::Counter,
+    durations: Vec<(&'static str, metrics::Histogram)>,
 }
 
 /// Status codes the authorize route answers with, pre-registered.
@@ -225,7 +230,30 @@ impl RouteCounters {
                 })
                 .collect(),
             authorize_other: counter("other"),
+            durations: routes::ROUTES
+                .iter()
+                .filter(|r| r.listener == Listener::Terminal)
+                .map(|r| r.path)
+                .chain(["other"])
+                .map(|path| {
+                    (path, metrics::histogram!("onecard_http_request_duration_seconds", "listener" => "terminal", "route" => path))
+                })
+                .collect(),
         }
+    }
+
+    /// Counts one answer of the terminal route `label` and its time, in
+    /// the metrics and in the SRE's windows.
+    fn finish(&self, gw: &crate::service::gateway::Gateway, label: &'static str, status: StatusCode, took: Duration) {
+        if label == routes::ROUTES[0].path {
+            self.authorize(status).increment(1);
+        } else {
+            metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(status)).increment(1);
+        }
+        if let Some((_, h)) = self.durations.iter().find(|(p, _)| *p == label) {
+            h.record(took.as_secs_f64());
+        }
+        gw.stats.record(Kind::Route, label, took);
     }
 
     /// The counter of `POST /v1/authorize` answered with `status`.
@@ -360,9 +388,9 @@ pub async fn terminal_request(
                         Ok(r) => r,
                         Err(e) => error_response(&e),
                     };
-                    let label = route.path;
-                    metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(r.status())).increment(1);
-                    front.gw.stats.record(Kind::Route, label, started.elapsed());
+                    front
+                        .counters
+                        .finish(&front.gw, route.path, r.status(), started.elapsed());
                     return r;
                 }
                 _ => {
@@ -384,13 +412,23 @@ pub async fn terminal_request(
             ("other", error_response(&e))
         }
     };
-    if label == "/v1/authorize" {
-        front.counters.authorize(response.status()).increment(1);
-    } else {
-        metrics::counter!("onecard_http_requests_total", "listener" => "terminal", "route" => label, "status" => status_label(response.status())).increment(1);
-    }
-    front.gw.stats.record(Kind::Route, label, started.elapsed());
+    front
+        .counters
+        .finish(&front.gw, label, response.status(), started.elapsed());
     response
+}
+
+/// Admits one request of `terminal`; a refusal is counted for the SRE's
+/// page under its status (`429` for the terminal's rate, `503` for the
+/// gateway's limits).
+fn admit(front: &Front, terminal: &str) -> Result<crate::http::admission::RequestPermit, ApiError> {
+    front
+        .admission
+        .request(terminal, Instant::now())
+        .inspect_err(|e| {
+            let status = if e.code == ErrorCode::RateLimited { "429" } else { "503" };
+            front.gw.stats.record(Kind::Refusal, status, Duration::ZERO);
+        })
 }
 
 /// The terminal a request comes from: its certificate's, or on the
@@ -420,7 +458,7 @@ fn terminal_of(identity: TerminalIdentity, req: &Req) -> Result<Arc<str>, ApiErr
 /// version, and warms its connection, without deciding anything.
 fn ping(front: &Front, identity: TerminalIdentity, req: &Req) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, req)?;
-    let _permit = front.admission.request(&terminal, Instant::now())?;
+    let _permit = admit(front, &terminal)?;
     let gw = &front.gw;
     let body = serde_json::json!({
         "terminal_id": &*terminal,
@@ -438,7 +476,7 @@ async fn denylist_sync(
     req: &Req,
 ) -> Result<Response<Body>, ApiError> {
     let terminal = terminal_of(identity, req)?;
-    let _permit = front.admission.request(&terminal, Instant::now())?;
+    let _permit = admit(front, &terminal)?;
     let gw = &front.gw;
     let since = crate::service::offline::since_param(req.uri().query())?;
     let inm = req
@@ -471,7 +509,7 @@ async fn offline_batch(
     req: Req,
 ) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, &req)?;
-    let _permit = front.admission.request(&terminal, Instant::now())?;
+    let _permit = admit(front, &terminal)?;
     let gw = &front.gw;
     let body = read_json_body(
         req,
@@ -498,7 +536,7 @@ async fn authorize(
     let terminal = terminal_of(identity, &req)?;
     let gw = &front.gw;
     let limits = &gw.config.limits;
-    let _permit = front.admission.request(&terminal, Instant::now())?;
+    let _permit = admit(front, &terminal)?;
     let body = read_json_body(
         req,
         limits.body_bytes_max,
@@ -826,7 +864,7 @@ pub async fn run_tls_listener(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| terminal_id_from_cert(c));
-                let Some(id) = id else {
+                let Some((id, not_after)) = id else {
                     metrics::counter!("onecard_tls_handshake_failures_total").increment(1);
                     tracing::warn!(
                         "client certificate has no usable terminal id (subject CN); closing"
@@ -834,7 +872,9 @@ pub async fn run_tls_listener(
                     return;
                 };
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                let identity = TerminalIdentity::Certificate(id.into());
+                let id: Arc<str> = id.into();
+                let _connected = front.gw.terminals.connected(id.clone(), not_after, front.gw.now_ms());
+                let identity = TerminalIdentity::Certificate(id);
                 let handler = move |req| terminal_request(front.clone(), identity.clone(), req);
                 serve_connection(
                     tls,

@@ -47,6 +47,21 @@ pub fn load_certs(
     Ok(certs)
 }
 
+/// When the soonest-expiring certificate in a PEM file expires (Unix
+/// seconds): the gateway's own, or the CA that signs terminals'.
+pub fn not_after_s(path: &Path) -> Result<i64, TlsSetupError> {
+    let certs = load_certs(path)?;
+    certs
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
+        .ok_or(TlsSetupError::Empty {
+            path: path.display().to_string(),
+            what: "X.509 certificate",
+        })
+}
+
 pub fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsSetupError> {
     let p = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| TlsSetupError::Io {

@@ -118,6 +118,10 @@ pub struct Gateway {
     /// Latency percentiles of the last seconds, per route and scenario,
     /// for the SRE's page and `GET /admin/v1/stats`.
     pub stats: crate::service::stats::Stats,
+    /// Terminals connected with a certificate, and whose expires soon.
+    pub terminals: Arc<crate::service::terminals::Terminals>,
+    /// When this gateway started (ms since the epoch).
+    pub started_at_ms: i64,
 }
 
 impl Gateway {
@@ -265,6 +269,8 @@ impl Gateway {
             lists: tokio::sync::Mutex::new(()),
             leases: None,
             stats: crate::service::stats::Stats::new(),
+            terminals: Arc::default(),
+            started_at_ms: clock.now_ms(),
             scanner,
             audit,
             life: tokio::sync::Mutex::new(()),
@@ -285,6 +291,23 @@ impl Gateway {
             auth_ids,
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// Sets the gauges that are read, not counted: called before each
+    /// scrape, so that they cost nothing in between.
+    pub fn publish_gauges(&self) {
+        let now = self.now_ms();
+        crate::service::metrics::publish_process();
+        metrics::gauge!("onecard_ready").set(if self.not_ready().is_none() { 1.0 } else { 0.0 });
+        metrics::gauge!("onecard_start_time_seconds").set(self.started_at_ms as f64 / 1000.0);
+        if let Some(j) = self.journal.commit_figures(1) {
+            metrics::gauge!("onecard_journal_pending_commits").set(j.pending as f64);
+            metrics::gauge!("onecard_journal_oldest_pending_seconds").set(j.writing_for_ms / 1000.0);
+        }
+        // A list that never changed counts from this start.
+        let deny_at = self.deny.updated_at_ms().unwrap_or(self.started_at_ms);
+        metrics::gauge!("onecard_denylist_updated_timestamp_seconds").set(deny_at as f64 / 1000.0);
+        self.terminals.publish(now);
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -21,3 +21,4 @@ pub mod reverse;
 pub mod settle;
 pub mod sinks;
 pub mod stats;
+pub mod terminals;

@@ -130,6 +130,11 @@ impl Gateway {
         let (slot, reversed) = match self.idem.begin(key.clone(), &fingerprint, now_ms).await? {
             Lookup::Replay(body) => {
                 self.metrics.replays.increment(1);
+                self.stats.record(
+                    crate::service::stats::Kind::Replay,
+                    "replay",
+                    std::time::Duration::ZERO,
+                );
                 return Ok(Begun::Replay(body));
             }
             Lookup::Conflict => return Err(ServiceError::already_used(reused)),
@@ -312,6 +317,12 @@ impl Gateway {
             scenario.as_str(),
             took,
         );
+        let outcome = match committed.reason {
+            Reason::Ok => "approve",
+            r => r.code(),
+        };
+        self.stats
+            .record(crate::service::stats::Kind::Outcome, outcome, took);
         Ok(committed.answer)
     }
 

@@ -95,9 +95,15 @@ impl SinkStatus {
     }
     pub fn set_parked(&self, n: u64) {
         self.parked.store(n, Ordering::Relaxed);
+        self.publish_parked(n);
     }
     pub fn parked_add(&self, n: u64) {
-        self.parked.fetch_add(n, Ordering::Relaxed);
+        let now = self.parked.fetch_add(n, Ordering::Relaxed) + n;
+        self.publish_parked(now);
+    }
+    /// `onecard_settle_parked_batches`: what an operator must look at.
+    fn publish_parked(&self, n: u64) {
+        metrics::gauge!("onecard_settle_parked_batches", "sink" => self.name.clone()).set(n as f64);
     }
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::Release);

@@ -1,7 +1,7 @@
 //! The deny list: cards that must be declined everywhere, with a version
 //! that every change bumps and a log of changes for offline validators.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -21,11 +21,15 @@ pub struct Planned {
     pub ops: Vec<Op>,
     version: u64,
     effects: Vec<(CardNo, Option<DenyEntry>)>,
+    at_ms: i64,
 }
 
 pub struct DenyList {
     map: papaya::HashMap<CardNo, DenyEntry, foldhash::fast::RandomState>,
     version: AtomicU64,
+    /// When the list last changed (wall clock, ms), 0 if never: SREs are
+    /// paged when a city's list stops changing (its feed may be down).
+    updated_at_ms: AtomicI64,
     /// Serializes changes so that versions are assigned in write order.
     change: tokio::sync::Mutex<()>,
 }
@@ -56,6 +60,7 @@ impl DenyList {
                 foldhash::fast::RandomState::default(),
             ),
             version: AtomicU64::new(0),
+            updated_at_ms: AtomicI64::new(0),
             change: tokio::sync::Mutex::new(()),
         }
     }
@@ -88,12 +93,16 @@ impl DenyList {
                 detail: "an entry does not decode".into(),
             });
         }
-        list.version.store(
-            store
-                .get_u64(Cf::Meta, meta::DENYLIST_VERSION)?
-                .unwrap_or(0),
-            Ordering::Release,
-        );
+        let version = store
+            .get_u64(Cf::Meta, meta::DENYLIST_VERSION)?
+            .unwrap_or(0);
+        list.version.store(version, Ordering::Release);
+        if let Some(change) = store
+            .get(Cf::DenylistLog, &version.to_be_bytes())?
+            .and_then(|v| serde_json::from_slice::<DenyChange>(&v).ok())
+        {
+            list.updated_at_ms.store(change.at_ms, Ordering::Release);
+        }
         list.publish_gauges();
         Ok(list)
     }
@@ -106,6 +115,11 @@ impl DenyList {
 
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
+    }
+
+    /// When the list last changed (ms since the epoch), if it ever did.
+    pub fn updated_at_ms(&self) -> Option<i64> {
+        Some(self.updated_at_ms.load(Ordering::Acquire)).filter(|&t| t > 0)
     }
 
     pub fn get(&self, card: &CardNo) -> Option<DenyEntry> {
@@ -211,9 +225,12 @@ impl DenyList {
         let map = self.map.pin();
         for op in ops.iter_mut() {
             match op {
-                Op::Put(Cf::DenylistLog, key, _) => {
+                Op::Put(Cf::DenylistLog, key, value) => {
                     version += 1;
                     *key = version.to_be_bytes().to_vec();
+                    let change: DenyChange = serde_json::from_slice(value)
+                        .map_err(|_| corrupt("a change does not decode"))?;
+                    self.updated_at_ms.store(change.at_ms, Ordering::Release);
                 }
                 Op::Put(Cf::Denylist, key, value) => {
                     let mut entry: DenyEntry = serde_json::from_slice(value)
@@ -314,6 +331,7 @@ impl DenyList {
             ops,
             version,
             effects,
+            at_ms: now_ms,
         }
     }
 
@@ -335,6 +353,7 @@ impl DenyList {
             }
         }
         self.version.store(plan.version, Ordering::Release);
+        self.updated_at_ms.store(plan.at_ms, Ordering::Release);
         self.publish_gauges();
         plan.version
     }
@@ -350,6 +369,9 @@ impl DenyList {
     fn publish_gauges(&self) {
         metrics::gauge!("onecard_denylist_version").set(self.version() as f64);
         metrics::gauge!("onecard_denylist_entries").set(self.len() as f64);
+        if let Some(t) = self.updated_at_ms() {
+            metrics::gauge!("onecard_denylist_updated_timestamp_seconds").set(t as f64 / 1000.0);
+        }
     }
 }
 

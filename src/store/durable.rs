@@ -138,6 +138,25 @@ pub struct Expired {
     pub auth_id: String,
 }
 
+/// The journal's group commits over a window, for the SRE's page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CommitFigures {
+    pub window_s: u64,
+    /// Group commits (one write, one sync each).
+    pub groups: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Commits per group.
+    pub batch_mean: f64,
+    pub batch_max: u64,
+    /// Commits waiting for the writer now.
+    pub pending: usize,
+    /// How long the group being written now has been at it (0 when the
+    /// writer is idle): a stalled disk makes it grow.
+    pub writing_for_ms: f64,
+}
+
 /// Where durable writes go. See the module's contract.
 pub trait Durable: Send + Sync {
     /// Queues a commit without waiting; a full queue answers at once
@@ -170,6 +189,15 @@ pub trait Durable: Send + Sync {
     /// How far this node has applied a replicated journal (cluster mode):
     /// a request that lost a race ([`CommitError::Raced`]) waits on it.
     fn applied_watch(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// The commits of the last `window_s` seconds as the SRE's page shows
+    /// them (time per group commit, commits per group) and what waits now.
+    /// `None` where the implementation keeps no such figures (cluster
+    /// mode: `onecard_cluster_publish_seconds` has them).
+    fn commit_figures(&self, window_s: u64) -> Option<CommitFigures> {
+        let _ = window_s;
         None
     }
 

@@ -25,11 +25,12 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use onecard_core::window::{first_of, Ring};
 use parking_lot::{Mutex, RwLock};
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
-use super::durable::{Commit, CommitError, Durable, Expired, Op, Pending};
+use super::durable::{Commit, CommitError, CommitFigures, Durable, Expired, Op, Pending};
 use super::{decode_u64, idem, meta, Cf, Store, StoreError};
 use crate::config::Durability;
 
@@ -95,6 +96,26 @@ pub struct Journal {
     /// The next sequence number the writer will assign.
     next_seq: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    watch: Arc<WriterWatch>,
+}
+
+/// What the writer thread shows of its work: each group's write time and
+/// size by second, and since when it has been writing the current group.
+struct WriterWatch {
+    started: Instant,
+    /// Microseconds per group write.
+    took: Ring,
+    /// Commits per group.
+    sizes: Ring,
+    /// Microseconds since `started` at which the current write began, plus
+    /// one; 0 while idle.
+    writing_since: AtomicU64,
+}
+
+impl WriterWatch {
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
 }
 
 impl Journal {
@@ -118,7 +139,14 @@ impl Journal {
         let (tx, rx) = crossbeam_channel::bounded(queue_events_max);
         let failed = Arc::new(AtomicBool::new(false));
         let next_seq = Arc::new(AtomicU64::new(next));
+        let watch = Arc::new(WriterWatch {
+            started: Instant::now(),
+            took: Ring::new(),
+            sizes: Ring::new(),
+            writing_since: AtomicU64::new(0),
+        });
         let writer = Writer {
+            watch: watch.clone(),
             store,
             rx,
             sync: durability == Durability::Sync,
@@ -137,6 +165,7 @@ impl Journal {
             failed,
             next_seq,
             thread: Mutex::new(Some(thread)),
+            watch,
         })
     }
 
@@ -189,6 +218,31 @@ impl Durable for Journal {
         self.next_seq.load(Ordering::Acquire) - 1
     }
 
+    fn commit_figures(&self, window_s: u64) -> Option<CommitFigures> {
+        let w = &self.watch;
+        let now = w.now_us();
+        let last = now / 1_000_000;
+        let first = first_of(last, window_s);
+        let took = w.took.summary(first, last);
+        let sizes = w.sizes.summary(first, last);
+        let since = w.writing_since.load(Ordering::Acquire);
+        Some(CommitFigures {
+            window_s,
+            groups: took.count,
+            p50_ms: took.p50 as f64 / 1000.0,
+            p99_ms: took.p99 as f64 / 1000.0,
+            max_ms: took.max as f64 / 1000.0,
+            batch_mean: sizes.mean,
+            batch_max: sizes.max,
+            pending: self.tx.len(),
+            writing_for_ms: if since == 0 {
+                0.0
+            } else {
+                now.saturating_sub(since - 1) as f64 / 1000.0
+            },
+        })
+    }
+
     /// Writes everything already queued, syncs the WAL and stops the
     /// writer thread.
     fn close(&self) {
@@ -212,6 +266,7 @@ impl Drop for Journal {
 }
 
 struct Writer {
+    watch: Arc<WriterWatch>,
     store: Store,
     rx: Receiver<Item>,
     sync: bool,
@@ -317,9 +372,16 @@ impl Writer {
         }
         super::crashpoint::hit("journal.before_write");
         let started = Instant::now();
+        let w = &self.watch;
+        let began_us = w.now_us();
+        w.writing_since.store(began_us + 1, Ordering::Release);
         let result = self.store.db().write_opt(batch, &self.options());
-        metrics::histogram!("onecard_journal_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
+        w.writing_since.store(0, Ordering::Release);
+        let took = started.elapsed();
+        let second = began_us / 1_000_000;
+        w.took.record(second, took.as_micros() as u64);
+        w.sizes.record(second, group.len() as u64);
+        metrics::histogram!("onecard_journal_commit_seconds").record(took.as_secs_f64());
         metrics::histogram!("onecard_journal_batch_events").record(group.len() as f64);
         match result {
             Ok(()) => {

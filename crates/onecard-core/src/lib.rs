@@ -19,7 +19,9 @@
 //!   circuit breaker ([`settle::retry`]), batch signatures
 //!   ([`settle::sign`]);
 //! - [`privacy`]: personal ID numbers (checksum, keyed hash, masks);
-//!   [`rng`]: a small seeded generator.
+//!   [`rng`]: a small seeded generator;
+//! - [`window`]: the last minute's figures second by second (HdrHistograms
+//!   in one-second slots), for the SRE's latency windows.
 //!
 //! The small functions on the decision's path are `#[inline]`: the gateway
 //! calls them across the crate boundary, where (without LTO) only inline
@@ -66,3 +68,4 @@ pub mod scenario;
 pub mod settle;
 pub mod time;
 pub mod wire;
+pub mod window;

@@ -214,7 +214,7 @@ impl Admin {
                 )),
             },
             RouteId::Metrics => {
-                crate::service::metrics::publish_process();
+                self.gateway.publish_gauges();
                 let mut r = Response::new(Full::new(Bytes::from(self.prometheus.render())));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
