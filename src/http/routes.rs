@@ -27,6 +27,9 @@ pub enum RouteId {
     Healthz,
     Readyz,
     Metrics,
+    /// `GET /dashboard`: the SRE's live page; `GET /dashboard/data`: its feed.
+    Dashboard,
+    DashboardData,
     CardPut,
     CardGet,
     DenyPut,
@@ -167,6 +170,20 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/metrics",
         RouteId::Metrics,
+        Access::Open,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/dashboard",
+        RouteId::Dashboard,
+        Access::Open,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/dashboard/data",
+        RouteId::DashboardData,
         Access::Open,
     ),
     route(

@@ -12,6 +12,7 @@ mod cardlife;
 mod cli;
 mod cluster;
 mod credentials;
+mod dashboard;
 mod disburse;
 mod durability;
 mod import;

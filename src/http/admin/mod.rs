@@ -5,6 +5,7 @@
 //! very next authorization: it goes through the journal writer and then into
 //! the in-memory tables the hot path reads.
 
+mod dashboard;
 mod scenes;
 
 use std::sync::Arc;
@@ -62,6 +63,9 @@ pub struct Admin {
     /// One disbursement batch at a time: a batch id is looked up, then
     /// recorded, and two uploads of one id must not both find it new.
     disbursements: Arc<tokio::sync::Semaphore>,
+    /// When the server certificate and the terminal CA expire (Unix
+    /// seconds, read at start), for the SRE's page.
+    tls_not_after: (i64, i64),
 }
 
 #[derive(Serialize)]
@@ -80,12 +84,17 @@ impl Admin {
         prometheus: PrometheusHandle,
     ) -> Admin {
         Admin {
-            gateway,
             admission,
             principals,
             prometheus,
             imports: Arc::new(tokio::sync::Semaphore::new(1)),
             disbursements: Arc::new(tokio::sync::Semaphore::new(1)),
+            tls_not_after: {
+                let c = &gateway.config;
+                let at = |p: &std::path::Path| crate::net::tls::not_after_s(p).unwrap_or(0);
+                (at(&c.server_cert_path()), at(&c.client_ca_path()))
+            },
+            gateway,
         }
     }
 }
@@ -221,6 +230,16 @@ impl Admin {
                     HeaderValue::from_static("text/plain; version=0.0.4"),
                 );
                 Ok(r)
+            }
+            RouteId::Dashboard => Ok(dashboard::page()),
+            RouteId::DashboardData => {
+                let (cert, ca) = self.tls_not_after;
+                Ok(ok_json(&dashboard::data(
+                    &self.gateway,
+                    &self.admission,
+                    cert,
+                    ca,
+                )))
             }
             RouteId::CardPut => {
                 let card_no = card()?;
