@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use onecard_core::authz::{Policy, PolicyConfig, ScenariosConfig, Sections};
 use onecard_core::model::Scenario;
@@ -86,6 +86,7 @@ pub struct Config {
     pub medical: onecard_core::scenario::medical::MedicalConfig,
     pub regions: onecard_core::scenario::region::RegionsConfig,
     pub disbursement: DisbursementConfig,
+    pub log: LogConfig,
     /// Cluster mode on NATS JetStream; absent: the single node on its own
     /// RocksDB journal.
     pub cluster: Option<ClusterConfig>,
@@ -328,6 +329,44 @@ pub struct QrKeyConfig {
     /// RFC 3339; absent: no end. A key past its end is retired: codes it
     /// signed are refused.
     pub valid_until: Option<String>,
+}
+
+/// `[log]`: what the gateway writes to standard error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (one object per line, for log
+    /// shippers).
+    pub format: LogFormat,
+    /// Which events are written, as `RUST_LOG` takes it (`info`,
+    /// `warn,onecard::service=debug`, ...). `RUST_LOG` wins when set;
+    /// `PUT /admin/v1/log` changes it while the gateway runs.
+    pub level: String,
+    /// A terminal request slower than this (from received to answered)
+    /// logs one warning with its phases, the masked card, terminal,
+    /// scenario and auth id; 0: never.
+    pub slow_request_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The level when neither the config nor `RUST_LOG` says: the libraries'
+/// chatter is left out.
+pub const LOG_LEVEL_DEFAULT: &str = "info,hyper=warn,rustls=warn";
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: LOG_LEVEL_DEFAULT.into(),
+            slow_request_ms: 200,
+        }
+    }
 }
 
 /// Personal data: the key of the keyed hash under which personal ID
@@ -620,6 +659,7 @@ impl Default for Config {
             medical: Default::default(),
             regions: Default::default(),
             disbursement: DisbursementConfig::default(),
+            log: LogConfig::default(),
             cluster: None,
         }
     }
@@ -891,6 +931,11 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::Invalid(format!(
+                "log.level is not a valid filter: {e} (e.g. \"info\" or \"warn,onecard::service=debug\")"
+            )));
+        }
         if let Some(c) = &self.cluster {
             c.validate()?;
             if !self.settlement.sinks.is_empty() && !c.settle {

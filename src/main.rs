@@ -125,8 +125,11 @@ enum QrCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    telemetry::init_tracing();
     let cli = Cli::parse();
+    // `serve` sets its logs up from its config ([log]); the rest as text.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        telemetry::init_tracing();
+    }
     match cli.command {
         Command::Qr { command } => qr_command(command),
         Command::Certs { out, terminals } => {
@@ -203,9 +206,10 @@ fn main() -> anyhow::Result<()> {
             demo,
         } => {
             let mut c = match &config {
-                Some(path) => Config::load(path)?,
+                Some(path) => Config::load(path).inspect_err(|_| telemetry::init_tracing())?,
                 None => Config::default(),
             };
+            telemetry::init_tracing_with(&c.log);
             if let Some(d) = data_dir {
                 c.data_dir = d;
             }

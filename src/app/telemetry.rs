@@ -9,6 +9,9 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat, LOG_LEVEL_DEFAULT};
 
 /// Latency buckets in seconds: 25 µs to 2.5 s, dense where the hot path lives.
 pub const LATENCY_BUCKETS_S: &[f64] = &[
@@ -316,14 +319,37 @@ pub fn register_zero(config: &crate::config::Config) {
     }
 }
 
-/// Structured logs to stderr; `RUST_LOG` overrides the default level.
+/// Logs to stderr as text, with the default level; `RUST_LOG` overrides it.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,rustls=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_tracing_with(&LogConfig::default());
+}
+
+/// Logs to stderr as `log.format` says (text, or JSON lines for log
+/// shippers), at `log.level` unless `RUST_LOG` is set. The level can be
+/// changed later without a restart ([`set_log_level`]).
+pub fn init_tracing_with(log: &LogConfig) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|l| EnvFilter::try_new(l).is_ok())
+        .unwrap_or_else(|| log.level.clone());
+    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new(LOG_LEVEL_DEFAULT));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match log.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        crate::service::logs::install(handle, level);
+    }
 }
 
 /// Cluster mode's metrics (docs/metrics.md), described on every node so

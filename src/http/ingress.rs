@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::service::stats::Kind;
+use crate::service::timing::{self, Phase, PhaseClock};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -380,7 +381,25 @@ pub async fn terminal_request(
                 | RouteId::Reverse
                 | RouteId::Hold
                 | RouteId::Capture
-                | RouteId::Void => authorize(front, identity, req, route.id).await,
+                | RouteId::Void => {
+                    let clock = PhaseClock::new(started);
+                    let answer = timing::timed(
+                        clock.clone(),
+                        authorize(front, identity, req, route.id, &clock),
+                    )
+                    .await;
+                    let mut r = match answer {
+                        Ok(body) => json_response(StatusCode::OK, body),
+                        Err(e) => error_response(&e),
+                    };
+                    if let Ok(v) = HeaderValue::from_str(&clock.header()) {
+                        r.headers_mut().insert(SERVER_TIMING, v);
+                    }
+                    front
+                        .counters
+                        .finish(&front.gw, route.path, r.status(), started.elapsed());
+                    return r;
+                }
                 RouteId::Ping => ping(front, identity, &req),
                 RouteId::OfflineBatch => offline_batch(front, identity, req).await,
                 RouteId::DenylistSync => {
@@ -532,6 +551,7 @@ async fn authorize(
     identity: TerminalIdentity,
     req: Req,
     id: RouteId,
+    clock: &PhaseClock,
 ) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, &req)?;
     let gw = &front.gw;
@@ -546,26 +566,97 @@ async fn authorize(
     let now_ms = gw.now_ms();
     // Decoded here, so a service takes a request that is already well
     // formed; what its rules refuse, it refuses itself.
+    // A slow request logs one line, naming its card (masked) and scenario.
+    let slow = || clock.total() >= Duration::from_millis(gw.config.log.slow_request_ms);
     let answer = match id {
         RouteId::Reverse => {
-            gw.reverse(&terminal, &wire::parse_reverse(&body)?, now_ms)
-                .await
+            let r = decoded(wire::parse_reverse(&body)?);
+            let a = gw.reverse(&terminal, &r, now_ms).await;
+            if slow() {
+                log_slow(clock, id, &terminal, None, None, a.as_ref().ok());
+            }
+            a
         }
-        RouteId::Hold => gw.hold(&terminal, &wire::parse_hold(&body)?, now_ms).await,
-        RouteId::Capture => {
-            let req = wire::parse_hold_step(HoldOp::Capture, &body)?;
-            gw.hold_step(&terminal, &req, now_ms).await
+        RouteId::Hold => {
+            let r = decoded(wire::parse_hold(&body)?);
+            let a = gw.hold(&terminal, &r, now_ms).await;
+            if slow() {
+                let card = tapped(&r.auth.credential);
+                log_slow(clock, id, &terminal, card, Some(r.auth.scenario), a.as_ref().ok());
+            }
+            a
         }
-        RouteId::Void => {
-            let req = wire::parse_hold_step(HoldOp::Void, &body)?;
-            gw.hold_step(&terminal, &req, now_ms).await
+        RouteId::Capture | RouteId::Void => {
+            let op = if id == RouteId::Capture { HoldOp::Capture } else { HoldOp::Void };
+            let r = decoded(wire::parse_hold_step(op, &body)?);
+            let a = gw.hold_step(&terminal, &r, now_ms).await;
+            if slow() {
+                log_slow(clock, id, &terminal, None, None, a.as_ref().ok());
+            }
+            a
         }
         _ => {
-            gw.authorize(&terminal, &wire::parse_authorize(&body)?, now_ms)
-                .await
+            let r = decoded(wire::parse_authorize(&body)?);
+            let a = gw.authorize(&terminal, &r, now_ms).await;
+            if slow() {
+                let card = tapped(&r.credential);
+                log_slow(clock, id, &terminal, card, Some(r.scenario), a.as_ref().ok());
+            }
+            a
         }
     };
     Ok(answer?)
+}
+
+/// A request decoded: the end of its decode phase.
+fn decoded<T>(request: T) -> T {
+    timing::mark(Phase::Decode);
+    request
+}
+
+/// The W3C header with a request's phases (`http` has no constant for it).
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// The card a tap names (a scan's card is known only after its code is
+/// verified, and is not logged).
+fn tapped(c: &wire::Credential) -> Option<&onecard_core::model::CardNo> {
+    match c {
+        wire::Credential::Tap(card) => Some(card),
+        wire::Credential::Scan(_) => None,
+    }
+}
+
+/// One line for a request slower than `log.slow_request_ms`: where its
+/// time went, and whose it was (the card masked).
+fn log_slow(
+    clock: &PhaseClock,
+    id: RouteId,
+    terminal: &str,
+    card: Option<&onecard_core::model::CardNo>,
+    scenario: Option<onecard_core::model::Scenario>,
+    answer: Option<&Vec<u8>>,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let [decode, idempotency, credential, decide, commit] = clock.spent();
+    let auth_id = answer
+        .and_then(|a| serde_json::from_slice::<serde_json::Value>(a).ok())
+        .and_then(|v| v.get("auth_id").and_then(|x| x.as_str()).map(str::to_owned));
+    let route = routes::ROUTES.iter().find(|r| r.id == id).map_or("?", |r| r.path);
+    tracing::warn!(
+        target: "onecard::slow",
+        route,
+        terminal,
+        card = card.map(|c| c.masked()),
+        scenario = scenario.map(|s| s.as_str().to_owned()),
+        auth_id,
+        total_ms = ms(clock.total()),
+        decode_ms = ms(decode),
+        idempotency_ms = ms(idempotency),
+        credential_ms = ms(credential),
+        decide_ms = ms(decide),
+        commit_ms = ms(commit),
+        "slow request"
+    );
 }
 
 /// Serves one plaintext connection (the loopback terminal listener, the

@@ -30,6 +30,9 @@ pub enum RouteId {
     /// `GET /dashboard`: the SRE's live page; `GET /dashboard/data`: its feed.
     Dashboard,
     DashboardData,
+    /// `GET`/`PUT /admin/v1/log`: the log level, changed without a restart.
+    LogGet,
+    LogPut,
     CardPut,
     CardGet,
     DenyPut,
@@ -254,6 +257,20 @@ pub const ROUTES: &[Route] = &[
         Method::GET,
         "/admin/v1/stats",
         RouteId::Stats,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/log",
+        RouteId::LogGet,
+        Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/log",
+        RouteId::LogPut,
         Access::Operator,
     ),
     route(

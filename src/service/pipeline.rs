@@ -36,6 +36,7 @@ use crate::service::credential::{self, Resolved};
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
 use crate::service::idempotency::{InFlight, Lookup};
+use crate::service::timing::{self, Phase};
 use crate::store::durable::{Commit, CommitError, Fence, Op, Pending};
 use crate::store::idem::{self, Origin, Tail};
 use crate::store::venues::Count;
@@ -127,7 +128,9 @@ impl Gateway {
         now_ms: i64,
         reused: &'static str,
     ) -> Result<Begun, ServiceError> {
-        let (slot, reversed) = match self.idem.begin(key.clone(), &fingerprint, now_ms).await? {
+        let lookup = self.idem.begin(key.clone(), &fingerprint, now_ms).await?;
+        timing::mark(Phase::Idempotency);
+        let (slot, reversed) = match lookup {
             Lookup::Replay(body) => {
                 self.metrics.replays.increment(1);
                 self.stats.record(
@@ -156,7 +159,10 @@ impl Gateway {
         credential: &'a Credential,
         now_ms: i64,
     ) -> Result<Resolved<'a>, ServiceError> {
-        credential::resolve(self.scanner.as_deref(), &self.store, credential, now_ms).await
+        let resolved =
+            credential::resolve(self.scanner.as_deref(), &self.store, credential, now_ms).await;
+        timing::mark(Phase::Credential);
+        resolved
     }
 
     /// Phase 4, decide and commit: under the lock of `card` (if the event
@@ -232,6 +238,7 @@ impl Gateway {
                 *guard = count;
             }
         }
+        timing::mark(Phase::Decide);
         Ok(Committed {
             pending,
             reason: record.reason,
@@ -299,7 +306,9 @@ impl Gateway {
         scenario: Scenario,
         started: Instant,
     ) -> Result<Vec<u8>, ServiceError> {
-        if let Err(e) = committed.pending.durable().await {
+        let durable = committed.pending.durable().await;
+        timing::mark(Phase::Commit);
+        if let Err(e) = durable {
             // Not recorded (a cluster's race lost, or no quorum): the
             // code may be scanned again.
             if let (Some(s), Some(spent)) = (&self.scanner, &committed.scan) {

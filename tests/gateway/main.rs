@@ -20,6 +20,7 @@ mod limits;
 mod masking;
 mod medical;
 mod offline;
+mod observe;
 mod openapi;
 mod reverse;
 mod scenarios;

@@ -232,6 +232,25 @@ impl Admin {
                 Ok(r)
             }
             RouteId::Dashboard => Ok(dashboard::page()),
+            RouteId::LogGet => Ok(ok_json(&serde_json::json!({
+                "level": crate::service::logs::level(),
+                "format": self.gateway.config.log.format,
+                "slow_request_ms": self.gateway.config.log.slow_request_ms,
+            }))),
+            RouteId::LogPut => {
+                let m = self.body(req).await?;
+                wire::reject_unknown(&m, &["level"])?;
+                let level = wire::req_str(&m, "level")?;
+                if level.len() > 512 {
+                    return Err(ApiError::invalid("`level` must be at most 512 characters"));
+                }
+                use crate::service::logs::{set_level, LevelError};
+                let before = set_level(level).map_err(|e| match e {
+                    LevelError::Invalid(_) => ApiError::invalid(e.to_string()),
+                    LevelError::NotOurs => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+                })?;
+                Ok(ok_json(&serde_json::json!({"level": level, "before": before})))
+            }
             RouteId::DashboardData => {
                 let (cert, ca) = self.tls_not_after;
                 Ok(ok_json(&dashboard::data(
