@@ -305,6 +305,20 @@ pub fn register_zero(config: &crate::config::Config) {
             counter!("onecard_settle_batches_total", "sink" => sink.name.clone(), "outcome" => outcome).absolute(0);
         }
         counter!("onecard_settle_events_total", "sink" => sink.name.clone()).absolute(0);
+        // A gauge alerted on: 0 until a storage failure stops the sink.
+        metrics::gauge!("onecard_settle_failed", "sink" => sink.name.clone()).set(0.0);
+    }
+    for why in [
+        "malformed",
+        "unknown_kid",
+        "key_not_valid",
+        "bad_signature",
+        "lifetime_too_long",
+        "not_yet_valid",
+        "expired",
+        "type_mismatch",
+    ] {
+        counter!("onecard_qr_rejects_total", "why" => why).absolute(0);
     }
     if config.cluster.is_some() {
         for name in [

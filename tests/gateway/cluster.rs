@@ -10,7 +10,7 @@ use onecard_core::rng::Rng;
 use serde_json::{json, Value};
 
 use crate::common::nats::NatsCluster;
-use crate::common::{decision, tap, test_config, TestGateway};
+use crate::common::{decision, put_cards_at, tap, test_config, TestGateway};
 
 /// Three gateways on one NATS cluster. They share the development
 /// certificates of the first, so any terminal may reach any node.
@@ -98,23 +98,6 @@ fn spawn_nodes(base: &std::path::Path, extra: impl Fn(usize) -> String) -> Nodes
         children,
         addrs,
         certs: base.join("g1/data/certs"),
-    }
-}
-
-/// Registers `cards` through the admin API at `admin`, active with
-/// `functions`.
-async fn put_cards_at(admin: std::net::SocketAddr, cards: &[String], functions: Value) {
-    for card in cards {
-        let a = onecard::net::client::admin(
-            admin,
-            Some(crate::common::TOKEN),
-            Method::PUT,
-            &format!("/admin/v1/cards/{card}"),
-            Some(&json!({"status": "active", "functions": functions})),
-        )
-        .await
-        .unwrap();
-        assert_eq!(a.status, http::StatusCode::OK);
     }
 }
 
@@ -1209,6 +1192,70 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         (approved, fen),
         Duration::from_secs(60),
         Duration::from_millis(1_000),
+    )
+    .await;
+    drop(children);
+}
+
+/// The metrics cluster.yml queries, and the cluster-only ones that the
+/// other rules and the dashboards query (ops.rs checks the rest on a
+/// single gateway), are on the `/metrics` of a cluster node that holds a
+/// sink's lease and has published a tap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ops_rules_find_their_metrics_on_a_cluster_node() {
+    use crate::common::sink::Sink;
+    use onecard_core::settle::sign::{Algorithm, Signer};
+    const KEY: &str = "cluster-ops-signing-key";
+    let sink_dir = tempfile::tempdir().unwrap();
+    let sink = Sink::new(sink_dir.path(), 1);
+    let receiver = sink
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+        )
+        .await;
+    let nats = NatsCluster::start(3);
+    let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
+    let base = tempfile::tempdir().unwrap();
+    // Node 1 alone settles, so it takes the sink's lease.
+    let extra = |i: usize| {
+        let mut s = format!(
+            "[cluster]\nnode = \"g{i}\"\nurls = [{}]\nsettle = {}\n",
+            urls.join(", "),
+            i == 1
+        );
+        if i == 1 {
+            s.push_str(&format!(
+                "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\n",
+                receiver.addr.port(),
+                sink.certs.join(onecard::net::certs::CA_CERT),
+            ));
+        }
+        s
+    };
+    let Nodes {
+        children,
+        addrs,
+        certs,
+    } = spawn_nodes(base.path(), extra);
+    let card = "500118N00000001".to_owned();
+    put_cards_at(
+        addrs[0].admin,
+        std::slice::from_ref(&card),
+        json!(["transit"]),
+    )
+    .await;
+    let mut t =
+        crate::common::connect_terminal(&certs, addrs[0].terminal, 1, Protocol::Http1).await;
+    let a = t
+        .authorize(&tap("ops-c1", &card, "transit", 200))
+        .await
+        .unwrap();
+    assert_eq!(decision(&a).0, "approve");
+    crate::ops::assert_served(
+        addrs[0].admin,
+        &crate::ops::cluster_queried(),
+        Duration::from_secs(20),
     )
     .await;
     drop(children);

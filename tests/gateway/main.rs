@@ -22,6 +22,7 @@ mod medical;
 mod offline;
 mod observe;
 mod openapi;
+mod ops;
 mod reverse;
 mod scenarios;
 mod settle_receiver;

@@ -167,6 +167,33 @@ pub async fn connect_terminal(
         .expect("terminal connects")
 }
 
+/// A free loopback port, chosen by the OS (for servers that must be told
+/// their port: nats-server, Prometheus).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Registers `cards` through the admin API at `admin` (a gateway known
+/// only by its address, such as the real binary), active with `functions`.
+pub async fn put_cards_at(admin: SocketAddr, cards: &[String], functions: Value) {
+    for card in cards {
+        let a = client::admin(
+            admin,
+            Some(TOKEN),
+            Method::PUT,
+            &format!("/admin/v1/cards/{card}"),
+            Some(&json!({"status": "active", "functions": functions})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+    }
+}
+
 pub fn tap(event_id: &str, card: &str, scenario: &str, amount: i64) -> Value {
     json!({
         "event_id": event_id,

@@ -5,7 +5,7 @@
 //! The binary is `nats-server` on PATH (scripts/env.sh puts the one
 //! scripts/setup-system installs there) or `$NATS_SERVER`.
 
-use std::net::TcpListener;
+use super::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,15 +21,6 @@ pub struct NatsNode {
 pub struct NatsCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NatsNode>,
-}
-
-/// A free loopback port, chosen by the OS.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn binary() -> PathBuf {
