@@ -67,14 +67,14 @@ impl PhaseClock {
     /// milliseconds to the microsecond, e.g.
     /// `decode;dur=0.021, idempotency;dur=0.004, ..., total;dur=0.960`.
     pub fn header(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::with_capacity(128);
+        let mut out = String::with_capacity(160);
         let mut put = |name: &str, d: Duration| {
-            let us = d.as_micros();
             if !out.is_empty() {
                 out.push_str(", ");
             }
-            let _ = write!(out, "{name};dur={}.{:03}", us / 1000, us % 1000);
+            out.push_str(name);
+            out.push_str(";dur=");
+            push_ms(&mut out, d.as_micros() as u64);
         };
         for (name, d) in PHASES.iter().zip(self.spent()) {
             if !d.is_zero() {
@@ -84,6 +84,27 @@ impl PhaseClock {
         put("total", self.total());
         out
     }
+}
+
+/// Writes `us` microseconds as milliseconds with three decimals (`0.931`),
+/// without the formatting machinery: this runs for every terminal answer.
+fn push_ms(out: &mut String, us: u64) {
+    let mut digits = [0u8; 24];
+    let mut n = us;
+    let mut i = digits.len();
+    // At least "0.000": four digits, the point after the first.
+    let mut written = 0;
+    while n > 0 || written < 4 {
+        if written == 3 {
+            i -= 1;
+            digits[i] = b'.';
+        }
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        written += 1;
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
 }
 
 /// Runs `f` with `clock` as the request's phase clock.
@@ -124,6 +145,15 @@ mod tests {
         assert!(h.contains(", idempotency;dur=") && h.contains(", decide;dur="), "{h}");
         assert!(!h.contains("credential"), "a phase not reached is left out: {h}");
         assert!(h.contains(", total;dur="), "{h}");
+        let ms = |us| {
+            let mut s = String::new();
+            push_ms(&mut s, us);
+            s
+        };
+        assert_eq!(
+            [ms(0), ms(7), ms(931), ms(1_000), ms(12_345_678)],
+            ["0.000", "0.007", "0.931", "1.000", "12345.678"]
+        );
         // Outside a timed request a mark does nothing (and does not panic).
         mark(Phase::Commit);
     }
