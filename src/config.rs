@@ -344,7 +344,7 @@ pub struct LogConfig {
     pub level: String,
     /// A terminal request slower than this (from received to answered)
     /// logs one warning with its phases, the masked card, terminal,
-    /// scenario and auth id; 0: never.
+    /// scenario and auth id; 0: every request (for a short investigation).
     pub slow_request_ms: u64,
 }
 

@@ -141,8 +141,13 @@ pub async fn start_with_clock(
         ("server", config.server_cert_path()),
         ("client_ca", config.client_ca_path()),
     ] {
-        let t = crate::net::tls::not_after_s(&path)?;
-        metrics::gauge!("onecard_tls_cert_expiry_timestamp_seconds", "cert" => cert).set(t as f64);
+        // rustls accepted the file; a date x509-parser cannot read costs
+        // the gauge, not the start.
+        match crate::net::tls::not_after_s(&path) {
+            Ok(t) => metrics::gauge!("onecard_tls_cert_expiry_timestamp_seconds", "cert" => cert)
+                .set(t as f64),
+            Err(e) => tracing::warn!(cert, error = %e, "certificate expiry not readable; no expiry metric"),
+        }
     }
     let listeners_file = config.data_dir.join(LISTENERS_FILE);
     let _ = std::fs::remove_file(&listeners_file);

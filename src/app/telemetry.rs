@@ -224,7 +224,7 @@ fn describe() {
     describe_gauge!(
         "onecard_journal_oldest_pending_seconds",
         Unit::Seconds,
-        "How long the group commit being written has been at it (0 when idle): a stalled disk makes it grow"
+        "How long the oldest commit not yet durable has waited, queued and being written (0 when idle): a stalled disk makes it grow"
     );
     describe_gauge!(
         "onecard_settle_parked_batches",
@@ -316,6 +316,7 @@ pub fn register_zero(config: &crate::config::Config) {
         "lifetime_too_long",
         "not_yet_valid",
         "expired",
+        "replayed",
         "type_mismatch",
     ] {
         counter!("onecard_qr_rejects_total", "why" => why).absolute(0);
@@ -340,7 +341,7 @@ pub fn init_tracing() {
 
 /// Logs to stderr as `log.format` says (text, or JSON lines for log
 /// shippers), at `log.level` unless `RUST_LOG` is set. The level can be
-/// changed later without a restart ([`set_log_level`]).
+/// changed later without a restart (`service::logs::set_level`).
 pub fn init_tracing_with(log: &LogConfig) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

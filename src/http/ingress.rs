@@ -208,7 +208,8 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
 /// `onecard_http_requests_total` of `POST /v1/authorize`, the busiest
 /// route, one handle per status it answers with, and
 /// `onecard_http_request_duration_seconds` of every terminal route,
-/// registered once (a request pays an atomic add, not a registry look-up).
+/// registered once (these pay an atomic add, not a registry look-up; the
+/// other routes' counters are looked up by name).
 pub struct RouteCounters {
     authorize: Vec<(u16, metrics::Counter)>,
     authorize_other: metrics::Counter,
@@ -392,7 +393,9 @@ pub async fn terminal_request(
                         Ok(body) => json_response(StatusCode::OK, body),
                         Err(e) => error_response(&e),
                     };
-                    if let Ok(v) = HeaderValue::from_str(&clock.header()) {
+                    // Its own buffer, not a copy: ASCII digits, names and
+                    // separators only, so always a valid value.
+                    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(clock.header())) {
                         r.headers_mut().insert(SERVER_TIMING, v);
                     }
                     front
@@ -647,7 +650,7 @@ fn log_slow(
         route,
         terminal,
         card = card.map(|c| c.masked()),
-        scenario = scenario.map(|s| s.as_str().to_owned()),
+        scenario = scenario.map(|s| s.as_str()),
         auth_id,
         total_ms = ms(clock.total()),
         decode_ms = ms(decode),

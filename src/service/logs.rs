@@ -36,8 +36,13 @@ pub enum LevelError {
 pub fn set_level(level: &str) -> Result<String, LevelError> {
     let filter = EnvFilter::try_new(level).map_err(|e| LevelError::Invalid(e.to_string()))?;
     let (handle, now) = FILTER.get().ok_or(LevelError::NotOurs)?;
+    // Held across the reload: two changes at once leave the level shown
+    // and the level in force the same.
+    let mut now = now.lock();
     handle.reload(filter).map_err(|_| LevelError::NotOurs)?;
-    let before = std::mem::replace(&mut *now.lock(), level.to_owned());
-    tracing::warn!(level, before, "log level changed by an operator");
+    let before = std::mem::replace(&mut *now, level.to_owned());
+    drop(now);
+    // `filter`, not `level`: JSON lines already have a `level` key.
+    tracing::warn!(filter = level, before, "log level changed by an operator");
     Ok(before)
 }

@@ -179,7 +179,9 @@ impl Gateway {
                 ))
             })
             .await?;
-        committed.pending.durable().await?;
+        let durable = committed.pending.durable().await;
+        crate::service::timing::mark(crate::service::timing::Phase::Commit);
+        durable?;
         metrics::counter!("onecard_reversals_total", "status" => event.status.as_str())
             .increment(1);
         Ok(committed.answer)

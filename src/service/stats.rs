@@ -7,8 +7,10 @@
 //! 4.37 ms, to 1 %.
 //!
 //! Keys are few and fixed (the routes, scenarios, reasons and refusals
-//! there are), found by a scan under a read lock; recording is one
-//! uncontended mutex per key.
+//! there are), found by a scan under a read lock; recording takes the
+//! mutex of the key's current second for a few nanoseconds (requests of
+//! one key in one second share it). Outcomes, refusals and replays are
+//! recorded as 0 µs: counted, their one-value histograms stay small.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +36,8 @@ pub enum Kind {
     Route,
     /// A decision's scenario: the time from request to durable answer.
     Scenario,
-    /// A decision's outcome: `approve`, or the decline's reason code.
+    /// A decision's outcome: `approve`, or the decline's reason code
+    /// (counted, no latency).
     Outcome,
     /// A request refused by admission: `429` or `503`.
     Refusal,

@@ -57,12 +57,18 @@ pub struct TerminalsView {
 pub struct Connected {
     terminals: Arc<Terminals>,
     id: Arc<str>,
+    at_ms: i64,
+    since: std::time::Instant,
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
         if let Some(e) = self.terminals.map.lock().get_mut(&self.id) {
             e.open = e.open.saturating_sub(1);
+            // Seen until now: a terminal connected for days stays
+            // counted for a day after it leaves.
+            let now = self.at_ms + self.since.elapsed().as_millis() as i64;
+            e.last_seen_ms = e.last_seen_ms.max(now);
         }
     }
 }
@@ -85,6 +91,8 @@ impl Terminals {
         Connected {
             terminals: self.clone(),
             id,
+            at_ms: now_ms,
+            since: std::time::Instant::now(),
         }
     }
 
@@ -94,7 +102,7 @@ impl Terminals {
         let mut connected = 0;
         let mut seen = 0;
         let mut soonest: Option<i64> = None;
-        let mut expiring = Vec::new();
+        let mut expiring: Vec<(&Arc<str>, i64)> = Vec::new();
         for (id, e) in map.iter() {
             if e.open > 0 {
                 connected += 1;
@@ -105,19 +113,24 @@ impl Terminals {
             seen += 1;
             soonest = Some(soonest.map_or(e.not_after_s, |s| s.min(e.not_after_s)));
             if e.not_after_s <= limit_s {
-                expiring.push(Expiring {
-                    terminal: id.to_string(),
-                    not_after_s: e.not_after_s,
-                });
+                expiring.push((id, e.not_after_s));
             }
         }
-        expiring.sort_by(|a, b| a.not_after_s.cmp(&b.not_after_s).then(a.terminal.cmp(&b.terminal)));
+        // Only the listed ones become strings: a fleet enrolled together
+        // may expire together.
+        expiring.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)));
         let expiring_count = expiring.len();
-        expiring.truncate(20);
         TerminalsView {
             connected,
             seen_24h: seen,
-            expiring,
+            expiring: expiring
+                .into_iter()
+                .take(20)
+                .map(|(id, not_after_s)| Expiring {
+                    terminal: id.to_string(),
+                    not_after_s,
+                })
+                .collect(),
             expiring_count,
             soonest_not_after_s: soonest,
         }

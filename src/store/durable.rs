@@ -152,9 +152,10 @@ pub struct CommitFigures {
     pub batch_max: u64,
     /// Commits waiting for the writer now.
     pub pending: usize,
-    /// How long the group being written now has been at it (0 when the
-    /// writer is idle): a stalled disk makes it grow.
-    pub writing_for_ms: f64,
+    /// How long the oldest commit not yet durable has waited (queued and
+    /// being written; 0 when the writer is idle): a stalled disk makes it
+    /// grow.
+    pub oldest_pending_ms: f64,
 }
 
 /// Where durable writes go. See the module's contract.

@@ -75,7 +75,8 @@ pub(super) fn add_to_batch<'a>(
 type Reply = oneshot::Sender<Result<Option<u64>, CommitError>>;
 
 enum Item {
-    Commit(Commit, Reply),
+    /// A commit and when it was queued.
+    Commit(Commit, Reply, Instant),
     /// Idempotency clean-up: written in a batch of its own, because whether
     /// to delete depends on reading what earlier batches wrote.
     Cleanup {
@@ -107,14 +108,21 @@ struct WriterWatch {
     took: Ring,
     /// Commits per group.
     sizes: Ring,
-    /// Microseconds since `started` at which the current write began, plus
-    /// one; 0 while idle.
-    writing_since: AtomicU64,
+    /// Microseconds since `started` at which the oldest commit of the
+    /// item being written was queued, plus one; 0 while idle.
+    oldest_since: AtomicU64,
 }
 
 impl WriterWatch {
     fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
+    }
+    fn busy_since(&self, queued: Instant) {
+        let us = queued.saturating_duration_since(self.started).as_micros() as u64;
+        self.oldest_since.store(us + 1, Ordering::Release);
+    }
+    fn idle(&self) {
+        self.oldest_since.store(0, Ordering::Release);
     }
 }
 
@@ -143,7 +151,7 @@ impl Journal {
             started: Instant::now(),
             took: Ring::new(),
             sizes: Ring::new(),
-            writing_since: AtomicU64::new(0),
+            oldest_since: AtomicU64::new(0),
         });
         let writer = Writer {
             watch: watch.clone(),
@@ -194,7 +202,7 @@ impl Durable for Journal {
     /// The order of `submit` calls is the order on disk.
     fn submit(&self, commit: Commit) -> Result<Pending, CommitError> {
         let (reply, pending) = Pending::channel();
-        self.send(Item::Commit(commit, reply))?;
+        self.send(Item::Commit(commit, reply, Instant::now()))?;
         Ok(pending)
     }
 
@@ -225,7 +233,7 @@ impl Durable for Journal {
         let first = first_of(last, window_s);
         let took = w.took.summary(first, last);
         let sizes = w.sizes.summary(first, last);
-        let since = w.writing_since.load(Ordering::Acquire);
+        let since = w.oldest_since.load(Ordering::Acquire);
         Some(CommitFigures {
             window_s,
             groups: took.count,
@@ -235,7 +243,7 @@ impl Durable for Journal {
             batch_mean: sizes.mean,
             batch_max: sizes.max,
             pending: self.tx.len(),
-            writing_for_ms: if since == 0 {
+            oldest_pending_ms: if since == 0 {
                 0.0
             } else {
                 now.saturating_sub(since - 1) as f64 / 1000.0
@@ -283,6 +291,7 @@ impl Drop for PanicGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.0.store(true, Ordering::Release);
+            metrics::counter!("onecard_journal_failures_total").increment(1);
         }
     }
 }
@@ -311,14 +320,19 @@ impl Writer {
                     cursor,
                     reply,
                 } => {
+                    self.watch.busy_since(Instant::now());
                     let result = self.cleanup(expired, cursor);
+                    self.watch.idle();
                     let _ = reply.send(result.map(|()| None));
                 }
-                Item::Commit(commit, reply) => {
+                Item::Commit(commit, reply, queued) => {
+                    // The group's first commit is its oldest (the queue
+                    // is in order): its wait is what the gauge shows.
+                    self.watch.busy_since(queued);
                     let mut group = vec![(commit, reply)];
                     while group.len() < self.batch_events_max {
                         match self.rx.try_recv() {
-                            Ok(Item::Commit(c, r)) => group.push((c, r)),
+                            Ok(Item::Commit(c, r, _)) => group.push((c, r)),
                             Ok(other) => {
                                 carry = Some(other);
                                 break;
@@ -327,6 +341,7 @@ impl Writer {
                         }
                     }
                     self.write_group(group);
+                    self.watch.idle();
                 }
             }
         }
@@ -374,9 +389,7 @@ impl Writer {
         let started = Instant::now();
         let w = &self.watch;
         let began_us = w.now_us();
-        w.writing_since.store(began_us + 1, Ordering::Release);
         let result = self.store.db().write_opt(batch, &self.options());
-        w.writing_since.store(0, Ordering::Release);
         let took = started.elapsed();
         let second = began_us / 1_000_000;
         w.took.record(second, took.as_micros() as u64);
@@ -431,8 +444,9 @@ impl Writer {
             .db()
             .write_opt(batch, &self.options())
             .map_err(|e| {
-                tracing::error!(error = %e, "journal: idempotency clean-up write failed");
+                tracing::error!(error = %e, "journal: idempotency clean-up write failed; refusing further writes");
                 self.failed.store(true, Ordering::Release);
+                metrics::counter!("onecard_journal_failures_total").increment(1);
                 CommitError::Failed
             })?;
         metrics::counter!("onecard_idempotency_expired_total").increment(deleted);
