@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -699,6 +699,8 @@ pub struct ConnActivity {
     /// its head has started and must be complete within the header-read
     /// timeout. [`NO_HEAD`] otherwise.
     head_started_ms: AtomicU64,
+    /// Whether a request has ever started on this connection.
+    any_request: AtomicBool,
 }
 
 impl ConnActivity {
@@ -708,6 +710,7 @@ impl ConnActivity {
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NO_HEAD),
+            any_request: AtomicBool::new(false),
         })
     }
 
@@ -751,8 +754,24 @@ impl ConnActivity {
     fn busy(self: Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started_ms.store(NO_HEAD, Ordering::Release);
+        self.any_request.store(true, Ordering::Release);
         self.touch();
         Busy(self)
+    }
+
+    /// How long until the header-read timeout closes the connection
+    /// (zero: now), if a request head is due. Over HTTP/1.1 a head is due
+    /// from its first byte; over HTTP/2, whose frames hyper reads itself,
+    /// the first request is due from the connection's start (a client that
+    /// only sends the preface and settings is cut off like a slow head).
+    fn head_left(&self, timeout: Duration, http1: bool) -> Option<Duration> {
+        if http1 {
+            self.head_pending_for().map(|d| timeout.saturating_sub(d))
+        } else if !self.any_request.load(Ordering::Acquire) {
+            Some(timeout.saturating_sub(self.started.elapsed()))
+        } else {
+            None
+        }
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -883,7 +902,10 @@ pub async fn serve_connection<I, F, Fut>(
     tokio::pin!(conn);
     // One timer for both checks, reset when it fires: creating a new one
     // on every wake of the connection would cost a timer-wheel insert and
-    // removal per request.
+    // removal per request. It looks at least every quarter of the shorter
+    // timeout (to notice a head that started since), and is set to the
+    // nearest deadline itself, so a connection is closed at its timeout,
+    // not up to a quarter later.
     let check = (idle_timeout.min(header_read_timeout) / 4).max(Duration::from_millis(50));
     let tick = tokio::time::sleep(check);
     tokio::pin!(tick);
@@ -897,18 +919,20 @@ pub async fn serve_connection<I, F, Fut>(
                     // reading, or holds a stream open): drop it.
                     break;
                 }
-                if slow_head_check
-                    && activity.head_pending_for().is_some_and(|d| d >= header_read_timeout)
-                {
-                    // A request head trickling in: nothing to finish.
+                let head_left = activity.head_left(header_read_timeout, slow_head_check);
+                if head_left == Some(Duration::ZERO) {
+                    // A request head trickling in (or an HTTP/2 connection
+                    // that never sends a request): nothing to finish.
                     break;
                 }
-                if activity.idle_for().is_some_and(|d| d >= idle_timeout) {
+                let idle_left = activity.idle_for().map(|d| idle_timeout.saturating_sub(d));
+                if idle_left == Some(Duration::ZERO) {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                     tick.as_mut().reset(tokio::time::Instant::now() + header_read_timeout);
                 } else {
-                    tick.as_mut().reset(tokio::time::Instant::now() + check);
+                    let next = [Some(check), head_left, idle_left].into_iter().flatten().min();
+                    tick.as_mut().reset(tokio::time::Instant::now() + next.unwrap_or(check));
                 }
             }
             _ = stop.changed(), if !closing => {

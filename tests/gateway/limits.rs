@@ -169,6 +169,77 @@ async fn slow_headers_and_handshakes_are_cut_off_by_the_header_read_timeout() {
     gw.shutdown().await;
 }
 
+/// Issue 19: the header-read timeout closes within 10 % of its value, over
+/// HTTP/1.1 (a head that never finishes) and HTTP/2 (a connection that
+/// sends its preface and settings and never a request) alike. The bound
+/// allows 10 % and 250 ms of scheduling on a loaded machine; before, the
+/// close came up to 25 % late, and an HTTP/2 connection lived until the
+/// idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_closes_on_time_over_both_protocols() {
+    const TIMEOUT: Duration = Duration::from_millis(2_000);
+    let gw = TestGateway::start(|c| {
+        c.terminal.plaintext_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.header_read_timeout_ms = TIMEOUT.as_millis() as u64;
+        c.limits.idle_timeout_ms = 600_000;
+    })
+    .await;
+    let on_time = |took: Duration, what: &str| {
+        assert!(
+            took >= TIMEOUT.mul_f64(0.95) && took <= TIMEOUT.mul_f64(1.1) + Duration::from_millis(250),
+            "{what}: closed after {took:?}, the timeout is {TIMEOUT:?}"
+        );
+    };
+
+    // HTTP/1.1: a head that never finishes.
+    let mut s = TcpStream::connect(gw.running().addrs.plaintext.unwrap())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    closed_by_server(s).await;
+    on_time(started.elapsed(), "HTTP/1.1 head");
+
+    // HTTP/2 over mTLS: the preface and an empty SETTINGS frame, then
+    // nothing.
+    let certs = gw.certs_dir();
+    let id = terminal_id(1);
+    let tls = onecard::net::client::tls_config(
+        &certs.join(onecard::net::certs::CA_CERT),
+        Some((
+            &onecard::net::certs::terminal_cert_path(&certs, &id),
+            &onecard::net::certs::terminal_key_path(&certs, &id),
+        )),
+        Protocol::Http2,
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(gw.terminal_addr()).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = std::time::Instant::now();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let read = async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the server closes the HTTP/2 connection");
+    on_time(started.elapsed(), "HTTP/2 without a request");
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_outlives_the_header_read_timeout() {
     // A gate that taps less often than the header-read timeout keeps its
