@@ -240,6 +240,50 @@ async fn the_header_read_timeout_closes_on_time_over_both_protocols() {
     gw.shutdown().await;
 }
 
+/// Issue 19: requests too malformed for HTTP/1.1 to parse never reach the
+/// gateway: hyper answers them itself, with a status and no body, and
+/// closes. Exactly these, as README ("Refusals without a body") and
+/// openapi.json (`x-transport-refusals`) list them; a change in hyper
+/// shows here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_http_cannot_parse_get_the_documented_bodiless_refusals() {
+    let gw = TestGateway::start(|c| {
+        c.terminal.plaintext_addr = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let addr = gw.running().addrs.plaintext.unwrap();
+    let many: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let huge = format!("X-Big: {}\r\n", "a".repeat(500 * 1024));
+    let head = |extra: &str| format!("GET /v1/ping HTTP/1.1\r\nHost: x\r\n{extra}\r\n").into_bytes();
+    let post = |lengths: &str| {
+        format!("POST /v1/authorize HTTP/1.1\r\nHost: x\r\nX-Terminal-Id: t1\r\n{lengths}\r\n{{}}")
+            .into_bytes()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bytes that are not HTTP", b"\x16\x03\x01 not http\r\n\r\n".to_vec(), "400 Bad Request"),
+        ("an HTTP/0.9 request line", b"GET /v1/ping\r\n\r\n".to_vec(), "400 Bad Request"),
+        ("an unknown HTTP version", b"GET /v1/ping HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(), "400 Bad Request"),
+        ("two Content-Length values", post("Content-Length: 2\r\nContent-Length: 3\r\n"), "400 Bad Request"),
+        ("a negative Content-Length", post("Content-Length: -1\r\n"), "400 Bad Request"),
+        ("more than 100 headers", head(&many), "431 Request Header Fields Too Large"),
+        ("a head over 400 KiB", head(&huge), "431 Request Header Fields Too Large"),
+    ];
+    for (what, bytes, status) in cases {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The server may answer and close before a large head is all
+        // written: what it answered is what counts.
+        let _ = s.write_all(&bytes).await;
+        let got = String::from_utf8_lossy(&closed_by_server(s).await).to_lowercase();
+        assert!(
+            got.starts_with(&format!("http/1.1 {}\r\n", status.to_lowercase())),
+            "{what}: {got}"
+        );
+        assert!(got.contains("content-length: 0\r\n"), "{what}: {got}");
+        assert!(got.contains("connection: close\r\n"), "{what}: {got}");
+    }
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_outlives_the_header_read_timeout() {
     // A gate that taps less often than the header-read timeout keeps its
