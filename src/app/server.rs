@@ -146,7 +146,9 @@ pub async fn start_with_clock(
         match crate::net::tls::not_after_s(&path) {
             Ok(t) => metrics::gauge!("onecard_tls_cert_expiry_timestamp_seconds", "cert" => cert)
                 .set(t as f64),
-            Err(e) => tracing::warn!(cert, error = %e, "certificate expiry not readable; no expiry metric"),
+            Err(e) => {
+                tracing::warn!(cert, error = %e, "certificate expiry not readable; no expiry metric")
+            }
         }
     }
     let listeners_file = config.data_dir.join(LISTENERS_FILE);

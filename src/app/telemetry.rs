@@ -208,10 +208,7 @@ fn describe() {
         Unit::Seconds,
         "Time from request received to answer ready, per terminal route"
     );
-    describe_gauge!(
-        "onecard_ready",
-        "1 while /readyz answers ready, else 0"
-    );
+    describe_gauge!("onecard_ready", "1 while /readyz answers ready, else 0");
     describe_gauge!(
         "onecard_start_time_seconds",
         Unit::Seconds,
@@ -278,7 +275,12 @@ pub fn register_zero(config: &crate::config::Config) {
     ] {
         counter!(name).absolute(0);
     }
-    for limit in ["connections", "in_flight", "terminals_tracked", "terminal_rate"] {
+    for limit in [
+        "connections",
+        "in_flight",
+        "terminals_tracked",
+        "terminal_rate",
+    ] {
         counter!("onecard_admission_rejected_total", "limit" => limit).absolute(0);
     }
     for op in [

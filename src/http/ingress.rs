@@ -246,7 +246,13 @@ impl RouteCounters {
 
     /// Counts one answer of the terminal route `label` and its time, in
     /// the metrics and in the SRE's windows.
-    fn finish(&self, gw: &crate::service::gateway::Gateway, label: &'static str, status: StatusCode, took: Duration) {
+    fn finish(
+        &self,
+        gw: &crate::service::gateway::Gateway,
+        label: &'static str,
+        status: StatusCode,
+        took: Duration,
+    ) {
         if label == routes::ROUTES[0].path {
             self.authorize(status).increment(1);
         } else {
@@ -448,7 +454,11 @@ fn admit(front: &Front, terminal: &str) -> Result<crate::http::admission::Reques
         .admission
         .request(terminal, Instant::now())
         .inspect_err(|e| {
-            let status = if e.code == ErrorCode::RateLimited { "429" } else { "503" };
+            let status = if e.code == ErrorCode::RateLimited {
+                "429"
+            } else {
+                "503"
+            };
             front.gw.stats.record(Kind::Refusal, status, Duration::ZERO);
         })
 }
@@ -585,12 +595,23 @@ async fn authorize(
             let a = gw.hold(&terminal, &r, now_ms).await;
             if slow() {
                 let card = tapped(&r.auth.credential);
-                log_slow(clock, id, &terminal, card, Some(r.auth.scenario), a.as_ref().ok());
+                log_slow(
+                    clock,
+                    id,
+                    &terminal,
+                    card,
+                    Some(r.auth.scenario),
+                    a.as_ref().ok(),
+                );
             }
             a
         }
         RouteId::Capture | RouteId::Void => {
-            let op = if id == RouteId::Capture { HoldOp::Capture } else { HoldOp::Void };
+            let op = if id == RouteId::Capture {
+                HoldOp::Capture
+            } else {
+                HoldOp::Void
+            };
             let r = decoded(wire::parse_hold_step(op, &body)?);
             let a = gw.hold_step(&terminal, &r, now_ms).await;
             if slow() {
@@ -603,7 +624,14 @@ async fn authorize(
             let a = gw.authorize(&terminal, &r, now_ms).await;
             if slow() {
                 let card = tapped(&r.credential);
-                log_slow(clock, id, &terminal, card, Some(r.scenario), a.as_ref().ok());
+                log_slow(
+                    clock,
+                    id,
+                    &terminal,
+                    card,
+                    Some(r.scenario),
+                    a.as_ref().ok(),
+                );
             }
             a
         }
@@ -644,7 +672,10 @@ fn log_slow(
     let auth_id = answer
         .and_then(|a| serde_json::from_slice::<serde_json::Value>(a).ok())
         .and_then(|v| v.get("auth_id").and_then(|x| x.as_str()).map(str::to_owned));
-    let route = routes::ROUTES.iter().find(|r| r.id == id).map_or("?", |r| r.path);
+    let route = routes::ROUTES
+        .iter()
+        .find(|r| r.id == id)
+        .map_or("?", |r| r.path);
     tracing::warn!(
         target: "onecard::slow",
         route,
@@ -991,7 +1022,11 @@ pub async fn run_tls_listener(
                 };
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let id: Arc<str> = id.into();
-                let _connected = front.gw.terminals.connected(id.clone(), not_after, front.gw.now_ms());
+                let _connected =
+                    front
+                        .gw
+                        .terminals
+                        .connected(id.clone(), not_after, front.gw.now_ms());
                 let identity = TerminalIdentity::Certificate(id);
                 let handler = move |req| terminal_request(front.clone(), identity.clone(), req);
                 serve_connection(

@@ -302,7 +302,8 @@ impl Gateway {
         metrics::gauge!("onecard_start_time_seconds").set(self.started_at_ms as f64 / 1000.0);
         if let Some(j) = self.journal.commit_figures(1) {
             metrics::gauge!("onecard_journal_pending_commits").set(j.pending as f64);
-            metrics::gauge!("onecard_journal_oldest_pending_seconds").set(j.oldest_pending_ms / 1000.0);
+            metrics::gauge!("onecard_journal_oldest_pending_seconds")
+                .set(j.oldest_pending_ms / 1000.0);
         }
         // A list that never changed counts from this start.
         let deny_at = self.deny.updated_at_ms().unwrap_or(self.started_at_ms);

@@ -8,8 +8,7 @@ use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
 /// The switch of the level filter the logs were set up with.
-pub type FilterHandle =
-    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+pub type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 static FILTER: OnceLock<(FilterHandle, parking_lot::Mutex<String>)> = OnceLock::new();
 
@@ -26,9 +25,13 @@ pub fn level() -> Option<String> {
 /// Why the level cannot be changed.
 #[derive(Debug, thiserror::Error)]
 pub enum LevelError {
-    #[error("`level` is not a valid filter: {0} (e.g. \"info\" or \"warn,onecard::service=debug\")")]
+    #[error(
+        "`level` is not a valid filter: {0} (e.g. \"info\" or \"warn,onecard::service=debug\")"
+    )]
     Invalid(String),
-    #[error("this process's logs were not set up by the gateway; their level cannot be changed here")]
+    #[error(
+        "this process's logs were not set up by the gateway; their level cannot be changed here"
+    )]
     NotOurs,
 }
 

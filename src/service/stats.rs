@@ -227,7 +227,10 @@ mod tests {
         assert!((w.scenarios[1].max_ms - 250.0).abs() < 2.5, "{w:?}");
         assert_eq!(w.routes.len(), 1);
         assert_eq!(
-            w.outcomes.iter().map(|f| (f.name, f.count)).collect::<Vec<_>>(),
+            w.outcomes
+                .iter()
+                .map(|f| (f.name, f.count))
+                .collect::<Vec<_>>(),
             [("DENYLISTED", 2), ("approve", 1)]
         );
         assert_eq!(w.refusals[0].count, 1);

@@ -173,7 +173,11 @@ mod tests {
         let a = t.connected("bus-1".into(), now_s + 10 * DAY_S, now_ms);
         let a2 = t.connected("bus-1".into(), now_s + 10 * DAY_S, now_ms);
         let _b = t.connected("gate-2".into(), now_s + 400 * DAY_S, now_ms);
-        let c = t.connected("door-3".into(), now_s + 29 * DAY_S, now_ms - 2 * SEEN_WITHIN_MS);
+        let c = t.connected(
+            "door-3".into(),
+            now_s + 29 * DAY_S,
+            now_ms - 2 * SEEN_WITHIN_MS,
+        );
         drop(c);
         let v = t.view(now_ms);
         assert_eq!((v.connected, v.seen_24h), (2, 2));

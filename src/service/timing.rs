@@ -142,8 +142,14 @@ mod tests {
         assert!(spent.iter().sum::<Duration>() <= clock.total());
         let h = clock.header();
         assert!(h.starts_with("decode;dur=0."), "{h}");
-        assert!(h.contains(", idempotency;dur=") && h.contains(", decide;dur="), "{h}");
-        assert!(!h.contains("credential"), "a phase not reached is left out: {h}");
+        assert!(
+            h.contains(", idempotency;dur=") && h.contains(", decide;dur="),
+            "{h}"
+        );
+        assert!(
+            !h.contains("credential"),
+            "a phase not reached is left out: {h}"
+        );
         assert!(h.contains(", total;dur="), "{h}");
         let ms = |us| {
             let mut s = String::new();

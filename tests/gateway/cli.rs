@@ -66,6 +66,8 @@ async fn the_dev_config_runs_from_any_directory_on_any_data_directory() {
 /// release profile), under 40 MB.
 #[test]
 fn the_release_binary_is_under_40_mb() {
-    let bytes = std::fs::metadata(env!("CARGO_BIN_EXE_onecard")).unwrap().len();
+    let bytes = std::fs::metadata(env!("CARGO_BIN_EXE_onecard"))
+        .unwrap()
+        .len();
     assert!(bytes < 40 << 20, "the onecard binary is {} MB", bytes >> 20);
 }

@@ -48,7 +48,9 @@ async fn chromium(profile: &Path, extra: &[&str], url: &str) -> String {
         let out = rx.recv_timeout(Duration::from_secs(90));
         if out.is_err() {
             // Stuck: stopped here rather than left behind.
-            let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
         }
         out
     })
@@ -109,7 +111,12 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     taps(&mut t, "pay", 10, "payment").await;
     for i in 0..2 {
         let a = t
-            .authorize(&tap(&format!("unknown-{i}"), "500118S99999999", "transit", 100))
+            .authorize(&tap(
+                &format!("unknown-{i}"),
+                "500118S99999999",
+                "transit",
+                100,
+            ))
             .await
             .unwrap();
         assert_eq!(decision(&a), ("decline".into(), "CARD_NOT_FOUND".into()));
@@ -120,18 +127,33 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     let dom = chromium(profile.path(), &["--dump-dom"], &url).await;
     let at = dom.find("data-updates=\"").unwrap() + 14;
     let updates: u32 = dom[at..at + dom[at..].find('"').unwrap()].parse().unwrap();
-    assert!(updates >= 2, "the page polled its feed more than once: {updates}");
+    assert!(
+        updates >= 2,
+        "the page polled its feed more than once: {updates}"
+    );
     assert!(dom.contains(">ready<"), "readiness shown: {dom}");
     // Transit: 32 decisions (30 approvals, 2 declines), with real
     // percentiles in milliseconds.
-    assert_eq!(attr_of(&dom, "scenario:transit", "data-count60").as_deref(), Some("32"));
-    assert_eq!(attr_of(&dom, "scenario:payment", "data-count60").as_deref(), Some("10"));
+    assert_eq!(
+        attr_of(&dom, "scenario:transit", "data-count60").as_deref(),
+        Some("32")
+    );
+    assert_eq!(
+        attr_of(&dom, "scenario:payment", "data-count60").as_deref(),
+        Some("10")
+    );
     let row = cells_of(&dom, "scenario:transit");
     assert_eq!(row[0], "transit");
     let p99: f64 = row[8].parse().expect("a p99 in ms over 60 s");
     assert!(p99 > 0.0, "{row:?}");
-    assert_eq!(attr_of(&dom, "route:/v1/authorize", "data-count60").as_deref(), Some("42"));
-    assert_eq!(attr_of(&dom, "outcome:approve", "data-count60").as_deref(), Some("40"));
+    assert_eq!(
+        attr_of(&dom, "route:/v1/authorize", "data-count60").as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        attr_of(&dom, "outcome:approve", "data-count60").as_deref(),
+        Some("40")
+    );
     assert_eq!(
         attr_of(&dom, "outcome:decline CARD_NOT_FOUND", "data-count60").as_deref(),
         Some("2")
@@ -141,7 +163,10 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     // More taps: the figures change.
     taps(&mut t, "tr2", 20, "transit").await;
     let dom = chromium(profile.path(), &["--dump-dom"], &url).await;
-    assert_eq!(attr_of(&dom, "scenario:transit", "data-count60").as_deref(), Some("52"));
+    assert_eq!(
+        attr_of(&dom, "scenario:transit", "data-count60").as_deref(),
+        Some("52")
+    );
 
     // The README's screenshot command works.
     let png = profile.path().join("dashboard.png");
@@ -170,7 +195,10 @@ async fn the_dashboard_is_open_self_contained_and_free_of_personal_data() {
     assert!(csp.starts_with("default-src 'none'"), "{csp}");
     let html = String::from_utf8(page.body.to_vec()).unwrap();
     for external in ["http://", "https://", "src=", "@import", "url("] {
-        assert!(!html.contains(external), "the page loads nothing from elsewhere: {external}");
+        assert!(
+            !html.contains(external),
+            "the page loads nothing from elsewhere: {external}"
+        );
     }
     let data = client::admin(gw.admin_addr(), None, Method::GET, "/dashboard/data", None)
         .await

@@ -186,7 +186,8 @@ async fn the_header_read_timeout_closes_on_time_over_both_protocols() {
     .await;
     let on_time = |took: Duration, what: &str| {
         assert!(
-            took >= TIMEOUT.mul_f64(0.95) && took <= TIMEOUT.mul_f64(1.1) + Duration::from_millis(250),
+            took >= TIMEOUT.mul_f64(0.95)
+                && took <= TIMEOUT.mul_f64(1.1) + Duration::from_millis(250),
             "{what}: closed after {took:?}, the timeout is {TIMEOUT:?}"
         );
     };
@@ -253,18 +254,43 @@ async fn requests_http_cannot_parse_get_the_documented_bodiless_refusals() {
     .await;
     let addr = gw.running().addrs.plaintext.unwrap();
     let many: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let head = |extra: &str| format!("GET /v1/ping HTTP/1.1\r\nHost: x\r\n{extra}\r\n").into_bytes();
+    let head =
+        |extra: &str| format!("GET /v1/ping HTTP/1.1\r\nHost: x\r\n{extra}\r\n").into_bytes();
     let post = |lengths: &str| {
         format!("POST /v1/authorize HTTP/1.1\r\nHost: x\r\nX-Terminal-Id: t1\r\n{lengths}\r\n{{}}")
             .into_bytes()
     };
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("bytes that are not HTTP", b"\x16\x03\x01 not http\r\n\r\n".to_vec(), "400 Bad Request"),
-        ("an HTTP/0.9 request line", b"GET /v1/ping\r\n\r\n".to_vec(), "400 Bad Request"),
-        ("an unknown HTTP version", b"GET /v1/ping HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(), "400 Bad Request"),
-        ("two Content-Length values", post("Content-Length: 2\r\nContent-Length: 3\r\n"), "400 Bad Request"),
-        ("a negative Content-Length", post("Content-Length: -1\r\n"), "400 Bad Request"),
-        ("more than 100 headers", head(&many), "431 Request Header Fields Too Large"),
+        (
+            "bytes that are not HTTP",
+            b"\x16\x03\x01 not http\r\n\r\n".to_vec(),
+            "400 Bad Request",
+        ),
+        (
+            "an HTTP/0.9 request line",
+            b"GET /v1/ping\r\n\r\n".to_vec(),
+            "400 Bad Request",
+        ),
+        (
+            "an unknown HTTP version",
+            b"GET /v1/ping HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(),
+            "400 Bad Request",
+        ),
+        (
+            "two Content-Length values",
+            post("Content-Length: 2\r\nContent-Length: 3\r\n"),
+            "400 Bad Request",
+        ),
+        (
+            "a negative Content-Length",
+            post("Content-Length: -1\r\n"),
+            "400 Bad Request",
+        ),
+        (
+            "more than 100 headers",
+            head(&many),
+            "431 Request Header Fields Too Large",
+        ),
     ];
     // (A head over ~400 KiB is refused with 431 too, but a client still
     // writing it may see the connection reset before it reads the answer:

@@ -29,13 +29,23 @@ async fn every_terminal_answer_carries_its_phases_in_server_timing() {
     gw.put_card(card, json!({"status": "active", "functions": ["transit"]}))
         .await;
     let mut t = gw.terminal(1, Protocol::Http2).await;
-    let a = t.authorize(&tap("st-1", card, "transit", 200)).await.unwrap();
+    let a = t
+        .authorize(&tap("st-1", card, "transit", 200))
+        .await
+        .unwrap();
     assert_eq!(decision(&a).0, "approve");
     let p = phases(a.headers["server-timing"].to_str().unwrap());
     let names: Vec<&str> = p.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["decode", "idempotency", "credential", "decide", "commit", "total"]
+        [
+            "decode",
+            "idempotency",
+            "credential",
+            "decide",
+            "commit",
+            "total"
+        ]
     );
     let total = p.last().unwrap().1;
     let sum: f64 = p[..5].iter().map(|(_, d)| d).sum();
@@ -43,7 +53,10 @@ async fn every_terminal_answer_carries_its_phases_in_server_timing() {
 
     // A replay stops after the idempotency phase: nothing decided or
     // committed again.
-    let again = t.authorize(&tap("st-1", card, "transit", 200)).await.unwrap();
+    let again = t
+        .authorize(&tap("st-1", card, "transit", 200))
+        .await
+        .unwrap();
     let names: Vec<String> = phases(again.headers["server-timing"].to_str().unwrap())
         .into_iter()
         .map(|(n, _)| n)
@@ -127,7 +140,10 @@ async fn json_logs_name_slow_requests_and_their_level_changes_without_a_restart(
     put_cards_at(addrs.admin, &[card.to_owned()], json!(["transit"])).await;
     let certs = dir.path().join("data/certs");
     let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http1).await;
-    let a = t.authorize(&tap("j-1", card, "transit", 200)).await.unwrap();
+    let a = t
+        .authorize(&tap("j-1", card, "transit", 200))
+        .await
+        .unwrap();
     assert_eq!(decision(&a).0, "approve");
     let auth_id = a.json()["auth_id"].as_str().unwrap().to_owned();
 
@@ -139,7 +155,14 @@ async fn json_logs_name_slow_requests_and_their_level_changes_without_a_restart(
     assert_eq!(line["scenario"], "transit", "{line}");
     assert_eq!(line["auth_id"], auth_id.as_str(), "{line}");
     assert_eq!(line["card"], "500118*****0042", "{line}");
-    for phase in ["decode_ms", "idempotency_ms", "credential_ms", "decide_ms", "commit_ms", "total_ms"] {
+    for phase in [
+        "decode_ms",
+        "idempotency_ms",
+        "credential_ms",
+        "decide_ms",
+        "commit_ms",
+        "total_ms",
+    ] {
         assert!(line[phase].as_f64().is_some(), "{phase} in {line}");
     }
     let text = std::fs::read_to_string(&log).unwrap();
@@ -151,24 +174,42 @@ async fn json_logs_name_slow_requests_and_their_level_changes_without_a_restart(
     assert_eq!(get("/admin/v1/log").await.unwrap().json()["level"], "warn");
     let put = |level: &'static str| async move {
         let body = json!({"level": level});
-        client::admin(addrs.admin, Some(TOKEN), Method::PUT, "/admin/v1/log", Some(&body)).await
+        client::admin(
+            addrs.admin,
+            Some(TOKEN),
+            Method::PUT,
+            "/admin/v1/log",
+            Some(&body),
+        )
+        .await
     };
     let r = put("error").await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["before"], "warn");
-    t.authorize(&tap("j-2", card, "transit", 200)).await.unwrap();
+    t.authorize(&tap("j-2", card, "transit", 200))
+        .await
+        .unwrap();
     let r = put("warn").await.unwrap();
     assert_eq!(r.json()["before"], "error");
-    t.authorize(&tap("j-3", card, "transit", 200)).await.unwrap();
+    t.authorize(&tap("j-3", card, "transit", 200))
+        .await
+        .unwrap();
     let lines = wait_slow_lines(&log, 2);
     let ids: Vec<&str> = lines.iter().filter_map(|l| l["auth_id"].as_str()).collect();
-    assert_eq!(ids.len(), 2, "j-2 was not written at level error: {lines:?}");
+    assert_eq!(
+        ids.len(),
+        2,
+        "j-2 was not written at level error: {lines:?}"
+    );
     assert_eq!(ids[0], auth_id.as_str());
 
     // A filter that does not parse: a clear 400, the level unchanged.
     let r = put("warn,[[[").await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("`level`"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`level`"));
     assert_eq!(get("/admin/v1/log").await.unwrap().json()["level"], "warn");
     // Operators only.
     let anon = client::admin(addrs.admin, None, Method::GET, "/admin/v1/log", None)

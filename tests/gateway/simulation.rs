@@ -765,5 +765,8 @@ fn reuse_port_socket(addr: SocketAddr) -> tokio::net::TcpSocket {
 fn restart_receiver(sink: &Sink, held: &mut tokio::net::TcpSocket, addr: SocketAddr) -> Running {
     let next = reuse_port_socket(addr);
     let listening = std::mem::replace(held, next).listen(64).unwrap();
-    sink.start_on(listening, Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()))
+    sink.start_on(
+        listening,
+        Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
+    )
 }

@@ -67,5 +67,5 @@ pub mod rng;
 pub mod scenario;
 pub mod settle;
 pub mod time;
-pub mod wire;
 pub mod window;
+pub mod wire;

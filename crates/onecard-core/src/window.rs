@@ -156,7 +156,8 @@ mod tests {
         r.record(6, 250_000);
         let s = r.summary(first_of(9, 10), 9);
         assert_eq!(s.count, 1_001);
-        let near = |got: u64, want: u64| (got as f64 - want as f64).abs() <= want as f64 * 0.01 + 1.0;
+        let near =
+            |got: u64, want: u64| (got as f64 - want as f64).abs() <= want as f64 * 0.01 + 1.0;
         assert!(near(s.p50, 500), "{s:?}");
         assert!(near(s.p99, 990), "{s:?}");
         assert!(near(s.p999, 1_000), "{s:?}");

@@ -249,7 +249,9 @@ impl Admin {
                     LevelError::Invalid(_) => ApiError::invalid(e.to_string()),
                     LevelError::NotOurs => ApiError::new(ErrorCode::Unavailable, e.to_string()),
                 })?;
-                Ok(ok_json(&serde_json::json!({"level": level, "before": before})))
+                Ok(ok_json(
+                    &serde_json::json!({"level": level, "before": before}),
+                ))
             }
             RouteId::DashboardData => {
                 let (cert, ca) = self.tls_not_after;
