@@ -1029,16 +1029,10 @@ async fn an_offline_upload_and_online_taps_of_one_card_at_other_nodes_all_count(
 async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_booked_once() {
     use crate::common::sink::Sink;
     use onecard::net::client::{self, FailoverTerminal};
-    use onecard_core::settle::sign::{Algorithm, Signer};
     const KEY: &str = "cluster-takeover-key";
     let sink_dir = tempfile::tempdir().unwrap();
     let sink = Sink::new(sink_dir.path(), 3);
-    let receiver = sink
-        .start(
-            "127.0.0.1:0".parse().unwrap(),
-            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
-        )
-        .await;
+    let receiver = sink.start_hmac(KEY).await;
     let nats = NatsCluster::start(3);
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     let base = tempfile::tempdir().unwrap();
@@ -1051,11 +1045,10 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
         if settle {
             // Small batches, sealed quickly: many of them, some on their
             // way when the node dies.
-            s.push_str(&format!(
-                "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\nevents_max = 7\nage_max_ms = 100\nbackoff_base_ms = 10\nbackoff_max_ms = 200\n",
-                receiver.addr.port(),
-                sink.certs.join(onecard::net::certs::CA_CERT),
-            ));
+            s.push_str(&sink.transport_entry(receiver.addr, KEY));
+            s.push_str(
+                "events_max = 7\nage_max_ms = 100\nbackoff_base_ms = 10\nbackoff_max_ms = 200\n",
+            );
         }
         s
     };
@@ -1204,16 +1197,10 @@ async fn the_delivering_node_killed_another_takes_over_and_every_approval_is_boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ops_rules_find_their_metrics_on_a_cluster_node() {
     use crate::common::sink::Sink;
-    use onecard_core::settle::sign::{Algorithm, Signer};
     const KEY: &str = "cluster-ops-signing-key";
     let sink_dir = tempfile::tempdir().unwrap();
     let sink = Sink::new(sink_dir.path(), 1);
-    let receiver = sink
-        .start(
-            "127.0.0.1:0".parse().unwrap(),
-            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
-        )
-        .await;
+    let receiver = sink.start_hmac(KEY).await;
     let nats = NatsCluster::start(3);
     let urls: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
     let base = tempfile::tempdir().unwrap();
@@ -1225,11 +1212,7 @@ async fn ops_rules_find_their_metrics_on_a_cluster_node() {
             i == 1
         );
         if i == 1 {
-            s.push_str(&format!(
-                "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\n",
-                receiver.addr.port(),
-                sink.certs.join(onecard::net::certs::CA_CERT),
-            ));
+            s.push_str(&sink.transport_entry(receiver.addr, KEY));
         }
         s
     };

@@ -17,6 +17,25 @@ use crate::common::{decision, tap, TestGateway};
 
 const CARD: &str = "500118L00000001";
 
+/// Terminal 1's client TLS config (its certificate, the gateway's CA),
+/// for tests that write raw bytes over mTLS.
+fn terminal_tls(
+    gw: &TestGateway,
+    protocol: Protocol,
+) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    let certs = gw.certs_dir();
+    let id = terminal_id(1);
+    onecard::net::client::tls_config(
+        &certs.join(onecard::net::certs::CA_CERT),
+        Some((
+            &onecard::net::certs::terminal_cert_path(&certs, &id),
+            &onecard::net::certs::terminal_key_path(&certs, &id),
+        )),
+        protocol,
+    )
+    .unwrap()
+}
+
 /// Reads until the server closes the connection; fails if it has not within
 /// 30 s (far above the configured timeouts, so a loaded machine is fine).
 async fn closed_by_server(mut s: TcpStream) -> Vec<u8> {
@@ -205,17 +224,7 @@ async fn the_header_read_timeout_closes_on_time_over_both_protocols() {
 
     // HTTP/2 over mTLS: the preface and an empty SETTINGS frame, then
     // nothing.
-    let certs = gw.certs_dir();
-    let id = terminal_id(1);
-    let tls = onecard::net::client::tls_config(
-        &certs.join(onecard::net::certs::CA_CERT),
-        Some((
-            &onecard::net::certs::terminal_cert_path(&certs, &id),
-            &onecard::net::certs::terminal_key_path(&certs, &id),
-        )),
-        Protocol::Http2,
-    )
-    .unwrap();
+    let tls = terminal_tls(&gw, Protocol::Http2);
     let tcp = TcpStream::connect(gw.terminal_addr()).await.unwrap();
     let mut s = tokio_rustls::TlsConnector::from(tls)
         .connect("localhost".try_into().unwrap(), tcp)
@@ -484,17 +493,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_writes_its_whole_body_first_reads_its_413() {
     let gw = TestGateway::start(|_| {}).await;
-    let certs = gw.certs_dir();
-    let id = terminal_id(1);
-    let tls = onecard::net::client::tls_config(
-        &certs.join(onecard::net::certs::CA_CERT),
-        Some((
-            &onecard::net::certs::terminal_cert_path(&certs, &id),
-            &onecard::net::certs::terminal_key_path(&certs, &id),
-        )),
-        Protocol::Http1,
-    )
-    .unwrap();
+    let tls = terminal_tls(&gw, Protocol::Http1);
     let body = vec![b' '; TOO_LARGE];
     let mut chunked = format!("{:x}\r\n", body.len()).into_bytes();
     chunked.extend_from_slice(&body);

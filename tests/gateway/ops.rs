@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use onecard::net::client::{self, Connection, Protocol};
-use onecard_core::settle::sign::{Algorithm, Signer};
 use serde_json::{json, Value};
 
 use crate::common::process::{spawn_gateway, wait_ready, Children};
@@ -281,20 +280,14 @@ async fn every_metric_the_rules_and_dashboards_query_is_on_metrics() {
     const KEY: &str = "ops-transport-key";
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::new(&dir.path().join("sink"), 1);
-    let receiver = sink
-        .start(
-            "127.0.0.1:0".parse().unwrap(),
-            Signer::new(Algorithm::HmacSha256, KEY.as_bytes().to_vec()),
-        )
-        .await;
+    let receiver = sink.start_hmac(KEY).await;
     // A QR key, so that a bad code is refused with a reason
     // (onecard_qr_rejects_total); sealed batches delivered at once
     // (onecard_settle_delivery_seconds).
     let qr_key = TestKey::ed25519(31).write_public(dir.path(), "ed-ops");
     let extra = format!(
-        "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{KEY}\"\nage_max_ms = 100\nbackoff_base_ms = 10\nbackoff_max_ms = 100\n[[qr.keys]]\nkid = \"ed-ops\"\nalg = \"ed25519\"\npublic_key = {qr_key:?}\n",
-        receiver.addr.port(),
-        sink.certs.join(onecard::net::certs::CA_CERT),
+        "{}age_max_ms = 100\nbackoff_base_ms = 10\nbackoff_max_ms = 100\n[[qr.keys]]\nkid = \"ed-ops\"\nalg = \"ed25519\"\npublic_key = {qr_key:?}\n",
+        sink.transport_entry(receiver.addr, KEY),
     );
     let mut children = Children::default();
     let gw_dir = dir.path().join("gw");

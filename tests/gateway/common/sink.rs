@@ -9,7 +9,7 @@ use http::Method;
 use onecard::app::sink_sim::{self, Ledger, Running};
 use onecard::net::client::{self, Connection, Protocol};
 
-use onecard_core::settle::sign::Signer;
+use onecard_core::settle::sign::{Algorithm, Signer};
 
 pub struct Sink {
     pub certs: PathBuf,
@@ -49,6 +49,24 @@ impl Sink {
         sink_sim::start(addr, self.tls.clone(), &self.ledger_file, signer)
             .await
             .unwrap()
+    }
+
+    /// Starts the receiver on a free loopback port, checking batches
+    /// signed with HMAC-SHA256 under `key`.
+    pub async fn start_hmac(&self, key: &str) -> Running {
+        let signer = Signer::new(Algorithm::HmacSha256, key.as_bytes().to_vec());
+        self.start("127.0.0.1:0".parse().unwrap(), signer).await
+    }
+
+    /// A gateway config's `[[settlement.sinks]]` entry named `transport`
+    /// for the transit scenario, sending to `receiver` and signing with
+    /// `key`; the caller appends the sink's other keys.
+    pub fn transport_entry(&self, receiver: SocketAddr, key: &str) -> String {
+        format!(
+            "[[settlement.sinks]]\nname = \"transport\"\nurl = \"https://127.0.0.1:{}/v1/batches\"\nca = {:?}\nscenarios = [\"transit\"]\nkey = \"{key}\"\n",
+            receiver.port(),
+            self.certs.join(onecard::net::certs::CA_CERT),
+        )
     }
 
     /// Starts the receiver on a listener the test made.
