@@ -383,7 +383,11 @@ pub async fn terminal_request(
     let found = routes::find(Listener::Terminal, req.method(), req.uri().path());
     let (label, response) = match found {
         Match::Found { route, .. } => {
-            let answer = match route.id {
+            let as_json = |answer: Result<Vec<u8>, ApiError>| match answer {
+                Ok(body) => json_response(StatusCode::OK, body),
+                Err(e) => error_response(&e),
+            };
+            let r = match route.id {
                 RouteId::Authorize
                 | RouteId::Reverse
                 | RouteId::Hold
@@ -395,39 +399,23 @@ pub async fn terminal_request(
                         authorize(front, identity, req, route.id, &clock),
                     )
                     .await;
-                    let mut r = match answer {
-                        Ok(body) => json_response(StatusCode::OK, body),
-                        Err(e) => error_response(&e),
-                    };
+                    let mut r = as_json(answer);
                     // Its own buffer, not a copy: ASCII digits, names and
                     // separators only, so always a valid value.
                     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(clock.header())) {
                         r.headers_mut().insert(SERVER_TIMING, v);
                     }
-                    front
-                        .counters
-                        .finish(&front.gw, route.path, r.status(), started.elapsed());
-                    return r;
+                    r
                 }
-                RouteId::Ping => ping(front, identity, &req),
-                RouteId::OfflineBatch => offline_batch(front, identity, req).await,
-                RouteId::DenylistSync => {
-                    let r = match denylist_sync(front, identity, &req).await {
-                        Ok(r) => r,
-                        Err(e) => error_response(&e),
-                    };
-                    front
-                        .counters
-                        .finish(&front.gw, route.path, r.status(), started.elapsed());
-                    return r;
-                }
+                RouteId::Ping => as_json(ping(front, identity, &req)),
+                RouteId::OfflineBatch => as_json(offline_batch(front, identity, req).await),
+                RouteId::DenylistSync => match denylist_sync(front, identity, &req).await {
+                    Ok(r) => r,
+                    Err(e) => error_response(&e),
+                },
                 _ => {
                     unreachable!("the route table gives the terminal listener only terminal routes")
                 }
-            };
-            let r = match answer {
-                Ok(body) => json_response(StatusCode::OK, body),
-                Err(e) => error_response(&e),
             };
             (route.path, r)
         }
