@@ -29,6 +29,9 @@ pub const TERMINALS_TRACKED_MAX_DEFAULT: usize = 200_000;
 pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 10_000;
 pub const JOURNAL_BATCH_EVENTS_MAX_DEFAULT: usize = 2_048;
 pub const JOURNAL_QUEUE_EVENTS_MAX_DEFAULT: usize = 16_384;
+/// A commit waiting this long means a stalled disk: no new decision is
+/// taken (503) until it writes again.
+pub const JOURNAL_STALL_MS_DEFAULT: u64 = 2_000;
 pub const IDEMPOTENCY_RETENTION_S_DEFAULT: u64 = 72 * 3600;
 pub const IDEMPOTENCY_CLEANUP_INTERVAL_S_DEFAULT: u64 = 60;
 
@@ -676,6 +679,12 @@ pub struct TerminalConfig {
     /// The terminal CA that client certificates must chain to (PEM).
     /// Empty: `<data_dir>/certs/terminal-ca.pem`.
     pub client_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM or DER) of the terminal CA: a
+    /// terminal whose certificate one of them lists is refused at the
+    /// handshake. Once any is given, every CA in `client_ca` needs one (a
+    /// terminal whose revocation status is unknown is refused, as nginx's
+    /// `ssl_crl` does). Reloaded with SIGHUP or `POST /admin/v1/tls/reload`.
+    pub crl: Vec<PathBuf>,
     /// Create a development CA, server certificate and terminal certificates
     /// under `<data_dir>/certs` on start when they are missing.
     pub dev_certs: bool,
@@ -694,6 +703,7 @@ impl Default for TerminalConfig {
             cert: None,
             key: None,
             client_ca: None,
+            crl: Vec::new(),
             dev_certs: false,
             dev_terminals: 8,
             plaintext_addr: None,
@@ -732,6 +742,9 @@ pub enum Role {
     /// Hotline (12345, 12333): finds cards, reports losses and looks up
     /// transactions; changes nothing else.
     Agent,
+    /// Terminal trust: blocks and unblocks terminal certificates, reloads
+    /// the TLS certificates and CRLs; changes no card.
+    Security,
 }
 
 impl Role {
@@ -739,6 +752,7 @@ impl Role {
         match self {
             Role::Operator => "operator",
             Role::Agent => "agent",
+            Role::Security => "security",
         }
     }
 }
@@ -869,6 +883,11 @@ pub struct JournalConfig {
     pub durability: Durability,
     pub batch_events_max: usize,
     pub queue_events_max: usize,
+    /// A commit not durable after this long: the disk is stalled. New
+    /// decisions are refused (503, `Retry-After`) and a request waiting on
+    /// its commit answers 503 (its decision may still be recorded: a retry
+    /// with the same event id gets it) until the disk writes again.
+    pub stall_ms: u64,
 }
 
 impl Default for JournalConfig {
@@ -877,6 +896,7 @@ impl Default for JournalConfig {
             durability: Durability::Sync,
             batch_events_max: JOURNAL_BATCH_EVENTS_MAX_DEFAULT,
             queue_events_max: JOURNAL_QUEUE_EVENTS_MAX_DEFAULT,
+            stall_ms: JOURNAL_STALL_MS_DEFAULT,
         }
     }
 }
@@ -1045,6 +1065,9 @@ impl Config {
         if self.journal.batch_events_max == 0 || self.journal.queue_events_max == 0 {
             return bad("journal.batch_events_max and queue_events_max must be at least 1");
         }
+        if !(100..=600_000).contains(&self.journal.stall_ms) {
+            return bad("journal.stall_ms must be 100 to 600000");
+        }
         if self.idempotency.retention_s == 0 || self.idempotency.cleanup_interval_s == 0 {
             return bad("idempotency.retention_s and cleanup_interval_s must be at least 1");
         }
@@ -1199,6 +1222,9 @@ impl Config {
             .into_iter()
             .flatten()
         {
+            at(p);
+        }
+        for p in &mut t.crl {
             at(p);
         }
         for k in &mut self.qr.keys {

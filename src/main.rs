@@ -61,6 +61,27 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         terminals: u32,
     },
+    /// Write a certificate revocation list signed by the development CA,
+    /// revoking development terminals (for `[terminal] crl`).
+    Crl {
+        /// Directory of the development CA (as `onecard certs` writes it).
+        #[arg(long)]
+        certs: PathBuf,
+        /// A terminal id to revoke (its certificate under `<certs>/terminals`);
+        /// repeat for more. None: an empty list.
+        #[arg(long)]
+        revoke: Vec<String>,
+        /// Where the CRL (PEM) goes.
+        #[arg(long)]
+        out: PathBuf,
+        /// The CRL number; each new list takes a higher one. Default: now
+        /// in Unix seconds.
+        #[arg(long)]
+        number: Option<u64>,
+        /// Days until the next update is due.
+        #[arg(long, default_value_t = 7)]
+        days: i64,
+    },
     /// A downstream settlement receiver for tests and demos: HTTPS, checks
     /// signatures and totals, books each batch once into a ledger file.
     SinkSim {
@@ -149,6 +170,27 @@ fn main() -> anyhow::Result<()> {
                     last.0
                 );
             }
+            Ok(())
+        }
+        Command::Crl {
+            certs: dir,
+            revoke,
+            out,
+            number,
+            days,
+        } => {
+            let number = number.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(1)
+            });
+            certs::write_crl(&dir, &revoke, &out, number, days)?;
+            println!(
+                "CRL number {number} revoking {} terminal(s), next update in {days} days: {}",
+                revoke.len(),
+                out.display()
+            );
             Ok(())
         }
         Command::SinkSim {
@@ -391,15 +433,28 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
             "onecard: demo done; still serving. Ctrl-C (SIGINT) or SIGTERM stops the gateway."
         );
     }
-    wait_for_signal().await;
+    let restart = tokio::select! {
+        _ = wait_for_signal() => None,
+        why = running.restart_needed() => Some(why),
+    };
     println!("onecard: shutting down: finishing requests in flight, flushing the journal");
     running.shutdown().await;
     if let Some(r) = receiver {
         r.stop().await;
     }
+    if let Some(why) = restart {
+        // EX_TEMPFAIL: a supervisor (systemd `Restart=on-failure`, a
+        // container's restart policy) starts it again, on what RocksDB
+        // made durable.
+        eprintln!("onecard: exiting for a restart: {why}");
+        std::process::exit(RESTART_EXIT_CODE);
+    }
     println!("onecard: stopped");
     Ok(())
 }
+
+/// The exit status asking the supervisor for a restart (EX_TEMPFAIL).
+const RESTART_EXIT_CODE: i32 = 75;
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::net::tls::{TerminalTls, TlsFiles};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use onecard_core::time::{Clock, SystemClock};
 
@@ -71,6 +71,9 @@ pub struct Running {
     admission: Arc<Admission>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Set once the gateway must be restarted to go on (its journal's disk
+    /// failed and writes again): what to tell the supervisor.
+    restart: watch::Receiver<Option<&'static str>>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -131,26 +134,6 @@ pub async fn start_with_clock(
     {
         tracing::info!(dir = %config.certs_dir().display(), terminals = config.terminal.dev_terminals, "created development certificates");
     }
-    let tls = crate::net::tls::server_tls(
-        &config.server_cert_path(),
-        &config.server_key_path(),
-        &config.client_ca_path(),
-    )?;
-    // Paged 30 days ahead (ops/prometheus/rules/alerts.yml).
-    for (cert, path) in [
-        ("server", config.server_cert_path()),
-        ("client_ca", config.client_ca_path()),
-    ] {
-        // rustls accepted the file; a date x509-parser cannot read costs
-        // the gauge, not the start.
-        match crate::net::tls::not_after_s(&path) {
-            Ok(t) => metrics::gauge!("onecard_tls_cert_expiry_timestamp_seconds", "cert" => cert)
-                .set(t as f64),
-            Err(e) => {
-                tracing::warn!(cert, error = %e, "certificate expiry not readable; no expiry metric")
-            }
-        }
-    }
     let listeners_file = config.data_dir.join(LISTENERS_FILE);
     let _ = std::fs::remove_file(&listeners_file);
 
@@ -167,6 +150,18 @@ pub async fn start_with_clock(
         }
     });
     let config = &gateway.config;
+    // The terminal listener's trust: its certificate, the terminal CA,
+    // the CRLs, and the block list kept in the store. Expiry gauges are
+    // set here and on each reload.
+    let tls = Arc::new(TerminalTls::load(
+        TlsFiles {
+            cert: config.server_cert_path(),
+            key: config.server_key_path(),
+            client_ca: config.client_ca_path(),
+            crls: config.terminal.crl.clone(),
+        },
+        gateway.terminal_blocks.clone(),
+    )?);
     let terminal = bind(config.terminal.addr).await?;
     let admin = bind(config.admin.addr).await?;
     let plain = match config.terminal.plaintext_addr {
@@ -183,11 +178,17 @@ pub async fn start_with_clock(
     let mut tasks = Vec::new();
     let admission = Admission::new(&config.limits);
     let front = Arc::new(Front::new(gateway.clone(), admission.clone()));
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
     tasks.push(tokio::spawn(ingress::run_tls_listener(
         front.clone(),
         terminal,
-        acceptor,
+        tls.clone(),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(reload_on_sighup(tls.clone(), stop_rx.clone())));
+    let (restart_tx, restart) = watch::channel(None);
+    tasks.push(tokio::spawn(watch_journal_disk(
+        gateway.clone(),
+        restart_tx,
         stop_rx.clone(),
     )));
     if let Some(plain) = plain {
@@ -206,6 +207,7 @@ pub async fn start_with_clock(
         admission.clone(),
         principals,
         prometheus.clone(),
+        tls.clone(),
     ));
     let limits = config.limits.clone();
     let stop_admin = stop_rx.clone();
@@ -296,12 +298,111 @@ pub async fn start_with_clock(
         admission,
         stop,
         tasks,
+        restart,
     })
+}
+
+/// How often a failed journal's disk is tried again.
+const DISK_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// After a write to the journal's disk failed (full, I/O error), the
+/// gateway keeps serving what needs no write (replays, status, metrics,
+/// deny-list deltas) and refuses decisions with `503`. It cannot go on
+/// in place: RocksDB refuses writes after a failed one, and memory may be
+/// ahead of what reached the disk. So once a second it tries whether the
+/// disk takes a synced write again; when it does, it asks to be restarted
+/// (`onecard serve` then exits with status 75 for its supervisor), and
+/// the next start rebuilds memory from what RocksDB made durable.
+async fn watch_journal_disk(
+    gw: Arc<Gateway>,
+    restart: watch::Sender<Option<&'static str>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(DISK_PROBE_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        let Some(fault) = gw.journal_fault().filter(|f| f.needs_restart()) else {
+            continue;
+        };
+        let dir = gw.config.data_dir.join("db");
+        let writable = tokio::task::spawn_blocking(move || disk_takes_a_write(&dir))
+            .await
+            .unwrap_or(false);
+        if writable {
+            tracing::error!(
+                fault = fault.label(),
+                "the journal's disk takes writes again; the gateway must restart to go on (memory is rebuilt from what RocksDB made durable)"
+            );
+            let _ = restart.send(Some(fault.message()));
+            return;
+        }
+    }
+}
+
+/// Whether `dir` takes a synced write of 1 MiB now.
+fn disk_takes_a_write(dir: &std::path::Path) -> bool {
+    use std::io::Write;
+    let path = dir.join(".onecard-disk-probe");
+    let ok = std::fs::File::create(&path)
+        .and_then(|mut f| {
+            f.write_all(&vec![0u8; 1 << 20])?;
+            f.sync_all()
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+/// `kill -HUP` reloads the terminal listener's certificate, CA and CRLs
+/// (as `POST /admin/v1/tls/reload` does): new handshakes use them, open
+/// connections keep theirs. A file that does not load leaves the old ones
+/// in use and says why in the log.
+async fn reload_on_sighup(tls: Arc<TerminalTls>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload TLS with POST /admin/v1/tls/reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                let tls = tls.clone();
+                match tokio::task::spawn_blocking(move || tls.reload()).await {
+                    Ok(Ok(info)) => tracing::info!(crls = info.crls.len(), "SIGHUP: terminal TLS reloaded"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "SIGHUP: terminal TLS reload failed; the certificates loaded before stay in use"),
+                    Err(_) => tracing::warn!("SIGHUP: terminal TLS reload interrupted"),
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 impl Running {
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
+    }
+
+    /// Completes when the gateway must be restarted to go on (its
+    /// journal's disk failed, and takes writes again), with why.
+    pub async fn restart_needed(&self) -> &'static str {
+        let mut rx = self.restart.clone();
+        loop {
+            if let Some(why) = *rx.borrow_and_update() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Stops accepting, lets requests in flight finish (up to

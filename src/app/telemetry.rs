@@ -251,6 +251,40 @@ fn describe() {
         "Terminals with at least one connection open"
     );
     describe_gauge!(
+        "onecard_journal_fault",
+        "1 for why the journal cannot record decisions now (full, io, failed: until a restart; stalled: until the disk writes again), else 0"
+    );
+    describe_gauge!(
+        "onecard_tls_crl_next_update_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time at which each terminal CRL is due to be replaced, by crl (its path)"
+    );
+    describe_gauge!(
+        "onecard_tls_crl_revoked_certificates",
+        "Certificates each terminal CRL revokes, by crl (its path)"
+    );
+    describe_gauge!(
+        "onecard_tls_loaded_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time at which the terminal listener's certificate, CA and CRLs were last loaded"
+    );
+    describe_counter!(
+        "onecard_tls_reloads_total",
+        "Reloads of the terminal listener's TLS files (SIGHUP, POST /admin/v1/tls/reload), by result (ok, failed)"
+    );
+    describe_gauge!(
+        "onecard_tls_terminal_blocks",
+        "Terminal certificates on the security team's block list"
+    );
+    describe_counter!(
+        "onecard_tls_terminal_connections_closed_total",
+        "Open terminal connections closed because their certificate was blocked"
+    );
+    describe_counter!(
+        "onecard_tls_terminals_refused_total",
+        "Terminal certificates refused at the handshake although their chain is valid, by reason (revoked, revocation_unknown, blocked)"
+    );
+    describe_gauge!(
         "onecard_startup_seconds",
         Unit::Seconds,
         "Time from start to ready at the last start: opening RocksDB and rebuilding memory"
@@ -299,6 +333,13 @@ pub fn register_zero(config: &crate::config::Config) {
     for outcome in ["accepted", "rejected"] {
         counter!("onecard_disbursement_records_total", "outcome" => outcome).absolute(0);
     }
+    for result in ["ok", "failed"] {
+        counter!("onecard_tls_reloads_total", "result" => result).absolute(0);
+    }
+    for reason in ["revoked", "revocation_unknown", "blocked"] {
+        counter!("onecard_tls_terminals_refused_total", "reason" => reason).absolute(0);
+    }
+    counter!("onecard_tls_terminal_connections_closed_total").absolute(0);
     for status in ["reversed", "not_charged", "unknown_event"] {
         counter!("onecard_reversals_total", "status" => status).absolute(0);
     }

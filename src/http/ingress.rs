@@ -38,6 +38,8 @@ use crate::http::admission::Admission;
 use crate::http::error::ApiError;
 use crate::http::routes::{self, Listener, Match, RouteId};
 use crate::http::Front;
+use crate::net::tls::{CertKeys, Refusals, TerminalTls};
+use crate::store::terminal_blocks::TerminalBlocks;
 use onecard_core::wire::{self, HoldOp};
 
 pub type Body = Full<Bytes>;
@@ -882,7 +884,39 @@ pub async fn serve_connection<I, F, Fut>(
     header_read_timeout: Duration,
     idle_timeout: Duration,
     slow_head_check: bool,
+    stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Req) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_connection_until(
+        io,
+        handler,
+        header_read_timeout,
+        idle_timeout,
+        slow_head_check,
+        stop,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// How long a connection told to close (its terminal blocked) may take to
+/// finish the request it is answering before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(250);
+
+/// [`serve_connection`] that also closes when `close` completes: the
+/// request being answered may finish (within [`CLOSE_GRACE`]), no other
+/// is read.
+pub async fn serve_connection_until<I, F, Fut>(
+    io: I,
+    handler: F,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    slow_head_check: bool,
     mut stop: watch::Receiver<bool>,
+    close: impl Future<Output = ()>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Req) -> Fut + Send + Sync + 'static,
@@ -928,10 +962,18 @@ pub async fn serve_connection<I, F, Fut>(
     let check = (idle_timeout.min(header_read_timeout) / 4).max(Duration::from_millis(50));
     let tick = tokio::time::sleep(check);
     tokio::pin!(tick);
+    tokio::pin!(close);
     let mut closing = false;
+    let mut closed = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
+            _ = close.as_mut(), if !closed => {
+                closed = true;
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                tick.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
             _ = &mut tick => {
                 if closing {
                     // The peer did not let the connection finish (it stopped
@@ -963,11 +1005,14 @@ pub async fn serve_connection<I, F, Fut>(
     }
 }
 
-/// Accepts TLS terminal connections until `stop` fires.
+/// Accepts TLS terminal connections until `stop` fires. Each handshake
+/// uses the trust loaded at that moment (`tls` reloads without a restart);
+/// a connection whose certificate the block list comes to name closes
+/// itself.
 pub async fn run_tls_listener(
     front: Arc<Front>,
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<TerminalTls>,
     stop: watch::Receiver<bool>,
 ) {
     accept_loop(
@@ -977,7 +1022,7 @@ pub async fn run_tls_listener(
         front.clone(),
         front.admission.clone(),
         move |stream, front: Arc<Front>, permit| {
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(tls.config());
             let stop = stop.clone();
             async move {
                 let limits = front.gw.config.limits.clone();
@@ -995,35 +1040,36 @@ pub async fn run_tls_listener(
                             return;
                         }
                     };
-                let id = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| terminal_id_from_cert(c));
-                let Some((id, not_after)) = id else {
+                let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                    return;
+                };
+                let Some((id, not_after)) = terminal_id_from_cert(cert) else {
                     metrics::counter!("onecard_tls_handshake_failures_total").increment(1);
                     tracing::warn!(
                         "client certificate has no usable terminal id (subject CN); closing"
                     );
                     return;
                 };
+                let keys = Arc::new(CertKeys::of(cert));
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let id: Arc<str> = id.into();
-                let _connected =
-                    front
-                        .gw
-                        .terminals
-                        .connected(id.clone(), not_after, front.gw.now_ms());
+                let _connected = front.gw.terminals.connected(
+                    id.clone(),
+                    not_after,
+                    Some(keys.clone()),
+                    front.gw.now_ms(),
+                );
+                let blocked = blocked(front.gw.terminal_blocks.clone(), keys, id.clone());
                 let identity = TerminalIdentity::Certificate(id);
                 let handler = move |req| terminal_request(front.clone(), identity.clone(), req);
-                serve_connection(
+                serve_connection_until(
                     tls,
                     handler,
                     handshake_timeout,
                     Duration::from_millis(limits.idle_timeout_ms),
                     !h2,
                     stop,
+                    blocked,
                 )
                 .await;
                 drop(permit);
@@ -1031,6 +1077,24 @@ pub async fn run_tls_listener(
         },
     )
     .await;
+}
+
+/// Completes when the block list names this connection's certificate:
+/// at once if it did between the handshake and now, else when a change
+/// (here or, in a cluster, at another node) comes to.
+async fn blocked(blocks: Arc<TerminalBlocks>, cert: Arc<CertKeys>, id: Arc<str>) {
+    let mut changes = blocks.subscribe();
+    loop {
+        if blocks.refuses(&cert) {
+            metrics::counter!("onecard_tls_terminal_connections_closed_total").increment(1);
+            tracing::warn!(terminal = %id, serial = %cert.serial, "terminal certificate blocked: closing its connection");
+            return;
+        }
+        if changes.changed().await.is_err() {
+            // The list is gone (shutting down): never close for it.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Accepts plaintext terminal connections (loopback only) until `stop` fires.

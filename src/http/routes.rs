@@ -73,6 +73,15 @@ pub enum RouteId {
     DisbursementGet,
     ProjectWorkers,
     ProjectUnpaid,
+    /// Terminal trust (role `security`): the block list of terminal
+    /// certificates, one terminal's certificate, the TLS files loaded and
+    /// their reload.
+    TerminalBlocks,
+    TerminalBlockPut,
+    TerminalBlockDelete,
+    TerminalGet,
+    TlsGet,
+    TlsReload,
 }
 
 /// Who may call a route.
@@ -84,6 +93,8 @@ pub enum Access {
     Agent,
     /// An `operator` token only.
     Operator,
+    /// A `security` or `operator` token: terminal trust.
+    Security,
 }
 
 pub struct Route {
@@ -489,6 +500,48 @@ pub const ROUTES: &[Route] = &[
         "/admin/v1/projects/{project}/unpaid",
         RouteId::ProjectUnpaid,
         Access::Operator,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/terminal-blocks",
+        RouteId::TerminalBlocks,
+        Access::Security,
+    ),
+    route(
+        Listener::Admin,
+        Method::PUT,
+        "/admin/v1/terminal-blocks/{key}",
+        RouteId::TerminalBlockPut,
+        Access::Security,
+    ),
+    route(
+        Listener::Admin,
+        Method::DELETE,
+        "/admin/v1/terminal-blocks/{key}",
+        RouteId::TerminalBlockDelete,
+        Access::Security,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/terminals/{terminal_id}",
+        RouteId::TerminalGet,
+        Access::Security,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/tls",
+        RouteId::TlsGet,
+        Access::Security,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/tls/reload",
+        RouteId::TlsReload,
+        Access::Security,
     ),
 ];
 

@@ -19,10 +19,11 @@ use crate::service::metrics::HotMetrics;
 use crate::store::allow::AllowList;
 use crate::store::cards::CardTable;
 use crate::store::denylist::DenyList;
-use crate::store::durable::Durable;
+use crate::store::durable::{Durable, Fault};
 use crate::store::journal::Journal;
 use crate::store::partners::PartnerLists;
 use crate::store::replicated::{Cluster, ClusterError, Leases, Replicated, Tables};
+use crate::store::terminal_blocks::TerminalBlocks;
 
 /// Room a sealed batch needs besides its body in a replicated write: its
 /// head and per-site summary (a site is about 150 bytes of JSON; a batch of
@@ -118,6 +119,8 @@ pub struct Gateway {
     /// Latency percentiles of the last seconds, per route and scenario,
     /// for the SRE's page and `GET /admin/v1/stats`.
     pub stats: crate::service::stats::Stats,
+    /// Terminal certificates the security team blocked.
+    pub terminal_blocks: Arc<TerminalBlocks>,
     /// Terminals connected with a certificate, and whose expires soon.
     pub terminals: Arc<crate::service::terminals::Terminals>,
     /// When this gateway started (ms since the epoch).
@@ -172,6 +175,7 @@ impl Gateway {
             deny: tables.deny.clone(),
             allow: tables.allow.clone(),
             partners: tables.partners.clone(),
+            terminal_blocks: tables.terminal_blocks.clone(),
             on_record,
         };
         let replicated = Replicated::start(
@@ -231,6 +235,7 @@ impl Gateway {
             deny,
             allow,
             partners,
+            terminal_blocks,
             on_record: _,
         } = tables;
         let idem = Idempotency::new(store.clone(), config.idempotency.retention_s);
@@ -261,8 +266,10 @@ impl Gateway {
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect()
         });
+        metrics::gauge!("onecard_tls_terminal_blocks").set(terminal_blocks.len() as f64);
         Ok(Gateway {
             card_gates,
+            terminal_blocks,
             venues,
             allow,
             partners,
@@ -299,6 +306,11 @@ impl Gateway {
         let now = self.now_ms();
         crate::service::metrics::publish_process();
         metrics::gauge!("onecard_ready").set(if self.not_ready().is_none() { 1.0 } else { 0.0 });
+        let fault = self.journal_fault();
+        for f in Fault::ALL {
+            metrics::gauge!("onecard_journal_fault", "fault" => f.label())
+                .set(if fault == Some(f) { 1.0 } else { 0.0 });
+        }
         metrics::gauge!("onecard_start_time_seconds").set(self.started_at_ms as f64 / 1000.0);
         if let Some(j) = self.journal.commit_figures(1) {
             metrics::gauge!("onecard_journal_pending_commits").set(j.pending as f64);
@@ -336,6 +348,9 @@ impl Gateway {
         if !self.ready.load(Ordering::Acquire) {
             return Some("starting or shutting down");
         }
+        if let Some(f) = self.journal_fault() {
+            return Some(f.message());
+        }
         if !self.journal.is_healthy() {
             return Some(match self.config.cluster {
                 Some(_) => {
@@ -345,6 +360,14 @@ impl Gateway {
             });
         }
         None
+    }
+
+    /// Why the journal cannot record decisions now (a full or failing
+    /// disk, a stalled one), if it cannot.
+    pub fn journal_fault(&self) -> Option<Fault> {
+        self.journal.fault(std::time::Duration::from_millis(
+            self.config.journal.stall_ms,
+        ))
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -388,6 +411,7 @@ fn load_tables(config: &Config, store: &Store) -> Result<Tables, StoreError> {
         deny: Arc::new(DenyList::load(store)?),
         allow: Arc::new(AllowList::load(store)?),
         partners: Arc::new(PartnerLists::load(store, &partner_names)?),
+        terminal_blocks: Arc::new(TerminalBlocks::load(store)?),
         on_record: None,
     })
 }

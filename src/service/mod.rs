@@ -24,3 +24,4 @@ pub mod sinks;
 pub mod stats;
 pub mod terminals;
 pub mod timing;
+pub mod trust;

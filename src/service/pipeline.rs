@@ -144,6 +144,11 @@ impl Gateway {
             Lookup::Fresh(slot) => (slot, false),
             Lookup::Reversed(slot) => (slot, true),
         };
+        // A full, failing or stalled disk: nothing new is decided (an
+        // answer given before is still replayed above: a read).
+        if let Some(f) = self.journal_fault() {
+            return Err(ServiceError::Unavailable(f.message().into()));
+        }
         Ok(Begun::Decide(Ticket {
             key,
             fingerprint,
@@ -306,7 +311,19 @@ impl Gateway {
         scenario: Scenario,
         started: Instant,
     ) -> Result<Vec<u8>, ServiceError> {
-        let durable = committed.pending.durable().await;
+        let stall = std::time::Duration::from_millis(self.config.journal.stall_ms);
+        let durable = match tokio::time::timeout(stall, committed.pending.durable()).await {
+            Ok(d) => d,
+            // The disk is stalled. The commit stays queued and may still
+            // be recorded; the idempotency slot it holds makes a retry
+            // wait for it, then answer it. Until then this is no answer.
+            Err(_) => {
+                timing::mark(Phase::Commit);
+                return Err(ServiceError::Unavailable(
+                    "the journal's disk is stalled: this decision is not recorded yet; retry with the same event id".into(),
+                ));
+            }
+        };
         timing::mark(Phase::Commit);
         if let Err(e) = durable {
             // Not recorded (a cluster's race lost, or no quorum): the

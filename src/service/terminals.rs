@@ -12,6 +12,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::net::tls::CertKeys;
+
 /// Terminals remembered at most (a city has thousands).
 pub const TRACKED_MAX: usize = 100_000;
 /// A terminal not seen for this long is no longer counted as expiring:
@@ -24,6 +26,23 @@ struct Entry {
     open: u32,
     not_after_s: i64,
     last_seen_ms: i64,
+    /// The certificate it last connected with, for the security team's
+    /// block list (a stolen bus is known by its id, a block by its
+    /// certificate).
+    cert: Option<Arc<CertKeys>>,
+}
+
+/// One terminal as the security team looks it up.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TerminalView {
+    pub terminal: String,
+    pub connections_open: u32,
+    pub last_seen_ms: i64,
+    pub cert_not_after_s: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
 }
 
 #[derive(Default)]
@@ -75,7 +94,13 @@ impl Drop for Connected {
 
 impl Terminals {
     /// A terminal connected with a certificate valid until `not_after_s`.
-    pub fn connected(self: &Arc<Self>, id: Arc<str>, not_after_s: i64, now_ms: i64) -> Connected {
+    pub fn connected(
+        self: &Arc<Self>,
+        id: Arc<str>,
+        not_after_s: i64,
+        cert: Option<Arc<CertKeys>>,
+        now_ms: i64,
+    ) -> Connected {
         let mut map = self.map.lock();
         if map.len() >= TRACKED_MAX && !map.contains_key(&id) {
             forget_oldest_idle(&mut map);
@@ -84,16 +109,35 @@ impl Terminals {
             open: 0,
             not_after_s,
             last_seen_ms: now_ms,
+            cert: None,
         });
         e.open += 1;
         e.not_after_s = not_after_s;
         e.last_seen_ms = now_ms;
+        if cert.is_some() {
+            e.cert = cert;
+        }
         Connected {
             terminals: self.clone(),
             id,
             at_ms: now_ms,
             since: std::time::Instant::now(),
         }
+    }
+
+    /// One terminal, if it has connected since this gateway started (and
+    /// was not forgotten to keep the table bounded).
+    pub fn get(&self, id: &str, now_ms: i64) -> Option<TerminalView> {
+        let map = self.map.lock();
+        let e = map.get(id)?;
+        Some(TerminalView {
+            terminal: id.to_owned(),
+            connections_open: e.open,
+            last_seen_ms: if e.open > 0 { now_ms } else { e.last_seen_ms },
+            cert_not_after_s: e.not_after_s,
+            cert_serial: e.cert.as_ref().map(|c| c.serial.clone()),
+            cert_sha256: e.cert.as_ref().map(|c| c.sha256.clone()),
+        })
     }
 
     pub fn view(&self, now_ms: i64) -> TerminalsView {
@@ -170,12 +214,22 @@ mod tests {
         let t = Arc::new(Terminals::default());
         let now_ms = 1_800_000_000_000;
         let now_s = now_ms / 1000;
-        let a = t.connected("bus-1".into(), now_s + 10 * DAY_S, now_ms);
-        let a2 = t.connected("bus-1".into(), now_s + 10 * DAY_S, now_ms);
-        let _b = t.connected("gate-2".into(), now_s + 400 * DAY_S, now_ms);
+        let cert = Arc::new(CertKeys {
+            serial: "1a".into(),
+            sha256: "ab".repeat(32),
+        });
+        let a = t.connected("bus-1".into(), now_s + 10 * DAY_S, None, now_ms);
+        let a2 = t.connected(
+            "bus-1".into(),
+            now_s + 10 * DAY_S,
+            Some(cert.clone()),
+            now_ms,
+        );
+        let _b = t.connected("gate-2".into(), now_s + 400 * DAY_S, None, now_ms);
         let c = t.connected(
             "door-3".into(),
             now_s + 29 * DAY_S,
+            None,
             now_ms - 2 * SEEN_WITHIN_MS,
         );
         drop(c);
@@ -186,6 +240,10 @@ mod tests {
         assert_eq!(v.expiring_count, 1);
         assert_eq!(v.expiring[0].terminal, "bus-1");
         assert_eq!(v.soonest_not_after_s, Some(now_s + 10 * DAY_S));
+        let bus = t.get("bus-1", now_ms).expect("seen");
+        assert_eq!(bus.connections_open, 2);
+        assert_eq!(bus.cert_serial.as_deref(), Some("1a"));
+        assert!(t.get("bus-9", now_ms).is_none());
         drop(a);
         assert_eq!(t.view(now_ms).connected, 2, "bus-1 still has a connection");
         drop(a2);

@@ -108,6 +108,62 @@ pub enum CommitError {
     TooLarge,
 }
 
+/// Why a single node's journal cannot record decisions now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// A write failed: the disk is full (ENOSPC).
+    Full,
+    /// A write failed: the disk returned an I/O error (EIO).
+    Io,
+    /// A write failed for another reason (the writer thread died).
+    Failed,
+    /// The oldest commit has waited longer than `journal.stall_ms`: the
+    /// disk is stalled or very slow. Ends by itself when it writes again.
+    Stalled,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 4] = [Fault::Full, Fault::Io, Fault::Failed, Fault::Stalled];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::Full => "full",
+            Fault::Io => "io",
+            Fault::Failed => "failed",
+            Fault::Stalled => "stalled",
+        }
+    }
+
+    /// What `/readyz` and a refused terminal are told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Fault::Full => "the journal's disk is full (no space left): no decision can be recorded; the gateway exits for its supervisor to restart it once the disk has room again",
+            Fault::Io => "the journal's disk returned an I/O error: no decision can be recorded; the gateway exits for its supervisor to restart it once the disk writes again",
+            Fault::Failed => "the journal cannot write: no decision can be recorded until the gateway restarts",
+            Fault::Stalled => "the journal's disk is stalled (a commit has waited longer than journal.stall_ms): no new decision is taken until it writes again",
+        }
+    }
+
+    /// Whether the journal refuses every commit until a restart (memory
+    /// may be ahead of what reached the disk), rather than recovering by
+    /// itself.
+    pub fn needs_restart(self) -> bool {
+        !matches!(self, Fault::Stalled)
+    }
+
+    /// A failed write's fault, from RocksDB's error text.
+    pub fn of_error(text: &str) -> Fault {
+        if text.contains("No space left") || text.contains("ENOSPC") {
+            Fault::Full
+        } else if text.contains("Input/output error") || text.contains("EIO") {
+            Fault::Io
+        } else {
+            Fault::Failed
+        }
+    }
+}
+
 /// A queued commit: its result comes when it is durable.
 #[must_use = "a commit is not durable until `durable()` says so"]
 pub struct Pending(oneshot::Receiver<Result<Option<u64>, CommitError>>);
@@ -199,6 +255,14 @@ pub trait Durable: Send + Sync {
     /// mode: `onecard_cluster_publish_seconds` has them).
     fn commit_figures(&self, window_s: u64) -> Option<CommitFigures> {
         let _ = window_s;
+        None
+    }
+
+    /// Why this journal cannot record decisions now, if it cannot: a
+    /// failed write, or a commit waiting longer than `stall`. `None` where
+    /// the implementation says so otherwise (cluster mode: `is_healthy`).
+    fn fault(&self, stall: std::time::Duration) -> Option<Fault> {
+        let _ = stall;
         None
     }
 

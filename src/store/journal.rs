@@ -22,7 +22,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use onecard_core::window::{first_of, Ring};
@@ -30,7 +30,7 @@ use parking_lot::{Mutex, RwLock};
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
-use super::durable::{Commit, CommitError, CommitFigures, Durable, Expired, Op, Pending};
+use super::durable::{Commit, CommitError, CommitFigures, Durable, Expired, Fault, Op, Pending};
 use super::{decode_u64, idem, meta, Cf, Store, StoreError};
 use crate::config::Durability;
 
@@ -94,6 +94,8 @@ pub struct Journal {
     gate: RwLock<()>,
     closing: AtomicBool,
     failed: Arc<AtomicBool>,
+    /// Why `failed` was set (the first failed write's kind).
+    fault: Arc<Mutex<Fault>>,
     /// The next sequence number the writer will assign.
     next_seq: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -146,6 +148,7 @@ impl Journal {
         };
         let (tx, rx) = crossbeam_channel::bounded(queue_events_max);
         let failed = Arc::new(AtomicBool::new(false));
+        let fault = Arc::new(Mutex::new(Fault::Failed));
         let next_seq = Arc::new(AtomicU64::new(next));
         let watch = Arc::new(WriterWatch {
             started: Instant::now(),
@@ -160,6 +163,7 @@ impl Journal {
             sync: durability == Durability::Sync,
             batch_events_max,
             failed: failed.clone(),
+            fault: fault.clone(),
             next_seq: next_seq.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -171,6 +175,7 @@ impl Journal {
             gate: RwLock::new(()),
             closing: AtomicBool::new(false),
             failed,
+            fault,
             next_seq,
             thread: Mutex::new(Some(thread)),
             watch,
@@ -220,6 +225,18 @@ impl Durable for Journal {
 
     fn is_healthy(&self) -> bool {
         !self.failed.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+    }
+
+    fn fault(&self, stall: Duration) -> Option<Fault> {
+        if self.failed.load(Ordering::Acquire) {
+            return Some(*self.fault.lock());
+        }
+        let since = self.watch.oldest_since.load(Ordering::Acquire);
+        if since == 0 {
+            return None;
+        }
+        let waited_us = self.watch.now_us().saturating_sub(since - 1);
+        (waited_us > stall.as_micros() as u64).then_some(Fault::Stalled)
     }
 
     fn last_seq(&self) -> u64 {
@@ -280,6 +297,8 @@ struct Writer {
     sync: bool,
     batch_events_max: usize,
     failed: Arc<AtomicBool>,
+    /// Why `failed` was set (the first failed write's kind).
+    fault: Arc<Mutex<Fault>>,
     next_seq: Arc<AtomicU64>,
 }
 
@@ -350,6 +369,12 @@ impl Writer {
         }
     }
 
+    /// Refuses every later write: memory may be ahead of the disk now.
+    fn fail(&self, fault: Fault) {
+        *self.fault.lock() = fault;
+        self.failed.store(true, Ordering::Release);
+    }
+
     fn options(&self) -> WriteOptions {
         let mut wo = WriteOptions::default();
         wo.set_sync(self.sync);
@@ -407,8 +432,9 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, first_seq, "journal: write failed; refusing further writes");
-                self.failed.store(true, Ordering::Release);
+                let fault = Fault::of_error(&e.to_string());
+                tracing::error!(error = %e, first_seq, fault = fault.label(), "journal: write failed; refusing further writes until a restart");
+                self.fail(fault);
                 metrics::counter!("onecard_journal_failures_total").increment(1);
                 for (_, reply) in group {
                     let _ = reply.send(Err(CommitError::Failed));
@@ -444,8 +470,9 @@ impl Writer {
             .db()
             .write_opt(batch, &self.options())
             .map_err(|e| {
-                tracing::error!(error = %e, "journal: idempotency clean-up write failed; refusing further writes");
-                self.failed.store(true, Ordering::Release);
+                let fault = Fault::of_error(&e.to_string());
+                tracing::error!(error = %e, fault = fault.label(), "journal: idempotency clean-up write failed; refusing further writes until a restart");
+                self.fail(fault);
                 metrics::counter!("onecard_journal_failures_total").increment(1);
                 CommitError::Failed
             })?;

@@ -30,6 +30,7 @@ pub mod journal;
 pub mod partners;
 pub mod profiles;
 pub mod replicated;
+pub mod terminal_blocks;
 pub mod venues;
 
 use std::path::Path;
@@ -90,10 +91,13 @@ pub enum Cf {
     /// terminal 0x00 hold event_id → medical hold (JSON: card, amount,
     /// category, split, times, state, captured amount).
     Holds,
+    /// `serial:<hex>` or `sha256:<hex>` → a blocked terminal certificate
+    /// (JSON: terminal, reason, who, when).
+    TerminalBlocks,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 18] = [
+    pub const ALL: [Cf; 19] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -112,6 +116,7 @@ impl Cf {
         Cf::PartnerDeny,
         Cf::Disburse,
         Cf::Holds,
+        Cf::TerminalBlocks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +139,7 @@ impl Cf {
             Cf::PartnerDeny => "partner_deny",
             Cf::Disburse => "disburse",
             Cf::Holds => "holds",
+            Cf::TerminalBlocks => "terminal_blocks",
         }
     }
 }

@@ -1196,6 +1196,7 @@ pub struct Tables {
     pub deny: Arc<DenyList>,
     pub allow: Arc<AllowList>,
     pub partners: Arc<PartnerLists>,
+    pub terminal_blocks: Arc<super::terminal_blocks::TerminalBlocks>,
     /// Called with each decision record as it is applied, before its
     /// card's subject moves on (the QR scanner marks the code it spent).
     pub on_record: Option<Box<dyn Fn(&[u8]) + Send + Sync>>,
@@ -1355,6 +1356,12 @@ impl Applier {
                 Op::Put(Cf::Venues, site, count) => self.tables.venues.set_stored(site, count)?,
                 Op::Put(Cf::Allow, key, entry) => self.tables.allow.set_stored(key, Some(entry))?,
                 Op::Delete(Cf::Allow, key) => self.tables.allow.set_stored(key, None)?,
+                Op::Put(Cf::TerminalBlocks, key, entry) => {
+                    self.tables.terminal_blocks.set_stored(key, Some(entry))?
+                }
+                Op::Delete(Cf::TerminalBlocks, key) => {
+                    self.tables.terminal_blocks.set_stored(key, None)?
+                }
                 Op::Put(Cf::PartnerDeny, ..) | Op::Delete(Cf::PartnerDeny, _) => partners = true,
                 Op::Put(Cf::Meta, key, _)
                     if key.starts_with(super::partners::VERSION_KEY_PREFIX) =>

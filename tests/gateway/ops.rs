@@ -15,7 +15,7 @@ use http::{Method, StatusCode};
 use onecard::net::client::{self, Connection, Protocol};
 use serde_json::{json, Value};
 
-use crate::common::process::{spawn_gateway, wait_ready, Children};
+use crate::common::process::{spawn_gateway_full, wait_ready, Children};
 use crate::common::qr::{scan, TestKey};
 use crate::common::sink::Sink;
 use crate::common::{connect_terminal, decision, free_port, put_cards_at, tap, TestGateway};
@@ -292,7 +292,18 @@ async fn every_metric_the_rules_and_dashboards_query_is_on_metrics() {
     let mut children = Children::default();
     let gw_dir = dir.path().join("gw");
     std::fs::create_dir_all(gw_dir.join("data")).unwrap();
-    children.0.push(spawn_gateway(&gw_dir, 1, &extra));
+    // A CRL, so that its expiry is served (OnecardCrlStale).
+    let certs_dir = gw_dir.join("data/certs");
+    onecard::net::certs::generate(&certs_dir, 1).unwrap();
+    let crl = gw_dir.join("terminals.crl.pem");
+    onecard::net::certs::write_crl(&certs_dir, &[], &crl, 1, 7).unwrap();
+    children.0.push(spawn_gateway_full(
+        &gw_dir,
+        1,
+        &format!("crl = [{crl:?}]"),
+        &extra,
+        &[],
+    ));
     let addrs = wait_ready(&mut children.0[0], &gw_dir);
     let card = "500118P00000001";
     put_cards_at(addrs.admin, &[card.to_owned()], json!(["transit"])).await;

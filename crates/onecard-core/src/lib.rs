@@ -58,6 +58,7 @@ pub mod authz;
 pub mod cardlife;
 pub mod deny;
 pub mod disburse;
+pub mod hex;
 pub mod holds;
 pub mod model;
 pub mod privacy;

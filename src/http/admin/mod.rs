@@ -7,6 +7,7 @@
 
 mod dashboard;
 mod scenes;
+mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ use crate::http::ingress::{
     error_response, json_response, read_body, read_json_body, status_label, wrong_method, Body, Req,
 };
 use crate::http::routes::{self, Access, Listener, Match, RouteId};
+use crate::net::tls::TerminalTls;
 use crate::service::cardlife::Actor;
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
@@ -63,9 +65,8 @@ pub struct Admin {
     /// One disbursement batch at a time: a batch id is looked up, then
     /// recorded, and two uploads of one id must not both find it new.
     disbursements: Arc<tokio::sync::Semaphore>,
-    /// When the server certificate and the terminal CA expire (Unix
-    /// seconds, read at start), for the SRE's page.
-    tls_not_after: (i64, i64),
+    /// The terminal listener's certificates and CRLs (reloadable).
+    tls: Arc<TerminalTls>,
 }
 
 #[derive(Serialize)]
@@ -82,6 +83,7 @@ impl Admin {
         admission: Arc<Admission>,
         principals: Vec<Principal>,
         prometheus: PrometheusHandle,
+        tls: Arc<TerminalTls>,
     ) -> Admin {
         Admin {
             admission,
@@ -89,11 +91,7 @@ impl Admin {
             prometheus,
             imports: Arc::new(tokio::sync::Semaphore::new(1)),
             disbursements: Arc::new(tokio::sync::Semaphore::new(1)),
-            tls_not_after: {
-                let c = &gateway.config;
-                let at = |p: &std::path::Path| crate::net::tls::not_after_s(p).unwrap_or(0);
-                (at(&c.server_cert_path()), at(&c.client_ca_path()))
-            },
+            tls,
             gateway,
         }
     }
@@ -185,11 +183,23 @@ impl Admin {
                 "the bearer token is not valid",
             ));
         };
-        if needed == Access::Operator && p.role != Role::Operator {
+        let (allowed, wanted) = match needed {
+            Access::Open => (true, ""),
+            Access::Agent => (
+                matches!(p.role, Role::Agent | Role::Operator),
+                "an agent or operator token",
+            ),
+            Access::Operator => (p.role == Role::Operator, "an operator token"),
+            Access::Security => (
+                matches!(p.role, Role::Security | Role::Operator),
+                "a security or operator token",
+            ),
+        };
+        if !allowed {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "the token of {} has the role {}; this needs an operator token",
+                    "the token of {} has the role {}; this needs {wanted}",
                     p.name,
                     p.role.as_str()
                 ),
@@ -254,12 +264,12 @@ impl Admin {
                 ))
             }
             RouteId::DashboardData => {
-                let (cert, ca) = self.tls_not_after;
+                let tls = self.tls.info();
                 Ok(ok_json(&dashboard::data(
                     &self.gateway,
                     &self.admission,
-                    cert,
-                    ca,
+                    tls.server_cert_not_after_s.unwrap_or(0),
+                    tls.client_ca_not_after_s.unwrap_or(0),
                 )))
             }
             RouteId::CardPut => {
@@ -295,6 +305,12 @@ impl Admin {
             | RouteId::PartnerDenyGet
             | RouteId::Venues => self.scenes(id, param, req, actor(), now).await,
             RouteId::Settlement => self.settlement_status(),
+            RouteId::TerminalBlocks
+            | RouteId::TerminalBlockPut
+            | RouteId::TerminalBlockDelete
+            | RouteId::TerminalGet
+            | RouteId::TlsGet
+            | RouteId::TlsReload => self.trust(id, param, req, actor(), now).await,
             RouteId::Stats => {
                 let window = stats_window(req.uri().query())?;
                 Ok(ok_json(&self.gateway.stats.window(window)))

@@ -3,6 +3,7 @@
 //! terminals and operators do.
 #![allow(dead_code)]
 
+pub mod faultfs;
 pub mod nats;
 pub mod process;
 pub mod qr;

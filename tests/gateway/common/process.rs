@@ -18,11 +18,23 @@ pub fn spawn_gateway(dir: &Path, terminals: u32, extra: &str) -> Child {
 /// As [`spawn_gateway`], with `env` set for the process (for example
 /// `ONECARD_CRASH_AT`, a crash point: src/crashpoint.rs).
 pub fn spawn_gateway_env(dir: &Path, terminals: u32, extra: &str, env: &[(&str, &str)]) -> Child {
+    spawn_gateway_full(dir, terminals, "", extra, env)
+}
+
+/// As [`spawn_gateway_env`], with `terminal` added to the `[terminal]`
+/// section (`crl = [...]`).
+pub fn spawn_gateway_full(
+    dir: &Path,
+    terminals: u32,
+    terminal: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Child {
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {terminals}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n{extra}",
+            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {terminals}\n{terminal}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n{extra}",
             dir.join("data")
         ),
     )

@@ -37,25 +37,6 @@ impl std::fmt::Debug for Signer {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 impl Signer {
     pub fn new(algorithm: Algorithm, key: Vec<u8>) -> Signer {
         assert!(!key.is_empty(), "a signing key is not empty");
@@ -95,7 +76,11 @@ impl Signer {
 
     /// The signature header value for `body`: `hmac-sha256=<64 hex>`.
     pub fn sign(&self, body: &[u8]) -> String {
-        format!("{}={}", self.algorithm.name(), hex(&self.mac(body)))
+        format!(
+            "{}={}",
+            self.algorithm.name(),
+            crate::hex::encode(&self.mac(body))
+        )
     }
 
     /// Whether `header` is this key's signature of `body` (compared in
@@ -104,7 +89,7 @@ impl Signer {
         let Some((name, value)) = header.split_once('=') else {
             return false;
         };
-        let Some(given) = unhex(value) else {
+        let Some(given) = crate::hex::decode(value) else {
             return false;
         };
         if name != self.algorithm.name() {
