@@ -33,6 +33,28 @@ impl Percentiles {
     }
 }
 
+/// One second of a stage, as answers arrived.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Second {
+    pub decided: u64,
+    pub refused: u64,
+    /// Corrected p99 of the decided answers (0 when none).
+    pub decided_p99_ms: f64,
+}
+
+/// The first second from which every second to the end refuses nothing
+/// and keeps its decided p99 within `bound_ms`: how long a gateway took to
+/// be itself again after a flood. `None`: not by the end.
+pub fn recovered_at(seconds: &[Second], bound_ms: f64) -> Option<usize> {
+    let fine = |s: &Second| s.refused == 0 && s.decided_p99_ms <= bound_ms;
+    let bad_tail = seconds.iter().rposition(|s| !fine(s));
+    match bad_tail {
+        None => Some(0),
+        Some(i) if i + 1 < seconds.len() => Some(i + 1),
+        Some(_) => None,
+    }
+}
+
 /// What one terminal (or the whole run) counted.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -46,6 +68,9 @@ pub struct Tally {
     pub dropped: u64,
     /// Connections made again after one broke.
     pub reconnects: u64,
+    /// Taps a terminal decided offline: due while it waited out a
+    /// refusal's `Retry-After`.
+    pub offline: u64,
 }
 
 impl Tally {
@@ -53,6 +78,7 @@ impl Tally {
         self.sent += other.sent;
         self.dropped += other.dropped;
         self.reconnects += other.reconnects;
+        self.offline += other.offline;
         for (into, from) in [
             (&mut self.by_status, &other.by_status),
             (&mut self.by_reason, &other.by_reason),
@@ -82,6 +108,13 @@ pub struct Summary {
     pub sent: u64,
     pub offered_per_s: f64,
     pub achieved_per_s: f64,
+    /// Answers that decided (200), and refusals for load (429, 503), per
+    /// second of the run.
+    pub decided_per_s: f64,
+    pub refused_per_s: f64,
+    /// Corrected latency of the decided answers, and of the refusals.
+    pub decided: Percentiles,
+    pub refusals: Percentiles,
     pub corrected: Percentiles,
     pub uncorrected: Percentiles,
     pub by_status: BTreeMap<String, u64>,
@@ -89,11 +122,32 @@ pub struct Summary {
     pub errors: BTreeMap<String, u64>,
     pub dropped: u64,
     pub reconnects: u64,
+    pub offline: u64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recovery_is_the_first_second_of_a_clean_tail() {
+        let s = |refused, p99| Second {
+            decided: 100,
+            refused,
+            decided_p99_ms: p99,
+        };
+        let cases: &[(&[Second], Option<usize>)] = &[
+            (&[], Some(0)),
+            (&[s(0, 10.0), s(0, 10.0)], Some(0)),
+            (&[s(5, 10.0), s(0, 90.0), s(0, 10.0), s(0, 10.0)], Some(2)),
+            // A relapse later counts: recovered only after it.
+            (&[s(0, 10.0), s(3, 10.0), s(0, 10.0)], Some(2)),
+            (&[s(0, 10.0), s(0, 80.0)], None),
+        ];
+        for (seconds, want) in cases {
+            assert_eq!(recovered_at(seconds, 50.0), *want, "{seconds:?}");
+        }
+    }
 
     #[test]
     fn merged_histograms_and_tallies_add_up() {

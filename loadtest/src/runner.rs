@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 
 use crate::mix::Mix;
 use crate::profile::{self, Profile};
-use crate::report::{self, Percentiles, Summary, Tally};
+use crate::report::{self, Percentiles, Second, Summary, Tally};
 use crate::rng::Rng;
 
 /// After the schedule's end, how long late requests may still go out.
@@ -145,12 +145,29 @@ struct Live {
     window: Mutex<Histogram<u64>>,
     corrected: Mutex<Histogram<u64>>,
     uncorrected: Mutex<Histogram<u64>>,
+    /// Corrected latencies of the answers that decided (200) and of the
+    /// refusals (429, 503): under overload the first must keep their
+    /// bound and the second must come fast.
+    admitted: Mutex<Histogram<u64>>,
+    refused: Mutex<Histogram<u64>>,
+    /// By second of the stage (when answered): decided, refused, and the
+    /// decided ones' corrected latencies.
+    by_second: Mutex<Vec<(u64, u64, Histogram<u64>)>>,
 }
 
 pub struct Outcome {
     pub summary: Summary,
     pub corrected: Histogram<u64>,
     pub uncorrected: Histogram<u64>,
+    pub admitted: Histogram<u64>,
+    pub refused: Histogram<u64>,
+    pub by_second: Vec<Second>,
+}
+
+/// The status of an answer that refused the request for load (the
+/// terminal may retry after `Retry-After`).
+pub fn is_refusal(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
 }
 
 /// What one terminal counted in a stage, and its connection to keep.
@@ -194,6 +211,9 @@ pub async fn run_stage(
         window: Mutex::new(report::histogram()),
         corrected: Mutex::new(report::histogram()),
         uncorrected: Mutex::new(report::histogram()),
+        admitted: Mutex::new(report::histogram()),
+        refused: Mutex::new(report::histogram()),
+        by_second: Mutex::new(Vec::new()),
     });
     let start = Instant::now() + Duration::from_millis(100);
     let hard_stop = start + stage.duration + GRACE;
@@ -252,6 +272,20 @@ pub async fn run_stage(
     }
     let corrected = std::mem::replace(&mut *live.corrected.lock(), report::histogram());
     let uncorrected = std::mem::replace(&mut *live.uncorrected.lock(), report::histogram());
+    let admitted = std::mem::replace(&mut *live.admitted.lock(), report::histogram());
+    let refused = std::mem::replace(&mut *live.refused.lock(), report::histogram());
+    let by_second: Vec<Second> = std::mem::take(&mut *live.by_second.lock())
+        .into_iter()
+        .map(|(decided, refused, h)| Second {
+            decided,
+            refused,
+            decided_p99_ms: if decided == 0 {
+                0.0
+            } else {
+                Percentiles::of(&h).p99_ms
+            },
+        })
+        .collect();
     let elapsed = start.elapsed().as_secs_f64().max(1e-9);
     if let Some(p) = progress {
         p.abort();
@@ -264,6 +298,10 @@ pub async fn run_stage(
         sent: tally.sent,
         offered_per_s: scheduled as f64 / stage.duration.as_secs_f64(),
         achieved_per_s: tally.answered() as f64 / elapsed,
+        decided_per_s: admitted.len() as f64 / elapsed,
+        refused_per_s: refused.len() as f64 / elapsed,
+        decided: Percentiles::of(&admitted),
+        refusals: Percentiles::of(&refused),
         corrected: Percentiles::of(&corrected),
         uncorrected: Percentiles::of(&uncorrected),
         by_status: tally.by_status.clone(),
@@ -271,12 +309,16 @@ pub async fn run_stage(
         errors: tally.errors.clone(),
         dropped: tally.dropped,
         reconnects: tally.reconnects,
+        offline: tally.offline,
     };
     Ok((
         Outcome {
             summary,
             corrected,
             uncorrected,
+            admitted,
+            refused,
+            by_second,
         },
         back,
     ))
@@ -302,11 +344,19 @@ async fn terminal(
     let mut last: Option<Vec<u8>> = None;
     let mut reconnects_left = RECONNECTS_MAX;
     let total = times.len() as u64;
+    // Until when this terminal works offline: a refusal's `Retry-After`
+    // (as the API asks of a terminal: its taps are decided by its offline
+    // rules meanwhile).
+    let mut offline_until: Option<Instant> = None;
     for (seq, at) in times.into_iter().enumerate() {
         let due = start + at;
         if Instant::now() > hard_stop {
             tally.dropped += total - seq as u64;
             break;
+        }
+        if offline_until.is_some_and(|t| due < t) {
+            tally.offline += 1;
+            continue;
         }
         tokio::time::sleep_until(due.into()).await;
         if conn.as_ref().is_some_and(Connection::is_closed) {
@@ -350,6 +400,37 @@ async fn terminal(
                     .saturating_record(unc.as_micros() as u64);
                 live.window.lock().saturating_record(cor.as_micros() as u64);
                 live.answered.fetch_add(1, Ordering::Relaxed);
+                let decided = a.status == StatusCode::OK;
+                if is_refusal(a.status) {
+                    let after = a
+                        .headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if let Some(s) = after {
+                        offline_until = Some(answered + Duration::from_secs(s));
+                    }
+                }
+                if decided || is_refusal(a.status) {
+                    let which = if decided {
+                        &live.admitted
+                    } else {
+                        &live.refused
+                    };
+                    which.lock().saturating_record(cor.as_micros() as u64);
+                    let second = (answered - start).as_secs() as usize;
+                    let mut by = live.by_second.lock();
+                    while by.len() <= second {
+                        by.push((0, 0, report::histogram()));
+                    }
+                    let slot = &mut by[second];
+                    if decided {
+                        slot.0 += 1;
+                        slot.2.saturating_record(cor.as_micros() as u64);
+                    } else {
+                        slot.1 += 1;
+                    }
+                }
                 *tally
                     .by_status
                     .entry(a.status.as_str().to_owned())

@@ -68,7 +68,8 @@ struct RunArgs {
     seconds: u64,
     #[arg(long, default_value_t = 10_000_000)]
     requests_max: u64,
-    /// constant, rush-hour or step.
+    /// constant, rush-hour, step, or overload (`--rate` taken as the
+    /// knee: the knee, twice it, the knee again).
     #[arg(long, default_value = "constant")]
     profile: String,
     /// step: the first stage's rate.
@@ -244,12 +245,12 @@ fn print_summary(
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let overload = a.profile == "overload";
     let profile = match a.profile.as_str() {
-        "step" => None,
-        p => Some(
-            Profile::parse(p)
-                .ok_or_else(|| anyhow::anyhow!("--profile must be constant, rush-hour or step"))?,
-        ),
+        "step" | "overload" => None,
+        p => Some(Profile::parse(p).ok_or_else(|| {
+            anyhow::anyhow!("--profile must be constant, rush-hour, step or overload")
+        })?),
     };
     let protocol = match a.protocol.as_str() {
         "h1" => Protocol::Http1,
@@ -282,6 +283,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut conns = runner::connect_all(&target).await?;
     if a.warmup_seconds > 0 {
         let rate = match profile {
+            None if overload => a.rate,
             None => a.step_start,
             Some(Profile::RushHour) => a.rate * Profile::RushHour.share(0.0),
             Some(Profile::Constant) => a.rate,
@@ -339,7 +341,111 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 std::fs::write(path, doc)?;
             }
         }
+        None if overload => overload_run(&a, &target, conns, mix, protocol).await?,
         None => step_search(&a, &target, conns, mix, protocol).await?,
+    }
+    Ok(())
+}
+
+/// The gateway's resident memory, from its `/metrics`.
+async fn resident_mb(admin: Option<SocketAddr>) -> Option<f64> {
+    let a = client::admin(admin?, None, Method::GET, "/metrics", None)
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&a.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("onecard_process_resident_bytes "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|b| b / 1_048_576.0)
+}
+
+/// `overload`: `--rate` (the knee), then twice that, then the knee again,
+/// each for `--seconds`: what is decided and how fast (goodput, the
+/// decided answers' p99), what is refused and how fast, the gateway's
+/// memory after each stage, and how many seconds of the last stage pass
+/// before its decided p99 is back within `--p99-bound-ms` with nothing
+/// refused.
+async fn overload_run(
+    a: &RunArgs,
+    target: &Arc<Target>,
+    mut conns: Vec<Option<client::Connection>>,
+    mix: Arc<Mix>,
+    protocol: Protocol,
+) -> anyhow::Result<()> {
+    let mut stages = Vec::new();
+    for (name, rate) in [("knee", a.rate), ("twice", 2.0 * a.rate), ("after", a.rate)] {
+        let st = Stage {
+            profile: Profile::Constant,
+            peak_per_s: rate,
+            duration: Duration::from_secs(a.seconds),
+            requests_max: a.requests_max,
+            seed: a.seed ^ rate as u64 ^ stages.len() as u64,
+            progress: !a.quiet,
+        };
+        let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
+        conns = back;
+        let rss = resident_mb(a.admin).await;
+        let s = &o.summary;
+        println!(
+            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB",
+            s.offered_per_s,
+            s.decided_per_s,
+            s.decided.p99_ms,
+            s.refused_per_s,
+            s.refusals.p99_ms,
+            s.offline as f64 / s.seconds.max(1e-9),
+            s.errors,
+            s.dropped,
+            rss.map_or("?".to_owned(), |m| format!("{m:.0}")),
+        );
+        stages.push((name, o, rss));
+    }
+    let knee_goodput = stages[0].1.summary.decided_per_s;
+    let flood_goodput = stages[1].1.summary.decided_per_s;
+    let ratio = flood_goodput / knee_goodput.max(1e-9);
+    // Recovery: the first second of the last stage from which every second
+    // refuses nothing and keeps its decided p99 within the bound.
+    let recovered_at = report::recovered_at(&stages[2].1.by_second, a.p99_bound_ms);
+    println!(
+        "goodput at twice the rate: {flood_goodput:.0}/s = {:.0}% of the knee's {knee_goodput:.0}/s ({} terminals, {:?})",
+        ratio * 100.0,
+        a.terminals,
+        protocol
+    );
+    match recovered_at {
+        Some(s) => println!(
+            "recovery: back within p99 {} ms with nothing refused {s} s into the stage after the flood",
+            a.p99_bound_ms
+        ),
+        None => println!(
+            "recovery: not back within p99 {} ms with nothing refused by the end of the stage after the flood",
+            a.p99_bound_ms
+        ),
+    }
+    if let Some(path) = &a.json {
+        let doc = json!({
+            "stages": stages.iter().map(|(name, o, rss)| json!({
+                "stage": name,
+                "summary": o.summary,
+                "by_second": o.by_second,
+                "resident_mb": rss,
+            })).collect::<Vec<_>>(),
+            "goodput_ratio": ratio,
+            "recovered_after_s": recovered_at,
+            "p99_bound_ms": a.p99_bound_ms,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+    }
+    if let Some(path) = &a.plot {
+        let series: Vec<(String, &hdrhistogram::Histogram<u64>)> = stages
+            .iter()
+            .map(|(name, o, _)| (format!("{name}: decided"), &o.admitted))
+            .collect();
+        let title = format!(
+            "overload: decided answers' corrected latency, {} terminals, {:?}",
+            a.terminals, protocol
+        );
+        std::fs::write(path, plot::svg(&title, &series))?;
     }
     Ok(())
 }
