@@ -55,6 +55,29 @@ pub fn recovered_at(seconds: &[Second], bound_ms: f64) -> Option<usize> {
     }
 }
 
+/// The least-squares slope of `ys` against `xs` (`None` with fewer than
+/// two points or no spread in `xs`): a soak's drift, per unit of `xs`.
+pub fn slope(xs: &[f64], ys: &[f64]) -> Option<f64> {
+    let n = xs.len().min(ys.len());
+    if n < 2 {
+        return None;
+    }
+    let (mx, my) = (
+        xs[..n].iter().sum::<f64>() / n as f64,
+        ys[..n].iter().sum::<f64>() / n as f64,
+    );
+    let sxx: f64 = xs[..n].iter().map(|x| (x - mx) * (x - mx)).sum();
+    if sxx == 0.0 {
+        return None;
+    }
+    let sxy: f64 = xs[..n]
+        .iter()
+        .zip(&ys[..n])
+        .map(|(x, y)| (x - mx) * (y - my))
+        .sum();
+    Some(sxy / sxx)
+}
+
 /// What one terminal (or the whole run) counted.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -128,6 +151,15 @@ pub struct Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slopes_of_flat_rising_and_degenerate_series() {
+        let xs = [0.0, 1.0, 2.0, 3.0];
+        assert_eq!(slope(&xs, &[5.0, 5.0, 5.0, 5.0]), Some(0.0));
+        assert_eq!(slope(&xs, &[1.0, 3.0, 5.0, 7.0]), Some(2.0));
+        assert_eq!(slope(&[1.0], &[1.0]), None);
+        assert_eq!(slope(&[2.0, 2.0], &[1.0, 3.0]), None);
+    }
 
     #[test]
     fn recovery_is_the_first_second_of_a_clean_tail() {

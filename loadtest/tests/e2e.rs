@@ -180,3 +180,56 @@ async fn seed_fills_the_store_through_the_bulk_import() {
     assert_eq!(gw.deny.version(), 1_000);
     running.shutdown().await;
 }
+
+/// The soak's short version (the hour-long one is `loadtest/soak`): three
+/// samples, each with the decided p99 and the gateway's memory and open
+/// files, and a slope of each. The gateway runs in this process, so its
+/// memory and files are the test process's: only that they are read and
+/// that the connections do not pile up is asserted, not a speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_samples_memory_files_and_p99_and_gives_their_slopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = gateway(dir.path(), |_| {}).await;
+    let out = dir.path().join("soak.json");
+    let mut args = strings(&["run", "--terminals", "4", "--rate", "100", "--seconds", "1"]);
+    args.extend(strings(&[
+        "--samples",
+        "3",
+        "--profile",
+        "soak",
+        "--warmup-seconds",
+        "0",
+        "--cards",
+        "50",
+    ]));
+    args.extend(to_gateway(&running, &out));
+    let o = load(args).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("slope of open_fds"), "{stdout}");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let samples = doc["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 3, "{doc}");
+    for s in samples {
+        assert!(s["resident_mb"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["open_fds"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["decided_per_s"].as_f64().unwrap() > 0.0, "{s}");
+        assert_eq!(s["failed"], 0, "{s}");
+    }
+    // The four terminals keep their connections: the files do not pile
+    // up from sample to sample (other tests in this process may open a
+    // few of their own meanwhile).
+    let fds: Vec<f64> = samples
+        .iter()
+        .map(|s| s["open_fds"].as_f64().unwrap())
+        .collect();
+    assert!(fds[2] <= fds[0] + 64.0, "{fds:?}");
+    for k in [
+        "resident_mb_per_hour",
+        "open_fds_per_hour",
+        "p99_ms_per_hour",
+    ] {
+        assert!(doc["slopes"][k].as_f64().is_some(), "{k}: {doc}");
+    }
+    running.shutdown().await;
+}

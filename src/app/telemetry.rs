@@ -203,6 +203,10 @@ fn describe() {
         Unit::Bytes,
         "Resident memory of the gateway process (read at each scrape)"
     );
+    describe_gauge!(
+        "onecard_process_open_fds",
+        "File descriptors the gateway process holds: connections, RocksDB's files (read at each scrape)"
+    );
     describe_histogram!(
         "onecard_http_request_duration_seconds",
         Unit::Seconds,

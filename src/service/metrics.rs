@@ -66,6 +66,15 @@ pub fn publish_process() {
     if let Some(b) = resident_bytes() {
         metrics::gauge!("onecard_process_resident_bytes").set(b as f64);
     }
+    if let Some(n) = open_fds() {
+        metrics::gauge!("onecard_process_open_fds").set(n as f64);
+    }
+}
+
+/// File descriptors the process holds (`/proc/self/fd`): a leak of
+/// connections or files shows as a slope in a soak.
+pub fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
 }
 
 /// The process's resident memory from `/proc/self/status` (`VmRSS`), where

@@ -63,13 +63,17 @@ struct RunArgs {
     /// highest rate tried, for `step`).
     #[arg(long, default_value_t = 5_000.0)]
     rate: f64,
-    /// Length of the run (of each stage, for `step`).
+    /// Length of the run (of each stage, for `step`, `overload` and `soak`).
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// soak: how many stages of `--seconds` (60 of 60 s: an hour).
+    #[arg(long, default_value_t = 60)]
+    samples: u64,
     #[arg(long, default_value_t = 10_000_000)]
     requests_max: u64,
-    /// constant, rush-hour, step, or overload (`--rate` taken as the
-    /// knee: the knee, twice it, the knee again).
+    /// constant, rush-hour, step, overload (`--rate` taken as the knee:
+    /// the knee, twice it, the knee again) or soak (`--samples` stages at
+    /// `--rate`, with the gateway's memory, files and p99 after each).
     #[arg(long, default_value = "constant")]
     profile: String,
     /// step: the first stage's rate.
@@ -246,10 +250,11 @@ fn print_summary(
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let overload = a.profile == "overload";
+    let soak = a.profile == "soak";
     let profile = match a.profile.as_str() {
-        "step" | "overload" => None,
+        "step" | "overload" | "soak" => None,
         p => Some(Profile::parse(p).ok_or_else(|| {
-            anyhow::anyhow!("--profile must be constant, rush-hour, step or overload")
+            anyhow::anyhow!("--profile must be constant, rush-hour, step, overload or soak")
         })?),
     };
     let protocol = match a.protocol.as_str() {
@@ -283,7 +288,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut conns = runner::connect_all(&target).await?;
     if a.warmup_seconds > 0 {
         let rate = match profile {
-            None if overload => a.rate,
+            None if overload || soak => a.rate,
             None => a.step_start,
             Some(Profile::RushHour) => a.rate * Profile::RushHour.share(0.0),
             Some(Profile::Constant) => a.rate,
@@ -342,21 +347,111 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             }
         }
         None if overload => overload_run(&a, &target, conns, mix, protocol).await?,
+        None if soak => soak_run(&a, &target, conns, mix, protocol).await?,
         None => step_search(&a, &target, conns, mix, protocol).await?,
     }
     Ok(())
 }
 
-/// The gateway's resident memory, from its `/metrics`.
-async fn resident_mb(admin: Option<SocketAddr>) -> Option<f64> {
+/// A gauge of the gateway's `/metrics` (no labels).
+async fn gauge(admin: Option<SocketAddr>, name: &str) -> Option<f64> {
     let a = client::admin(admin?, None, Method::GET, "/metrics", None)
         .await
         .ok()?;
+    let prefix = format!("{name} ");
     String::from_utf8_lossy(&a.body)
         .lines()
-        .find_map(|l| l.strip_prefix("onecard_process_resident_bytes "))
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
         .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
+/// The gateway's resident memory, from its `/metrics`.
+async fn resident_mb(admin: Option<SocketAddr>) -> Option<f64> {
+    gauge(admin, "onecard_process_resident_bytes")
+        .await
         .map(|b| b / 1_048_576.0)
+}
+
+/// `soak`: `--samples` constant stages of `--seconds` each at `--rate`,
+/// one after another on the same connections; after each, the decided
+/// answers' corrected p99 and the gateway's resident memory and open file
+/// descriptors. At the end, each one's least-squares slope per hour: flat
+/// is near zero.
+async fn soak_run(
+    a: &RunArgs,
+    target: &Arc<Target>,
+    mut conns: Vec<Option<client::Connection>>,
+    mix: Arc<Mix>,
+    protocol: Protocol,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.admin.is_some(),
+        "--profile soak reads the gateway's memory and files: give --admin"
+    );
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    for n in 0..a.samples {
+        let st = Stage {
+            profile: Profile::Constant,
+            peak_per_s: a.rate,
+            duration: Duration::from_secs(a.seconds),
+            requests_max: a.requests_max,
+            seed: a.seed ^ n,
+            progress: false,
+        };
+        let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
+        conns = back;
+        let at_h = t0.elapsed().as_secs_f64() / 3600.0;
+        let rss = resident_mb(a.admin).await;
+        let fds = gauge(a.admin, "onecard_process_open_fds").await;
+        let s = &o.summary;
+        println!(
+            "sample {:>3} at {:>6.1} min: decided {:>6.0}/s  p99 {:>7.2} ms  refused {:.0}/s  errors {}  RSS {} MB  open fds {}",
+            n + 1,
+            at_h * 60.0,
+            s.decided_per_s,
+            s.decided.p99_ms,
+            s.refused_per_s,
+            s.errors.values().sum::<u64>() + s.dropped,
+            rss.map_or("?".to_owned(), |m| format!("{m:.0}")),
+            fds.map_or("?".to_owned(), |f| format!("{f:.0}")),
+        );
+        samples.push(json!({
+            "at_hours": at_h,
+            "decided_per_s": s.decided_per_s,
+            "p99_ms": s.decided.p99_ms,
+            "refused_per_s": s.refused_per_s,
+            "failed": s.errors.values().sum::<u64>() + s.dropped,
+            "resident_mb": rss,
+            "open_fds": fds,
+        }));
+    }
+    let col = |k: &str| -> (Vec<f64>, Vec<f64>) {
+        samples
+            .iter()
+            .filter_map(|s| Some((s["at_hours"].as_f64()?, s[k].as_f64()?)))
+            .unzip()
+    };
+    let mut slopes = serde_json::Map::new();
+    for (k, unit) in [("resident_mb", "MB"), ("open_fds", "fds"), ("p99_ms", "ms")] {
+        let (xs, ys) = col(k);
+        let sl = report::slope(&xs, &ys);
+        let mean = ys.iter().sum::<f64>() / ys.len().max(1) as f64;
+        println!(
+            "slope of {k}: {} per hour (mean {mean:.1} {unit}, {} samples, {} terminals, {:?}, {:.0}/s)",
+            sl.map_or("?".to_owned(), |v| format!("{v:+.2} {unit}")),
+            ys.len(),
+            a.terminals,
+            protocol,
+            a.rate
+        );
+        slopes.insert(format!("{k}_per_hour"), json!(sl));
+    }
+    if let Some(path) = &a.json {
+        let doc = json!({"samples": samples, "slopes": slopes, "rate_per_s": a.rate, "terminals": a.terminals});
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+    }
+    Ok(())
 }
 
 /// `overload`: `--rate` (the knee), then twice that, then the knee again,
