@@ -62,19 +62,15 @@ pub fn load_certs(
     Ok(certs)
 }
 
-/// When the soonest-expiring certificate in a PEM file expires (Unix
-/// seconds): the gateway's own, or the CA that signs terminals'.
-pub fn not_after_s(path: &Path) -> Result<i64, TlsSetupError> {
-    let certs = load_certs(path)?;
+/// When the soonest-expiring of `certs` expires (Unix seconds): the
+/// gateway's own chain, or the CAs that sign terminals'. `None` when none
+/// parses (rustls accepted them; the date costs a gauge, not the start).
+fn soonest_not_after_s(certs: &[CertificateDer<'_>]) -> Option<i64> {
     certs
         .iter()
         .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
         .map(|(_, c)| c.validity().not_after.timestamp())
         .min()
-        .ok_or(TlsSetupError::Empty {
-            path: path.display().to_string(),
-            what: "X.509 certificate",
-        })
 }
 
 pub fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsSetupError> {
@@ -166,6 +162,9 @@ pub fn serial_hex(raw: &[u8]) -> String {
 /// Terminal certificates refused although their chain is valid (the
 /// security team's block list).
 pub trait Refusals: Send + Sync + std::fmt::Debug {
+    /// Whether any certificate is refused at all: when none is, a
+    /// handshake need not work out its certificate's keys.
+    fn any(&self) -> bool;
     fn refuses(&self, cert: &CertKeys) -> bool;
 }
 
@@ -210,7 +209,7 @@ impl ClientCertVerifier for Blocking {
             .verify_client_cert(end_entity, intermediates, now)
         {
             Ok(v) => {
-                if self.refusals.refuses(&CertKeys::of(end_entity)) {
+                if self.refusals.any() && self.refusals.refuses(&CertKeys::of(end_entity)) {
                     refused("blocked");
                     return Err(rustls::Error::InvalidCertificate(
                         rustls::CertificateError::Revoked,
@@ -385,23 +384,17 @@ fn terminal_config(
         inner: builder.build()?,
         refusals: refusals.clone(),
     });
+    let chain = load_certs(&files.cert)?;
+    let info = TlsInfo {
+        server_cert_not_after_s: soonest_not_after_s(&chain),
+        client_ca_not_after_s: soonest_not_after_s(&cas),
+        crls: infos,
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+        .with_single_cert(chain, load_key(&files.key)?)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let soonest = |certs: &[CertificateDer<'_>]| {
-        certs
-            .iter()
-            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .min()
-    };
-    let info = TlsInfo {
-        server_cert_not_after_s: soonest(&load_certs(&files.cert)?),
-        client_ca_not_after_s: soonest(&cas),
-        crls: infos,
-    };
     Ok((config, info))
 }
 

@@ -19,7 +19,7 @@
 //! disk, so every later submission is refused (`503`) and `/readyz` goes red
 //! until a restart rebuilds memory from disk.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -93,9 +93,7 @@ pub struct Journal {
     /// sets it under the write side, so nothing is queued behind `Stop`.
     gate: RwLock<()>,
     closing: AtomicBool,
-    failed: Arc<AtomicBool>,
-    /// Why `failed` was set (the first failed write's kind).
-    fault: Arc<Mutex<Fault>>,
+    failed: Arc<Failed>,
     /// The next sequence number the writer will assign.
     next_seq: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -147,8 +145,7 @@ impl Journal {
             }
         };
         let (tx, rx) = crossbeam_channel::bounded(queue_events_max);
-        let failed = Arc::new(AtomicBool::new(false));
-        let fault = Arc::new(Mutex::new(Fault::Failed));
+        let failed = Arc::new(Failed::default());
         let next_seq = Arc::new(AtomicU64::new(next));
         let watch = Arc::new(WriterWatch {
             started: Instant::now(),
@@ -163,7 +160,6 @@ impl Journal {
             sync: durability == Durability::Sync,
             batch_events_max,
             failed: failed.clone(),
-            fault: fault.clone(),
             next_seq: next_seq.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -175,7 +171,6 @@ impl Journal {
             gate: RwLock::new(()),
             closing: AtomicBool::new(false),
             failed,
-            fault,
             next_seq,
             thread: Mutex::new(Some(thread)),
             watch,
@@ -193,7 +188,7 @@ impl Journal {
     }
 
     fn check(&self) -> Result<(), CommitError> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.failed.get().is_some() {
             return Err(CommitError::Failed);
         }
         if self.closing.load(Ordering::Acquire) {
@@ -224,12 +219,12 @@ impl Durable for Journal {
     }
 
     fn is_healthy(&self) -> bool {
-        !self.failed.load(Ordering::Acquire) && !self.closing.load(Ordering::Acquire)
+        self.failed.get().is_none() && !self.closing.load(Ordering::Acquire)
     }
 
     fn fault(&self, stall: Duration) -> Option<Fault> {
-        if self.failed.load(Ordering::Acquire) {
-            return Some(*self.fault.lock());
+        if let Some(fault) = self.failed.get() {
+            return Some(fault);
         }
         let since = self.watch.oldest_since.load(Ordering::Acquire);
         if since == 0 {
@@ -296,20 +291,41 @@ struct Writer {
     rx: Receiver<Item>,
     sync: bool,
     batch_events_max: usize,
-    failed: Arc<AtomicBool>,
-    /// Why `failed` was set (the first failed write's kind).
-    fault: Arc<Mutex<Fault>>,
+    failed: Arc<Failed>,
     next_seq: Arc<AtomicU64>,
+}
+
+/// Why the journal refuses every write until a restart, once one failed
+/// (memory may be ahead of the disk); none while it has not.
+#[derive(Default)]
+struct Failed(AtomicU8);
+
+impl Failed {
+    fn get(&self) -> Option<Fault> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            n => Fault::ALL.get(usize::from(n) - 1).copied(),
+        }
+    }
+
+    fn set(&self, fault: Fault) {
+        let n = Fault::ALL
+            .iter()
+            .position(|f| *f == fault)
+            .expect("a fault")
+            + 1;
+        self.0.store(n as u8, Ordering::Release);
+    }
 }
 
 /// Marks the journal failed if the writer thread ends by panicking, so that
 /// submissions are refused and `/readyz` turns red instead of hanging.
-struct PanicGuard(Arc<AtomicBool>);
+struct PanicGuard(Arc<Failed>);
 
 impl Drop for PanicGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.store(true, Ordering::Release);
+            self.0.set(Fault::Failed);
             metrics::counter!("onecard_journal_failures_total").increment(1);
         }
     }
@@ -369,12 +385,6 @@ impl Writer {
         }
     }
 
-    /// Refuses every later write: memory may be ahead of the disk now.
-    fn fail(&self, fault: Fault) {
-        *self.fault.lock() = fault;
-        self.failed.store(true, Ordering::Release);
-    }
-
     fn options(&self) -> WriteOptions {
         let mut wo = WriteOptions::default();
         wo.set_sync(self.sync);
@@ -382,7 +392,7 @@ impl Writer {
     }
 
     fn write_group(&self, group: Vec<(Commit, Reply)>) {
-        if self.failed.load(Ordering::Acquire) {
+        if self.failed.get().is_some() {
             for (_, reply) in group {
                 let _ = reply.send(Err(CommitError::Failed));
             }
@@ -434,7 +444,7 @@ impl Writer {
             Err(e) => {
                 let fault = Fault::of_error(&e.to_string());
                 tracing::error!(error = %e, first_seq, fault = fault.label(), "journal: write failed; refusing further writes until a restart");
-                self.fail(fault);
+                self.failed.set(fault);
                 metrics::counter!("onecard_journal_failures_total").increment(1);
                 for (_, reply) in group {
                     let _ = reply.send(Err(CommitError::Failed));
@@ -444,7 +454,7 @@ impl Writer {
     }
 
     fn cleanup(&self, expired: Vec<Expired>, cursor: u64) -> Result<(), CommitError> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.failed.get().is_some() {
             return Err(CommitError::Failed);
         }
         let mut batch = WriteBatch::default();
@@ -472,7 +482,7 @@ impl Writer {
             .map_err(|e| {
                 let fault = Fault::of_error(&e.to_string());
                 tracing::error!(error = %e, fault = fault.label(), "journal: idempotency clean-up write failed; refusing further writes until a restart");
-                self.fail(fault);
+                self.failed.set(fault);
                 metrics::counter!("onecard_journal_failures_total").increment(1);
                 CommitError::Failed
             })?;

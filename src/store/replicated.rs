@@ -194,13 +194,7 @@ pub fn card_subject(prefix: &str, card: &str) -> String {
         .chain_update(b"onecard card subject\0")
         .chain_update(card.as_bytes())
         .finalize();
-    let mut s = String::with_capacity(prefix.len() + 6 + 24);
-    s.push_str(prefix);
-    s.push_str(".card.");
-    for b in &digest[..12] {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("{prefix}.card.{}", onecard_core::hex::encode(&digest[..12]))
 }
 
 /// The message id of a commit that stores an answer under an idempotency
@@ -212,7 +206,7 @@ fn message_id(commit: &Commit) -> Option<String> {
                 .chain_update(b"onecard idem\0")
                 .chain_update(key)
                 .finalize();
-            Some(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+            Some(onecard_core::hex::encode(&digest[..16]))
         }
         _ => None,
     })
@@ -599,7 +593,7 @@ fn lease_key(what: &str) -> String {
         .chain_update(b"onecard lease\0")
         .chain_update(what.as_bytes())
         .finalize();
-    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    onecard_core::hex::encode(&digest[..12])
 }
 
 impl Leases {
@@ -1158,8 +1152,10 @@ fn fence_subject(prefix: &str, fence: &Fence) -> String {
         .chain_update(domain)
         .chain_update(name.as_bytes())
         .finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}.{kind}.{hex}")
+    format!(
+        "{prefix}.{kind}.{}",
+        onecard_core::hex::encode(&digest[..12])
+    )
 }
 
 /// Whether a publish was refused because the subject has moved on since

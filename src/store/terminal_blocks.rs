@@ -157,12 +157,13 @@ fn corrupt() -> StoreError {
 }
 
 impl Refusals for TerminalBlocks {
+    fn any(&self) -> bool {
+        !self.is_empty()
+    }
+
     fn refuses(&self, cert: &CertKeys) -> bool {
         let map = self.map.read();
-        if map.is_empty() {
-            return false;
-        }
-        cert.keys().iter().any(|k| map.contains_key(k))
+        !map.is_empty() && cert.keys().iter().any(|k| map.contains_key(k))
     }
 }
 

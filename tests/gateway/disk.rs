@@ -110,34 +110,22 @@ async fn a_full_disk_stops_decisions_with_503_and_the_restart_loses_nothing() {
     );
     let (mut child, addrs) = start(dir.path(), 1, &extra);
     let certs = dir.path().join("data/certs");
-    let cards: Vec<String> = (0..CARDS).map(card).collect();
-    put_cards_at(addrs.admin, &cards, json!(["transit"])).await;
+    put_all_cards(addrs.admin).await;
     let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http1).await;
 
-    // Answers the terminal got, by event id: (status, body).
-    let mut answered: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut answered = Answered::new();
     for i in 0..10 {
-        let event = format!("disk-{i}");
-        let a = t
-            .authorize(&tap(&event, &card(i), "transit", 200))
-            .await
-            .unwrap();
+        let a = tap_keep(&mut t, 1, &mut answered, &format!("disk-{i}"), &card(i)).await;
         assert_eq!(a.status, StatusCode::OK);
-        answered.insert(event, a.body.to_vec());
     }
 
     let filler = fill(&dir.path().join("data"));
     let mut refused = None;
     for i in 10..2_000 {
         let event = format!("disk-{i}");
-        let a = t
-            .authorize(&tap(&event, &card(i % CARDS), "transit", 200))
-            .await
-            .unwrap();
+        let a = tap_keep(&mut t, 1, &mut answered, &event, &card_of(&event)).await;
         match a.status {
-            StatusCode::OK => {
-                answered.insert(event, a.body.to_vec());
-            }
+            StatusCode::OK => {}
             StatusCode::SERVICE_UNAVAILABLE => {
                 refused = Some(a);
                 break;
@@ -173,10 +161,9 @@ async fn a_full_disk_stops_decisions_with_503_and_the_restart_loses_nothing() {
 
     // Reads go on: a replay of an answer given, the deny list, /readyz
     // saying why, the metric.
-    let (first, body) = answered.iter().next().unwrap();
-    let i: usize = first.rsplit('-').next().unwrap().parse().unwrap();
+    let ((_, first), body) = answered.iter().next().unwrap();
     let a = t
-        .authorize(&tap(first, &card(i), "transit", 200))
+        .authorize(&tap(first, &card_of(first), "transit", 200))
         .await
         .unwrap();
     assert_eq!(a.status, StatusCode::OK);
@@ -186,11 +173,9 @@ async fn a_full_disk_stops_decisions_with_503_and_the_restart_loses_nothing() {
         .await
         .unwrap();
     assert_eq!(d.status, StatusCode::OK);
-    let r = client::admin(addrs.admin, None, Method::GET, "/readyz", None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(String::from_utf8_lossy(&r.body).contains("disk is full"));
+    let (status, body) = readyz(addrs.admin).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("disk is full"));
     let m = client::admin(addrs.admin, None, Method::GET, "/metrics", None)
         .await
         .unwrap();
@@ -208,39 +193,13 @@ async fn a_full_disk_stops_decisions_with_503_and_the_restart_loses_nothing() {
     // byte; the journal holds each decision once; settlement books each
     // approval once.
     let (_child, addrs) = start(dir.path(), 1, &extra);
-    let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http2).await;
-    let mut approvals: u64 = 0;
-    for (event, body) in &answered {
-        let i: usize = event.rsplit('-').next().unwrap().parse().unwrap();
-        let a = t
-            .authorize(&tap(event, &card(i % CARDS), "transit", 200))
-            .await
-            .unwrap();
-        assert_eq!(a.status, StatusCode::OK);
-        assert_eq!(
-            &a.body.to_vec(),
-            body,
-            "{event}: another answer after the restart"
-        );
-        if a.json()["decision"] == "approve" {
-            approvals += 1;
-        }
-    }
-    let status = client::admin(
-        addrs.admin,
-        Some(TOKEN),
-        Method::GET,
-        "/admin/v1/status",
-        None,
-    )
-    .await
-    .unwrap()
-    .json();
+    let mut approvals = assert_answers_stand(&addrs, &certs, &answered).await;
     assert_eq!(
-        status["journal"]["last_seq"].as_u64(),
+        journal_last_seq(addrs.admin).await,
         Some(answered.len() as u64),
         "the journal holds exactly the decisions answered"
     );
+    let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http2).await;
     let a = t
         .authorize(&tap("disk-after", &card(1), "transit", 200))
         .await
@@ -301,19 +260,20 @@ async fn tap_keep(
 
 /// After a restart: every answer a terminal was given comes back byte for
 /// byte (so each decision is in the journal once: a second would have
-/// been a second answer), and the journal holds `extra` more at most.
+/// been a second answer). Returns how many of them approved.
 async fn assert_answers_stand(
     addrs: &onecard::app::server::Addrs,
     certs: &Path,
     answered: &Answered,
-    card_of: impl Fn(&str) -> String,
-) {
-    let mut conns = Vec::new();
-    for n in 1..=2 {
-        conns.push(connect_terminal(certs, addrs.terminal, n, Protocol::Http2).await);
-    }
+) -> u64 {
+    let mut conns = BTreeMap::new();
+    let mut approvals = 0;
     for ((n, event), body) in answered {
-        let t = &mut conns[*n as usize - 1];
+        if !conns.contains_key(n) {
+            let c = connect_terminal(certs, addrs.terminal, *n, Protocol::Http2).await;
+            conns.insert(*n, c);
+        }
+        let t = conns.get_mut(n).expect("connected above");
         let a = t
             .authorize(&tap(event, &card_of(event), "transit", 200))
             .await
@@ -324,7 +284,30 @@ async fn assert_answers_stand(
             body,
             "{event}: another answer after the restart"
         );
+        if a.json()["decision"] == "approve" {
+            approvals += 1;
+        }
     }
+    approvals
+}
+
+/// The journal's last sequence number, from `/admin/v1/status`.
+async fn journal_last_seq(admin: std::net::SocketAddr) -> Option<u64> {
+    client::admin(admin, Some(TOKEN), Method::GET, "/admin/v1/status", None)
+        .await
+        .unwrap()
+        .json()["journal"]["last_seq"]
+        .as_u64()
+}
+
+/// Registers the test's cards, active for transit.
+async fn put_all_cards(admin: std::net::SocketAddr) {
+    put_cards_at(
+        admin,
+        &(0..CARDS).map(card).collect::<Vec<_>>(),
+        json!(["transit"]),
+    )
+    .await;
 }
 
 async fn readyz(admin: std::net::SocketAddr) -> (StatusCode, String) {
@@ -346,14 +329,9 @@ async fn an_io_error_stops_decisions_and_the_restart_loses_nothing() {
         return;
     };
     let certs = dir.path().join("data/certs");
-    put_cards_at(
-        addrs.admin,
-        &(0..CARDS).map(card).collect::<Vec<_>>(),
-        json!(["transit"]),
-    )
-    .await;
+    put_all_cards(addrs.admin).await;
     let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http1).await;
-    let mut answered = BTreeMap::new();
+    let mut answered = Answered::new();
     for i in 0..10 {
         let a = tap_keep(&mut t, 1, &mut answered, &format!("eio-{i}"), &card(i)).await;
         assert_eq!(a.status, StatusCode::OK);
@@ -394,19 +372,9 @@ async fn an_io_error_stops_decisions_and_the_restart_loses_nothing() {
         .expect("no exit once the disk wrote again");
     assert_eq!(status.code(), Some(75));
     let (child, addrs) = start(dir.path(), 2, "");
-    assert_answers_stand(&addrs, &certs, &answered, card_of).await;
-    let status = client::admin(
-        addrs.admin,
-        Some(TOKEN),
-        Method::GET,
-        "/admin/v1/status",
-        None,
-    )
-    .await
-    .unwrap()
-    .json();
+    assert_answers_stand(&addrs, &certs, &answered).await;
     assert_eq!(
-        status["journal"]["last_seq"].as_u64(),
+        journal_last_seq(addrs.admin).await,
         Some(answered.len() as u64)
     );
     drop(child);
@@ -420,15 +388,10 @@ async fn a_stalled_disk_answers_503_and_resumes_by_itself() {
         return;
     };
     let certs = dir.path().join("data/certs");
-    put_cards_at(
-        addrs.admin,
-        &(0..CARDS).map(card).collect::<Vec<_>>(),
-        json!(["transit"]),
-    )
-    .await;
+    put_all_cards(addrs.admin).await;
     let mut t = connect_terminal(&certs, addrs.terminal, 1, Protocol::Http1).await;
     let mut t2 = connect_terminal(&certs, addrs.terminal, 2, Protocol::Http1).await;
-    let mut answered = BTreeMap::new();
+    let mut answered = Answered::new();
     for i in 0..5 {
         let a = tap_keep(&mut t, 1, &mut answered, &format!("slow-{i}"), &card(i)).await;
         assert_eq!(a.status, StatusCode::OK);
@@ -487,7 +450,7 @@ async fn a_stalled_disk_answers_503_and_resumes_by_itself() {
 
     drop(child);
     let (child, addrs) = start(dir.path(), 2, "[journal]\nstall_ms = 300\n");
-    assert_answers_stand(&addrs, &certs, &answered, card_of).await;
+    assert_answers_stand(&addrs, &certs, &answered).await;
     drop(child);
     drop(fs);
 }

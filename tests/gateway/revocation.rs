@@ -60,6 +60,11 @@ async fn tap_as(gw: &TestGateway, n: u32, event: &str) -> Result<String, String>
     )
     .await
     .map_err(|e| e.to_string())?;
+    tap_on(&mut conn, event).await
+}
+
+/// Taps once on an open connection: the decision, or why there was none.
+async fn tap_on(conn: &mut Connection, event: &str) -> Result<String, String> {
     let a = conn
         .authorize(&tap(event, CARD, "transit", 200))
         .await
@@ -157,16 +162,7 @@ async fn a_terminal_on_the_crl_is_refused_at_the_handshake_and_a_reloaded_crl_re
     )
     .await
     .unwrap();
-    assert_eq!(
-        decision(
-            &three
-                .authorize(&tap("crl-3", CARD, "transit", 200))
-                .await
-                .unwrap()
-        )
-        .0,
-        "approve"
-    );
+    assert_eq!(tap_on(&mut three, "crl-3").await.unwrap(), "approve");
     let crl = gw.dir.path().join("terminals.crl.pem");
     certs::write_crl(
         &gw.certs_dir(),
@@ -188,13 +184,7 @@ async fn a_terminal_on_the_crl_is_refused_at_the_handshake_and_a_reloaded_crl_re
     );
     assert_eq!(a.json()["tls"]["crls"][0]["revoked"], 2);
     assert_eq!(
-        decision(
-            &three
-                .authorize(&tap("crl-4", CARD, "transit", 200))
-                .await
-                .unwrap()
-        )
-        .0,
+        tap_on(&mut three, "crl-4").await.unwrap(),
         "approve",
         "the open connection survives the reload"
     );
@@ -254,11 +244,7 @@ async fn a_blocked_terminal_is_refused_and_its_open_connections_close_within_a_s
     let mut two = gw.terminal(2, Protocol::Http2).await;
     let mut three = gw.terminal(3, Protocol::Http1).await;
     for (i, c) in [&mut one, &mut two, &mut three].into_iter().enumerate() {
-        let a = c
-            .authorize(&tap(&format!("blk-{i}"), CARD, "transit", 200))
-            .await
-            .unwrap();
-        assert_eq!(decision(&a).0, "approve");
+        assert_eq!(tap_on(c, &format!("blk-{i}")).await.unwrap(), "approve");
     }
     // The bus is reported stolen: the security team looks it up by its
     // terminal id and blocks its certificate, by serial for one and by
@@ -356,11 +342,7 @@ async fn a_blocked_terminal_is_refused_and_its_open_connections_close_within_a_s
         .await
         .is_err());
     // Others go on; new handshakes of the blocked ones are refused.
-    let a = three
-        .authorize(&tap("blk-3", CARD, "transit", 200))
-        .await
-        .unwrap();
-    assert_eq!(decision(&a).0, "approve");
+    assert_eq!(tap_on(&mut three, "blk-3").await.unwrap(), "approve");
     assert!(tap_as(&gw, 1, "blk-4").await.is_err());
     assert!(tap_as(&gw, 2, "blk-5").await.is_err());
     // Blocking again changes nothing and says so.

@@ -52,7 +52,7 @@ pub fn id_hash(key: &[u8], normalized: &str) -> String {
     mac.update(b"onecard-personal-id\0");
     mac.update(normalized.as_bytes());
     let digest = mac.finalize().into_bytes();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&digest)
 }
 
 /// `110105********123X`: region kept, birth date and most of the rest hidden.

@@ -124,6 +124,21 @@ struct RunArgs {
     warmup_seconds: u64,
 }
 
+impl RunArgs {
+    /// A constant stage of `--seconds` at `rate` (the stages of `step`,
+    /// `overload` and `soak`).
+    fn constant_stage(&self, rate: f64, seed: u64, progress: bool) -> Stage {
+        Stage {
+            profile: Profile::Constant,
+            peak_per_s: rate,
+            duration: Duration::from_secs(self.seconds),
+            requests_max: self.requests_max,
+            seed,
+            progress,
+        }
+    }
+}
+
 #[derive(Args)]
 struct SeedArgs {
     /// Admin listener of the gateway (loopback).
@@ -391,14 +406,7 @@ async fn soak_run(
     let mut samples = Vec::new();
     let t0 = Instant::now();
     for n in 0..a.samples {
-        let st = Stage {
-            profile: Profile::Constant,
-            peak_per_s: a.rate,
-            duration: Duration::from_secs(a.seconds),
-            requests_max: a.requests_max,
-            seed: a.seed ^ n,
-            progress: false,
-        };
+        let st = a.constant_stage(a.rate, a.seed ^ n, false);
         let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
         conns = back;
         let at_h = t0.elapsed().as_secs_f64() / 3600.0;
@@ -469,14 +477,7 @@ async fn overload_run(
 ) -> anyhow::Result<()> {
     let mut stages = Vec::new();
     for (name, rate) in [("knee", a.rate), ("twice", 2.0 * a.rate), ("after", a.rate)] {
-        let st = Stage {
-            profile: Profile::Constant,
-            peak_per_s: rate,
-            duration: Duration::from_secs(a.seconds),
-            requests_max: a.requests_max,
-            seed: a.seed ^ rate as u64 ^ stages.len() as u64,
-            progress: !a.quiet,
-        };
+        let st = a.constant_stage(rate, a.seed ^ rate as u64 ^ stages.len() as u64, !a.quiet);
         let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
         conns = back;
         let rss = resident_mb(a.admin).await;
@@ -561,14 +562,7 @@ async fn step_search(
     let mut results: Vec<StageResult> = Vec::new();
     let mut curves = Vec::new();
     for rate in plan.rates() {
-        let st = Stage {
-            profile: Profile::Constant,
-            peak_per_s: rate,
-            duration: Duration::from_secs(a.seconds),
-            requests_max: a.requests_max,
-            seed: a.seed ^ rate as u64,
-            progress: false,
-        };
+        let st = a.constant_stage(rate, a.seed ^ rate as u64, false);
         let before = scrape(a.admin).await?;
         let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
         conns = back;

@@ -82,7 +82,7 @@ impl Admin {
                         "the terminal id in the path must be 1 to 64 of A-Za-z0-9._:-",
                     ));
                 }
-                let Some(mut view) = gw.terminals.get(param, now_ms) else {
+                let Some(view) = gw.terminals.get(param, now_ms) else {
                     return Err(ApiError::new(
                         ErrorCode::NotFound,
                         format!("terminal {param} has not connected with a certificate since this gateway started"),
@@ -97,7 +97,6 @@ impl Admin {
                 .flatten()
                 .filter(|k| gw.terminal_blocks.get(k).is_some())
                 .collect();
-                view.terminal = param.to_owned();
                 let mut v = serde_json::to_value(view).expect("plain records serialize");
                 v["blocked_by"] = serde_json::json!(blocked);
                 Ok(ok_json(&v))
