@@ -219,7 +219,7 @@ fn bench_decide(c: &mut Criterion) {
 /// RocksDB read, over a store that already holds 100,000 answers.
 fn bench_idempotency_check(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open(dir.path(), &Default::default()).unwrap();
     let fingerprint = [7u8; 32];
     let answer = idem::encode(
         &fingerprint,
@@ -269,7 +269,7 @@ fn bench_journal(c: &mut Criterion) {
     group.sample_size(20);
     for (durability, name) in [(Durability::Async, "async"), (Durability::Sync, "sync")] {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), &Default::default()).unwrap();
         let journal = Journal::start(store, durability, 2_048, 16_384).unwrap();
         let record = vec![b'x'; 300];
         let answer = vec![b'y'; 120];

@@ -42,11 +42,16 @@ pub struct Second {
     pub decided_p99_ms: f64,
 }
 
-/// The first second from which every second to the end refuses nothing
-/// and keeps its decided p99 within `bound_ms`: how long a gateway took to
-/// be itself again after a flood. `None`: not by the end.
-pub fn recovered_at(seconds: &[Second], bound_ms: f64) -> Option<usize> {
-    let fine = |s: &Second| s.refused == 0 && s.decided_p99_ms <= bound_ms;
+/// The first second from which every second to the end refuses no larger
+/// share of its answers than `refused_share_max` (what the gateway refused
+/// at the same rate before the flood) and keeps its decided p99 within
+/// `bound_ms`: how long a gateway took to be itself again after a flood.
+/// `None`: not by the end.
+pub fn recovered_at(seconds: &[Second], bound_ms: f64, refused_share_max: f64) -> Option<usize> {
+    let fine = |s: &Second| {
+        let answered = (s.decided + s.refused).max(1) as f64;
+        s.refused as f64 / answered <= refused_share_max && s.decided_p99_ms <= bound_ms
+    };
     let bad_tail = seconds.iter().rposition(|s| !fine(s));
     match bad_tail {
         None => Some(0),
@@ -177,8 +182,13 @@ mod tests {
             (&[s(0, 10.0), s(0, 80.0)], None),
         ];
         for (seconds, want) in cases {
-            assert_eq!(recovered_at(seconds, 50.0), *want, "{seconds:?}");
+            assert_eq!(recovered_at(seconds, 50.0, 0.0), *want, "{seconds:?}");
         }
+        // Refusing as much as before the flood (2 of 102 answers) is
+        // normal; more is not.
+        let tail = [s(9, 10.0), s(2, 10.0), s(1, 10.0)];
+        assert_eq!(recovered_at(&tail, 50.0, 0.02), Some(1));
+        assert_eq!(recovered_at(&tail, 50.0, 0.0), None);
     }
 
     #[test]

@@ -178,6 +178,7 @@ pub async fn start_with_clock(
     let mut tasks = Vec::new();
     let admission = Admission::new(&config.limits);
     let front = Arc::new(Front::new(gateway.clone(), admission.clone()));
+    tasks.push(tokio::spawn(admission.clone().watch_lag(stop_rx.clone())));
     tasks.push(tokio::spawn(ingress::run_tls_listener(
         front.clone(),
         terminal,

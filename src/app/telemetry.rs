@@ -204,6 +204,16 @@ fn describe() {
         "Resident memory of the gateway process (read at each scrape)"
     );
     describe_gauge!(
+        "onecard_runtime_lag_seconds",
+        Unit::Seconds,
+        "How late a ready task runs, smoothed over 50 ms: past limits.overload_lag_ms terminals' requests are shed with 503"
+    );
+    describe_gauge!(
+        "onecard_store_memory_bytes",
+        Unit::Bytes,
+        "RocksDB's memory by kind: memtables, table_readers (open files' indexes kept outside the cache), block_cache (read at each scrape)"
+    );
+    describe_gauge!(
         "onecard_process_open_fds",
         "File descriptors the gateway process holds: connections, RocksDB's files (read at each scrape)"
     );

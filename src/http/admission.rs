@@ -1,13 +1,31 @@
 //! Admission: the limits in front of the decision. A connection cap, a cap
-//! on requests in flight and a token bucket per terminal. Every refusal is
-//! immediate (`429` or `503` with `Retry-After`); nothing here queues.
+//! on requests in flight, a token bucket per terminal, and load shedding
+//! when the CPUs are overloaded. Refusals are `429` or `503` with
+//! `Retry-After`. The one wait: a request past the in-flight cap waits up
+//! to [`IN_FLIGHT_WAIT`] for a slot before it is refused, so that a burst
+//! shorter than that (a group commit's requests answered together, a
+//! flush) is absorbed rather than turned into refusals: a refused terminal
+//! stays away a whole second, which costs more goodput than the burst.
+//!
+//! Overload. Past its knee the gateway's queue is not one it owns: the
+//! requests wait in the sockets and in the runtime's run queue for a CPU,
+//! unseen by the in-flight count (which the terminals' connections bound
+//! anyway). What sees that queue is the runtime's *lag*: how late a timer
+//! task that is ready gets to run ([`Admission::watch_lag`]). Past
+//! `limits.overload_lag_ms` a growing share of terminals' requests is
+//! refused with `503` and `Retry-After: 1`, before the body is read; a
+//! terminal that obeys works offline for that second, so each refusal
+//! takes a second of that terminal's load away and a small share refused
+//! is enough. The share ramps from none at the target to all at five times
+//! it, spread evenly over requests, so that the terminals refused do not
+//! all come back in the same instant.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use onecard_core::wire::ErrorCode;
 
@@ -30,6 +48,30 @@ pub struct Admission {
     terminals_tracked_max: usize,
     /// `onecard_requests_in_flight`, resolved once: it moves twice per request.
     in_flight_gauge: metrics::Gauge,
+    /// The runtime's smoothed lag, in microseconds ([`Admission::watch_lag`]).
+    lag_us: AtomicU64,
+    /// `limits.overload_lag_ms` in microseconds; 0: never shed.
+    overload_lag_us: u64,
+    /// Counts requests while shedding, to spread the refusals evenly.
+    shed_seq: AtomicU64,
+}
+
+/// How long a request past the in-flight cap may wait for a slot: the
+/// queueing delay the gateway accepts before it refuses (measured with
+/// `loadtest/overload`, issue 19).
+pub const IN_FLIGHT_WAIT: Duration = Duration::from_millis(10);
+
+/// How often the lag is sampled, and how fast its average forgets.
+const LAG_TICK: Duration = Duration::from_millis(5);
+const LAG_SMOOTHING_S: f64 = 0.05;
+
+/// The share of requests to refuse at `lag_us` with the target `target_us`:
+/// none up to the target, all at five times it, linear between.
+pub fn shed_share(lag_us: u64, target_us: u64) -> f64 {
+    if target_us == 0 || lag_us <= target_us {
+        return 0.0;
+    }
+    ((lag_us - target_us) as f64 / (4 * target_us) as f64).min(1.0)
 }
 
 /// Held while a request is being served.
@@ -60,7 +102,7 @@ impl Drop for ConnectionPermit {
 impl Admission {
     pub fn new(limits: &LimitsConfig) -> Arc<Admission> {
         Arc::new(Admission {
-            in_flight: Arc::new(Semaphore::new(limits.requests_in_flight_max)),
+            in_flight: Arc::new(Semaphore::new(limits.requests_in_flight_cap())),
             connections: AtomicUsize::new(0),
             connections_max: limits.connections_max,
             buckets: DashMap::with_hasher(foldhash::fast::RandomState::default()),
@@ -68,7 +110,60 @@ impl Admission {
             burst: f64::from(limits.terminal_burst),
             terminals_tracked_max: limits.terminals_tracked_max,
             in_flight_gauge: metrics::gauge!("onecard_requests_in_flight"),
+            lag_us: AtomicU64::new(0),
+            overload_lag_us: limits.overload_lag_ms * 1000,
+            shed_seq: AtomicU64::new(0),
         })
+    }
+
+    /// Samples the runtime's lag until `stop`: sleeps [`LAG_TICK`] and
+    /// measures how much later than that it woke (the wait of a ready task
+    /// for a worker, and of the timer and sockets for a worker to poll
+    /// them), averaged over about [`LAG_SMOOTHING_S`] of wall time.
+    pub async fn watch_lag(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let gauge = metrics::gauge!("onecard_runtime_lag_seconds");
+        let mut smoothed_us = 0.0f64;
+        loop {
+            let t = Instant::now();
+            tokio::select! {
+                _ = tokio::time::sleep(LAG_TICK) => {}
+                _ = stop.changed() => return,
+            }
+            let took = t.elapsed();
+            let late_us = took.saturating_sub(LAG_TICK).as_secs_f64() * 1e6;
+            // Weighted by the time the sample covers: one long stall moves
+            // the average as far as many short ticks of the same lag.
+            let w = 1.0 - (-took.as_secs_f64() / LAG_SMOOTHING_S).exp();
+            smoothed_us += (late_us - smoothed_us) * w;
+            self.observe_lag(smoothed_us as u64);
+            gauge.set(smoothed_us / 1e6);
+        }
+    }
+
+    /// Takes the smoothed lag that admission decides on.
+    pub fn observe_lag(&self, smoothed_us: u64) {
+        self.lag_us.store(smoothed_us, Ordering::Relaxed);
+    }
+
+    /// Refuses this request if the gateway is shedding load and it falls
+    /// in the share refused.
+    fn shed(&self) -> Result<(), ApiError> {
+        let share = shed_share(self.lag_us.load(Ordering::Relaxed), self.overload_lag_us);
+        if share == 0.0 {
+            return Ok(());
+        }
+        // A Weyl sequence: successive requests' points are spread evenly
+        // over [0, 1), so exactly `share` of them fall below it.
+        let n = self.shed_seq.fetch_add(1, Ordering::Relaxed);
+        let point = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        if point >= share {
+            return Ok(());
+        }
+        metrics::counter!("onecard_admission_rejected_total", "limit" => "overload").increment(1);
+        Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the gateway is overloaded (its CPUs are busy); work offline and retry after Retry-After",
+        ))
     }
 
     /// A connection slot, or `None` when the gateway is at its connection
@@ -93,14 +188,24 @@ impl Admission {
     }
 
     /// Admits one request of `terminal` at `now`, or says why not.
-    pub fn request(&self, terminal: &str, now: Instant) -> Result<RequestPermit, ApiError> {
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            metrics::counter!("onecard_admission_rejected_total", "limit" => "in_flight")
-                .increment(1);
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the gateway is at its limit of requests in flight; retry shortly",
-            ));
+    pub async fn request(&self, terminal: &str, now: Instant) -> Result<RequestPermit, ApiError> {
+        self.shed()?;
+        let permit = match self.in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let slot = self.in_flight.clone().acquire_owned();
+                match tokio::time::timeout(IN_FLIGHT_WAIT, slot).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        metrics::counter!("onecard_admission_rejected_total", "limit" => "in_flight")
+                            .increment(1);
+                        return Err(ApiError::new(
+                            ErrorCode::Unavailable,
+                            "the gateway is at its limit of requests in flight; work offline and retry after Retry-After",
+                        ));
+                    }
+                }
+            }
         };
         self.in_flight_gauge.increment(1.0);
         let permit = RequestPermit {
@@ -175,32 +280,132 @@ mod tests {
         }
     }
 
-    #[test]
-    fn token_bucket_refills_at_the_rate() {
+    #[tokio::test]
+    async fn token_bucket_refills_at_the_rate() {
         let a = Admission::new(&limits(100, 10, 2));
         let t0 = Instant::now();
-        assert!(a.request("t1", t0).is_ok());
-        assert!(a.request("t1", t0).is_ok());
-        let e = a.request("t1", t0).err().unwrap();
+        assert!(a.request("t1", t0).await.is_ok());
+        assert!(a.request("t1", t0).await.is_ok());
+        let e = a.request("t1", t0).await.err().unwrap();
         assert_eq!(e.code, ErrorCode::RateLimited);
         // Another terminal has its own bucket.
-        assert!(a.request("t2", t0).is_ok());
+        assert!(a.request("t2", t0).await.is_ok());
         // 100 ms at 10/s is one token.
-        assert!(a.request("t1", t0 + Duration::from_millis(100)).is_ok());
-        assert!(a.request("t1", t0 + Duration::from_millis(100)).is_err());
+        assert!(a.request("t1", t0 + Duration::from_millis(100)).await.is_ok());
+        assert!(a.request("t1", t0 + Duration::from_millis(100)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn past_the_in_flight_cap_a_request_waits_briefly_then_is_refused() {
+        let a = Admission::new(&limits(1, 1000, 1000));
+        let t0 = Instant::now();
+        let held = a.request("t1", t0).await.unwrap();
+        let asked = Instant::now();
+        assert_eq!(
+            a.request("t2", t0).await.err().unwrap().code,
+            ErrorCode::Unavailable
+        );
+        assert!(asked.elapsed() >= IN_FLIGHT_WAIT);
+        // A slot freed within the wait is taken.
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(IN_FLIGHT_WAIT / 4).await;
+            drop(held);
+        });
+        assert!(a.request("t2", t0).await.is_ok());
+        release.await.unwrap();
     }
 
     #[test]
-    fn in_flight_cap_answers_unavailable() {
-        let a = Admission::new(&limits(1, 1000, 1000));
-        let t0 = Instant::now();
-        let held = a.request("t1", t0).unwrap();
-        assert_eq!(
-            a.request("t2", t0).err().unwrap().code,
-            ErrorCode::Unavailable
-        );
-        drop(held);
-        assert!(a.request("t2", t0).is_ok());
+    fn the_share_shed_ramps_from_the_target_to_five_times_it() {
+        let ms = 1000;
+        for (lag, target, share) in [
+            (0, 10 * ms, 0.0),
+            (10 * ms, 10 * ms, 0.0),
+            (20 * ms, 10 * ms, 0.25),
+            (30 * ms, 10 * ms, 0.5),
+            (50 * ms, 10 * ms, 1.0),
+            (900 * ms, 10 * ms, 1.0),
+            // Off.
+            (900 * ms, 0, 0.0),
+        ] {
+            assert_eq!(shed_share(lag, target), share, "lag {lag} µs, target {target} µs");
+        }
+    }
+
+    /// Of `n` requests, how many are refused (each as overloaded).
+    async fn refused(a: &Admission, n: usize) -> usize {
+        let mut refused = 0;
+        for _ in 0..n {
+            if let Err(e) = a.request("t1", Instant::now()).await {
+                assert_eq!(e.code, ErrorCode::Unavailable);
+                assert!(e.message.contains("overloaded"), "{}", e.message);
+                refused += 1;
+            }
+        }
+        refused
+    }
+
+    #[tokio::test]
+    async fn a_lagging_runtime_refuses_its_share_evenly_and_recovers() {
+        let a = Admission::new(&LimitsConfig {
+            overload_lag_ms: 10,
+            ..limits(100_000, 1_000_000, 1_000_000)
+        });
+        assert_eq!(refused(&a, 1000).await, 0);
+        // Twice the target: a quarter refused, and any 100 in a row have
+        // about 25 of them (spread, not in bursts).
+        a.observe_lag(20_000);
+        let n = refused(&a, 1000).await;
+        assert!((240..=260).contains(&n), "{n}");
+        let in_a_row = refused(&a, 100).await;
+        assert!((20..=30).contains(&in_a_row), "{in_a_row}");
+        a.observe_lag(60_000);
+        assert_eq!(refused(&a, 1000).await, 1000);
+        a.observe_lag(9_000);
+        assert_eq!(refused(&a, 1000).await, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lag_probe_sees_busy_workers() {
+        let a = Admission::new(&limits(100, 1000, 1000));
+        let (stop, stop_rx) = watch::channel(false);
+        let probe = tokio::spawn(a.clone().watch_lag(stop_rx));
+        // Both workers blocked for 200 ms at a time, as by requests that
+        // need more CPU than there is: the probe wakes that late.
+        let hogs: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn(async {
+                    for _ in 0..3 {
+                        std::thread::sleep(Duration::from_millis(200));
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        let watcher = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let mut seen = 0;
+                while t.elapsed() < Duration::from_millis(500) {
+                    seen = seen.max(a.lag_us.load(Ordering::Relaxed));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                seen
+            })
+        };
+        for h in hogs {
+            h.await.unwrap();
+        }
+        let seen = watcher.join().unwrap();
+        assert!(seen >= 100_000, "lag seen {seen} µs");
+        // Idle again: the average falls back within a second (not to
+        // nothing: other tests share the machine's CPUs).
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let now = a.lag_us.load(Ordering::Relaxed);
+        assert!(now < 50_000, "lag {now} µs after the hogs stopped");
+        stop.send(true).unwrap();
+        probe.await.unwrap();
     }
 
     #[test]

@@ -409,7 +409,7 @@ pub async fn terminal_request(
                     }
                     r
                 }
-                RouteId::Ping => as_json(ping(front, identity, &req)),
+                RouteId::Ping => as_json(ping(front, identity, &req).await),
                 RouteId::OfflineBatch => as_json(offline_batch(front, identity, req).await),
                 RouteId::DenylistSync => match denylist_sync(front, identity, &req).await {
                     Ok(r) => r,
@@ -439,10 +439,14 @@ pub async fn terminal_request(
 /// Admits one request of `terminal`; a refusal is counted for the SRE's
 /// page under its status (`429` for the terminal's rate, `503` for the
 /// gateway's limits).
-fn admit(front: &Front, terminal: &str) -> Result<crate::http::admission::RequestPermit, ApiError> {
+async fn admit(
+    front: &Front,
+    terminal: &str,
+) -> Result<crate::http::admission::RequestPermit, ApiError> {
     front
         .admission
         .request(terminal, Instant::now())
+        .await
         .inspect_err(|e| {
             let status = if e.code == ErrorCode::RateLimited {
                 "429"
@@ -478,9 +482,9 @@ fn terminal_of(identity: TerminalIdentity, req: &Req) -> Result<Arc<str>, ApiErr
 /// `GET /v1/ping`: a terminal checks that the gateway knows it (its
 /// certificate was accepted), reads the gateway's clock and the deny-list
 /// version, and warms its connection, without deciding anything.
-fn ping(front: &Front, identity: TerminalIdentity, req: &Req) -> Result<Vec<u8>, ApiError> {
+async fn ping(front: &Front, identity: TerminalIdentity, req: &Req) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, req)?;
-    let _permit = admit(front, &terminal)?;
+    let _permit = admit(front, &terminal).await?;
     let gw = &front.gw;
     let body = serde_json::json!({
         "terminal_id": &*terminal,
@@ -498,7 +502,7 @@ async fn denylist_sync(
     req: &Req,
 ) -> Result<Response<Body>, ApiError> {
     let terminal = terminal_of(identity, req)?;
-    let _permit = admit(front, &terminal)?;
+    let _permit = admit(front, &terminal).await?;
     let gw = &front.gw;
     let since = crate::service::offline::since_param(req.uri().query())?;
     let inm = req
@@ -531,7 +535,7 @@ async fn offline_batch(
     req: Req,
 ) -> Result<Vec<u8>, ApiError> {
     let terminal = terminal_of(identity, &req)?;
-    let _permit = admit(front, &terminal)?;
+    let _permit = admit(front, &terminal).await?;
     let gw = &front.gw;
     let body = read_json_body(
         req,
@@ -559,7 +563,7 @@ async fn authorize(
     let terminal = terminal_of(identity, &req)?;
     let gw = &front.gw;
     let limits = &gw.config.limits;
-    let _permit = admit(front, &terminal)?;
+    let _permit = admit(front, &terminal).await?;
     let body = read_json_body(
         req,
         limits.body_bytes_max,

@@ -305,6 +305,15 @@ impl Gateway {
     pub fn publish_gauges(&self) {
         let now = self.now_ms();
         crate::service::metrics::publish_process();
+        if let Some(m) = self.store.memory() {
+            for (kind, bytes) in [
+                ("memtables", m.memtables),
+                ("table_readers", m.table_readers),
+                ("block_cache", m.block_cache),
+            ] {
+                metrics::gauge!("onecard_store_memory_bytes", "kind" => kind).set(bytes as f64);
+            }
+        }
         metrics::gauge!("onecard_ready").set(if self.not_ready().is_none() { 1.0 } else { 0.0 });
         let fault = self.journal_fault();
         for f in Fault::ALL {
@@ -422,7 +431,7 @@ fn open_store(config: &Config) -> Result<(Store, u64), StoreError> {
         cf: "data_dir",
         detail: e.to_string(),
     })?;
-    let store = Store::open(&config.data_dir.join("db"))?;
+    let store = Store::open(&config.data_dir.join("db"), &config.store)?;
     let boot = store.get_u64(Cf::Meta, meta::BOOT)?.unwrap_or(0) + 1;
     let mut wo = rocksdb::WriteOptions::default();
     wo.set_sync(true);

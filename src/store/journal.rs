@@ -498,7 +498,7 @@ mod tests {
     #[tokio::test]
     async fn a_commit_with_several_records_numbers_and_indexes_them_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), &Default::default()).unwrap();
         let journal = Journal::start(store.clone(), Durability::Sync, 16, 16).unwrap();
         let journal: &dyn Durable = &journal;
         let one = journal

@@ -41,6 +41,8 @@ use rocksdb::{
     MemtableFactory, Options, SliceTransform, DB,
 };
 
+use crate::config::StoreConfig;
+
 /// The column families (DESIGN.md, "Storage").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cf {
@@ -165,11 +167,25 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    cache: rocksdb::Cache,
+}
+
+/// What RocksDB holds in memory, for `/metrics`: a soak tells a leak from
+/// a cache filling up by these.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreMemory {
+    pub memtables: u64,
+    pub table_readers: u64,
+    pub block_cache: u64,
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, limits: &StoreConfig) -> Result<Store, StoreError> {
+        let mb = 1024 * 1024;
+        let cache = rocksdb::Cache::new_lru_cache(limits.block_cache_mb * mb);
         let mut opts = Options::default();
+        opts.set_max_open_files(i32::try_from(limits.open_files_max).unwrap_or(i32::MAX));
+        opts.set_db_write_buffer_size(limits.memtables_mb * mb);
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(DBCompressionType::Lz4);
@@ -195,17 +211,38 @@ impl Store {
                 });
                 o.set_memtable_prefix_bloom_ratio(0.05);
             }
+            // Every table's index and filter live in the one cache, not
+            // beside it for as long as the file is open: memory stays
+            // within `block_cache_mb` however large the journal grows.
+            // Level 0's are pinned: every lookup of a new key reads them.
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_cache_index_and_filter_blocks_with_high_priority(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             if matches!(cf, Cf::Idem | Cf::Cards | Cf::Denylist | Cf::Creds) {
                 // Point lookups, mostly of keys that are absent (new event
                 // ids): a bloom filter answers those without a disk read.
-                let mut table = BlockBasedOptions::default();
                 table.set_bloom_filter(10.0, false);
-                o.set_block_based_table_factory(&table);
             }
+            o.set_block_based_table_factory(&table);
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(Store {
+            db: Arc::new(db),
+            cache,
+        })
+    }
+
+    /// RocksDB's memory by kind (approximate, as RocksDB counts it).
+    pub fn memory(&self) -> Option<StoreMemory> {
+        let m = rocksdb::perf::get_memory_usage_stats(Some(&[&self.db]), None).ok()?;
+        Some(StoreMemory {
+            memtables: m.mem_table_total,
+            table_readers: m.mem_table_readers_total,
+            block_cache: self.cache.get_usage() as u64,
+        })
     }
 
     pub fn db(&self) -> &DB {

@@ -193,7 +193,7 @@ async fn kill_9_loses_no_acknowledged_approval() {
     );
 
     // The journal: sequence numbers 1..=n, each once, each event once.
-    let store = Store::open(&dir.path().join("data").join("db")).unwrap();
+    let store = Store::open(&dir.path().join("data").join("db"), &Default::default()).unwrap();
     let mut seqs = Vec::new();
     let mut events = BTreeMap::new();
     store

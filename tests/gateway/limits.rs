@@ -606,3 +606,99 @@ async fn curl_over_http2_reads_the_413_of_a_200_kb_body() {
     assert_eq!(v["error"]["code"], "PAYLOAD_TOO_LARGE");
     gw.shutdown().await;
 }
+
+/// Overload: the gateway's CPUs are busier than it can serve (here its two
+/// workers are each blocked 250 ms at a time, as by more requests than
+/// they can take), so its runtime lags; past `limits.overload_lag_ms` a
+/// terminal's request is refused at once with `503 UNAVAILABLE` and
+/// `Retry-After` (it works offline meanwhile), and is served again within
+/// seconds of the lag ending. A tap refused was not decided: its retry is
+/// decided once and then replayed, and what was approved before stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_gateway_sheds_taps_with_503_and_decides_them_after() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let gw = TestGateway::start(|c| c.limits.overload_lag_ms = 40).await;
+    gw.put_card(CARD, json!({"status": "active", "functions": ["transit"]}))
+        .await;
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    let before = t.authorize(&tap("ov-0", CARD, "transit", 100)).await.unwrap();
+    assert_eq!(decision(&before).0, "approve");
+
+    let busy = Arc::new(AtomicBool::new(true));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let busy = busy.clone();
+            tokio::spawn(async move {
+                let t0 = std::time::Instant::now();
+                while busy.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    // The terminal runs on its own thread and runtime: the gateway's are
+    // the ones kept busy.
+    let (certs, addr) = (gw.certs_dir(), gw.terminal_addr());
+    let refused = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut t = crate::common::connect_terminal(&certs, addr, 1, Protocol::Http1).await;
+            for i in 0..100 {
+                let id = format!("ov-{}", i + 1);
+                let a = t.authorize(&tap(&id, CARD, "transit", 100)).await.unwrap();
+                if a.status == http::StatusCode::SERVICE_UNAVAILABLE {
+                    return Some((id, a));
+                }
+            }
+            None
+        })
+    })
+    .join()
+    .unwrap();
+    busy.store(false, Ordering::Relaxed);
+    for h in hogs {
+        h.await.unwrap();
+    }
+    let (id, a) = refused.expect("a tap is shed while the gateway lags");
+    assert_eq!(crate::common::error_code(&a), "UNAVAILABLE");
+    assert_eq!(a.headers.get("retry-after").unwrap(), "1");
+    assert!(
+        a.json()["error"]["message"].as_str().unwrap().contains("overloaded"),
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+
+    // The lag gone, the refused tap is decided within seconds, once.
+    let mut t = gw.terminal(1, Protocol::Http1).await;
+    let t0 = std::time::Instant::now();
+    let decided = loop {
+        let a = t.authorize(&tap(&id, CARD, "transit", 100)).await.unwrap();
+        if a.status == http::StatusCode::OK {
+            break a;
+        }
+        assert_eq!(crate::common::error_code(&a), "UNAVAILABLE");
+        assert!(t0.elapsed() < Duration::from_secs(10), "still shed 10 s after the lag ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(decision(&decided).0, "approve");
+    let again = t.authorize(&tap(&id, CARD, "transit", 100)).await.unwrap();
+    assert_eq!(again.body, decided.body, "a retry is the same decision");
+    let replay = t.authorize(&tap("ov-0", CARD, "transit", 100)).await.unwrap();
+    assert_eq!(replay.body, before.body);
+
+    let m = gw.admin(Method::GET, "/metrics", None).await;
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.lines().any(|l| l.starts_with("onecard_admission_rejected_total{limit=\"overload\"}")),
+        "{text}"
+    );
+    assert!(text.contains("onecard_runtime_lag_seconds "), "{text}");
+    drop(t);
+    gw.shutdown().await;
+}

@@ -34,7 +34,7 @@ pub fn spawn_gateway_full(
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {terminals}\n{terminal}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n{extra}",
+            "data_dir = {:?}\n[terminal]\naddr = \"127.0.0.1:0\"\ndev_certs = true\ndev_terminals = {terminals}\n{terminal}\n[admin]\naddr = \"127.0.0.1:0\"\n[limits]\nterminal_rate_per_s = 100000\nterminal_burst = 100000\n# Tests share two CPUs: another test's load must not shed this one's.\noverload_lag_ms = 0\nrequests_in_flight_max = 4096\n{extra}",
             dir.join("data")
         ),
     )
