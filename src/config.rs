@@ -25,8 +25,8 @@ pub const REQUESTS_IN_FLIGHT_MAX_DEFAULT: usize = 0;
 /// latency is its queue; 32 per CPU keeps that queue near 10 ms at the
 /// knee of a 2-CPU machine (8,000/s here) while leaving room for a group
 /// commit's worth of requests waiting on `fdatasync`. `loadtest/overload`
-/// at twice the knee: 64 bounded the decided p99 at 21–63 ms, where 4096
-/// let it reach 9.7 s (issue 19's note has the runs).
+/// at twice the knee: 64 bounded the decided p99 (21–138 ms over the runs),
+/// where 4096 let it reach 9.7 s (issue 19's note has the runs).
 pub const REQUESTS_IN_FLIGHT_PER_CPU: usize = 32;
 pub const BODY_BYTES_MAX_DEFAULT: usize = 16 * 1024;
 pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;

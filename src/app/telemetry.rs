@@ -204,6 +204,10 @@ fn describe() {
         "Resident memory of the gateway process (read at each scrape)"
     );
     describe_gauge!(
+        "onecard_admission_queue_standing",
+        "1 while the queue for in-flight slots stands (no request of the last 100 ms got its slot within 5 ms): requests past the cap are then refused after 5 ms"
+    );
+    describe_gauge!(
         "onecard_runtime_lag_seconds",
         Unit::Seconds,
         "How late a ready task runs, smoothed over 50 ms: past limits.overload_lag_ms terminals' requests are shed with 503"

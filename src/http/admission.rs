@@ -1,11 +1,17 @@
 //! Admission: the limits in front of the decision. A connection cap, a cap
 //! on requests in flight, a token bucket per terminal, and load shedding
 //! when the CPUs are overloaded. Refusals are `429` or `503` with
-//! `Retry-After`. The one wait: a request past the in-flight cap waits up
-//! to [`IN_FLIGHT_WAIT`] for a slot before it is refused, so that a burst
-//! shorter than that (a group commit's requests answered together, a
-//! flush) is absorbed rather than turned into refusals: a refused terminal
-//! stays away a whole second, which costs more goodput than the burst.
+//! `Retry-After`.
+//!
+//! The one wait: a request past the in-flight cap waits for a slot. A
+//! refused terminal stays away a whole second, so a burst (a slow
+//! `fdatasync` holding a group commit's requests, a flush) must be waited
+//! out, not refused; a queue that stands must be refused at once. Which of
+//! the two it is, is CoDel's test ([`StandingQueue`], as Facebook's servers
+//! use it for admission): while some request of the last
+//! [`QUEUE_INTERVAL`] got its slot within [`QUEUE_TARGET`], a request
+//! waits up to the interval; once none has, the queue stands, and a
+//! request waits only the target before it is refused.
 //!
 //! Overload. Past its knee the gateway's queue is not one it owns: the
 //! requests wait in the sockets and in the runtime's run queue for a CPU,
@@ -20,7 +26,7 @@
 //! it, spread evenly over requests, so that the terminals refused do not
 //! all come back in the same instant.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,12 +60,67 @@ pub struct Admission {
     overload_lag_us: u64,
     /// Counts requests while shedding, to spread the refusals evenly.
     shed_seq: AtomicU64,
+    /// The queue for in-flight slots, and the origin of its clock.
+    queue: StandingQueue,
+    began: Instant,
 }
 
-/// How long a request past the in-flight cap may wait for a slot: the
-/// queueing delay the gateway accepts before it refuses (measured with
-/// `loadtest/overload`, issue 19).
-pub const IN_FLIGHT_WAIT: Duration = Duration::from_millis(10);
+/// The wait for a slot that counts as a queue standing, and the interval
+/// over which the shortest wait is taken (CoDel's defaults, 5 and 100 ms).
+pub const QUEUE_TARGET: Duration = Duration::from_millis(5);
+pub const QUEUE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether the queue for an in-flight slot stands: the shortest wait of the
+/// last interval was longer than the target. Times are microseconds since
+/// the admission began; races between requests only blur an interval's
+/// edge.
+#[derive(Debug)]
+pub struct StandingQueue {
+    interval_start_us: AtomicU64,
+    interval_min_us: AtomicU64,
+    standing: AtomicBool,
+}
+
+impl Default for StandingQueue {
+    fn default() -> Self {
+        StandingQueue {
+            interval_start_us: AtomicU64::new(0),
+            interval_min_us: AtomicU64::new(u64::MAX),
+            standing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl StandingQueue {
+    /// Records that a request at `now_us` waited `waited_us` for its slot
+    /// (0: none; a request refused counts the wait it gave up after).
+    pub fn observe(&self, now_us: u64, waited_us: u64) {
+        self.interval_min_us.fetch_min(waited_us, Ordering::Relaxed);
+        let start = self.interval_start_us.load(Ordering::Relaxed);
+        if now_us.saturating_sub(start) < QUEUE_INTERVAL.as_micros() as u64 {
+            return;
+        }
+        if self
+            .interval_start_us
+            .compare_exchange(start, now_us, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let min = self.interval_min_us.swap(u64::MAX, Ordering::Relaxed);
+            let standing = min > QUEUE_TARGET.as_micros() as u64;
+            self.standing.store(standing, Ordering::Relaxed);
+            metrics::gauge!("onecard_admission_queue_standing").set(if standing { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// How long a request may wait for a slot now.
+    pub fn wait_max(&self) -> Duration {
+        if self.standing.load(Ordering::Relaxed) {
+            QUEUE_TARGET
+        } else {
+            QUEUE_INTERVAL
+        }
+    }
+}
 
 /// How often the lag is sampled, and how fast its average forgets.
 const LAG_TICK: Duration = Duration::from_millis(5);
@@ -113,6 +174,8 @@ impl Admission {
             lag_us: AtomicU64::new(0),
             overload_lag_us: limits.overload_lag_ms * 1000,
             shed_seq: AtomicU64::new(0),
+            queue: StandingQueue::default(),
+            began: Instant::now(),
         })
     }
 
@@ -190,11 +253,20 @@ impl Admission {
     /// Admits one request of `terminal` at `now`, or says why not.
     pub async fn request(&self, terminal: &str, now: Instant) -> Result<RequestPermit, ApiError> {
         self.shed()?;
+        let asked = Instant::now();
+        let at_us = |t: Instant| t.saturating_duration_since(self.began).as_micros() as u64;
         let permit = match self.in_flight.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => {
+                self.queue.observe(at_us(asked), 0);
+                p
+            }
             Err(_) => {
                 let slot = self.in_flight.clone().acquire_owned();
-                match tokio::time::timeout(IN_FLIGHT_WAIT, slot).await {
+                let got = tokio::time::timeout(self.queue.wait_max(), slot).await;
+                let done = Instant::now();
+                self.queue
+                    .observe(at_us(done), done.duration_since(asked).as_micros() as u64);
+                match got {
                     Ok(Ok(p)) => p,
                     _ => {
                         metrics::counter!("onecard_admission_rejected_total", "limit" => "in_flight")
@@ -295,41 +367,61 @@ mod tests {
         assert!(a.request("t1", t0 + Duration::from_millis(100)).await.is_err());
     }
 
+    #[test]
+    fn a_queue_stands_when_no_wait_of_an_interval_was_within_the_target() {
+        let ms = 1000;
+        let q = StandingQueue::default();
+        assert_eq!(q.wait_max(), QUEUE_INTERVAL);
+        // A burst: long waits, but one request of the interval got its
+        // slot at once. Not standing.
+        for (t, waited) in [(10, 30), (20, 40), (60, 0), (90, 50)] {
+            q.observe(t * ms, waited * ms);
+        }
+        q.observe(101 * ms, 30 * ms);
+        assert_eq!(q.wait_max(), QUEUE_INTERVAL);
+        // A whole interval of waits over the target: it stands, and a
+        // request waits only the target.
+        for t in [120, 150, 190] {
+            q.observe(t * ms, 8 * ms);
+        }
+        q.observe(202 * ms, 6 * ms);
+        assert_eq!(q.wait_max(), QUEUE_TARGET);
+        // One request within the target in the next interval ends it.
+        q.observe(250 * ms, 5 * ms);
+        q.observe(303 * ms, 9 * ms);
+        assert_eq!(q.wait_max(), QUEUE_INTERVAL);
+    }
+
     #[tokio::test]
-    async fn past_the_in_flight_cap_a_request_waits_briefly_then_is_refused() {
+    async fn past_the_in_flight_cap_a_request_waits_for_a_slot_then_is_refused() {
         let a = Admission::new(&limits(1, 1000, 1000));
         let t0 = Instant::now();
         let held = a.request("t1", t0).await.unwrap();
+        // No queue yet: a request waits the interval, then is refused.
         let asked = Instant::now();
         assert_eq!(
             a.request("t2", t0).await.err().unwrap().code,
             ErrorCode::Unavailable
         );
-        assert!(asked.elapsed() >= IN_FLIGHT_WAIT);
+        assert!(asked.elapsed() >= QUEUE_INTERVAL);
         // A slot freed within the wait is taken.
         let release = tokio::spawn(async move {
-            tokio::time::sleep(IN_FLIGHT_WAIT / 4).await;
+            tokio::time::sleep(QUEUE_INTERVAL / 4).await;
             drop(held);
         });
         assert!(a.request("t2", t0).await.is_ok());
         release.await.unwrap();
-    }
-
-    #[test]
-    fn the_share_shed_ramps_from_the_target_to_five_times_it() {
-        let ms = 1000;
-        for (lag, target, share) in [
-            (0, 10 * ms, 0.0),
-            (10 * ms, 10 * ms, 0.0),
-            (20 * ms, 10 * ms, 0.25),
-            (30 * ms, 10 * ms, 0.5),
-            (50 * ms, 10 * ms, 1.0),
-            (900 * ms, 10 * ms, 1.0),
-            // Off.
-            (900 * ms, 0, 0.0),
-        ] {
-            assert_eq!(shed_share(lag, target), share, "lag {lag} µs, target {target} µs");
+        // Held for a whole interval and more, with every request waiting
+        // past the target: the queue stands, and the refusal comes after
+        // the target, not the interval.
+        let _held = a.request("t1", t0).await.unwrap();
+        for _ in 0..2 {
+            let _ = a.request("t2", t0).await;
         }
+        assert_eq!(a.queue.wait_max(), QUEUE_TARGET);
+        let asked = Instant::now();
+        assert!(a.request("t2", t0).await.is_err());
+        assert!(asked.elapsed() < QUEUE_INTERVAL, "{:?}", asked.elapsed());
     }
 
     /// Of `n` requests, how many are refused (each as overloaded).
