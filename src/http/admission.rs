@@ -108,7 +108,11 @@ impl StandingQueue {
             let min = self.interval_min_us.swap(u64::MAX, Ordering::Relaxed);
             let standing = min > QUEUE_TARGET.as_micros() as u64;
             self.standing.store(standing, Ordering::Relaxed);
-            metrics::gauge!("onecard_admission_queue_standing").set(if standing { 1.0 } else { 0.0 });
+            metrics::gauge!("onecard_admission_queue_standing").set(if standing {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 
@@ -363,8 +367,14 @@ mod tests {
         // Another terminal has its own bucket.
         assert!(a.request("t2", t0).await.is_ok());
         // 100 ms at 10/s is one token.
-        assert!(a.request("t1", t0 + Duration::from_millis(100)).await.is_ok());
-        assert!(a.request("t1", t0 + Duration::from_millis(100)).await.is_err());
+        assert!(a
+            .request("t1", t0 + Duration::from_millis(100))
+            .await
+            .is_ok());
+        assert!(a
+            .request("t1", t0 + Duration::from_millis(100))
+            .await
+            .is_err());
     }
 
     #[test]

@@ -623,7 +623,10 @@ async fn a_lagging_gateway_sheds_taps_with_503_and_decides_them_after() {
     gw.put_card(CARD, json!({"status": "active", "functions": ["transit"]}))
         .await;
     let mut t = gw.terminal(1, Protocol::Http1).await;
-    let before = t.authorize(&tap("ov-0", CARD, "transit", 100)).await.unwrap();
+    let before = t
+        .authorize(&tap("ov-0", CARD, "transit", 100))
+        .await
+        .unwrap();
     assert_eq!(decision(&before).0, "approve");
 
     let busy = Arc::new(AtomicBool::new(true));
@@ -669,7 +672,10 @@ async fn a_lagging_gateway_sheds_taps_with_503_and_decides_them_after() {
     assert_eq!(crate::common::error_code(&a), "UNAVAILABLE");
     assert_eq!(a.headers.get("retry-after").unwrap(), "1");
     assert!(
-        a.json()["error"]["message"].as_str().unwrap().contains("overloaded"),
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("overloaded"),
         "{}",
         String::from_utf8_lossy(&a.body)
     );
@@ -683,19 +689,26 @@ async fn a_lagging_gateway_sheds_taps_with_503_and_decides_them_after() {
             break a;
         }
         assert_eq!(crate::common::error_code(&a), "UNAVAILABLE");
-        assert!(t0.elapsed() < Duration::from_secs(10), "still shed 10 s after the lag ended");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still shed 10 s after the lag ended"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(decision(&decided).0, "approve");
     let again = t.authorize(&tap(&id, CARD, "transit", 100)).await.unwrap();
     assert_eq!(again.body, decided.body, "a retry is the same decision");
-    let replay = t.authorize(&tap("ov-0", CARD, "transit", 100)).await.unwrap();
+    let replay = t
+        .authorize(&tap("ov-0", CARD, "transit", 100))
+        .await
+        .unwrap();
     assert_eq!(replay.body, before.body);
 
     let m = gw.admin(Method::GET, "/metrics", None).await;
     let text = String::from_utf8_lossy(&m.body);
     assert!(
-        text.lines().any(|l| l.starts_with("onecard_admission_rejected_total{limit=\"overload\"}")),
+        text.lines()
+            .any(|l| l.starts_with("onecard_admission_rejected_total{limit=\"overload\"}")),
         "{text}"
     );
     assert!(text.contains("onecard_runtime_lag_seconds "), "{text}");

@@ -480,8 +480,8 @@ async fn soak_run(
 /// each for `--seconds`: what is decided and how fast (goodput, the
 /// decided answers' p99), what is refused and how fast, the gateway's
 /// memory after each stage, and how many seconds of the last stage pass
-/// before its decided p99 is back within `--p99-bound-ms` with nothing
-/// refused.
+/// before its decided p99 is back within `--p99-bound-ms`, refusing no
+/// more than the knee did.
 async fn overload_run(
     a: &RunArgs,
     target: &Arc<Target>,
