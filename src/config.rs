@@ -21,13 +21,14 @@ pub const ADMIN_ADDR_DEFAULT: &str = "127.0.0.1:9090";
 pub const CONNECTIONS_MAX_DEFAULT: usize = 20_000;
 /// `0`: [`REQUESTS_IN_FLIGHT_PER_CPU`] for each CPU the gateway may use.
 pub const REQUESTS_IN_FLIGHT_MAX_DEFAULT: usize = 0;
-/// Requests in flight per CPU by default. Past its knee the gateway's
-/// latency is its queue; 32 per CPU keeps that queue near 10 ms at the
-/// knee of a 2-CPU machine (8,000/s here) while leaving room for a group
-/// commit's worth of requests waiting on `fdatasync`. `loadtest/overload`
-/// at twice the knee: 64 bounded the decided p99 (21–138 ms over the runs),
-/// where 4096 let it reach 9.7 s (issue 19's note has the runs).
-pub const REQUESTS_IN_FLIGHT_PER_CPU: usize = 32;
+/// Requests in flight per CPU by default: a bound on memory, not the
+/// overload control. Past the knee a 2-CPU gateway's queue is its CPUs'
+/// run queue, which the runtime's lag sees (`overload_lag_ms`); a cap that
+/// bites first refuses in bursts (a slow `fdatasync` holds a group commit's
+/// requests) and cut goodput at twice the knee to 34-86 % of the knee
+/// where 512 per CPU kept it at 100-116 % (`loadtest/overload`, issue 19's
+/// note has the runs).
+pub const REQUESTS_IN_FLIGHT_PER_CPU: usize = 512;
 pub const BODY_BYTES_MAX_DEFAULT: usize = 16 * 1024;
 pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
@@ -36,6 +37,12 @@ pub const TERMINAL_BURST_DEFAULT: u32 = 100;
 pub const TERMINALS_TRACKED_MAX_DEFAULT: usize = 200_000;
 pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 10_000;
 pub const OVERLOAD_LAG_MS_DEFAULT: u64 = 40;
+/// How long a terminal refused by load shedding stays away. Each refusal
+/// takes this many seconds of one terminal's load away, so the longer it
+/// is, the fewer refusals (each costing nearly what a decision costs: the
+/// TLS record, the HTTP head) shed the same excess; 2 s keeps the gateway's
+/// recovery after a flood within seconds.
+pub const OVERLOAD_RETRY_AFTER_S_DEFAULT: u32 = 2;
 pub const JOURNAL_BATCH_EVENTS_MAX_DEFAULT: usize = 2_048;
 pub const JOURNAL_QUEUE_EVENTS_MAX_DEFAULT: usize = 16_384;
 /// A commit waiting this long means a stalled disk: no new decision is
@@ -882,6 +889,8 @@ impl LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
+    /// The `Retry-After` of a request refused by load shedding, seconds.
+    pub overload_retry_after_s: u32,
         LimitsConfig {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX_DEFAULT,
@@ -909,6 +918,7 @@ pub enum Durability {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+            overload_retry_after_s: OVERLOAD_RETRY_AFTER_S_DEFAULT,
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
     pub durability: Durability,
@@ -1199,6 +1209,9 @@ impl Config {
                     "disbursement.programmes.{name}.amount_max_fen must be 1 to {}",
                     onecard_core::wire::AMOUNT_FEN_MAX
                 ));
+        if !(1..=60).contains(&l.overload_retry_after_s) {
+            return bad("limits.overload_retry_after_s must be 1 to 60");
+        }
             }
         }
         // A credit is paid by the payment sink: without one for home

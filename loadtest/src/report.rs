@@ -151,6 +151,9 @@ pub struct Summary {
     pub dropped: u64,
     pub reconnects: u64,
     pub offline: u64,
+    /// How late the generator's own 5 ms timer fired: its CPU starvation,
+    /// which every corrected latency of the stage includes.
+    pub generator_lag: Percentiles,
 }
 
 #[cfg(test)]

@@ -153,7 +153,14 @@ struct Live {
     /// By second of the stage (when answered): decided, refused, and the
     /// decided ones' corrected latencies.
     by_second: Mutex<Vec<(u64, u64, Histogram<u64>)>>,
+    /// How late this generator's own timer runs ([`GENERATOR_TICK`]): the
+    /// part of a corrected latency spent waiting for the generator's CPU,
+    /// not the gateway (they share a machine's CPUs in these runs).
+    lag: Mutex<Histogram<u64>>,
 }
+
+/// The generator's lag probe: a timer of this period, and how late it fires.
+const GENERATOR_TICK: Duration = Duration::from_millis(5);
 
 pub struct Outcome {
     pub summary: Summary,
@@ -214,6 +221,7 @@ pub async fn run_stage(
         admitted: Mutex::new(report::histogram()),
         refused: Mutex::new(report::histogram()),
         by_second: Mutex::new(Vec::new()),
+        lag: Mutex::new(report::histogram()),
     });
     let start = Instant::now() + Duration::from_millis(100);
     let hard_stop = start + stage.duration + GRACE;
@@ -237,6 +245,18 @@ pub async fn run_stage(
         }));
     }
 
+    let lag_probe = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            loop {
+                let t = Instant::now();
+                tokio::time::sleep(GENERATOR_TICK).await;
+                let late = t.elapsed().saturating_sub(GENERATOR_TICK);
+                live.lag.lock().saturating_record(late.as_micros() as u64);
+            }
+        })
+    };
     let progress = stage.progress.then(|| {
         let live = live.clone();
         tokio::spawn(async move {
@@ -290,6 +310,8 @@ pub async fn run_stage(
     if let Some(p) = progress {
         p.abort();
     }
+    lag_probe.abort();
+    let generator_lag = Percentiles::of(&live.lag.lock());
     let summary = Summary {
         profile: format!("{:?}", stage.profile),
         terminals: target.terminals,
@@ -310,6 +332,7 @@ pub async fn run_stage(
         dropped: tally.dropped,
         reconnects: tally.reconnects,
         offline: tally.offline,
+        generator_lag,
     };
     Ok((
         Outcome {

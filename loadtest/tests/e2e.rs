@@ -236,6 +236,9 @@ async fn a_short_soak_samples_memory_files_and_p99_and_gives_their_slopes() {
         "p99_ms_per_hour",
     ] {
         assert!(doc["slopes"][k].as_f64().is_some(), "{k}: {doc}");
+        // Of the last two of the three samples.
+        let late = format!("{k}_second_half");
+        assert!(doc["slopes"][&late].as_f64().is_some(), "{late}: {doc}");
     }
     running.shutdown().await;
 }

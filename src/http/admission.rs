@@ -19,12 +19,18 @@
 //! anyway). What sees that queue is the runtime's *lag*: how late a timer
 //! task that is ready gets to run ([`Admission::watch_lag`]). Past
 //! `limits.overload_lag_ms` a growing share of terminals' requests is
-//! refused with `503` and `Retry-After: 1`, before the body is read; a
-//! terminal that obeys works offline for that second, so each refusal
-//! takes a second of that terminal's load away and a small share refused
-//! is enough. The share ramps from none at the target to all at five times
-//! it, spread evenly over requests, so that the terminals refused do not
-//! all come back in the same instant.
+//! refused with `503` and `Retry-After` (`limits.overload_retry_after_s`,
+//! 2 s), before the body is read; a terminal that obeys works offline for
+//! that long, so each refusal takes seconds of that terminal's load away
+//! and a small share refused is enough (a refusal costs nearly what a
+//! decision does: its TLS record and head are read all the same). The
+//! share ramps from none at the target to all at five times it, spread
+//! evenly over requests, so that the terminals refused do not all come
+//! back in the same instant. This, not the in-flight cap, is the overload
+//! control: the cap is a bound on memory, set well above what the knee
+//! keeps in flight, because a cap that bites refuses in bursts (a group
+//! commit's requests held by one slow `fdatasync`) and cost a quarter of the
+//! goodput at twice the knee or more (`loadtest/overload`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -58,6 +64,8 @@ pub struct Admission {
     lag_us: AtomicU64,
     /// `limits.overload_lag_ms` in microseconds; 0: never shed.
     overload_lag_us: u64,
+    /// `limits.overload_retry_after_s`.
+    overload_retry_after_s: u32,
     /// Counts requests while shedding, to spread the refusals evenly.
     shed_seq: AtomicU64,
     /// The queue for in-flight slots, and the origin of its clock.
@@ -177,6 +185,7 @@ impl Admission {
             in_flight_gauge: metrics::gauge!("onecard_requests_in_flight"),
             lag_us: AtomicU64::new(0),
             overload_lag_us: limits.overload_lag_ms * 1000,
+            overload_retry_after_s: limits.overload_retry_after_s,
             shed_seq: AtomicU64::new(0),
             queue: StandingQueue::default(),
             began: Instant::now(),
@@ -230,7 +239,8 @@ impl Admission {
         Err(ApiError::new(
             ErrorCode::Unavailable,
             "the gateway is overloaded (its CPUs are busy); work offline and retry after Retry-After",
-        ))
+        )
+        .retry_after(self.overload_retry_after_s))
     }
 
     /// A connection slot, or `None` when the gateway is at its connection
@@ -441,6 +451,8 @@ mod tests {
             if let Err(e) = a.request("t1", Instant::now()).await {
                 assert_eq!(e.code, ErrorCode::Unavailable);
                 assert!(e.message.contains("overloaded"), "{}", e.message);
+                // Shed terminals stay away longer than the usual second.
+                assert_eq!(e.retry_after_header(), Some(2));
                 refused += 1;
             }
         }

@@ -19,6 +19,9 @@ use crate::service::error::ServiceError;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// `Retry-After` in seconds where it is not the code's usual one
+    /// ([`retry_after_s`]): load shedding asks for longer.
+    pub retry_after_s: Option<u32>,
 }
 
 /// The HTTP status of each stable code.
@@ -49,7 +52,19 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after_s: None,
         }
+    }
+
+    /// This refusal with `Retry-After: seconds` (at least 1).
+    pub fn retry_after(mut self, seconds: u32) -> ApiError {
+        self.retry_after_s = Some(seconds.max(1));
+        self
+    }
+
+    /// The `Retry-After` this error is answered with, if any.
+    pub fn retry_after_header(&self) -> Option<u32> {
+        retry_after_s(self.code).map(|usual| self.retry_after_s.unwrap_or(usual))
     }
     pub fn invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::InvalidRequest, message)

@@ -201,7 +201,7 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 
 pub fn error_response(e: &ApiError) -> Response<Body> {
     let mut r = json_response(e.status(), e.body());
-    if let Some(s) = crate::http::error::retry_after_s(e.code) {
+    if let Some(s) = e.retry_after_header() {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
     }
     r

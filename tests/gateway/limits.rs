@@ -670,7 +670,8 @@ async fn a_lagging_gateway_sheds_taps_with_503_and_decides_them_after() {
     }
     let (id, a) = refused.expect("a tap is shed while the gateway lags");
     assert_eq!(crate::common::error_code(&a), "UNAVAILABLE");
-    assert_eq!(a.headers.get("retry-after").unwrap(), "1");
+    // `limits.overload_retry_after_s`: a shed terminal stays away 2 s.
+    assert_eq!(a.headers.get("retry-after").unwrap(), "2");
     assert!(
         a.json()["error"]["message"]
             .as_str()

@@ -458,16 +458,24 @@ async fn soak_run(
     ] {
         let (xs, ys) = col(k);
         let sl = report::slope(&xs, &ys);
+        // The second half alone: caches fill during the first (RocksDB's
+        // block cache and memtables grow towards `[store]`'s bounds), so a
+        // bounded process is flat there, where a leak keeps its slope.
+        let half = xs.len() / 2;
+        let late = report::slope(&xs[half..], &ys[half..]);
         let mean = ys.iter().sum::<f64>() / ys.len().max(1) as f64;
+        let per_h = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:+.2} {unit}"));
         println!(
-            "slope of {k}: {} per hour (mean {mean:.1} {unit}, {} samples, {} terminals, {:?}, {:.0}/s)",
-            sl.map_or("?".to_owned(), |v| format!("{v:+.2} {unit}")),
+            "slope of {k}: {} per hour, second half {} per hour (mean {mean:.1} {unit}, {} samples, {} terminals, {:?}, {:.0}/s)",
+            per_h(sl),
+            per_h(late),
             ys.len(),
             a.terminals,
             protocol,
             a.rate
         );
         slopes.insert(format!("{k}_per_hour"), json!(sl));
+        slopes.insert(format!("{k}_per_hour_second_half"), json!(late));
     }
     if let Some(path) = &a.json {
         let doc = json!({"samples": samples, "slopes": slopes, "rate_per_s": a.rate, "terminals": a.terminals});
@@ -497,7 +505,7 @@ async fn overload_run(
         let rss = resident_mb(a.admin).await;
         let s = &o.summary;
         println!(
-            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB",
+            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB, generator lag p99 {:.1} ms",
             s.offered_per_s,
             s.decided_per_s,
             s.decided.p99_ms,
@@ -507,6 +515,7 @@ async fn overload_run(
             s.errors,
             s.dropped,
             rss.map_or("?".to_owned(), |m| format!("{m:.0}")),
+            s.generator_lag.p99_ms,
         );
         stages.push((name, o, rss));
     }
