@@ -109,6 +109,8 @@ pub struct Config {
     pub medical: onecard_core::scenario::medical::MedicalConfig,
     pub regions: onecard_core::scenario::region::RegionsConfig,
     pub disbursement: DisbursementConfig,
+    pub applications: ApplicationsConfig,
+    pub catalogue: onecard_core::catalogue::Catalogue,
     pub log: LogConfig,
     /// Cluster mode on NATS JetStream; absent: the single node on its own
     /// RocksDB journal.
@@ -683,6 +685,8 @@ impl Default for Config {
             medical: Default::default(),
             regions: Default::default(),
             disbursement: DisbursementConfig::default(),
+            applications: ApplicationsConfig::default(),
+            catalogue: onecard_core::catalogue::Catalogue::default(),
             log: LogConfig::default(),
             cluster: None,
         }
@@ -766,6 +770,16 @@ pub enum Role {
     /// Terminal trust: blocks and unblocks terminal certificates, reloads
     /// the TLS certificates and CRLs; changes no card.
     Security,
+    /// A service hall's or partner bank branch's counter: files card
+    /// applications, takes them through production and pickup, issues
+    /// cards (printing them on the spot, too), finds a resident's
+    /// applications; changes nothing else.
+    Counter,
+    /// The resident's own channel (the city's app, a partner province's
+    /// service): files `online` and `partner_province` applications and
+    /// answers a resident's "where is my card?" by application id and the
+    /// last four ID digits; sees nothing else.
+    Channel,
 }
 
 impl Role {
@@ -774,6 +788,8 @@ impl Role {
             Role::Operator => "operator",
             Role::Agent => "agent",
             Role::Security => "security",
+            Role::Counter => "counter",
+            Role::Channel => "channel",
         }
     }
 }
@@ -873,6 +889,8 @@ pub struct LimitsConfig {
     /// smoothed) past which terminals' requests start to be refused, more
     /// of them the further past; 0 turns it off. See `http::admission`.
     pub overload_lag_ms: u64,
+    /// The `Retry-After` of a request refused by load shedding, seconds.
+    pub overload_retry_after_s: u32,
 }
 
 impl LimitsConfig {
@@ -889,8 +907,6 @@ impl LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-    /// The `Retry-After` of a request refused by load shedding, seconds.
-    pub overload_retry_after_s: u32,
         LimitsConfig {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX_DEFAULT,
@@ -902,6 +918,7 @@ impl Default for LimitsConfig {
             terminals_tracked_max: TERMINALS_TRACKED_MAX_DEFAULT,
             shutdown_grace_ms: SHUTDOWN_GRACE_MS_DEFAULT,
             overload_lag_ms: OVERLOAD_LAG_MS_DEFAULT,
+            overload_retry_after_s: OVERLOAD_RETRY_AFTER_S_DEFAULT,
         }
     }
 }
@@ -918,7 +935,6 @@ pub enum Durability {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-            overload_retry_after_s: OVERLOAD_RETRY_AFTER_S_DEFAULT,
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
     pub durability: Durability,
@@ -967,6 +983,67 @@ impl Default for StoreConfig {
             block_cache_mb: STORE_BLOCK_CACHE_MB_DEFAULT,
             memtables_mb: STORE_MEMTABLES_MB_DEFAULT,
             open_files_max: STORE_OPEN_FILES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// `[applications]`: card applications at service halls, bank branches,
+/// online and through partner provinces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplicationsConfig {
+    /// From this age a new card gets the `elderly` concession.
+    pub elderly_age: u32,
+    /// The service promise per channel, in days: an application that has
+    /// waited in one state longer than its channel's promise is on the
+    /// overdue list (`GET /admin/v1/applications/overdue`).
+    pub promise_days: PromiseDays,
+    /// Wrong last-four-digit answers to the resident's status query an
+    /// application takes per hour before it refuses every query for the
+    /// rest of the hour (`429`): four digits must not be guessable.
+    pub status_misses_per_hour: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromiseDays {
+    pub service_hall: u32,
+    pub bank_branch: u32,
+    pub online: u32,
+    pub partner_province: u32,
+}
+
+impl Default for PromiseDays {
+    fn default() -> Self {
+        // Printed at the counter or produced centrally and sent to the
+        // branch: a working week; a partner province's post takes longer.
+        PromiseDays {
+            service_hall: 7,
+            bank_branch: 7,
+            online: 10,
+            partner_province: 15,
+        }
+    }
+}
+
+impl PromiseDays {
+    pub fn of(&self, channel: onecard_core::application::Channel) -> u32 {
+        use onecard_core::application::Channel;
+        match channel {
+            Channel::ServiceHall => self.service_hall,
+            Channel::BankBranch => self.bank_branch,
+            Channel::Online => self.online,
+            Channel::PartnerProvince => self.partner_province,
+        }
+    }
+}
+
+impl Default for ApplicationsConfig {
+    fn default() -> Self {
+        ApplicationsConfig {
+            elderly_age: 60,
+            promise_days: PromiseDays::default(),
+            status_misses_per_hour: 5,
         }
     }
 }
@@ -1132,6 +1209,9 @@ impl Config {
         if l.overload_lag_ms > 10_000 {
             return bad("limits.overload_lag_ms must be 0 (off) to 10000");
         }
+        if !(1..=60).contains(&l.overload_retry_after_s) {
+            return bad("limits.overload_retry_after_s must be 1 to 60");
+        }
         if l.header_read_timeout_ms == 0 || l.idle_timeout_ms == 0 {
             return bad("limits.header_read_timeout_ms and idle_timeout_ms must be at least 1");
         }
@@ -1186,6 +1266,23 @@ impl Config {
         if self.offline.future_skew_s < 0 {
             return bad("offline.future_skew_s must not be negative");
         }
+        self.catalogue
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.0))?;
+        let a = &self.applications;
+        if !(1..=150).contains(&a.elderly_age) {
+            return bad("applications.elderly_age must be 1 to 150");
+        }
+        let p = &a.promise_days;
+        if [p.service_hall, p.bank_branch, p.online, p.partner_province]
+            .iter()
+            .any(|d| !(1..=365).contains(d))
+        {
+            return bad("applications.promise_days: each channel's promise must be 1 to 365 days");
+        }
+        if !(1..=100).contains(&a.status_misses_per_hour) {
+            return bad("applications.status_misses_per_hour must be 1 to 100");
+        }
         self.validate_disbursement()
     }
 
@@ -1209,9 +1306,6 @@ impl Config {
                     "disbursement.programmes.{name}.amount_max_fen must be 1 to {}",
                     onecard_core::wire::AMOUNT_FEN_MAX
                 ));
-        if !(1..=60).contains(&l.overload_retry_after_s) {
-            return bad("limits.overload_retry_after_s must be 1 to 60");
-        }
             }
         }
         // A credit is paid by the payment sink: without one for home

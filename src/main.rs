@@ -452,6 +452,9 @@ async fn serve(config: Config, run_demo: bool) -> anyhow::Result<()> {
             if let Err(e) = demo::scenarios(addrs.admin, addrs.terminal, &certs_dir, &token).await {
                 eprintln!("scenarios demo failed: {e:#}");
             }
+            if let Err(e) = demo::applications(addrs.admin, addrs.terminal, &certs_dir).await {
+                eprintln!("applications demo failed: {e:#}");
+            }
         }
         println!(
             "onecard: demo done; still serving. Ctrl-C (SIGINT) or SIGTERM stops the gateway."

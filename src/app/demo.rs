@@ -288,6 +288,8 @@ pub fn dev_qr_keys(keys: &[crate::config::QrKeyConfig]) -> Option<Vec<(PathBuf, 
 }
 /// The dev hotline agent's token (config/dev.toml).
 pub const DEV_AGENT_TOKEN: &str = "dev-agent-token-0001";
+/// The service hall counter's token of config/dev.toml.
+pub const DEV_COUNTER_TOKEN: &str = "dev-counter-token-0001";
 
 /// Credentials and card life, shown: a resident's two codes (Ed25519 and
 /// SM2) scanned, a replayed and an expired code refused, a loss reported
@@ -756,5 +758,155 @@ pub async fn scenarios(
             o["code"].as_str().unwrap_or(""),
         );
     }
+    Ok(())
+}
+
+/// A personal ID number born on `born` (`YYYYMMDD`) in district 500118,
+/// with sequence `seq` and its check character: a new resident per run.
+fn demo_personal_id(born: &str, seq: u32) -> String {
+    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    let body = format!("500118{born}{:03}", seq % 1000);
+    let sum: u32 = body
+        .bytes()
+        .zip(WEIGHTS)
+        .map(|(d, w)| u32::from(d - b'0') * w)
+        .sum();
+    let check = b"10X98765432"[(sum % 11) as usize] as char;
+    format!("{body}{check}")
+}
+
+/// A card application and a complaint, shown: an elderly resident's
+/// application, filed at a service hall by her son as proxy together with
+/// another business, taken through production to pickup by the counter,
+/// found by the hotline, the card riding the bus free with the elderly
+/// concession; then a complaint on that ride, sent to the transit bureau
+/// and closed with an explanation. New residents and cards per run.
+pub async fn applications(
+    admin: SocketAddr,
+    terminal: SocketAddr,
+    certs_dir: &Path,
+) -> anyhow::Result<()> {
+    let stamp = onecard_core::time::wall_ms();
+    let elder = demo_personal_id("19510318", (stamp % 997) as u32);
+    let son = demo_personal_id("19800101", (stamp % 991) as u32);
+    let card = format!("500118G{:09}", stamp % 1_000_000_000);
+    let call = |token: &'static str, method: Method, path: String, body: serde_json::Value| async move {
+        let body = (!body.is_null()).then_some(body);
+        let a = client::admin(admin, Some(token), method, &path, body.as_ref()).await?;
+        anyhow::ensure!(
+            a.status == StatusCode::OK,
+            "{path}: {} {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+        Ok::<_, anyhow::Error>(a.json())
+    };
+    let filed = call(
+        DEV_COUNTER_TOKEN,
+        Method::POST,
+        "/admin/v1/applications".into(),
+        json!({
+            "request_id": format!("demo-hall/{stamp}"),
+            "personal_id": elder, "name": "王秀英",
+            "channel": "service_hall", "place": "Yuzhong service hall",
+            "with_business": "pension certification",
+            "functions": ["transit", "medical"],
+            "proxy": {"personal_id": son, "relation": "child"},
+        }),
+    )
+    .await?;
+    let id = filed["id"].as_str().unwrap_or("").to_owned();
+    println!(
+        "demo: son files a card application for his mother ({}, {}) at a service hall -> {id} {}, priority {}, concessions {}",
+        filed["id_masked"].as_str().unwrap_or("-"),
+        filed["name_masked"].as_str().unwrap_or("-"),
+        filed["state"].as_str().unwrap_or("-"),
+        filed["priority"].as_str().unwrap_or("-"),
+        filed["concessions"]
+    );
+    let steps = format!("/admin/v1/applications/{id}/steps");
+    for body in [
+        json!({"step": "approve"}),
+        json!({"step": "produce", "card_no": card}),
+        json!({"step": "ready_for_pickup", "branch": "Jiefangbei branch"}),
+    ] {
+        call(DEV_COUNTER_TOKEN, Method::POST, steps.clone(), body).await?;
+    }
+    let found = call(
+        DEV_AGENT_TOKEN,
+        Method::POST,
+        "/admin/v1/applications/find".into(),
+        json!({"personal_id": elder}),
+    )
+    .await?;
+    println!(
+        "demo: the hotline finds it by her ID number -> {} at {}",
+        found["applications"][0]["state"].as_str().unwrap_or("-"),
+        found["applications"][0]["pickup_branch"]
+            .as_str()
+            .unwrap_or("-"),
+    );
+    let issued = call(
+        DEV_COUNTER_TOKEN,
+        Method::POST,
+        steps,
+        json!({"step": "issue"}),
+    )
+    .await?;
+    println!(
+        "demo: picked up -> {}, card {} active; history: {}",
+        issued["state"].as_str().unwrap_or("-"),
+        mask_card_no(&card),
+        issued["history"]
+            .as_array()
+            .map(|h| h
+                .iter()
+                .filter_map(|c| c["step"].as_str())
+                .collect::<Vec<_>>()
+                .join(" -> "))
+            .unwrap_or_default()
+    );
+    let mut conn = client::connect_terminal(terminal, Some(certs_dir), 1, Protocol::Http1).await?;
+    let at = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let a = conn
+        .authorize(&json!({
+            "event_id": format!("demo-app-{stamp}"), "kind": "tap", "card_no": card,
+            "scenario": "transit", "site": "line-12", "occurred_at": at,
+        }))
+        .await?;
+    let ride = a.json();
+    show("her new card on bus line-12 (elderly)", &ride);
+
+    // Her son calls the hotline, sure she was charged: a complaint on
+    // that ride goes to the transit bureau, and is closed with the
+    // explanation the ride's record gives.
+    let filed = call(
+        DEV_AGENT_TOKEN,
+        Method::POST,
+        "/admin/v1/complaints".into(),
+        json!({
+            "request_id": format!("demo-12345/{stamp}"), "card_no": card,
+            "auth_id": ride["auth_id"], "category": "wrong_charge",
+            "says": "thinks the bus charged her",
+        }),
+    )
+    .await?;
+    let cid = filed["id"].as_str().unwrap_or("").to_owned();
+    let closed = call(
+        DEV_AGENT_TOKEN,
+        Method::POST,
+        format!("/admin/v1/complaints/{cid}/close"),
+        json!({"outcome": "explanation", "note": "elderly ride free: the ride charged 0 fen"}),
+    )
+    .await?;
+    println!(
+        "demo: complaint {cid} on that ride -> unit {}, transaction charged {} fen, settlement {} -> closed: {}",
+        filed["unit"].as_str().unwrap_or("-"),
+        filed["transaction"]["charged_fen"],
+        filed["transaction_now"]["settlement"].as_str().unwrap_or("-"),
+        closed["closing"]["outcome"].as_str().unwrap_or("-"),
+    );
     Ok(())
 }

@@ -149,6 +149,9 @@ pub async fn start_with_clock(
             Gateway::open_cluster(config, clock, cluster).await?
         }
     });
+    // Open complaints per unit, for their gauges (read once here, then
+    // counted again at every filing and closing).
+    gateway.count_open_complaints_blocking()?;
     let config = &gateway.config;
     // The terminal listener's trust: its certificate, the terminal CA,
     // the CRLs, and the block list kept in the store. Expiry gauges are

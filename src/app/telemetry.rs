@@ -187,6 +187,34 @@ fn describe() {
         "Card-life changes by op (report_loss, lift_loss, freeze, unfreeze, cancel, replace)"
     );
     describe_counter!(
+        "onecard_applications_total",
+        "Card applications filed and their steps, by channel and step (submit, approve, produce, ready_for_pickup, issue, instant_issue, reject, withdraw)"
+    );
+    describe_gauge!(
+        "onecard_applications_overdue",
+        "Card applications waiting in one state longer than their channel's service promise, as last listed"
+    );
+    describe_counter!(
+        "onecard_application_status_misses_total",
+        "Residents' application status queries with the wrong last four ID digits"
+    );
+    describe_counter!(
+        "onecard_complaints_total",
+        "Complaints filed, by category (wrong_charge, card_refused, lost_card, service)"
+    );
+    describe_counter!(
+        "onecard_complaints_closed_total",
+        "Complaints closed, by outcome (refund, explanation, referral)"
+    );
+    describe_gauge!(
+        "onecard_complaints_open",
+        "Open complaints per responsible unit ([catalogue])"
+    );
+    describe_gauge!(
+        "onecard_complaints_oldest_open_time_seconds",
+        "When the oldest open complaint of a unit was filed (Unix seconds; 0: none open)"
+    );
+    describe_counter!(
         "onecard_offline_events_total",
         "Offline validator events uploaded, by result (accepted, duplicate, rejected)"
     );

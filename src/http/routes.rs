@@ -82,6 +82,20 @@ pub enum RouteId {
     TerminalGet,
     TlsGet,
     TlsReload,
+    /// Card applications: filed, looked at, moved a step, found by the
+    /// holder's personal ID, listed when overdue; the resident's status.
+    ApplicationPost,
+    ApplicationGet,
+    ApplicationStep,
+    ApplicationFind,
+    ApplicationsOverdue,
+    ApplicationStatus,
+    /// Complaints: filed, listed, looked at, noted, closed.
+    ComplaintPost,
+    Complaints,
+    ComplaintGet,
+    ComplaintNote,
+    ComplaintClose,
 }
 
 /// Who may call a route.
@@ -95,6 +109,13 @@ pub enum Access {
     Operator,
     /// A `security` or `operator` token: terminal trust.
     Security,
+    /// A `counter` or `operator` token: card applications' steps.
+    Counter,
+    /// A `counter`, `agent` or `operator` token: finding applications.
+    Desk,
+    /// Any of those or a `channel` token (the resident's own channel):
+    /// filing an application, its status by id and ID digits.
+    Resident,
 }
 
 pub struct Route {
@@ -332,6 +353,83 @@ pub const ROUTES: &[Route] = &[
         "/v1/offline-batch",
         RouteId::OfflineBatch,
         Access::Open,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/applications",
+        RouteId::ApplicationPost,
+        Access::Resident,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/applications/find",
+        RouteId::ApplicationFind,
+        Access::Desk,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/applications/overdue",
+        RouteId::ApplicationsOverdue,
+        Access::Desk,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/applications/{id}",
+        RouteId::ApplicationGet,
+        Access::Desk,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/applications/{id}/steps",
+        RouteId::ApplicationStep,
+        Access::Counter,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/applications/{id}/status",
+        RouteId::ApplicationStatus,
+        Access::Resident,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/complaints",
+        RouteId::ComplaintPost,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/complaints",
+        RouteId::Complaints,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/complaints/{id}",
+        RouteId::ComplaintGet,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/complaints/{id}/notes",
+        RouteId::ComplaintNote,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::POST,
+        "/admin/v1/complaints/{id}/close",
+        RouteId::ComplaintClose,
+        Access::Agent,
     ),
     route(
         Listener::Admin,

@@ -60,6 +60,17 @@ impl Actor {
     }
 }
 
+/// A card application's issuance riding on a card change: the holder it
+/// is for, what the new card carries, and the application's writes.
+#[derive(Debug, Clone)]
+pub(crate) struct Issue {
+    /// The applicant's keyed ID hash.
+    pub holder: String,
+    pub functions: Vec<onecard_core::model::Function>,
+    pub concessions: Vec<onecard_core::model::Concession>,
+    pub ops: Vec<Op>,
+}
+
 /// The answer to a card-life change.
 #[derive(Debug, Serialize)]
 pub struct LifeAnswer {
@@ -265,7 +276,23 @@ impl Gateway {
         new: &CardNo,
         now_ms: i64,
     ) -> Result<LifeAnswer, ServiceError> {
-        self.retrying(|| self.replace_card_once(actor, old, new, now_ms))
+        self.retrying(|| self.replace_card_once(actor, old, new, None, now_ms))
+            .await
+    }
+
+    /// [`Gateway::replace_card`] for a card application's issuance: the
+    /// new card gets the application's functions and concessions (besides
+    /// the old card's own), the old card must be the applicant's, and the
+    /// application's record is written in the same commit.
+    pub(crate) async fn replace_card_issuing(
+        &self,
+        actor: &Actor,
+        old: &CardNo,
+        new: &CardNo,
+        issue: &Issue,
+        now_ms: i64,
+    ) -> Result<LifeAnswer, ServiceError> {
+        self.retrying(|| self.replace_card_once(actor, old, new, Some(issue), now_ms))
             .await
     }
 
@@ -274,6 +301,7 @@ impl Gateway {
         actor: &Actor,
         old: &CardNo,
         new: &CardNo,
+        issue: Option<&Issue>,
         now_ms: i64,
     ) -> Result<LifeAnswer, ServiceError> {
         if old == new {
@@ -284,6 +312,14 @@ impl Gateway {
         let _life = self.life.lock().await;
         let _serial = self.deny.serial().await;
         let old_profile = profiles::profile_async(&self.store, old).await?;
+        if let Some(issue) = issue {
+            if old_profile.holder.as_deref() != Some(issue.holder.as_str()) {
+                return Err(conflict(
+                    old,
+                    "the card is not registered to the applicant; only its holder may replace it",
+                ));
+            }
+        }
         // The holder's current card, read before the cards' locks (no
         // await under them); card-life changes, the only writers of it,
         // are serialized by `life`.
@@ -315,9 +351,27 @@ impl Gateway {
             let changes: Vec<_> = deny_change(old, deny).into_iter().collect();
             let mut plan = self.deny.plan(&changes, now_ms);
             let mut ops = std::mem::take(&mut plan.ops);
-            let new_card = Card {
-                status: CardStatus::Active,
-                ..card
+            let new_card = match issue {
+                None => Card {
+                    status: CardStatus::Active,
+                    ..card
+                },
+                Some(issue) => {
+                    // The old card's own concessions, and the application's.
+                    let mut concessions = card.concession_list();
+                    for c in &issue.concessions {
+                        if !concessions.contains(c) {
+                            concessions.push(*c);
+                        }
+                    }
+                    let fresh = Card::new(CardStatus::Active, &issue.functions, &concessions);
+                    Card {
+                        status: CardStatus::Active,
+                        functions: fresh.functions,
+                        concessions: fresh.concessions,
+                        ..card
+                    }
+                }
             };
             let old_card = Card {
                 status: CardStatus::Cancelled,
@@ -386,6 +440,9 @@ impl Gateway {
                 self.audit
                     .op(&actor.entry("replace", Some(old), Some(detail), now_ms)),
             );
+            if let Some(issue) = issue {
+                ops.extend(issue.ops.iter().cloned());
+            }
             let pending = self
                 .journal
                 .submit(Commit::new(None, ops))

@@ -48,6 +48,9 @@ pub enum ServiceError {
     /// retrying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// Asked too often (the message says what and until when).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 fn commit_message(e: CommitError) -> &'static str {
@@ -106,6 +109,7 @@ impl ServiceError {
             ServiceError::Store(_) | ServiceError::Commit(_) | ServiceError::Unavailable(_) => {
                 ErrorCode::Unavailable
             }
+            ServiceError::RateLimited(_) => ErrorCode::RateLimited,
         }
     }
 

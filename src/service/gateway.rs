@@ -125,6 +125,15 @@ pub struct Gateway {
     pub terminals: Arc<crate::service::terminals::Terminals>,
     /// When this gateway started (ms since the epoch).
     pub started_at_ms: i64,
+    /// Serializes changes to card applications (each reads, then writes).
+    pub applications_lock: tokio::sync::Mutex<()>,
+    /// Per application id: the hour (since the epoch) and the wrong
+    /// last-four-digit answers to its status query within it.
+    pub application_misses: dashmap::DashMap<String, (i64, u32)>,
+    /// Serializes changes to complaints.
+    pub complaints_lock: tokio::sync::Mutex<()>,
+    /// Open complaints per unit (count, oldest filed ms), as last counted.
+    pub complaints_open: dashmap::DashMap<String, (u64, i64)>,
 }
 
 impl Gateway {
@@ -278,6 +287,10 @@ impl Gateway {
             stats: crate::service::stats::Stats::new(),
             terminals: Arc::default(),
             started_at_ms: clock.now_ms(),
+            applications_lock: tokio::sync::Mutex::new(()),
+            application_misses: dashmap::DashMap::new(),
+            complaints_lock: tokio::sync::Mutex::new(()),
+            complaints_open: dashmap::DashMap::new(),
             scanner,
             audit,
             life: tokio::sync::Mutex::new(()),

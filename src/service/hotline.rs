@@ -240,7 +240,7 @@ impl Gateway {
     /// `w.limit`, and whether there are more. Reads the index backwards
     /// and stops as soon as it can: a busy card's old history is not read.
     #[allow(clippy::type_complexity)]
-    fn card_records(
+    pub(crate) fn card_records(
         &self,
         card: &CardNo,
         w: Window,
@@ -293,10 +293,20 @@ impl Gateway {
 
     /// Where journal record `seq` stands in settlement.
     fn settlement_state(&self, seq: u64, r: &DecisionRecord) -> Result<&'static str, StoreError> {
+        self.settlement_of(seq, r).map(|(state, _)| state)
+    }
+
+    /// Where journal record `seq` stands in settlement, and the id of the
+    /// stored batch that holds it (sent or parked).
+    pub(crate) fn settlement_of(
+        &self,
+        seq: u64,
+        r: &DecisionRecord,
+    ) -> Result<(&'static str, Option<String>), StoreError> {
         let settles =
             matches!(r.decision.as_str(), "approve" | "reverse" | "credit") && r.charged_fen > 0;
         let Some(scenario) = r.scenario.filter(|_| settles) else {
-            return Ok("none");
+            return Ok(("none", None));
         };
         // The sink settlement gives it to: its scenario's, and of those the
         // one whose cards it is (a partner region's card goes to the
@@ -307,7 +317,7 @@ impl Gateway {
                     .takes(&r.card_no)
         });
         let Some(sink) = sink else {
-            return Ok("unsettled");
+            return Ok(("unsettled", None));
         };
         // The durable cursor: it moves in the same write that stores a
         // sealed batch, so a record before it is in a stored batch (sent or
@@ -321,14 +331,14 @@ impl Gateway {
             .get_u64(Cf::Settle, &settle::cursor_key(&sink.name))?
             .unwrap_or(0);
         if seq >= cursor {
-            return Ok("pending");
+            return Ok(("pending", None));
         }
-        if settle::holding(&self.store, &settle::batch_prefix(&sink.name), seq)?.is_some() {
-            return Ok("sent");
+        if let Some(b) = settle::holding(&self.store, &settle::batch_prefix(&sink.name), seq)? {
+            return Ok(("sent", Some(b.id)));
         }
-        if settle::holding(&self.store, &settle::parked_prefix(&sink.name), seq)?.is_some() {
-            return Ok("parked");
+        if let Some(b) = settle::holding(&self.store, &settle::parked_prefix(&sink.name), seq)? {
+            return Ok(("parked", Some(b.id)));
         }
-        Ok("acknowledged")
+        Ok(("acknowledged", None))
     }
 }

@@ -3,8 +3,10 @@
 //! scan, hold, capture, void, reverse) runs the same named phases of
 //! [`pipeline`]; the rules themselves are the core crate's.
 
+pub mod applications;
 pub mod authorize;
 pub mod cardlife;
+pub mod complaints;
 pub mod credential;
 pub mod disburse;
 pub mod error;

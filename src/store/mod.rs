@@ -10,7 +10,8 @@
 //! - the tables, each in memory for the hot path (lock-free reads, a lock
 //!   per writer) and in its column family: [`cards`], [`denylist`],
 //!   [`venues`], [`allow`], [`partners`], [`profiles`]; and the records
-//!   kept only on disk: [`idem`] (stored answers), [`holds`], [`audit`].
+//!   kept only on disk: [`idem`] (stored answers), [`holds`], [`audit`],
+//!   [`applications`], [`complaints`].
 //!
 //! Memory is a cache of disk: rebuilt from RocksDB at start; every change
 //! reaches disk through a [`durable::Commit`] and memory once that commit
@@ -19,8 +20,10 @@
 //! services above it.
 
 pub mod allow;
+pub mod applications;
 pub mod audit;
 pub mod cards;
+pub mod complaints;
 pub mod crashpoint;
 pub mod denylist;
 pub mod durable;
@@ -96,10 +99,16 @@ pub enum Cf {
     /// `serial:<hex>` or `sha256:<hex>` → a blocked terminal certificate
     /// (JSON: terminal, reason, who, when).
     TerminalBlocks,
+    /// card applications: `a/<id>` → the application and its changes
+    /// (JSON); `p/<applicant hash>/<id>` → empty, by applicant.
+    Applications,
+    /// complaints: `c/<id>` → the complaint, its transaction and every
+    /// step (JSON). Never deleted.
+    Complaints,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 19] = [
+    pub const ALL: [Cf; 21] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -119,6 +128,8 @@ impl Cf {
         Cf::Disburse,
         Cf::Holds,
         Cf::TerminalBlocks,
+        Cf::Applications,
+        Cf::Complaints,
     ];
 
     pub fn name(self) -> &'static str {
@@ -142,6 +153,8 @@ impl Cf {
             Cf::Disburse => "disburse",
             Cf::Holds => "holds",
             Cf::TerminalBlocks => "terminal_blocks",
+            Cf::Applications => "applications",
+            Cf::Complaints => "complaints",
         }
     }
 }
@@ -362,6 +375,59 @@ impl Store {
             None => Ok(None),
             Some(item) => Ok(Some(item?.0)),
         }
+    }
+}
+
+/// An id derived from a client's request id, so that a retried request
+/// finds the record it made: `tag` and 20 upper-case hexadecimal digits of
+/// the SHA-256 of `domain`, a NUL and the request id.
+pub fn derived_id(tag: &str, domain: &str, request_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{domain}\0{request_id}").as_bytes());
+    let mut id = String::from(tag);
+    id.push_str(&onecard_core::hex::encode(&digest[..10]).to_ascii_uppercase());
+    id
+}
+
+/// Whether `s` has the shape of a [`derived_id`] with `tag`.
+pub fn is_derived_id(tag: &str, s: &str) -> bool {
+    s.len() == tag.len() + 20
+        && s.starts_with(tag)
+        && s[tag.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+impl Store {
+    /// The JSON records under `prefix` of `cf` for which `keep` holds, in
+    /// key order, at most `max`; a record that does not decode is an error.
+    pub fn scan_json<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        max: usize,
+        mut keep: impl FnMut(&T) -> bool,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        let mut bad = false;
+        self.scan(cf, prefix, |k, v| {
+            if !k.starts_with(prefix) {
+                return false;
+            }
+            match serde_json::from_slice::<T>(v) {
+                Ok(t) if keep(&t) => out.push(t),
+                Ok(_) => {}
+                Err(_) => bad = true,
+            }
+            !bad && out.len() < max
+        })?;
+        if bad {
+            return Err(StoreError::Corrupt {
+                cf: cf.name(),
+                detail: "a record does not decode".into(),
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -7,10 +7,12 @@
 
 mod common;
 
+mod applications;
 mod authorize;
 mod cardlife;
 mod cli;
 mod cluster;
+mod complaints;
 mod credentials;
 mod dashboard;
 mod disburse;

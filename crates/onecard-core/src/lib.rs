@@ -15,6 +15,9 @@
 //! - [`cardlife`]: card-life transitions; [`holds`]: capture and void of a
 //!   medical hold; [`disburse`]: disbursement batches and their rules;
 //!   [`qr`]: signed QR codes (verification and issuing);
+//!   [`application`]: card applications' states and steps, a new card's
+//!   concessions; [`catalogue`]: the unit that answers for each scenario
+//!   and site; [`complaint`]: complaints' categories and how one closes;
 //! - [`settle`]: settlement batches ([`settle::batch`]), backoff and the
 //!   circuit breaker ([`settle::retry`]), batch signatures
 //!   ([`settle::sign`]);
@@ -54,8 +57,11 @@ impl From<&str> for Invalid {
     }
 }
 
+pub mod application;
 pub mod authz;
 pub mod cardlife;
+pub mod catalogue;
+pub mod complaint;
 pub mod deny;
 pub mod disburse;
 pub mod hex;

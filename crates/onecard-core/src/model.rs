@@ -203,6 +203,7 @@ macro_rules! string_enum {
         }
     };
 }
+pub(crate) use string_enum;
 
 string_enum!(
     /// Where a card is used; each scenario has its own rules in the config.

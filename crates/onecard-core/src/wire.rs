@@ -276,7 +276,7 @@ pub fn card_fields(m: &Map<String, Value>) -> Result<Card, Invalid> {
 }
 
 /// An optional array of enum names; duplicates are folded.
-fn enum_list<T: PartialEq + Copy>(
+pub fn enum_list<T: PartialEq + Copy>(
     m: &Map<String, Value>,
     field: &str,
     parse: fn(&str) -> Option<T>,

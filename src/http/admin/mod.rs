@@ -5,6 +5,8 @@
 //! very next authorization: it goes through the journal writer and then into
 //! the in-memory tables the hot path reads.
 
+mod applications;
+mod complaints;
 mod dashboard;
 mod scenes;
 mod trust;
@@ -194,6 +196,21 @@ impl Admin {
                 matches!(p.role, Role::Security | Role::Operator),
                 "a security or operator token",
             ),
+            Access::Counter => (
+                matches!(p.role, Role::Counter | Role::Operator),
+                "a counter or operator token",
+            ),
+            Access::Desk => (
+                matches!(p.role, Role::Counter | Role::Agent | Role::Operator),
+                "a counter, agent or operator token",
+            ),
+            Access::Resident => (
+                matches!(
+                    p.role,
+                    Role::Channel | Role::Counter | Role::Agent | Role::Operator
+                ),
+                "a channel, counter, agent or operator token",
+            ),
         };
         if !allowed {
             return Err(ApiError::new(
@@ -311,6 +328,17 @@ impl Admin {
             | RouteId::TerminalGet
             | RouteId::TlsGet
             | RouteId::TlsReload => self.trust(id, param, req, actor(), now).await,
+            RouteId::ApplicationPost
+            | RouteId::ApplicationGet
+            | RouteId::ApplicationStep
+            | RouteId::ApplicationFind
+            | RouteId::ApplicationsOverdue
+            | RouteId::ApplicationStatus => self.applications(id, param, req, actor(), now).await,
+            RouteId::ComplaintPost
+            | RouteId::Complaints
+            | RouteId::ComplaintGet
+            | RouteId::ComplaintNote
+            | RouteId::ComplaintClose => self.complaints(id, param, req, actor(), now).await,
             RouteId::Stats => {
                 let window = stats_window(req.uri().query())?;
                 Ok(ok_json(&self.gateway.stats.window(window)))
