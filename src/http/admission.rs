@@ -412,6 +412,27 @@ mod tests {
         assert_eq!(q.wait_max(), QUEUE_INTERVAL);
     }
 
+    #[test]
+    fn the_share_shed_ramps_from_the_target_to_five_times_it() {
+        let ms = 1000;
+        for (lag, target, share) in [
+            (0, 10 * ms, 0.0),
+            (10 * ms, 10 * ms, 0.0),
+            (20 * ms, 10 * ms, 0.25),
+            (30 * ms, 10 * ms, 0.5),
+            (50 * ms, 10 * ms, 1.0),
+            (900 * ms, 10 * ms, 1.0),
+            // Off.
+            (900 * ms, 0, 0.0),
+        ] {
+            assert_eq!(
+                shed_share(lag, target),
+                share,
+                "lag {lag} µs, target {target} µs"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn past_the_in_flight_cap_a_request_waits_for_a_slot_then_is_refused() {
         let a = Admission::new(&limits(1, 1000, 1000));

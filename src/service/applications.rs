@@ -33,9 +33,6 @@ use crate::store::applications::{self as apps, Application, Change, Proxy, OVERD
 use crate::store::durable::{Commit, Op};
 use crate::store::{cards, profiles, Cf};
 
-/// A place (hall, branch, channel) or a business filed with: 1 to 64
-/// characters, none of them control characters.
-pub const TEXT_CHARS_MAX: usize = 64;
 /// Wrong-digit counters kept at most (one per application asked about
 /// within the hour).
 const MISSES_TRACKED_MAX: usize = 100_000;
@@ -123,12 +120,6 @@ pub fn shown(a: &Application) -> serde_json::Value {
         }
     }
     v
-}
-
-/// 1 to 64 characters without control characters.
-pub fn valid_text(s: &str) -> bool {
-    let n = s.chars().count();
-    (1..=TEXT_CHARS_MAX).contains(&n) && !s.chars().any(char::is_control)
 }
 
 fn unknown(id: &str) -> ServiceError {
@@ -560,14 +551,9 @@ impl Gateway {
             tokio::task::spawn_blocking(move || -> Result<Vec<Application>, ServiceError> {
                 let mut out = Vec::new();
                 for id in apps::ids_of(&store, &hash)? {
-                    if let Some(v) = store.get(Cf::Applications, &apps::record_key(&id))? {
-                        out.push(serde_json::from_slice::<Application>(&v).map_err(|_| {
-                            crate::store::StoreError::Corrupt {
-                                cf: "applications",
-                                detail: "a record does not decode".into(),
-                            }
-                        })?);
-                    }
+                    out.extend(
+                        store.get_json::<Application>(Cf::Applications, &apps::record_key(&id))?,
+                    );
                 }
                 Ok(out)
             })

@@ -23,15 +23,13 @@ use crate::service::gateway::Gateway;
 use crate::service::hotline::Window;
 use crate::store::complaints::{self as kept, Closing, Complaint, Step, TxRef, LISTED_MAX};
 use crate::store::durable::{Commit, Op};
-use crate::store::{profiles, Cf};
+use crate::store::Cf;
 
 /// What a resident says, as written down: 1 to 500 characters.
 pub const SAYS_CHARS_MAX: usize = 500;
 /// A card's records searched for the transaction complained about, newest
 /// first, at most (its replaced cards' too).
 pub const SEARCHED_MAX: usize = 1_000;
-/// Cards of a replacement chain followed at most.
-const CHAIN_MAX: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Filing {
@@ -108,15 +106,7 @@ impl Gateway {
     /// The card's records, its predecessors' too, newest first, at most
     /// [`SEARCHED_MAX`].
     async fn records_of(&self, card: &CardNo) -> Result<Vec<(u64, DecisionRecord)>, ServiceError> {
-        let mut chain = vec![card.clone()];
-        while chain.len() < CHAIN_MAX {
-            let last = chain.last().expect("never empty");
-            let p = profiles::profile_async(&self.store, last).await?;
-            match p.replaces.and_then(|c| CardNo::parse(c.as_str()).ok()) {
-                Some(prev) if !chain.contains(&prev) => chain.push(prev),
-                _ => break,
-            }
-        }
+        let chain = self.card_chain(card).await?;
         let w = Window {
             from_ms: i64::MIN,
             to_ms: i64::MAX,

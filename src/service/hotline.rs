@@ -146,16 +146,7 @@ impl Gateway {
                 "card {card_no} is not known"
             )));
         }
-        // The card and the cards it replaced, newest first.
-        let mut chain = vec![card_no.clone()];
-        while chain.len() < CHAIN_MAX {
-            let last = chain.last().expect("never empty");
-            let p = profiles::profile_async(&self.store, last).await?;
-            match p.replaces.and_then(|c| CardNo::parse(&c).ok()) {
-                Some(prev) if !chain.contains(&prev) => chain.push(prev),
-                _ => break,
-            }
-        }
+        let chain = self.card_chain(card_no).await?;
         let mut found: Vec<(u64, CardNo, DecisionRecord)> = Vec::new();
         let mut more = false;
         for card in &chain {
@@ -212,6 +203,22 @@ impl Gateway {
             transactions,
             more,
         })
+    }
+
+    /// The card and the cards it replaced, newest first (at most
+    /// [`CHAIN_MAX`]): a resident with a new card still sees what the
+    /// lost one did.
+    pub(crate) async fn card_chain(&self, card_no: &CardNo) -> Result<Vec<CardNo>, StoreError> {
+        let mut chain = vec![card_no.clone()];
+        while chain.len() < CHAIN_MAX {
+            let last = chain.last().expect("never empty");
+            let p = profiles::profile_async(&self.store, last).await?;
+            match p.replaces.and_then(|c| CardNo::parse(&c).ok()) {
+                Some(prev) if !chain.contains(&prev) => chain.push(prev),
+                _ => break,
+            }
+        }
+        Ok(chain)
     }
 
     async fn audit_lookup(

@@ -106,11 +106,6 @@ pub fn application_id(request_id: &str) -> String {
     crate::store::derived_id("AP", "onecard-application", request_id)
 }
 
-/// Whether `s` has the shape of an application id.
-pub fn valid_application_id(s: &str) -> bool {
-    crate::store::is_derived_id("AP", s)
-}
-
 pub fn record_key(id: &str) -> Vec<u8> {
     format!("a/{id}").into_bytes()
 }
@@ -119,27 +114,13 @@ pub fn person_key(applicant: &str, id: &str) -> Vec<u8> {
     format!("p/{applicant}/{id}").into_bytes()
 }
 
-fn corrupt() -> StoreError {
-    StoreError::Corrupt {
-        cf: "applications",
-        detail: "a record does not decode".into(),
-    }
-}
-
 pub fn encode(a: &Application) -> Vec<u8> {
     serde_json::to_vec(a).expect("plain records always serialize")
 }
 
-fn decode(v: &[u8]) -> Result<Application, StoreError> {
-    serde_json::from_slice(v).map_err(|_| corrupt())
-}
-
 /// The application `id`, if there is one.
 pub async fn get(store: &Store, id: &str) -> Result<Option<Application>, StoreError> {
-    match store.read(Cf::Applications, &record_key(id)).await? {
-        None => Ok(None),
-        Some(v) => decode(&v).map(Some),
-    }
+    store.read_json(Cf::Applications, &record_key(id)).await
 }
 
 /// The ids of the applications of one applicant (hashed ID), at most
@@ -175,8 +156,8 @@ mod tests {
         let a = application_id("counter-7/2026-12-07/0001");
         assert_eq!(a, application_id("counter-7/2026-12-07/0001"));
         assert_ne!(a, application_id("counter-7/2026-12-07/0002"));
-        assert!(valid_application_id(&a), "{a}");
-        assert!(!valid_application_id("AP12"));
-        assert!(!valid_application_id(&a.to_ascii_lowercase()));
+        assert!(crate::store::is_derived_id("AP", &a), "{a}");
+        assert!(!crate::store::is_derived_id("AP", "AP12"));
+        assert!(!crate::store::is_derived_id("AP", &a.to_ascii_lowercase()));
     }
 }

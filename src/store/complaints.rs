@@ -96,10 +96,6 @@ pub fn complaint_id(request_id: &str) -> String {
     crate::store::derived_id("CP", "onecard-complaint", request_id)
 }
 
-pub fn valid_complaint_id(s: &str) -> bool {
-    crate::store::is_derived_id("CP", s)
-}
-
 pub fn key(id: &str) -> Vec<u8> {
     format!("c/{id}").into_bytes()
 }
@@ -108,18 +104,8 @@ pub fn encode(c: &Complaint) -> Vec<u8> {
     serde_json::to_vec(c).expect("plain records always serialize")
 }
 
-fn corrupt() -> StoreError {
-    StoreError::Corrupt {
-        cf: "complaints",
-        detail: "a record does not decode".into(),
-    }
-}
-
 pub async fn get(store: &Store, id: &str) -> Result<Option<Complaint>, StoreError> {
-    match store.read(Cf::Complaints, &key(id)).await? {
-        None => Ok(None),
-        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|_| corrupt()),
-    }
+    store.read_json(Cf::Complaints, &key(id)).await
 }
 
 /// Every complaint for which `keep` holds, at most `max`.
@@ -139,7 +125,7 @@ mod tests {
     fn ids_are_stable_per_request_and_shaped() {
         let a = complaint_id("12345/2026-12-07/0042");
         assert_eq!(a, complaint_id("12345/2026-12-07/0042"));
-        assert!(valid_complaint_id(&a), "{a}");
-        assert!(!valid_complaint_id("AP00000000000000000000"));
+        assert!(crate::store::is_derived_id("CP", &a), "{a}");
+        assert!(!crate::store::is_derived_id("CP", "AP00000000000000000000"));
     }
 }

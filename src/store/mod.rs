@@ -412,6 +412,28 @@ pub fn is_derived_id(tag: &str, s: &str) -> bool {
 }
 
 impl Store {
+    /// The JSON record at `key` of `cf`, if any; one that does not decode
+    /// is an error.
+    pub fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.get(cf, key)?.map(|v| decode_json(cf, &v)).transpose()
+    }
+
+    /// [`Store::get_json`] for async code ([`Store::read`]).
+    pub async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.read(cf, key)
+            .await?
+            .map(|v| decode_json(cf, &v))
+            .transpose()
+    }
+
     /// The JSON records under `prefix` of `cf` for which `keep` holds, in
     /// key order, at most `max`; a record that does not decode is an error.
     pub fn scan_json<T: serde::de::DeserializeOwned>(
@@ -422,26 +444,30 @@ impl Store {
         mut keep: impl FnMut(&T) -> bool,
     ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
-        let mut bad = false;
+        let mut bad = None;
         self.scan(cf, prefix, |k, v| {
             if !k.starts_with(prefix) {
                 return false;
             }
-            match serde_json::from_slice::<T>(v) {
+            match decode_json::<T>(cf, v) {
                 Ok(t) if keep(&t) => out.push(t),
                 Ok(_) => {}
-                Err(_) => bad = true,
+                Err(e) => bad = Some(e),
             }
-            !bad && out.len() < max
+            bad.is_none() && out.len() < max
         })?;
-        if bad {
-            return Err(StoreError::Corrupt {
-                cf: cf.name(),
-                detail: "a record does not decode".into(),
-            });
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(out),
         }
-        Ok(out)
     }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(cf: Cf, v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt {
+        cf: cf.name(),
+        detail: "a record does not decode".into(),
+    })
 }
 
 pub fn decode_u64(v: &[u8]) -> Option<u64> {

@@ -14,30 +14,16 @@ use onecard_core::model::Function;
 use onecard_core::privacy;
 use onecard_core::wire;
 
-use super::{completed, ok_json, Admin};
+use super::{completed, derived_id_param, ok_json, one_line, request_id, Admin};
 use crate::http::error::ApiError;
 use crate::http::ingress::{Body, Req};
 use crate::http::routes::RouteId;
-use crate::service::applications::{valid_text, ProxyInput, StepInput, Submission};
+use crate::service::applications::{ProxyInput, StepInput, Submission};
 use crate::service::cardlife::Actor;
 use crate::service::error::ServiceError;
-use crate::store::applications::valid_application_id;
-
-/// A counter's request id: 1 to 64 of `A-Za-z0-9._:/-`.
-fn valid_request_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
-}
 
 fn text(m: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
-    match wire::opt_str(m, field)? {
-        None => Ok(None),
-        Some(s) if valid_text(s.trim()) => Ok(Some(s.trim().to_owned())),
-        Some(_) => Err(ApiError::invalid(format!(
-            "`{field}` must be 1 to 64 characters without control characters"
-        ))),
-    }
+    one_line(m, field, 64)
 }
 
 fn one_of<T>(
@@ -93,12 +79,7 @@ fn submission(m: &Map<String, Value>) -> Result<Submission, ApiError> {
             "instant_card_no",
         ],
     )?;
-    let request_id = wire::req_str(m, "request_id")?;
-    if !valid_request_id(request_id) {
-        return Err(ApiError::invalid(
-            "`request_id` must be 1 to 64 of A-Za-z0-9._:/- (the counter's own id of this request)",
-        ));
-    }
+    let request_id = request_id(m)?;
     let kind = one_of(m, "kind", AppKind::parse, AppKind::expected)?.unwrap_or(AppKind::New);
     let channel = one_of(m, "channel", Channel::parse, Channel::expected)?
         .ok_or_else(|| ApiError::invalid("missing field `channel`"))?;
@@ -137,7 +118,7 @@ fn submission(m: &Map<String, Value>) -> Result<Submission, ApiError> {
         Some(_) => return Err(ApiError::invalid("`proxy` must be an object")),
     };
     Ok(Submission {
-        request_id: request_id.to_owned(),
+        request_id,
         kind,
         personal_id: wire::req_str(m, "personal_id")?.to_owned(),
         name_masked: name(m)?,
@@ -183,15 +164,7 @@ impl Admin {
         now_ms: i64,
     ) -> Result<Response<Body>, ApiError> {
         let gw = self.gateway.clone();
-        let id = || -> Result<String, ApiError> {
-            if valid_application_id(param) {
-                Ok(param.to_owned())
-            } else {
-                Err(ApiError::invalid(
-                    "the application id in the path must be AP and 20 hexadecimal digits (upper case)",
-                ))
-            }
-        };
+        let id = || derived_id_param(param, "AP", "application");
         match route {
             RouteId::ApplicationPost => {
                 let s = submission(&self.body(req).await?)?;
@@ -208,20 +181,7 @@ impl Admin {
                 let input = StepInput {
                     card_no: card(&m, "card_no")?,
                     branch: text(&m, "branch")?,
-                    note: match wire::opt_str(&m, "note")? {
-                        None => None,
-                        Some(n)
-                            if (1..=200).contains(&n.trim().chars().count())
-                                && !n.chars().any(char::is_control) =>
-                        {
-                            Some(n.trim().to_owned())
-                        }
-                        Some(_) => {
-                            return Err(ApiError::invalid(
-                                "`note` must be 1 to 200 characters on one line",
-                            ))
-                        }
-                    },
+                    note: one_line(&m, "note", 200)?,
                 };
                 let view = completed(async move {
                     gw.application_step(&actor, &id, step, input, now_ms).await
@@ -282,6 +242,7 @@ mod tests {
 
     #[test]
     fn request_ids_and_last_four_digits() {
+        use super::super::valid_request_id;
         assert!(valid_request_id("hall-7/2026-12-07/0001"));
         assert!(!valid_request_id(""));
         assert!(!valid_request_id("a b"));

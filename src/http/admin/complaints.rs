@@ -9,44 +9,15 @@ use serde_json::{Map, Value};
 use onecard_core::complaint::{Category, ComplaintState, Outcome};
 use onecard_core::wire;
 
-use super::{completed, ok_json, Admin};
+use super::{completed, derived_id_param, ok_json, one_line, request_id, Admin};
 use crate::http::error::ApiError;
 use crate::http::ingress::{Body, Req};
 use crate::http::routes::RouteId;
 use crate::service::cardlife::Actor;
 use crate::service::complaints::{CloseInput, Filing, SAYS_CHARS_MAX};
-use crate::store::complaints::valid_complaint_id;
-
-/// Text on one line: 1 to `max` characters, no control characters.
-fn line(m: &Map<String, Value>, field: &str, max: usize) -> Result<Option<String>, ApiError> {
-    match wire::opt_str(m, field)? {
-        None => Ok(None),
-        Some(s) => {
-            let s = s.trim();
-            let n = s.chars().count();
-            if (1..=max).contains(&n) && !s.chars().any(char::is_control) {
-                Ok(Some(s.to_owned()))
-            } else {
-                Err(ApiError::invalid(format!(
-                    "`{field}` must be 1 to {max} characters on one line"
-                )))
-            }
-        }
-    }
-}
 
 fn filing(m: &Map<String, Value>) -> Result<Filing, ApiError> {
     wire::reject_unknown(m, &["request_id", "card_no", "auth_id", "category", "says"])?;
-    let request_id = wire::req_str(m, "request_id")?;
-    if !(1..=64).contains(&request_id.len())
-        || !request_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
-    {
-        return Err(ApiError::invalid(
-            "`request_id` must be 1 to 64 of A-Za-z0-9._:/- (the agent's own id of this request)",
-        ));
-    }
     let category = wire::req_str(m, "category")?;
     let category = Category::parse(category).ok_or_else(|| {
         ApiError::invalid(format!(
@@ -67,11 +38,11 @@ fn filing(m: &Map<String, Value>) -> Result<Filing, ApiError> {
         ));
     }
     Ok(Filing {
-        request_id: request_id.to_owned(),
+        request_id: request_id(m)?,
         card_no: wire::card_no_field("card_no", wire::req_str(m, "card_no")?)?,
         auth_id: auth_id.map(str::to_owned),
         category,
-        says: line(m, "says", SAYS_CHARS_MAX)?
+        says: one_line(m, "says", SAYS_CHARS_MAX)?
             .ok_or_else(|| ApiError::invalid("missing field `says`: what the resident says"))?,
     })
 }
@@ -140,15 +111,7 @@ impl Admin {
         now_ms: i64,
     ) -> Result<Response<Body>, ApiError> {
         let gw = self.gateway.clone();
-        let id = || -> Result<String, ApiError> {
-            if valid_complaint_id(param) {
-                Ok(param.to_owned())
-            } else {
-                Err(ApiError::invalid(
-                    "the complaint id in the path must be CP and 20 hexadecimal digits (upper case)",
-                ))
-            }
-        };
+        let id = || derived_id_param(param, "CP", "complaint");
         match route {
             RouteId::ComplaintPost => {
                 let f = filing(&self.body(req).await?)?;
@@ -165,7 +128,7 @@ impl Admin {
                 let id = id()?;
                 let m = self.body(req).await?;
                 wire::reject_unknown(&m, &["note"])?;
-                let note = line(&m, "note", SAYS_CHARS_MAX)?
+                let note = one_line(&m, "note", SAYS_CHARS_MAX)?
                     .ok_or_else(|| ApiError::invalid("missing field `note`"))?;
                 let v =
                     completed(async move { gw.complaint_note(&actor, &id, note, now_ms).await })
@@ -181,10 +144,10 @@ impl Admin {
                 })?;
                 let input = CloseInput {
                     outcome,
-                    note: line(&m, "note", SAYS_CHARS_MAX)?.ok_or_else(|| {
+                    note: one_line(&m, "note", SAYS_CHARS_MAX)?.ok_or_else(|| {
                         ApiError::invalid("missing field `note`: what the resident is told")
                     })?,
-                    referred_to: line(&m, "referred_to", 64)?,
+                    referred_to: one_line(&m, "referred_to", 64)?,
                 };
                 if outcome == Outcome::Referral && input.referred_to.is_none() {
                     return Err(ApiError::invalid(

@@ -834,6 +834,60 @@ async fn completed<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
     }
 }
 
+/// An optional text field on one line: 1 to `max` characters once
+/// trimmed, no control characters.
+fn one_line(
+    m: &serde_json::Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<Option<String>, ApiError> {
+    match wire::opt_str(m, field)? {
+        None => Ok(None),
+        Some(s) => {
+            let s = s.trim();
+            let n = s.chars().count();
+            if (1..=max).contains(&n) && !s.chars().any(char::is_control) {
+                Ok(Some(s.to_owned()))
+            } else {
+                Err(ApiError::invalid(format!(
+                    "`{field}` must be 1 to {max} characters on one line"
+                )))
+            }
+        }
+    }
+}
+
+/// A caller's own id of its request: 1 to 64 of `A-Za-z0-9._:/-`.
+fn valid_request_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
+}
+
+/// `request_id`, which the record a filing makes takes its id from, so
+/// that a retry finds it.
+fn request_id(m: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    let id = wire::req_str(m, "request_id")?;
+    if !valid_request_id(id) {
+        return Err(ApiError::invalid(
+            "`request_id` must be 1 to 64 of A-Za-z0-9._:/- (the caller's own id of this request)",
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// A record's id in the path: `tag` and 20 upper-case hexadecimal digits
+/// ([`crate::store::derived_id`]).
+fn derived_id_param(param: &str, tag: &str, what: &str) -> Result<String, ApiError> {
+    if crate::store::is_derived_id(tag, param) {
+        Ok(param.to_owned())
+    } else {
+        Err(ApiError::invalid(format!(
+            "the {what} id in the path must be {tag} and 20 hexadecimal digits (upper case)"
+        )))
+    }
+}
+
 fn unreadable(e: crate::store::StoreError) -> ApiError {
     tracing::error!(error = %e, "storage read failed");
     ApiError::new(ErrorCode::Unavailable, "the store cannot be read; retry")
