@@ -775,12 +775,13 @@ fn demo_personal_id(born: &str, seq: u32) -> String {
     format!("{body}{check}")
 }
 
-/// A card application and a complaint, shown: an elderly resident's
-/// application, filed at a service hall by her son as proxy together with
-/// another business, taken through production to pickup by the counter,
-/// found by the hotline, the card riding the bus free with the elderly
-/// concession; then a complaint on that ride, sent to the transit bureau
-/// and closed with an explanation. New residents and cards per run.
+/// A card application, a complaint and the rollout report, shown: an
+/// elderly resident's application, filed at a service hall by her son as
+/// proxy together with another business, taken through production to
+/// pickup by the counter, found by the hotline, the card riding the bus
+/// free with the elderly concession; then a complaint on that ride, sent
+/// to the transit bureau and closed with an explanation; then the day's
+/// use per unit and scenario. New residents and cards per run.
 pub async fn applications(
     admin: SocketAddr,
     terminal: SocketAddr,
@@ -908,5 +909,45 @@ pub async fn applications(
         filed["transaction_now"]["settlement"].as_str().unwrap_or("-"),
         closed["closing"]["outcome"].as_str().unwrap_or("-"),
     );
+
+    // The day so far, as each responsible unit reports it.
+    let report = client::admin(
+        admin,
+        Some(DEV_AGENT_TOKEN),
+        Method::GET,
+        "/admin/v1/report/rollout",
+        None,
+    )
+    .await?;
+    anyhow::ensure!(
+        report.status == StatusCode::OK,
+        "rollout report: {} {}",
+        report.status,
+        String::from_utf8_lossy(&report.body)
+    );
+    let report = report.json();
+    println!(
+        "demo: rollout report for {} (GET /admin/v1/report/rollout; &format=csv for the units' spreadsheets):",
+        report["day"].as_str().unwrap_or("-")
+    );
+    for unit in report["units"].as_array().into_iter().flatten() {
+        for s in unit["scenarios"].as_array().into_iter().flatten() {
+            let presented = s["taps"].as_u64().unwrap_or(0) + s["scans"].as_u64().unwrap_or(0);
+            if presented == 0 {
+                continue;
+            }
+            println!(
+                "demo:   {} {}: {} terminals, {} taps, {} scans, {} approved, {} declined, offline share {}",
+                unit["unit"].as_str().unwrap_or("-"),
+                s["scenario"].as_str().unwrap_or("-"),
+                s["terminals"],
+                s["taps"],
+                s["scans"],
+                s["approvals"],
+                s["declines"],
+                s["offline_share"],
+            );
+        }
+    }
     Ok(())
 }

@@ -272,6 +272,10 @@ pub async fn start_with_clock(
         Duration::from_secs(config.idempotency.cleanup_interval_s),
         stop_rx.clone(),
     )));
+    tasks.push(tokio::spawn(crate::service::rollout::run(
+        gateway.clone(),
+        stop_rx.clone(),
+    )));
     tasks.push(tokio::spawn(crate::service::holds::run_sweep(
         gateway.clone(),
         Duration::from_secs(config.medical.sweep_interval_s),

@@ -96,6 +96,8 @@ pub enum RouteId {
     ComplaintGet,
     ComplaintNote,
     ComplaintClose,
+    /// `GET /admin/v1/report/rollout`: a day's use per unit and scenario.
+    RolloutReport,
 }
 
 /// Who may call a route.
@@ -429,6 +431,13 @@ pub const ROUTES: &[Route] = &[
         Method::POST,
         "/admin/v1/complaints/{id}/close",
         RouteId::ComplaintClose,
+        Access::Agent,
+    ),
+    route(
+        Listener::Admin,
+        Method::GET,
+        "/admin/v1/report/rollout",
+        RouteId::RolloutReport,
         Access::Agent,
     ),
     route(

@@ -134,6 +134,9 @@ pub struct Gateway {
     pub complaints_lock: tokio::sync::Mutex<()>,
     /// Open complaints per unit (count, oldest filed ms), as last counted.
     pub complaints_open: dashmap::DashMap<String, (u64, i64)>,
+    /// One count of the journal into the rollout report at a time (the
+    /// follower's, or a report request's catching up).
+    pub rollout_lock: tokio::sync::Mutex<()>,
 }
 
 impl Gateway {
@@ -291,6 +294,7 @@ impl Gateway {
             application_misses: dashmap::DashMap::new(),
             complaints_lock: tokio::sync::Mutex::new(()),
             complaints_open: dashmap::DashMap::new(),
+            rollout_lock: tokio::sync::Mutex::new(()),
             scanner,
             audit,
             life: tokio::sync::Mutex::new(()),

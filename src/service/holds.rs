@@ -394,6 +394,7 @@ impl Gateway {
             site: stored.and_then(|h| h.site.clone()),
             occurred_at: req.occurred_at.clone(),
             split: step.split,
+            hold_event_id: Some(req.hold_event_id.clone()),
             ..DecisionRecord::default()
         };
         let card_after = step.card_after.filter(|after| Some(*after) != snapshot);

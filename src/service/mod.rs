@@ -21,6 +21,7 @@ pub mod offline;
 pub mod pipeline;
 pub mod replay;
 pub mod reverse;
+pub mod rollout;
 pub mod settle;
 pub mod sinks;
 pub mod stats;

@@ -483,38 +483,6 @@ impl Sink {
     }
 }
 
-/// Reads up to `n` decision records from `from` on.
-fn read_journal(
-    store: &Store,
-    from: u64,
-    n: usize,
-) -> Result<Vec<(u64, DecisionRecord)>, StoreError> {
-    let mut out = Vec::new();
-    let mut bad = None;
-    store.scan(Cf::Journal, &from.to_be_bytes(), |k, v| {
-        let Ok(seq) = <[u8; 8]>::try_from(k).map(u64::from_be_bytes) else {
-            return true;
-        };
-        match serde_json::from_slice::<DecisionRecord>(v) {
-            Ok(r) => out.push((seq, r)),
-            Err(_) => {
-                bad = Some(seq);
-                return false;
-            }
-        }
-        out.len() < n
-    })?;
-    // An event that cannot be read cannot be settled: stop loudly rather
-    // than skip it.
-    match bad {
-        Some(seq) => Err(StoreError::Corrupt {
-            cf: "journal",
-            detail: format!("record {seq} does not decode; settlement cannot pass it"),
-        }),
-        None => Ok(out),
-    }
-}
-
 /// Runs delivery for one sink until `stop` fires. In a cluster, only while
 /// this node holds the sink's lease: it waits for the lease, delivers
 /// while it holds it, and waits again if it loses it.
@@ -1000,7 +968,7 @@ fn fill(
     // (from `next_seq` on): when only a batch or two have room, the rest
     // of a read is not decoded again on the next pass.
     if room > 0 && read_ahead.is_empty() {
-        read_ahead.extend(read_journal(store, *next_seq, READ_BATCH)?);
+        read_ahead.extend(crate::store::journal::read(store, *next_seq, READ_BATCH)?);
     }
     let mut read_any = false;
     let mut sealed = Vec::new();

@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use onecard_core::record::DecisionRecord;
 use onecard_core::window::{first_of, Ring};
 use parking_lot::{Mutex, RwLock};
 use rocksdb::{WriteBatch, WriteOptions};
@@ -41,6 +42,37 @@ pub fn card_tx_key(card_no: &str, seq: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// Reads up to `n` decision records from `from` on, with their sequence
+/// numbers: what follows the journal (settlement, the rollout report)
+/// reads it so. A record that does not decode is an error: what follows
+/// the journal stops there rather than skip it.
+pub fn read(store: &Store, from: u64, n: usize) -> Result<Vec<(u64, DecisionRecord)>, StoreError> {
+    let mut out = Vec::new();
+    let mut bad = None;
+    store.scan(Cf::Journal, &from.to_be_bytes(), |k, v| {
+        let Ok(seq) = <[u8; 8]>::try_from(k).map(u64::from_be_bytes) else {
+            return true;
+        };
+        match serde_json::from_slice::<DecisionRecord>(v) {
+            Ok(r) => out.push((seq, r)),
+            Err(_) => {
+                bad = Some(seq);
+                return false;
+            }
+        }
+        out.len() < n
+    })?;
+    match bad {
+        Some(seq) => Err(StoreError::Corrupt {
+            cf: "journal",
+            detail: format!(
+                "record {seq} does not decode; what follows the journal cannot pass it"
+            ),
+        }),
+        None => Ok(out),
+    }
 }
 
 /// Adds a commit to `batch`: its records numbered from `seq` (each indexed

@@ -33,6 +33,7 @@ pub mod journal;
 pub mod partners;
 pub mod profiles;
 pub mod replicated;
+pub mod rollout;
 pub mod terminal_blocks;
 pub mod venues;
 
@@ -105,10 +106,16 @@ pub enum Cf {
     /// complaints: `c/<id>` → the complaint, its transaction and every
     /// step (JSON). Never deleted.
     Complaints,
+    /// the rollout report's tallies, this node's own count of its journal:
+    /// `c` → the next sequence to count; `d/<day>/<unit> 0x00 <scenario>`
+    /// → the day's tally (JSON); `t/<day>/<unit> 0x00 <scenario> 0x00
+    /// <terminal>` → empty; `u/<unit> 0x00 <scenario>` → first and last
+    /// day of use (JSON).
+    Rollout,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 21] = [
+    pub const ALL: [Cf; 22] = [
         Cf::Cards,
         Cf::Denylist,
         Cf::DenylistLog,
@@ -130,6 +137,7 @@ impl Cf {
         Cf::TerminalBlocks,
         Cf::Applications,
         Cf::Complaints,
+        Cf::Rollout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +163,7 @@ impl Cf {
             Cf::TerminalBlocks => "terminal_blocks",
             Cf::Applications => "applications",
             Cf::Complaints => "complaints",
+            Cf::Rollout => "rollout",
         }
     }
 }

@@ -28,6 +28,7 @@ mod openapi;
 mod ops;
 mod reverse;
 mod revocation;
+mod rollout;
 mod scenarios;
 mod settle_receiver;
 mod settlement;

@@ -54,6 +54,7 @@ fn batch(first_seq: u64, events: u64) -> Batch {
                 bill_ref: None,
                 credit: None,
                 split: None,
+                hold_event_id: None,
             },
         );
     }

@@ -68,8 +68,7 @@ impl Policy {
     /// The local calendar day that `now_unix` falls in, as days since the epoch.
     #[inline]
     pub fn local_day(&self, now_unix: i64) -> i32 {
-        let local = now_unix + i64::from(self.day_offset_minutes) * 60;
-        local.div_euclid(86_400) as i32
+        crate::time::local_day(now_unix, self.day_offset_minutes)
     }
 
     /// Whether the scenario's price at this site comes from the config (a

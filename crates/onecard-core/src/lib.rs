@@ -18,6 +18,8 @@
 //!   [`application`]: card applications' states and steps, a new card's
 //!   concessions; [`catalogue`]: the unit that answers for each scenario
 //!   and site; [`complaint`]: complaints' categories and how one closes;
+//!   [`rollout`]: what the journal's records add to the rollout report,
+//!   and its CSV;
 //! - [`settle`]: settlement batches ([`settle::batch`]), backoff and the
 //!   circuit breaker ([`settle::retry`]), batch signatures
 //!   ([`settle::sign`]);
@@ -71,6 +73,7 @@ pub mod privacy;
 pub mod qr;
 pub mod record;
 pub mod rng;
+pub mod rollout;
 pub mod scenario;
 pub mod settle;
 pub mod time;

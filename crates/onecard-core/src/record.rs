@@ -66,6 +66,11 @@ pub struct DecisionRecord {
     /// the charge so the medical sink sees both parts.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub split: Option<crate::scenario::medical::Split>,
+    /// For a medical hold's capture or void: the terminal's event id of
+    /// the hold it closes. A step at the counter, not a card presented:
+    /// the rollout report counts the hold, not its steps.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hold_event_id: Option<String>,
 }
 
 /// A blank record, for filling in with struct update syntax: every field a
@@ -94,6 +99,7 @@ impl Default for DecisionRecord {
             bill_ref: None,
             credit: None,
             split: None,
+            hold_event_id: None,
         }
     }
 }

@@ -84,6 +84,40 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// RFC 3339 to Unix milliseconds; `None` for anything else.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// The local calendar day that `unix_s` falls in, `offset_minutes` east
+/// of UTC, as days since the epoch: the one day of every daily figure
+/// (spend limits, venue quotas, settlement's and the rollout's reports).
+#[inline]
+pub fn local_day(unix_s: i64, offset_minutes: i32) -> i32 {
+    let local = unix_s + i64::from(offset_minutes) * 60;
+    local.div_euclid(86_400) as i32
+}
+
+/// Julian day number of 1970-01-01.
+const EPOCH_JULIAN: i32 = 2_440_588;
+
+/// A day such as `2026-12-07` as days since the epoch; `None` for
+/// anything else.
+pub fn parse_day(s: &str) -> Option<i32> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = time::Date::parse(s, &format).ok()?;
+    Some(date.to_julian_day() - EPOCH_JULIAN)
+}
+
+/// Days since the epoch as `2026-12-07`.
+pub fn day_name(day: i32) -> String {
+    match time::Date::from_julian_day(EPOCH_JULIAN.saturating_add(day)) {
+        Ok(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
+        Err(_) => day.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +133,31 @@ mod tests {
         assert!(s.now_ms() >= before + 60_000);
         assert_eq!(rfc3339_ms(1_795_851_912_000), "2026-11-28T07:45:12Z");
         assert_eq!(rfc3339_ms(1_795_851_912_500), "2026-11-28T07:45:12.5Z");
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-28T15:45:12.5+08:00"),
+            Some(1_795_851_912_500)
+        );
+        assert_eq!(parse_rfc3339_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn days_turn_at_local_midnight_and_read_both_ways() {
+        // 2026-11-28T07:45:12Z is 15:45 in Beijing, 02:45 in New York.
+        let s = 1_795_851_912;
+        assert_eq!(day_name(local_day(s, 480)), "2026-11-28");
+        assert_eq!(day_name(local_day(s, -300)), "2026-11-28");
+        assert_eq!(day_name(local_day(s, -480)), "2026-11-27");
+        assert_eq!(parse_day("2026-11-28"), Some(local_day(s, 0)));
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(day_name(-1), "1969-12-31");
+        for bad in [
+            "2026-13-01",
+            "2026-11-31",
+            "28.11.2026",
+            "",
+            "2026-11-28T00:00:00Z",
+        ] {
+            assert_eq!(parse_day(bad), None, "{bad}");
+        }
     }
 }

@@ -8,6 +8,7 @@
 mod applications;
 mod complaints;
 mod dashboard;
+mod rollout;
 mod scenes;
 mod trust;
 
@@ -339,6 +340,7 @@ impl Admin {
             | RouteId::ComplaintGet
             | RouteId::ComplaintNote
             | RouteId::ComplaintClose => self.complaints(id, param, req, actor(), now).await,
+            RouteId::RolloutReport => self.rollout_report(req.uri().query(), now).await,
             RouteId::Stats => {
                 let window = stats_window(req.uri().query())?;
                 Ok(ok_json(&self.gateway.stats.window(window)))
@@ -620,11 +622,9 @@ impl Admin {
     /// and by site, and what of that day still awaits acknowledgement
     /// (stored or parked batches; events not yet sealed are not counted).
     fn settlement_report(&self, day: &str) -> Result<Response<Body>, ApiError> {
-        let format = time::macros::format_description!("[year]-[month]-[day]");
-        let date = time::Date::parse(day, &format).map_err(|_| {
+        let n = onecard_core::time::parse_day(day).ok_or_else(|| {
             ApiError::invalid("the day in the path must be a date such as 2026-11-28")
         })?;
-        let n = date.to_julian_day() - time::macros::date!(1970 - 01 - 01).to_julian_day();
         let gw = &self.gateway;
         let unreadable =
             |_| ApiError::new(ErrorCode::Unavailable, "the store cannot be read; retry");

@@ -77,6 +77,23 @@ impl TestGateway {
         }
     }
 
+    /// The gateway's time now, in Unix milliseconds.
+    pub fn clock_ms(&self) -> i64 {
+        use onecard_core::time::Clock;
+        self.clock.now_ms()
+    }
+
+    /// Moves the gateway's clock to the next local noon and answers that
+    /// local day (days since the epoch): a test of daily figures then has
+    /// hours before a midnight comes between its steps.
+    pub fn to_next_noon(&self) -> i32 {
+        let offset = self.config.policy.day_offset_minutes;
+        let local = self.clock_ms() + i64::from(offset) * 60_000;
+        let noon = (local.div_euclid(86_400_000) + 1) * 86_400_000 + 43_200_000;
+        self.advance_ms(noon - local);
+        onecard_core::time::local_day(self.clock_ms().div_euclid(1000), offset)
+    }
+
     /// Moves the gateway's clock `ms` ahead: what takes that long to
     /// expire has expired at the next request.
     pub fn advance_ms(&self, ms: i64) {
