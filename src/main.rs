@@ -145,51 +145,31 @@ enum QrCommand {
     },
 }
 
-/// RocksDB's C++ allocates through glibc's malloc (ours goes to mimalloc);
-/// two of glibc's adjustments let its resident memory creep up over hours:
-///
-/// - glibc serves a large request (a memtable's 1 MB arena blocks, the 8 MB
-///   bucket array of a hash memtable) from a fresh mapping, returned to the
-///   system when freed, but after the first such free it raises that
-///   threshold to the freed size, and from then on serves those blocks from
-///   its heaps, which may keep the pages of memtables flushed since (the
-///   soak's resident memory grew by some 350 MB an hour beyond what RocksDB
-///   itself held). A fixed threshold turns the adjustment off: with it a
-///   flush gives its memory back at once (the soak's resident memory fell
-///   by 67 MB at a flush).
-/// - glibc gives each new thread that allocates its own heap ("arena"), up
-///   to eight per CPU. Point reads run on the blocking pool, whose threads
-///   come and go, so block-cache blocks are allocated in one arena and freed
-///   from another, and each arena keeps its own free pages: in an hour-long
-///   soak four new arenas (44 MB resident) appeared between minutes 38 and
-///   48, of the 94 MB the memory outside RocksDB's own count grew by then.
-///   Two arenas (the CPUs' worth on the reference machine) bound that.
-///
-/// The variables `MALLOC_MMAP_THRESHOLD_` and `MALLOC_ARENA_MAX` still win,
+/// RocksDB's C++ allocates through glibc's malloc (ours goes to mimalloc).
+/// glibc serves a large request (a memtable's 1 MB arena blocks, the 8 MB
+/// bucket array of a hash memtable) from a fresh mapping, returned to the
+/// system when freed, but after the first such free it raises that
+/// threshold to the freed size, and from then on serves those blocks from
+/// its heaps, which may keep the pages of memtables flushed since (the
+/// soak's resident memory grew by some 350 MB an hour beyond what RocksDB
+/// itself held). A fixed threshold turns the adjustment off: with it a
+/// flush gives its memory back at once (the soak's resident memory fell
+/// by 67 MB at a flush). The variable `MALLOC_MMAP_THRESHOLD_` still wins,
 /// for an operator who tunes glibc.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_glibc_malloc() {
-    // SAFETY: mallopt only sets malloc's parameters, and this runs before
-    // any other thread exists.
+fn fix_glibc_mmap_threshold() {
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets malloc's parameters, and this runs
+        // before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
         }
     }
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, GLIBC_ARENAS_MAX);
-        }
-    }
 }
-
-/// glibc heaps for RocksDB's allocations (see [`tune_glibc_malloc`]).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const GLIBC_ARENAS_MAX: libc::c_int = 2;
 
 fn main() -> anyhow::Result<()> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tune_glibc_malloc();
+    fix_glibc_mmap_threshold();
     let cli = Cli::parse();
     // `serve` sets its logs up from its config ([log]); the rest as text.
     if !matches!(cli.command, Command::Serve { .. }) {
