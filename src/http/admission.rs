@@ -20,7 +20,8 @@
 //! task that is ready gets to run ([`Admission::watch_lag`]). Past
 //! `limits.overload_lag_ms` a growing share of terminals' requests is
 //! refused with `503` and `Retry-After` (`limits.overload_retry_after_s`,
-//! 2 s), before the body is read; a terminal that obeys works offline for
+//! 2 s on average, each refusal's spread from 1 to 3 s by [`jittered`]),
+//! before the body is read; a terminal that obeys works offline for
 //! that long, so each refusal takes seconds of that terminal's load away
 //! and a small share refused is enough (a refusal costs nearly what a
 //! decision does: its TLS record and head are read all the same). The
@@ -147,6 +148,19 @@ pub fn shed_share(lag_us: u64, target_us: u64) -> f64 {
     ((lag_us - target_us) as f64 / (4 * target_us) as f64).min(1.0)
 }
 
+/// The `Retry-After` of one refusal: `base` seconds on average, spread
+/// evenly from half of it to one and a half times it by `u` in [0, 1).
+/// Terminals refused in the same burst then come back over a span of
+/// seconds, not all in the same one, which would be the next burst (with
+/// one fixed value, goodput at twice the knee fell to half: the refused
+/// came back in waves).
+pub fn jittered(base: u32, u: f64) -> u32 {
+    let low = base.div_ceil(2).max(1);
+    let high = base + base / 2;
+    let span = f64::from(high - low + 1);
+    (low + (u.clamp(0.0, 0.999_999) * span) as u32).min(high)
+}
+
 /// Held while a request is being served.
 pub struct RequestPermit {
     _permit: OwnedSemaphorePermit,
@@ -240,7 +254,7 @@ impl Admission {
             ErrorCode::Unavailable,
             "the gateway is overloaded (its CPUs are busy); work offline and retry after Retry-After",
         )
-        .retry_after(self.overload_retry_after_s))
+        .retry_after(jittered(self.overload_retry_after_s, point / share)))
     }
 
     /// A connection slot, or `None` when the gateway is at its connection
@@ -413,6 +427,36 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_spreads_around_its_base() {
+        // (base, the values it spreads over, evenly)
+        for (base, want) in [
+            (1u32, vec![1u32]),
+            (2, vec![1, 2, 3]),
+            (3, vec![2, 3, 4]),
+            (5, vec![3, 4, 5, 6, 7]),
+        ] {
+            let n: usize = 1000;
+            let mut seen: std::collections::BTreeMap<u32, usize> = Default::default();
+            for i in 0..n {
+                *seen.entry(jittered(base, i as f64 / n as f64)).or_insert(0) += 1;
+            }
+            assert_eq!(seen.keys().copied().collect::<Vec<_>>(), want, "{base}");
+            let mean: f64 = seen
+                .iter()
+                .map(|(k, c)| f64::from(*k) * *c as f64)
+                .sum::<f64>()
+                / n as f64;
+            assert!((mean - f64::from(base)).abs() < 0.01, "{base}: {mean}");
+            assert!(
+                seen.values().all(|&c| c >= n / want.len() - 1),
+                "{base}: {seen:?}"
+            );
+        }
+        assert_eq!(jittered(2, 1.0), 3);
+        assert_eq!(jittered(2, -1.0), 1);
+    }
+
+    #[test]
     fn the_share_shed_ramps_from_the_target_to_five_times_it() {
         let ms = 1000;
         for (lag, target, share) in [
@@ -472,8 +516,9 @@ mod tests {
             if let Err(e) = a.request("t1", Instant::now()).await {
                 assert_eq!(e.code, ErrorCode::Unavailable);
                 assert!(e.message.contains("overloaded"), "{}", e.message);
-                // Shed terminals stay away longer than the usual second.
-                assert_eq!(e.retry_after_header(), Some(2));
+                // Shed terminals stay away 2 s on average, spread from 1 to 3.
+                let after = e.retry_after_header().unwrap();
+                assert!((1..=3).contains(&after), "{after}");
                 refused += 1;
             }
         }
