@@ -153,8 +153,8 @@ impl Gateway {
             ServiceError::invalid("`personal_id` does not hold a valid birth date")
         })?;
         let day = self.policy.local_day(now_ms.div_euclid(1000));
-        let today = time::Date::from_julian_day(2_440_588 + day)
-            .map_err(|_| ServiceError::invalid("the gateway's clock is out of range"))?;
+        let today = onecard_core::time::date_of_day(day)
+            .ok_or_else(|| ServiceError::invalid("the gateway's clock is out of range"))?;
         if born > today {
             return Err(ServiceError::invalid(
                 "`personal_id` holds a birth date in the future",

@@ -84,8 +84,7 @@ impl Gateway {
     /// has not yet (up to [`ON_REQUEST_MAX`] records).
     pub async fn rollout_report(&self, day: i32) -> Result<Report, ServiceError> {
         self.count_rollout(ON_REQUEST_MAX).await?;
-        let store = self.store.clone();
-        let kept = tokio::task::block_in_place(|| rollout::day(&store, day))?;
+        let kept = tokio::task::block_in_place(|| rollout::day(&self.store, day))?;
         Ok(Report {
             day,
             rows: rules::rows(

@@ -110,11 +110,16 @@ pub fn parse_day(s: &str) -> Option<i32> {
     Some(date.to_julian_day() - EPOCH_JULIAN)
 }
 
+/// The calendar date of `day` (days since the epoch); `None` out of range.
+pub fn date_of_day(day: i32) -> Option<time::Date> {
+    time::Date::from_julian_day(EPOCH_JULIAN.saturating_add(day)).ok()
+}
+
 /// Days since the epoch as `2026-12-07`.
 pub fn day_name(day: i32) -> String {
-    match time::Date::from_julian_day(EPOCH_JULIAN.saturating_add(day)) {
-        Ok(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
-        Err(_) => day.to_string(),
+    match date_of_day(day) {
+        Some(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
+        None => day.to_string(),
     }
 }
 
