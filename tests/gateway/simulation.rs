@@ -44,7 +44,7 @@ use serde_json::{json, Value};
 use onecard_core::rng::Rng;
 use onecard_core::settle::sign::{Algorithm, Signer};
 
-use crate::common::process::{spawn_gateway_env, try_wait_ready, wait_exit};
+use crate::common::process::{beside_workers, spawn_gateway_env, try_wait_ready, wait_exit};
 use crate::common::sink::Sink;
 use crate::common::TOKEN;
 
@@ -193,6 +193,9 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
+    /// Stops the gateway and waits for it to exit, beside the runtime's
+    /// workers: the receiver and the other seed run on them meanwhile (an
+    /// orderly stop drains to the receiver).
     fn stop(mut self, kill: bool) {
         if kill {
             let _ = self.child.kill(); // SIGKILL (it may have died already)
@@ -200,7 +203,7 @@ impl Gateway {
             let pid = self.child.id().to_string();
             Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         }
-        self.child.wait().unwrap();
+        beside_workers(|| self.child.wait()).unwrap();
     }
 
     /// Whether it died at its crash point (a gateway that exits otherwise

@@ -64,6 +64,23 @@ pub fn wait_ready(child: &mut Child, dir: &Path) -> Addrs {
 /// As [`wait_ready`], but a gateway that exits first (a crash point
 /// reached during start-up) is an answer, not a failure.
 pub fn try_wait_ready(child: &mut Child, dir: &Path) -> Result<Addrs, std::process::ExitStatus> {
+    beside_workers(|| poll_ready(child, dir))
+}
+
+/// Runs `f`, which blocks (sleeps, waits for a process), beside the
+/// runtime's workers when the test runs on a multi-threaded runtime
+/// (`block_in_place`): the receivers and other tasks of the test go on
+/// meanwhile. Blocking a worker instead once stalled an in-process
+/// receiver long enough, under CI's load, that its TLS accept timed out.
+/// A current-thread runtime has no other worker to hand its tasks to.
+pub fn beside_workers<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn poll_ready(child: &mut Child, dir: &Path) -> Result<Addrs, std::process::ExitStatus> {
     let file = dir.join("data").join(LISTENERS_FILE);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -82,6 +99,10 @@ pub fn try_wait_ready(child: &mut Child, dir: &Path) -> Result<Addrs, std::proce
 
 /// Waits up to `within` for the process to exit; its status, if it did.
 pub fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    beside_workers(|| poll_exit(child, within))
+}
+
+fn poll_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -92,7 +92,9 @@ impl Sink {
             Protocol::Http1,
         )
         .unwrap();
-        Connection::tls(addr, tls, Protocol::Http1).await.unwrap()
+        Connection::tls(addr, tls, Protocol::Http1)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the receiver at {addr}: {e}"))
     }
 
     pub async fn ledger(&self, addr: SocketAddr) -> Ledger {
@@ -100,7 +102,7 @@ impl Sink {
         let a = c
             .send(Method::GET, "/v1/ledger", &[], Vec::new())
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("GET /v1/ledger at the receiver {addr}: {e}"));
         serde_json::from_slice(&a.body).unwrap()
     }
 
@@ -114,7 +116,7 @@ impl Sink {
                 serde_json::to_vec(&how).unwrap(),
             )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("POST /v1/misbehave {how} at the receiver {addr}: {e}"));
         assert_eq!(a.status, http::StatusCode::OK);
     }
 }
