@@ -167,9 +167,24 @@ fn fix_glibc_mmap_threshold() {
     }
 }
 
+/// glibc's heap statistics, for `onecard_process_native_heap_bytes`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn glibc_heap() -> Option<onecard::service::metrics::NativeHeap> {
+    // SAFETY: mallinfo2 only reads the allocator's statistics (taking each
+    // arena's lock in turn); it has no preconditions.
+    let m = unsafe { libc::mallinfo2() };
+    Some(onecard::service::metrics::NativeHeap {
+        in_use: (m.uordblks + m.hblkhd) as u64,
+        free: m.fordblks as u64,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    fix_glibc_mmap_threshold();
+    {
+        fix_glibc_mmap_threshold();
+        onecard::service::metrics::set_native_heap_probe(glibc_heap);
+    }
     let cli = Cli::parse();
     // `serve` sets its logs up from its config ([log]); the rest as text.
     if !matches!(cli.command, Command::Serve { .. }) {

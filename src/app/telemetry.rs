@@ -232,6 +232,11 @@ fn describe() {
         "Resident memory of the gateway process (read at each scrape)"
     );
     describe_gauge!(
+        "onecard_process_native_heap_bytes",
+        Unit::Bytes,
+        "The C library's heap, which RocksDB's C++ allocates from, by state: in_use (allocated), free (kept for reuse, not returned); read at each scrape"
+    );
+    describe_gauge!(
         "onecard_admission_queue_standing",
         "1 while the queue for in-flight slots stands (no request of the last 100 ms got its slot within 5 ms): requests past the cap are then refused after 5 ms"
     );

@@ -69,6 +69,41 @@ pub fn publish_process() {
     if let Some(n) = open_fds() {
         metrics::gauge!("onecard_process_open_fds").set(n as f64);
     }
+    if let Some(h) = native_heap() {
+        metrics::gauge!("onecard_process_native_heap_bytes", "state" => "in_use")
+            .set(h.in_use as f64);
+        metrics::gauge!("onecard_process_native_heap_bytes", "state" => "free").set(h.free as f64);
+    }
+}
+
+/// The C library's heap, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeHeap {
+    /// Allocated and not freed: small blocks in the heaps and large ones
+    /// in their own mappings.
+    pub in_use: u64,
+    /// Freed but kept by the allocator for reuse (not returned to the
+    /// system): fragmentation shows here.
+    pub free: u64,
+}
+
+/// Where the C library's heap is read from: set by the binary, which may
+/// call the C library (this crate forbids `unsafe`); none in tests.
+static NATIVE_HEAP: std::sync::OnceLock<fn() -> Option<NativeHeap>> = std::sync::OnceLock::new();
+
+/// Sets how [`native_heap`] reads the C library's heap (once; later calls
+/// are ignored).
+pub fn set_native_heap_probe(probe: fn() -> Option<NativeHeap>) {
+    let _ = NATIVE_HEAP.set(probe);
+}
+
+/// glibc's heap, which only RocksDB's C++ allocates from (the gateway's
+/// own allocations go to mimalloc). Beside `onecard_store_memory_bytes`
+/// (what RocksDB counts itself) it tells a soak's growth apart: `in_use`
+/// rising while RocksDB's count is flat is memory RocksDB holds without
+/// counting; `free` rising is fragmentation.
+pub fn native_heap() -> Option<NativeHeap> {
+    NATIVE_HEAP.get().and_then(|probe| probe())
 }
 
 /// File descriptors the process holds (`/proc/self/fd`): a leak of

@@ -370,14 +370,28 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 
 /// A gauge of the gateway's `/metrics`, summed over its labels.
 async fn gauge(admin: Option<SocketAddr>, name: &str) -> Option<f64> {
+    gauge_where(admin, name, None).await
+}
+
+/// A gauge of the gateway's `/metrics` with `label="value"`.
+async fn labelled(admin: Option<SocketAddr>, name: &str, label: &str, value: &str) -> Option<f64> {
+    gauge_where(admin, name, Some(&format!("{label}=\"{value}\""))).await
+}
+
+/// A gauge's samples whose labels contain `pair` (all without), summed.
+async fn gauge_where(admin: Option<SocketAddr>, name: &str, pair: Option<&str>) -> Option<f64> {
     let a = client::admin(admin?, None, Method::GET, "/metrics", None)
         .await
         .ok()?;
     let values: Vec<f64> = String::from_utf8_lossy(&a.body)
         .lines()
         .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            l.strip_prefix(name).is_some_and(|rest| match pair {
+                None => rest.starts_with(' ') || rest.starts_with('{'),
+                Some(p) => {
+                    rest.starts_with('{') && rest.split('}').next().is_some_and(|ls| ls.contains(p))
+                }
+            })
         })
         .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
         .collect();
@@ -419,9 +433,16 @@ async fn soak_run(
         let store = gauge(a.admin, "onecard_store_memory_bytes")
             .await
             .map(|b| b / 1_048_576.0);
+        let heap = |state: &'static str| async move {
+            labelled(a.admin, "onecard_process_native_heap_bytes", "state", state)
+                .await
+                .map(|b| b / 1_048_576.0)
+        };
+        let (heap_used, heap_free) = (heap("in_use").await, heap("free").await);
         let s = &o.summary;
+        let mb = |m: Option<f64>| m.map_or("?".to_owned(), |m| format!("{m:.0}"));
         println!(
-            "sample {:>3} at {:>6.1} min: decided {:>6.0}/s  p99 {:>7.2} ms  refused {:.0}/s  errors {}  RSS {} MB (RocksDB {} MB)  open fds {}",
+            "sample {:>3} at {:>6.1} min: decided {:>6.0}/s  p99 {:>7.2} ms  refused {:.0}/s  errors {}  RSS {} MB (RocksDB {} MB; C heap {} MB in use, {} MB free)  open fds {}",
             n + 1,
             at_h * 60.0,
             s.decided_per_s,
@@ -430,6 +451,8 @@ async fn soak_run(
             s.errors.values().sum::<u64>() + s.dropped,
             rss.map_or("?".to_owned(), |m| format!("{m:.0}")),
             store.map_or("?".to_owned(), |m| format!("{m:.0}")),
+            mb(heap_used),
+            mb(heap_free),
             fds.map_or("?".to_owned(), |f| format!("{f:.0}")),
         );
         samples.push(json!({
@@ -440,6 +463,8 @@ async fn soak_run(
             "failed": s.errors.values().sum::<u64>() + s.dropped,
             "resident_mb": rss,
             "store_mb": store,
+            "native_heap_in_use_mb": heap_used,
+            "native_heap_free_mb": heap_free,
             "open_fds": fds,
         }));
     }
@@ -453,6 +478,8 @@ async fn soak_run(
     for (k, unit) in [
         ("resident_mb", "MB"),
         ("store_mb", "MB"),
+        ("native_heap_in_use_mb", "MB"),
+        ("native_heap_free_mb", "MB"),
         ("open_fds", "fds"),
         ("p99_ms", "ms"),
     ] {
