@@ -247,7 +247,7 @@ fn bench_idempotency_check(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let key = idem::key("term-00001", &format!("new-{n}"));
-            let lookup = rt.block_on(idem.begin(key, &fingerprint, 1)).unwrap();
+            let lookup = rt.block_on(idem.begin(&key, &fingerprint, 1)).unwrap();
             assert!(matches!(lookup, idempotency::Lookup::Fresh(_)));
             black_box(lookup)
         })
@@ -256,7 +256,7 @@ fn bench_idempotency_check(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let key = idem::key("term-00001", &format!("old-{}", n % 100_000));
-            let lookup = rt.block_on(idem.begin(key, &fingerprint, 1)).unwrap();
+            let lookup = rt.block_on(idem.begin(&key, &fingerprint, 1)).unwrap();
             assert!(matches!(lookup, idempotency::Lookup::Replay(_)));
             black_box(lookup)
         })

@@ -40,8 +40,13 @@ pub struct StageResult {
     pub achieved_per_s: f64,
     /// Corrected (from the due time), as a terminal sees it.
     pub p99_ms: f64,
-    /// The bucket bound holding the gateway's own p99 over the stage.
+    /// The bucket bound holding the gateway's own p99 over the stage
+    /// (its Prometheus histogram).
     pub server_p99_ms_at_most: Option<f64>,
+    /// The gateway's own p99 of `POST /v1/authorize`, from request received
+    /// to answer ready, from its HdrHistogram window of the stage's last
+    /// seconds (`GET /admin/v1/stats`): a measured value, not a bound.
+    pub server_p99_ms: Option<f64>,
     /// Requests with no answer or not sent.
     pub failed: u64,
 }
@@ -76,6 +81,7 @@ mod tests {
             achieved_per_s: achieved,
             p99_ms: p99,
             server_p99_ms_at_most: None,
+            server_p99_ms: None,
             failed: 0,
         }
     }

@@ -937,7 +937,12 @@ pub async fn serve_connection_until<I, F, Fut>(
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let req = req.map(|b| RequestBody::new(b, expect_continue, a.clone()));
-        async move { Ok::<_, Infallible>(a.track(handler(req)).await) }
+        // The route's future (the whole pipeline, inlined) is large; hyper
+        // moves the service's future into its dispatcher, and each move
+        // copies it whole (memcpy was 1.2 % of the gateway's CPU there,
+        // docs/performance.md). Boxed, a move is a pointer.
+        let route = Box::pin(handler(req));
+        async move { Ok::<_, Infallible>(a.track(route).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -258,10 +258,7 @@ fn prepare(
             ));
         }
         let record = credit_record(event_id, batch_id, r, &c.card_no, gw.auth_ids.next(), now);
-        also.push((
-            serde_json::to_vec(&record).expect("a decision record serializes"),
-            c.card_no.as_str().into(),
-        ));
+        also.push((record.to_json(), c.card_no.as_str().into()));
     }
     let mut value = fp.to_vec();
     value.extend_from_slice(&report_bytes);

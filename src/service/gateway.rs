@@ -57,11 +57,18 @@ impl AuthIds {
         }
     }
     pub fn next(&self) -> String {
+        use std::fmt::Write as _;
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        match &self.node {
-            None => format!("{:08x}{:012x}", self.boot & 0xffff_ffff, n),
-            Some(node) => format!("{node}-{:08x}{:012x}", self.boot & 0xffff_ffff, n),
+        // Sized up front: `format!` would start empty and grow twice on
+        // every decision.
+        let node_len = self.node.as_ref().map_or(0, |node| node.len() + 1);
+        let mut id = String::with_capacity(node_len + 20);
+        if let Some(node) = &self.node {
+            id.push_str(node);
+            id.push('-');
         }
+        write!(id, "{:08x}{:012x}", self.boot & 0xffff_ffff, n).expect("writing to a String");
+        id
     }
 }
 

@@ -326,13 +326,13 @@ impl Gateway {
                 .await?
             {
                 Begun::Decide(ticket) => {
-                    let (slot, _) = self.idem.hold(hold_key.to_vec(), now_ms).await?;
+                    let (slot, _) = self.idem.hold(hold_key, now_ms).await?;
                     Ok(Begun::Decide(ticket.also_holding(slot)))
                 }
                 replay => Ok(replay),
             }
         } else {
-            let (slot, _) = self.idem.hold(hold_key.to_vec(), now_ms).await?;
+            let (slot, _) = self.idem.hold(hold_key, now_ms).await?;
             Ok(
                 match self
                     .begin(own_key, fingerprint, now_ms, EVENT_REUSED)
@@ -505,7 +505,7 @@ impl Gateway {
     async fn sweep_one(&self, index: &[u8], key: &[u8], now_ms: i64) -> Result<(), ServiceError> {
         // The hold's slot, like a capture: a step of this hold running now
         // finishes first, and the sweep reads what it wrote.
-        let (slot, _) = self.idem.hold(key.to_vec(), now_ms).await?;
+        let (slot, _) = self.idem.hold(key, now_ms).await?;
         // A step that closed the hold after the index was read has moved
         // its entry: this one is gone, and so is the sweep's business.
         if self.store.read(Cf::Holds, index).await?.is_none() {
@@ -545,7 +545,7 @@ impl Gateway {
                 }
                 let record = expiry_record(key, &h, &card_no, self.auth_ids.next(), now_ms);
                 let pending = self.journal.submit(Commit {
-                    record: Some(serde_json::to_vec(&record).expect("a record serializes")),
+                    record: Some(record.to_json()),
                     ops,
                     hold_until_written: Some(Box::new(slot)),
                     card: Some(card_no.as_str().into()),

@@ -39,16 +39,20 @@ pub enum Lookup {
     Reversed(InFlight),
 }
 
+/// Keys being decided, each shared by the table and its guard: one
+/// allocation per request, not a copy for each.
+type Table = Arc<DashMap<Arc<[u8]>, watch::Receiver<()>>>;
+
 pub struct Idempotency {
     store: Store,
-    inflight: Arc<DashMap<Vec<u8>, watch::Receiver<()>>>,
+    inflight: Table,
     retention_ms: i64,
 }
 
 /// Marks a key as being decided; dropping it lets waiting copies proceed.
 pub struct InFlight {
-    inflight: Arc<DashMap<Vec<u8>, watch::Receiver<()>>>,
-    key: Vec<u8>,
+    inflight: Table,
+    key: Arc<[u8]>,
     _done: watch::Sender<()>,
 }
 
@@ -78,9 +82,10 @@ impl Idempotency {
     /// what is stored under it (`None`: nothing, or expired).
     pub async fn hold(
         &self,
-        key: Vec<u8>,
+        key: &[u8],
         now_ms: i64,
     ) -> Result<(InFlight, Option<Vec<u8>>), StoreError> {
+        let key: Arc<[u8]> = Arc::from(key);
         loop {
             let (done, waiter) = watch::channel(());
             let busy = match self.inflight.entry(key.clone()) {
@@ -97,7 +102,7 @@ impl Idempotency {
             }
             let guard = InFlight {
                 inflight: self.inflight.clone(),
-                key,
+                key: key.clone(),
                 _done: done,
             };
             let Some(value) = self.store.read(Cf::Idem, guard.key()).await? else {
@@ -116,7 +121,7 @@ impl Idempotency {
 
     pub async fn begin(
         &self,
-        key: Vec<u8>,
+        key: &[u8],
         fingerprint: &[u8; 32],
         now_ms: i64,
     ) -> Result<Lookup, StoreError> {

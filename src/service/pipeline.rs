@@ -128,7 +128,7 @@ impl Gateway {
         now_ms: i64,
         reused: &'static str,
     ) -> Result<Begun, ServiceError> {
-        let lookup = self.idem.begin(key.clone(), &fingerprint, now_ms).await?;
+        let lookup = self.idem.begin(&key, &fingerprint, now_ms).await?;
         timing::mark(Phase::Idempotency);
         let (slot, reversed) = match lookup {
             Lookup::Replay(body) => {
@@ -288,7 +288,7 @@ impl Gateway {
         );
         ops.push(Op::Put(Cf::Idem, ticket.key, remembered));
         let commit = Commit {
-            record: Some(serde_json::to_vec(record).expect("a decision record always serializes")),
+            record: Some(record.to_json()),
             ops,
             hold_until_written: Some(Box::new(ticket.slots)),
             card: (!record.card_no.is_empty()).then(|| record.card_no.as_str().into()),

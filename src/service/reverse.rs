@@ -156,7 +156,7 @@ impl Gateway {
             Begun::Decide(ticket) => ticket,
         };
         let event_key = idem::key(terminal, &req.event_id);
-        let (event_slot, stored) = self.idem.hold(event_key.clone(), now_ms).await?;
+        let (event_slot, stored) = self.idem.hold(&event_key, now_ms).await?;
         let event = Reversed::of(stored.as_deref(), now_ms)?;
         // A replacement card carries the old one's counters (and its holds'
         // reservations): what is given back goes there.

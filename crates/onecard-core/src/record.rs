@@ -73,6 +73,21 @@ pub struct DecisionRecord {
     pub hold_event_id: Option<String>,
 }
 
+impl DecisionRecord {
+    /// The record as the journal stores it (JSON), written into a buffer
+    /// sized for a typical record, so that it does not grow on the way
+    /// (serde_json's `to_vec` starts at 128 bytes and doubles).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(RECORD_BYTES_TYPICAL);
+        serde_json::to_writer(&mut v, self).expect("a decision record always serializes");
+        v
+    }
+}
+
+/// What a record's buffer starts with: a transit approval with its fare
+/// is some 400 bytes.
+const RECORD_BYTES_TYPICAL: usize = 512;
+
 /// A blank record, for filling in with struct update syntax: every field a
 /// decision does not set stays empty (`kind` tap, `reason` OK, `decision`
 /// empty; a record is never written without its decision).
