@@ -70,8 +70,8 @@ pub fn try_wait_ready(child: &mut Child, dir: &Path) -> Result<Addrs, std::proce
 /// Runs `f`, which blocks (sleeps, waits for a process), beside the
 /// runtime's workers when the test runs on a multi-threaded runtime
 /// (`block_in_place`): the receivers and other tasks of the test go on
-/// meanwhile. Blocking a worker instead once stalled an in-process
-/// receiver long enough, under CI's load, that its TLS accept timed out.
+/// meanwhile. Blocking a worker instead stalled the simulation's
+/// in-process receiver under CI's load until a control call to it failed.
 /// A current-thread runtime has no other worker to hand its tasks to.
 pub fn beside_workers<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
