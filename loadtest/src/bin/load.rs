@@ -380,20 +380,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 
 /// A gauge of the gateway's `/metrics`, summed over its labels.
 async fn gauge(admin: Option<SocketAddr>, name: &str) -> Option<f64> {
-    gauge_where(admin, name, None).await
+    sum_samples(&metrics_text(admin).await?, name, None)
 }
 
-/// A gauge of the gateway's `/metrics` with `label="value"`.
-async fn labelled(admin: Option<SocketAddr>, name: &str, label: &str, value: &str) -> Option<f64> {
-    gauge_where(admin, name, Some(&format!("{label}=\"{value}\""))).await
-}
-
-/// A gauge's samples whose labels contain `pair` (all without), summed.
-async fn gauge_where(admin: Option<SocketAddr>, name: &str, pair: Option<&str>) -> Option<f64> {
+/// The gateway's `/metrics` page.
+async fn metrics_text(admin: Option<SocketAddr>) -> Option<String> {
     let a = client::admin(admin?, None, Method::GET, "/metrics", None)
         .await
         .ok()?;
-    sum_samples(&String::from_utf8_lossy(&a.body), name, pair)
+    Some(String::from_utf8_lossy(&a.body).into_owned())
 }
 
 /// The samples of `name` in a Prometheus text exposition whose labels
@@ -495,17 +490,21 @@ async fn soak_run(
         let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
         conns = back;
         let at_h = t0.elapsed().as_secs_f64() / 3600.0;
-        let rss = resident_mb(a.admin).await;
-        let fds = gauge(a.admin, "onecard_process_open_fds").await;
-        let store = gauge(a.admin, "onecard_store_memory_bytes")
-            .await
-            .map(|b| b / 1_048_576.0);
-        let heap = |state: &'static str| async move {
-            labelled(a.admin, "onecard_process_native_heap_bytes", "state", state)
-                .await
-                .map(|b| b / 1_048_576.0)
+        // One scrape per sample: every figure of the same moment.
+        let text = metrics_text(a.admin).await;
+        let read = |name: &str, pair: Option<&str>| {
+            text.as_deref().and_then(|t| sum_samples(t, name, pair))
         };
-        let (heap_used, heap_free) = (heap("in_use").await, heap("free").await);
+        let mib = |b: f64| b / 1_048_576.0;
+        let rss = read("onecard_process_resident_bytes", None).map(mib);
+        let fds = read("onecard_process_open_fds", None);
+        let store = read("onecard_store_memory_bytes", None).map(mib);
+        let heap_used = read(
+            "onecard_process_native_heap_bytes",
+            Some("state=\"in_use\""),
+        )
+        .map(mib);
+        let heap_free = read("onecard_process_native_heap_bytes", Some("state=\"free\"")).map(mib);
         let s = &o.summary;
         let mb = |m: Option<f64>| m.map_or("?".to_owned(), |m| format!("{m:.0}"));
         println!(
