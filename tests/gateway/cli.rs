@@ -35,6 +35,15 @@ async fn the_dev_config_runs_from_any_directory_on_any_data_directory() {
         .unwrap();
     // Ready means the sinks' CA was read: it is created under where/data.
     let addrs = wait_ready(&mut child, &elsewhere.path().join("where"));
+    // Issue 19's soak: transparent huge pages are off for the process
+    // (src/main.rs), or its resident memory grows in huge pages that the
+    // kernel fills back in. Linux shows the flag in `THP_enabled`.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    let thp = proc_status
+        .as_deref()
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("THP_enabled:")))
+        .map(|l| l.split_whitespace().last().unwrap_or("").to_owned());
     let status = client::admin(
         addrs.admin,
         Some("dev-admin-token"),
@@ -46,6 +55,10 @@ async fn the_dev_config_runs_from_any_directory_on_any_data_directory() {
     .unwrap();
     let _ = child.kill();
     let _ = child.wait();
+    // (A kernel built without huge pages has no such line.)
+    if let Some(thp) = thp {
+        assert_eq!(thp, "0", "transparent huge pages are off for the gateway");
+    }
     assert_eq!(status.status, StatusCode::OK);
     let sinks: Vec<String> = status.json()["sinks"]
         .as_array()
