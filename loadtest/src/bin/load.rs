@@ -460,6 +460,33 @@ async fn server_route(
     (f.count > 0).then_some(f)
 }
 
+/// Samples the gauge `name` from the gateway's `/metrics` every 250 ms
+/// until told to stop; the samples come back from the handle.
+fn sample_gauge(
+    admin: Option<SocketAddr>,
+    name: &'static str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<f64>>,
+) {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return samples,
+                _ = tick.tick() => {
+                    if let Some(v) = gauge(admin, name).await {
+                        samples.push(v);
+                    }
+                }
+            }
+        }
+    });
+    (stop, handle)
+}
+
 /// The gateway's resident memory, from its `/metrics`.
 async fn resident_mb(admin: Option<SocketAddr>) -> Option<f64> {
     gauge(admin, "onecard_process_resident_bytes")
@@ -593,15 +620,37 @@ async fn overload_run(
     let mut stages = Vec::new();
     for (name, rate) in [("knee", a.rate), ("twice", 2.0 * a.rate), ("after", a.rate)] {
         let st = a.constant_stage(rate, a.seed ^ rate as u64 ^ stages.len() as u64, !a.quiet);
+        // The gateway's runtime lag (how late it runs a ready task: the
+        // queue before a request's head is read, which its own latency
+        // cannot see), sampled from its /metrics four times a second.
+        let (stop_lag, lag_samples) = sample_gauge(a.admin, "onecard_runtime_lag_seconds");
         let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
         conns = back;
+        let _ = stop_lag.send(());
+        let lag_ms: Vec<f64> = lag_samples
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s * 1000.0)
+            .collect();
+        let lag_ms = (!lag_ms.is_empty()).then(|| {
+            (
+                lag_ms.iter().sum::<f64>() / lag_ms.len() as f64,
+                lag_ms.iter().copied().fold(0.0, f64::max),
+            )
+        });
+        // Right after the stage: the gateway's own p99 of the decisions it
+        // admitted (request received to answer ready) over the stage's end.
+        let own = server_route(a.admin, &a.token, "/v1/authorize", a.seconds).await;
         let rss = resident_mb(a.admin).await;
         let s = &o.summary;
         println!(
-            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB, generator lag p99 {:.1} ms",
+            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms; the gateway's own p99 {} ms, runtime lag mean {} ms), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB, generator lag p99 {:.1} ms",
             s.offered_per_s,
             s.decided_per_s,
             s.decided.p99_ms,
+            own.as_ref().map_or("?".to_owned(), |f| format!("{:.2}", f.p99_ms)),
+            lag_ms.map_or("?".to_owned(), |(mean, max)| format!("{mean:.1}, max {max:.1}")),
             s.refused_per_s,
             s.refusals.p99_ms,
             s.offline as f64 / s.seconds.max(1e-9),
@@ -610,7 +659,7 @@ async fn overload_run(
             rss.map_or("?".to_owned(), |m| format!("{m:.0}")),
             s.generator_lag.p99_ms,
         );
-        stages.push((name, o, rss));
+        stages.push((name, o, rss, own.map(|f| f.p99_ms), lag_ms));
     }
     let knee_goodput = stages[0].1.summary.decided_per_s;
     let flood_goodput = stages[1].1.summary.decided_per_s;
@@ -649,9 +698,12 @@ async fn overload_run(
     }
     if let Some(path) = &a.json {
         let doc = json!({
-            "stages": stages.iter().map(|(name, o, rss)| json!({
+            "stages": stages.iter().map(|(name, o, rss, own_p99, lag)| json!({
                 "stage": name,
                 "summary": o.summary,
+                "own_p99_ms": own_p99,
+                "runtime_lag_mean_ms": lag.map(|l| l.0),
+                "runtime_lag_max_ms": lag.map(|l| l.1),
                 "by_second": o.by_second,
                 "resident_mb": rss,
             })).collect::<Vec<_>>(),
@@ -664,7 +716,7 @@ async fn overload_run(
     if let Some(path) = &a.plot {
         let series: Vec<(String, &hdrhistogram::Histogram<u64>)> = stages
             .iter()
-            .map(|(name, o, _)| (format!("{name}: decided"), &o.admitted))
+            .map(|(name, o, ..)| (format!("{name}: decided"), &o.admitted))
             .collect();
         let title = format!(
             "overload: decided answers' corrected latency, {} terminals, {:?}",
