@@ -153,43 +153,17 @@ pub async fn cleanup_step(
     let cursor = store
         .get_u64(Cf::Meta, meta::IDEM_CLEANUP_SEQ)?
         .unwrap_or(0);
-    let mut expired = Vec::new();
-    // Journal records passed (a reversal adds two keys to `expired`).
-    let mut passed = 0usize;
-    let mut last = cursor;
-    let mut corrupt = None;
-    // Up to CLEANUP_STEP_RECORDS_MAX records read: the runtime is told
-    // this thread blocks, so terminals' requests do not wait behind it.
-    tokio::task::block_in_place(|| {
-        store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
-            let Some(seq) = decode_u64(k) else {
-                corrupt = Some("journal key is not a u64");
-                return false;
-            };
-            let Ok(record) = serde_json::from_slice::<DecisionRecord>(v) else {
-                corrupt = Some("journal record does not decode");
-                return false;
-            };
-            if record.at_ms >= cutoff_ms {
-                return false;
-            }
-            if record.decision == "reverse" {
-                // A reversal's answer has its own key; the event's key holds
-                // the reversal's id only when it is a tombstone.
-                expired.push(Expired {
-                    idem_key: reversal_key(&record.terminal, &record.event_id),
-                    auth_id: record.auth_id.clone(),
-                });
-            }
-            expired.push(Expired {
-                idem_key: key(&record.terminal, &record.event_id),
-                auth_id: record.auth_id,
-            });
-            last = seq;
-            passed += 1;
-            passed < CLEANUP_STEP_RECORDS_MAX
-        })
-    })?;
+    // Up to CLEANUP_STEP_RECORDS_MAX records read on the blocking pool,
+    // not with `block_in_place`: that hands a worker's place to another
+    // thread at every call, and a loop of steps through a backlog grows
+    // the process's threads (the rollout follower did: issue 19's soak).
+    let reader = store.clone();
+    let read = tokio::task::spawn_blocking(move || expired_after(&reader, cursor, cutoff_ms));
+    let (expired, passed, last, corrupt) = match read.await {
+        Ok(r) => r?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => return Err(StoreError::Closed),
+    };
     if let Some(detail) = corrupt {
         return Err(StoreError::Corrupt {
             cf: "journal",
@@ -211,6 +185,49 @@ pub async fn cleanup_step(
             })?;
     }
     Ok(passed)
+}
+
+/// The idempotency keys of up to [`CLEANUP_STEP_RECORDS_MAX`] journal
+/// records after `cursor` older than `cutoff_ms`: the keys, how many
+/// records were passed, the last one's sequence, and why the scan stopped
+/// on a corrupt record, if it did.
+type Expiry = (Vec<Expired>, usize, u64, Option<&'static str>);
+
+fn expired_after(store: &Store, cursor: u64, cutoff_ms: i64) -> Result<Expiry, StoreError> {
+    let mut expired = Vec::new();
+    // Journal records passed (a reversal adds two keys to `expired`).
+    let mut passed = 0usize;
+    let mut last = cursor;
+    let mut corrupt = None;
+    store.scan(Cf::Journal, &(cursor + 1).to_be_bytes(), |k, v| {
+        let Some(seq) = decode_u64(k) else {
+            corrupt = Some("journal key is not a u64");
+            return false;
+        };
+        let Ok(record) = serde_json::from_slice::<DecisionRecord>(v) else {
+            corrupt = Some("journal record does not decode");
+            return false;
+        };
+        if record.at_ms >= cutoff_ms {
+            return false;
+        }
+        if record.decision == "reverse" {
+            // A reversal's answer has its own key; the event's key holds
+            // the reversal's id only when it is a tombstone.
+            expired.push(Expired {
+                idem_key: reversal_key(&record.terminal, &record.event_id),
+                auth_id: record.auth_id.clone(),
+            });
+        }
+        expired.push(Expired {
+            idem_key: key(&record.terminal, &record.event_id),
+            auth_id: record.auth_id,
+        });
+        last = seq;
+        passed += 1;
+        passed < CLEANUP_STEP_RECORDS_MAX
+    })?;
+    Ok((expired, passed, last, corrupt))
 }
 
 /// Runs clean-up steps every `interval` until `stop` fires.
