@@ -153,17 +153,11 @@ pub async fn cleanup_step(
     let cursor = store
         .get_u64(Cf::Meta, meta::IDEM_CLEANUP_SEQ)?
         .unwrap_or(0);
-    // Up to CLEANUP_STEP_RECORDS_MAX records read on the blocking pool,
-    // not with `block_in_place`: that hands a worker's place to another
-    // thread at every call, and a loop of steps through a backlog grows
-    // the process's threads (the rollout follower did: issue 19's soak).
+    // Up to CLEANUP_STEP_RECORDS_MAX records read on the blocking pool: a
+    // backlog of expired records is a loop of these steps.
     let reader = store.clone();
-    let read = tokio::task::spawn_blocking(move || expired_after(&reader, cursor, cutoff_ms));
-    let (expired, passed, last, corrupt) = match read.await {
-        Ok(r) => r?,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => return Err(StoreError::Closed),
-    };
+    let (expired, passed, last, corrupt) =
+        crate::store::blocking(move || expired_after(&reader, cursor, cutoff_ms)).await?;
     if let Some(detail) = corrupt {
         return Err(StoreError::Corrupt {
             cf: "journal",

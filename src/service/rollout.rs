@@ -12,9 +12,8 @@
 //!
 //! Runs on its own task; the hot path never waits on it. Each step reads
 //! at most [`READ_BATCH`] records on the runtime's blocking pool
-//! (`spawn_blocking`), not with `block_in_place`: that hands the calling
-//! worker's place to another thread at every call, and a follower that
-//! stepped through a backlog grew the process to 273 threads in a soak,
+//! ([`crate::store::blocking`]); with `block_in_place` instead, a follower
+//! stepping through a backlog grew the process to 273 threads in a soak,
 //! each with its own allocator heaps (resident memory rose by 900 MB in
 //! twelve minutes; issue 19).
 
@@ -61,12 +60,7 @@ impl Gateway {
         while total < max {
             let gw = self.clone();
             let batch = READ_BATCH.min(max - total);
-            let n = match tokio::task::spawn_blocking(move || gw.count_step(batch)).await {
-                Ok(n) => n?,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                // Cancelled: the runtime is shutting down.
-                Err(_) => return Err(StoreError::Closed),
-            };
+            let n = crate::store::blocking(move || gw.count_step(batch)).await?;
             total += n;
             if n == 0 {
                 break;

@@ -185,6 +185,25 @@ pub enum StoreError {
     Closed,
 }
 
+/// Runs store work `f` on the runtime's blocking pool and gives its result
+/// back: a panic in it is raised again here, and a runtime shutting down
+/// is [`StoreError::Closed`]. The blocking pool, not `block_in_place`:
+/// that hands the calling worker's place to another thread at every call,
+/// and a background task stepping through a backlog with it grew the
+/// process to 273 threads (issue 19's soak).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => match e.try_into_panic() {
+            Ok(p) => std::panic::resume_unwind(p),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => Err(StoreError::Closed),
+        },
+    }
+}
+
 /// The open database, shared by the journal writer and readers.
 #[derive(Clone)]
 pub struct Store {
@@ -317,14 +336,7 @@ impl Store {
             return Ok(v);
         }
         let (store, key) = (self.clone(), key.to_vec());
-        match tokio::task::spawn_blocking(move || store.get(cf, &key)).await {
-            Ok(r) => r,
-            Err(e) => match e.try_into_panic() {
-                Ok(p) => std::panic::resume_unwind(p),
-                // Cancelled: the runtime is shutting down.
-                Err(_) => Err(StoreError::Closed),
-            },
-        }
+        blocking(move || store.get(cf, &key)).await
     }
 
     pub fn get_u64(&self, cf: Cf, key: &[u8]) -> Result<Option<u64>, StoreError> {

@@ -604,6 +604,17 @@ async fn soak_run(
     Ok(())
 }
 
+/// One stage of `overload` and what was read from the gateway after it.
+struct OverloadStage {
+    name: &'static str,
+    outcome: runner::Outcome,
+    resident_mb: Option<f64>,
+    /// The gateway's own p99 of what it decided, over the stage's end.
+    own_p99_ms: Option<f64>,
+    /// The runtime lag over the stage: mean and largest sample, in ms.
+    lag_ms: Option<(f64, f64)>,
+}
+
 /// `overload`: `--rate` (the knee), then twice that, then the knee again,
 /// each for `--seconds`: what is decided and how fast (goodput, the
 /// decided answers' p99), what is refused and how fast, the gateway's
@@ -659,20 +670,26 @@ async fn overload_run(
             rss.map_or("?".to_owned(), |m| format!("{m:.0}")),
             s.generator_lag.p99_ms,
         );
-        stages.push((name, o, rss, own.map(|f| f.p99_ms), lag_ms));
+        stages.push(OverloadStage {
+            name,
+            outcome: o,
+            resident_mb: rss,
+            own_p99_ms: own.map(|f| f.p99_ms),
+            lag_ms,
+        });
     }
-    let knee_goodput = stages[0].1.summary.decided_per_s;
-    let flood_goodput = stages[1].1.summary.decided_per_s;
+    let knee_goodput = stages[0].outcome.summary.decided_per_s;
+    let flood_goodput = stages[1].outcome.summary.decided_per_s;
     let ratio = flood_goodput / knee_goodput.max(1e-9);
     // Recovery: the first second of the last stage from which every second
     // keeps its decided p99 within the bound and refuses no more than the
     // knee did before the flood (its share, and half a percentage point of
     // noise).
-    let knee = &stages[0].1.summary;
+    let knee = &stages[0].outcome.summary;
     let knee_refused_share =
         knee.refused_per_s / (knee.decided_per_s + knee.refused_per_s).max(1e-9);
     let recovered_at = report::recovered_at(
-        &stages[2].1.by_second,
+        &stages[2].outcome.by_second,
         a.p99_bound_ms,
         knee_refused_share + 0.005,
     );
@@ -698,14 +715,14 @@ async fn overload_run(
     }
     if let Some(path) = &a.json {
         let doc = json!({
-            "stages": stages.iter().map(|(name, o, rss, own_p99, lag)| json!({
-                "stage": name,
-                "summary": o.summary,
-                "own_p99_ms": own_p99,
-                "runtime_lag_mean_ms": lag.map(|l| l.0),
-                "runtime_lag_max_ms": lag.map(|l| l.1),
-                "by_second": o.by_second,
-                "resident_mb": rss,
+            "stages": stages.iter().map(|st| json!({
+                "stage": st.name,
+                "summary": st.outcome.summary,
+                "own_p99_ms": st.own_p99_ms,
+                "runtime_lag_mean_ms": st.lag_ms.map(|l| l.0),
+                "runtime_lag_max_ms": st.lag_ms.map(|l| l.1),
+                "by_second": st.outcome.by_second,
+                "resident_mb": st.resident_mb,
             })).collect::<Vec<_>>(),
             "goodput_ratio": ratio,
             "recovered_after_s": recovered_at,
@@ -716,7 +733,7 @@ async fn overload_run(
     if let Some(path) = &a.plot {
         let series: Vec<(String, &hdrhistogram::Histogram<u64>)> = stages
             .iter()
-            .map(|(name, o, ..)| (format!("{name}: decided"), &o.admitted))
+            .map(|st| (format!("{}: decided", st.name), &st.outcome.admitted))
             .collect();
         let title = format!(
             "overload: decided answers' corrected latency, {} terminals, {:?}",
