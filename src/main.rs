@@ -348,8 +348,15 @@ fn main() -> anyhow::Result<()> {
                 onecard::store::crashpoint::arm(&spec)?;
                 eprintln!("onecard: ONECARD_CRASH_AT={spec}: this process will kill itself there");
             }
+            // At most 64 threads for blocking work (tokio's default is
+            // 512): store reads the cache cannot answer, journal steps,
+            // reloads. More threads than that read no faster on a few
+            // CPUs and one disk, and each costs a stack and a share of the
+            // C heap's arenas; past it the work waits in line, behind
+            // the in-flight cap that bounds the requests making it.
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .max_blocking_threads(64)
                 .build()?;
             runtime.block_on(serve(c, demo))
         }

@@ -243,7 +243,15 @@ fn describe() {
     describe_gauge!(
         "onecard_runtime_lag_seconds",
         Unit::Seconds,
-        "How late a ready task runs, smoothed over 50 ms: past limits.overload_lag_ms terminals' requests are shed with 503"
+        "How late a ready task runs, smoothed over 50 ms: load shedding holds it at limits.overload_lag_ms"
+    );
+    describe_gauge!(
+        "onecard_admission_shed_share",
+        "The share of terminals' requests refused with 503 to hold the runtime's lag at limits.overload_lag_ms (0 to 1; grows while the lag is over the target, shrinks while under)"
+    );
+    describe_counter!(
+        "onecard_store_disk_reads_total",
+        "Point reads of a request that the memtables and the block cache could not answer, per column family: read on the blocking pool"
     );
     describe_gauge!(
         "onecard_store_memory_bytes",

@@ -234,19 +234,23 @@ struct Writes {
 impl Writes {
     async fn write(&self, store: &Store, ops: Vec<Op>, sync: bool) -> Result<(), Stop> {
         match &self.cluster {
-            None => tokio::task::block_in_place(|| {
-                let mut wb = rocksdb::WriteBatch::default();
-                for op in &ops {
-                    match op {
-                        Op::Put(cf, k, v) => wb.put_cf(store.cf(*cf), k, v),
-                        Op::Delete(cf, k) => wb.delete_cf(store.cf(*cf), k),
+            None => {
+                let store = store.clone();
+                crate::store::blocking(move || {
+                    let mut wb = rocksdb::WriteBatch::default();
+                    for op in &ops {
+                        match op {
+                            Op::Put(cf, k, v) => wb.put_cf(store.cf(*cf), k, v),
+                            Op::Delete(cf, k) => wb.delete_cf(store.cf(*cf), k),
+                        }
                     }
-                }
-                let mut wo = rocksdb::WriteOptions::default();
-                wo.set_sync(sync);
-                store.db().write_opt(wb, &wo).map_err(StoreError::from)
-            })
-            .map_err(Stop::from),
+                    let mut wo = rocksdb::WriteOptions::default();
+                    wo.set_sync(sync);
+                    store.db().write_opt(wb, &wo).map_err(StoreError::from)
+                })
+                .await
+                .map_err(Stop::from)
+            }
             Some((journal, sink)) => {
                 let mut commit = Commit::new(None, ops);
                 commit.fences = vec![Fence::Sink(sink.clone())];
@@ -656,7 +660,7 @@ async fn run_inner(
     let mut inflight = std::collections::HashSet::new();
     let mut sends: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
     let mut idle: Vec<Connection> = Vec::new();
-    let mut batcher = Batcher::new(Rules {
+    let batcher = Batcher::new(Rules {
         sink: name.clone(),
         scenarios: cfg.scenario_list().expect("validated"),
         cards: Cards::of(&gw.policy.regions, &cfg.partners),
@@ -672,10 +676,14 @@ async fn run_inner(
     let mut circuit = Circuit::new(cfg.circuit_failures, cfg.circuit_pause_ms);
     let mut jitter = onecard_core::rng::Rng::new(gw.now_ms() as u64 ^ name.len() as u64);
     let (bp, pp, ck) = (batch_prefix(&name), parked_prefix(&name), cursor_key(&name));
-    let mut next_seq = store.get_u64(Cf::Settle, &ck)?.unwrap_or(0);
+    let next_seq = store.get_u64(Cf::Settle, &ck)?.unwrap_or(0);
     let mut durable_cursor = next_seq;
     let mut cursor_written_at = Instant::now();
-    let mut read_ahead = VecDeque::new();
+    let mut follow = Follow {
+        batcher,
+        read_ahead: VecDeque::new(),
+        next_seq,
+    };
     // Failed attempts and the next try of each batch that failed: per
     // batch, since with several in flight one batch's failures must
     // neither be forgiven by another's success nor count against it.
@@ -702,7 +710,10 @@ async fn run_inner(
         .expect("every configured sink has a status");
     // Counted once here, then kept by park and replay: status and /readyz
     // read the number without touching the store.
-    status.set_parked(tokio::task::block_in_place(|| count(&store, &name))?);
+    status.set_parked({
+        let (store, name) = (store.clone(), name.clone());
+        crate::store::blocking(move || count(&store, &name)).await?
+    });
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -724,7 +735,10 @@ async fn run_inner(
         }
         full_warned = full;
         if status.take_replay() {
-            let (back, ops) = tokio::task::block_in_place(|| replay(&store, &name))?;
+            let (back, ops) = {
+                let (store, name) = (store.clone(), name.clone());
+                crate::store::blocking(move || replay(&store, &name)).await?
+            };
             writes.write(&store, ops, true).await?;
             status.set_parked(0);
             tracing::info!(sink = %name, batches = back.len(), "parked batches put back in line by an operator");
@@ -740,22 +754,25 @@ async fn run_inner(
             // One batch per replicated write: a write is one message.
             room = room.min(1);
         }
+        // On the blocking pool, the follower's state moved there and back
+        // (`block_in_place` in this loop would hand a worker's place to a
+        // new thread at every pass: the thread churn issue 19's soak
+        // found in the rollout follower).
+        let (back, filled) = {
+            let (store, ck, bp) = (store.clone(), ck.clone(), bp.clone());
+            let mut f = follow;
+            crate::store::blocking(move || {
+                let filled = fill(&store, &mut f, durable_cursor, (&ck, &bp), room, now_ms)?;
+                Ok((f, filled))
+            })
+            .await?
+        };
+        follow = back;
         let Filled {
             read_any,
             stored,
             write,
-        } = tokio::task::block_in_place(|| {
-            fill(
-                &store,
-                &mut batcher,
-                &mut read_ahead,
-                &mut next_seq,
-                durable_cursor,
-                (&ck, &bp),
-                room,
-                now_ms,
-            )
-        })?;
+        } = filled;
         match write {
             Some((ops, cursor)) if !stored.is_empty() => {
                 writes.write(&store, ops, true).await?;
@@ -801,9 +818,9 @@ async fn run_inner(
             backlog.events,
             waiting.first().map(|b| b.oldest_at_ms),
         );
-        status.set_cursor(next_seq, gw.journal.last_seq());
+        status.set_cursor(follow.next_seq, gw.journal.last_seq());
         metrics::gauge!("onecard_settle_unread_records", &labels)
-            .set((gw.journal.last_seq() + 1).saturating_sub(next_seq) as f64);
+            .set((gw.journal.last_seq() + 1).saturating_sub(follow.next_seq) as f64);
         status.set_circuit(circuit.state().level());
         metrics::gauge!("onecard_settle_circuit", &labels).set(f64::from(circuit.state().level()));
         if !status.is_paused() {
@@ -879,7 +896,11 @@ async fn run_inner(
                     status.acked(gw.now_ms());
                     circuit.success();
                     retries.remove(&b.first_seq);
-                    let ops = tokio::task::block_in_place(|| acknowledge(&store, &bp, &name, &b))?;
+                    let ops = {
+                        let (store, bp, name, b) =
+                            (store.clone(), bp.clone(), name.clone(), b.clone());
+                        crate::store::blocking(move || acknowledge(&store, &bp, &name, &b)).await?
+                    };
                     writes.write(&store, ops, true).await?;
                     crate::store::crashpoint::hit("settle.after_ack");
                     metrics::counter!("onecard_settle_batches_total", "sink" => name.clone(), "outcome" => "acked").increment(1);
@@ -951,14 +972,21 @@ struct Filled {
     write: Option<(Vec<Op>, u64)>,
 }
 
+/// The delivery task's place in the journal: the batcher with its open
+/// batches, the records read and decoded but not offered yet, and the next
+/// record to read.
+struct Follow {
+    batcher: Batcher,
+    read_ahead: VecDeque<(u64, DecisionRecord)>,
+    next_seq: u64,
+}
+
 /// One pass over the journal: offers records from `next_seq` on to the
 /// batcher and returns every batch that seals (at most `room` of them) and
 /// the write that stores them with the cursor past the last.
 fn fill(
     store: &Store,
-    batcher: &mut Batcher,
-    read_ahead: &mut VecDeque<(u64, DecisionRecord)>,
-    next_seq: &mut u64,
+    follow: &mut Follow,
     durable_cursor: u64,
     (ck, bp): (&[u8], &[u8]),
     room: usize,
@@ -967,6 +995,11 @@ fn fill(
     // Records read and decoded but not offered yet wait in `read_ahead`
     // (from `next_seq` on): when only a batch or two have room, the rest
     // of a read is not decoded again on the next pass.
+    let Follow {
+        batcher,
+        read_ahead,
+        next_seq,
+    } = follow;
     if room > 0 && read_ahead.is_empty() {
         read_ahead.extend(crate::store::journal::read(store, *next_seq, READ_BATCH)?);
     }

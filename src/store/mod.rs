@@ -41,7 +41,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, Env, IteratorMode,
+    BlockBasedIndexType, BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, Env, IteratorMode,
     MemtableFactory, Options, SliceTransform, DB,
 };
 
@@ -269,11 +269,24 @@ impl Store {
             // beside it for as long as the file is open: memory stays
             // within `block_cache_mb` however large the journal grows.
             // Level 0's are pinned: every lookup of a new key reads them.
+            // Both are partitioned into 4 KiB pieces under a small pinned
+            // top level: whole, a 50 MB table's index and filter are half
+            // a megabyte each, and the cache is 64 shards of 4 MB (half of
+            // each for index and filter blocks), so a shard that drew a
+            // few of them evicted them again and again. In an hour's soak
+            // (issue 19), after 30 minutes nearly every new event id's
+            // lookup read and decompressed a whole index block on the
+            // blocking pool, which grew to 55 threads and the process by
+            // 200 MB.
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
             table.set_cache_index_and_filter_blocks(true);
             table.set_cache_index_and_filter_blocks_with_high_priority(true);
             table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+            table.set_partition_filters(true);
+            table.set_metadata_block_size(4096);
+            table.set_pin_top_level_index_and_filter(true);
             if matches!(cf, Cf::Idem | Cf::Cards | Cf::Denylist | Cf::Creds) {
                 // Point lookups, mostly of keys that are absent (new event
                 // ids): a bloom filter answers those without a disk read.
@@ -335,6 +348,10 @@ impl Store {
         if let Some(v) = self.get_cached(cf, key)? {
             return Ok(v);
         }
+        // Rare when the cache holds the tables' indexes and filters (a
+        // filter's false positive, a key on disk): many of them per
+        // second mean it does not.
+        metrics::counter!("onecard_store_disk_reads_total", "cf" => cf.name()).increment(1);
         let (store, key) = (self.clone(), key.to_vec());
         blocking(move || store.get(cf, &key)).await
     }

@@ -460,31 +460,45 @@ async fn server_route(
     (f.count > 0).then_some(f)
 }
 
-/// Samples the gauge `name` from the gateway's `/metrics` every 250 ms
-/// until told to stop; the samples come back from the handle.
-fn sample_gauge(
+/// Samples the gauges `names` from the gateway's `/metrics` every 250 ms
+/// (all from one scrape) until told to stop; the samples come back from
+/// the handle, one list per name.
+fn sample_gauges<const N: usize>(
     admin: Option<SocketAddr>,
-    name: &'static str,
+    names: [&'static str; N],
 ) -> (
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Vec<f64>>,
+    tokio::task::JoinHandle<[Vec<f64>; N]>,
 ) {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
-        let mut samples = Vec::new();
+        let mut samples: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 _ = &mut stopped => return samples,
                 _ = tick.tick() => {
-                    if let Some(v) = gauge(admin, name).await {
-                        samples.push(v);
+                    let Some(text) = metrics_text(admin).await else { continue };
+                    for (name, out) in names.iter().zip(samples.iter_mut()) {
+                        if let Some(v) = sum_samples(&text, name, None) {
+                            out.push(v);
+                        }
                     }
                 }
             }
         }
     });
     (stop, handle)
+}
+
+/// The mean and the largest of `samples` times `scale`, if there are any.
+fn mean_max(samples: &[f64], scale: f64) -> Option<(f64, f64)> {
+    (!samples.is_empty()).then(|| {
+        (
+            samples.iter().sum::<f64>() / samples.len() as f64 * scale,
+            samples.iter().copied().fold(0.0, f64::max) * scale,
+        )
+    })
 }
 
 /// The gateway's resident memory, from its `/metrics`.
@@ -613,6 +627,9 @@ struct OverloadStage {
     own_p99_ms: Option<f64>,
     /// The runtime lag over the stage: mean and largest sample, in ms.
     lag_ms: Option<(f64, f64)>,
+    /// The share of requests the gateway shed over the stage: mean and
+    /// largest sample, in percent.
+    shed_pct: Option<(f64, f64)>,
 }
 
 /// `overload`: `--rate` (the knee), then twice that, then the knee again,
@@ -633,35 +650,34 @@ async fn overload_run(
         let st = a.constant_stage(rate, a.seed ^ rate as u64 ^ stages.len() as u64, !a.quiet);
         // The gateway's runtime lag (how late it runs a ready task: the
         // queue before a request's head is read, which its own latency
-        // cannot see), sampled from its /metrics four times a second.
-        let (stop_lag, lag_samples) = sample_gauge(a.admin, "onecard_runtime_lag_seconds");
+        // cannot see) and the share it sheds to hold that lag, sampled from
+        // its /metrics four times a second.
+        let (stop_sampling, samples) = sample_gauges(
+            a.admin,
+            [
+                "onecard_runtime_lag_seconds",
+                "onecard_admission_shed_share",
+            ],
+        );
         let (o, back) = runner::run_stage(target, conns, &st, mix.clone()).await?;
         conns = back;
-        let _ = stop_lag.send(());
-        let lag_ms: Vec<f64> = lag_samples
-            .await
-            .unwrap_or_default()
-            .iter()
-            .map(|s| s * 1000.0)
-            .collect();
-        let lag_ms = (!lag_ms.is_empty()).then(|| {
-            (
-                lag_ms.iter().sum::<f64>() / lag_ms.len() as f64,
-                lag_ms.iter().copied().fold(0.0, f64::max),
-            )
-        });
+        let _ = stop_sampling.send(());
+        let [lag, shed] = samples.await.unwrap_or_default();
+        let lag_ms = mean_max(&lag, 1000.0);
+        let shed_pct = mean_max(&shed, 100.0);
         // Right after the stage: the gateway's own p99 of the decisions it
         // admitted (request received to answer ready) over the stage's end.
         let own = server_route(a.admin, &a.token, "/v1/authorize", a.seconds).await;
         let rss = resident_mb(a.admin).await;
         let s = &o.summary;
         println!(
-            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms; the gateway's own p99 {} ms, runtime lag mean {} ms), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB, generator lag p99 {:.1} ms",
+            "{name:>5} offered {:>6.0}/s: decided {:>6.0}/s (p99 {:>7.2} ms; the gateway's own p99 {} ms, runtime lag mean {} ms, shedding mean {} %), refused {:>6.0}/s (p99 {:>6.2} ms), offline {:>6.0}/s, errors {:?}, dropped {}, gateway RSS {} MB, generator lag p99 {:.1} ms",
             s.offered_per_s,
             s.decided_per_s,
             s.decided.p99_ms,
             own.as_ref().map_or("?".to_owned(), |f| format!("{:.2}", f.p99_ms)),
             lag_ms.map_or("?".to_owned(), |(mean, max)| format!("{mean:.1}, max {max:.1}")),
+            shed_pct.map_or("?".to_owned(), |(mean, max)| format!("{mean:.1}, max {max:.1}")),
             s.refused_per_s,
             s.refusals.p99_ms,
             s.offline as f64 / s.seconds.max(1e-9),
@@ -676,6 +692,7 @@ async fn overload_run(
             resident_mb: rss,
             own_p99_ms: own.map(|f| f.p99_ms),
             lag_ms,
+            shed_pct,
         });
     }
     let knee_goodput = stages[0].outcome.summary.decided_per_s;
@@ -721,6 +738,8 @@ async fn overload_run(
                 "own_p99_ms": st.own_p99_ms,
                 "runtime_lag_mean_ms": st.lag_ms.map(|l| l.0),
                 "runtime_lag_max_ms": st.lag_ms.map(|l| l.1),
+                "shed_share_mean_pct": st.shed_pct.map(|l| l.0),
+                "shed_share_max_pct": st.shed_pct.map(|l| l.1),
                 "by_second": st.outcome.by_second,
                 "resident_mb": st.resident_mb,
             })).collect::<Vec<_>>(),
