@@ -41,8 +41,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    BlockBasedIndexType, BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, Env, IteratorMode,
-    MemtableFactory, Options, SliceTransform, DB,
+    BlockBasedIndexType, BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    Env, IteratorMode, MemtableFactory, Options, SliceTransform, DB,
 };
 
 use crate::config::StoreConfig;
