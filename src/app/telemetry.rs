@@ -243,11 +243,11 @@ fn describe() {
     describe_gauge!(
         "onecard_runtime_lag_seconds",
         Unit::Seconds,
-        "How late a ready task runs, smoothed over 50 ms: load shedding holds it at limits.overload_lag_ms"
+        "How late a ready task runs, smoothed over 50 ms: past limits.overload_lag_ms terminals' requests are shed with 503"
     );
     describe_gauge!(
         "onecard_admission_shed_share",
-        "The share of terminals' requests refused with 503 to hold the runtime's lag at limits.overload_lag_ms (0 to 1; grows while the lag is over the target, shrinks while under)"
+        "The share of terminals' requests refused with 503 because the runtime lags: none up to limits.overload_lag_ms, all at five times it (0 to 1)"
     );
     describe_counter!(
         "onecard_store_disk_reads_total",

@@ -17,25 +17,21 @@
 //! requests wait in the sockets and in the runtime's run queue for a CPU,
 //! unseen by the in-flight count (which the terminals' connections bound
 //! anyway). What sees that queue is the runtime's *lag*: how late a timer
-//! task that is ready gets to run ([`Admission::watch_lag`]). A share of
-//! terminals' requests is refused with `503` and `Retry-After`
-//! (`limits.overload_retry_after_s`, 2 s on average, each refusal's spread
-//! from 1 to 3 s by [`jittered`]) before the body is read; a terminal that
-//! obeys works offline for that long, so each refusal takes seconds of that
-//! terminal's load away and a small share refused is enough (a refusal
-//! costs nearly what a decision does: its TLS record and head are read all
-//! the same). The share is set by [`ShedControl`], an integral controller
-//! that holds the lag at `limits.overload_lag_ms`: it grows while the lag
-//! is over the target and shrinks while it is under, so at twice the knee
-//! the lag (and with it every decision's wait, which is a few lags) stays
-//! where the target puts it, not wherever a fixed ramp of share against
-//! lag balances. The refusals are spread evenly over requests, so that the
-//! terminals refused do not all come back in the same instant. This, not
-//! the in-flight cap, is the overload control: the cap is a bound on
-//! memory, set well above what the knee keeps in flight, because a cap
-//! that bites refuses in bursts (a group commit's requests held by one
-//! slow `fdatasync`) and cost a quarter of the goodput at twice the knee or
-//! more (`loadtest/overload`).
+//! task that is ready gets to run ([`Admission::watch_lag`]). Past
+//! `limits.overload_lag_ms` a growing share of terminals' requests is
+//! refused with `503` and `Retry-After` (`limits.overload_retry_after_s`,
+//! 2 s on average, each refusal's spread from 1 to 3 s by [`jittered`]),
+//! before the body is read; a terminal that obeys works offline for
+//! that long, so each refusal takes seconds of that terminal's load away
+//! and a small share refused is enough (a refusal costs nearly what a
+//! decision does: its TLS record and head are read all the same). The
+//! share ramps from none at the target to all at five times it, spread
+//! evenly over requests, so that the terminals refused do not all come
+//! back in the same instant. This, not the in-flight cap, is the overload
+//! control: the cap is a bound on memory, set well above what the knee
+//! keeps in flight, because a cap that bites refuses in bursts (a group
+//! commit's requests held by one slow `fdatasync`) and cost a quarter of the
+//! goodput at twice the knee or more (`loadtest/overload`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -68,7 +64,7 @@ pub struct Admission {
     /// The runtime's smoothed lag, in microseconds ([`Admission::watch_lag`]).
     lag_us: AtomicU64,
     /// The share of terminals' requests refused now, an `f64`'s bits
-    /// ([`ShedControl`], updated with each lag sample).
+    /// ([`shed_share`] of the smoothed lag, set with each lag sample).
     shed_share: AtomicU64,
     /// `limits.overload_lag_ms` in microseconds; 0: never shed.
     overload_lag_us: u64,
@@ -146,43 +142,13 @@ impl StandingQueue {
 const LAG_TICK: Duration = Duration::from_millis(5);
 const LAG_SMOOTHING_S: f64 = 0.05;
 
-/// How fast the share refused moves per second for each target's worth of
-/// lag over (or under) the target. The share that holds twice the knee is
-/// small (about 5 %: each refused terminal stays away two seconds), so at
-/// this gain a lag of twice the target reaches it in half a second, and a
-/// backlog that drains for a second after the load has gone overshoots by
-/// little; after a flood the share falls to none within a second.
-const SHED_GAIN_PER_S: f64 = 0.1;
-/// The furthest over the target one sample pushes the share (a stall of
-/// seconds is the disk's or a hog's, not a reason to refuse everyone).
-const SHED_ERROR_MAX: f64 = 4.0;
-
-/// The share of terminals' requests refused, from the runtime's lag: an
-/// integral controller with the target `limits.overload_lag_ms`. Each lag
-/// sample moves the share by [`SHED_GAIN_PER_S`] times the sample's time
-/// times how far the lag is from the target in targets (`lag / target -
-/// 1`, from -1 at no lag to [`SHED_ERROR_MAX`]), kept within [0, 1]. The
-/// share therefore settles where the lag averages the target, whatever the
-/// flood (a proportional ramp settles where its share balances the
-/// excess, which at twice the knee was half again the target and more).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ShedControl {
-    share: f64,
-}
-
-impl ShedControl {
-    /// Takes a sample of the smoothed lag `lag_us` that covered `dt`,
-    /// against the target `target_us` (0: off), and returns the share to
-    /// refuse.
-    pub fn update(&mut self, lag_us: u64, target_us: u64, dt: Duration) -> f64 {
-        if target_us == 0 {
-            self.share = 0.0;
-            return 0.0;
-        }
-        let error = (lag_us as f64 / target_us as f64 - 1.0).clamp(-1.0, SHED_ERROR_MAX);
-        self.share = (self.share + SHED_GAIN_PER_S * error * dt.as_secs_f64()).clamp(0.0, 1.0);
-        self.share
+/// The share of requests to refuse at `lag_us` with the target `target_us`:
+/// none up to the target, all at five times it, linear between.
+pub fn shed_share(lag_us: u64, target_us: u64) -> f64 {
+    if target_us == 0 || lag_us <= target_us {
+        return 0.0;
     }
+    ((lag_us - target_us) as f64 / (4 * target_us) as f64).min(1.0)
 }
 
 /// The `Retry-After` of one refusal: `base` seconds on average, spread
@@ -248,11 +214,10 @@ impl Admission {
     /// measures how much later than that it woke (the wait of a ready task
     /// for a worker, and of the timer and sockets for a worker to poll
     /// them), averaged over about [`LAG_SMOOTHING_S`] of wall time; each
-    /// sample sets the share shed ([`ShedControl`]).
+    /// sample sets the share shed ([`shed_share`]).
     pub async fn watch_lag(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let gauge = metrics::gauge!("onecard_runtime_lag_seconds");
         let share_gauge = metrics::gauge!("onecard_admission_shed_share");
-        let mut control = ShedControl::default();
         let mut smoothed_us = 0.0f64;
         loop {
             let t = Instant::now();
@@ -266,7 +231,7 @@ impl Admission {
             // the average as far as many short ticks of the same lag.
             let w = 1.0 - (-took.as_secs_f64() / LAG_SMOOTHING_S).exp();
             smoothed_us += (late_us - smoothed_us) * w;
-            let share = control.update(smoothed_us as u64, self.overload_lag_us, took);
+            let share = shed_share(smoothed_us as u64, self.overload_lag_us);
             self.observe(smoothed_us as u64, share);
             gauge.set(smoothed_us / 1e6);
             share_gauge.set(share);
@@ -500,49 +465,25 @@ mod tests {
         assert_eq!(jittered(2, -1.0), 1);
     }
 
-    /// Runs `control` for `seconds` of 5 ms samples at `lag_us`.
-    fn hold(control: &mut ShedControl, lag_us: u64, target_us: u64, seconds: f64) -> f64 {
-        let tick = Duration::from_millis(5);
-        let mut share = 0.0;
-        for _ in 0..(seconds / tick.as_secs_f64()).round() as usize {
-            share = control.update(lag_us, target_us, tick);
-        }
-        share
-    }
-
     #[test]
-    fn the_share_shed_grows_while_the_lag_is_over_its_target_and_shrinks_under_it() {
+    fn the_share_shed_ramps_from_the_target_to_five_times_it() {
         let ms = 1000;
-        let target = 10 * ms;
-        let mut c = ShedControl::default();
-        // (lag, for how long, the share after): under the target nothing
-        // is refused; twice it for half a second refuses 5 %; at the
-        // target the share holds (the lag it settles at is the target);
-        // no lag at all takes 10 % a second away.
-        for (lag, seconds, want) in [
-            (0, 1.0, 0.0),
-            (9 * ms, 1.0, 0.0),
-            (20 * ms, 0.5, 0.05),
-            (10 * ms, 3.0, 0.05),
-            (15 * ms, 1.0, 0.10),
-            (5 * ms, 1.0, 0.05),
-            (0, 0.25, 0.025),
-            (0, 1.0, 0.0),
-            // A stall far past the target moves it as if five targets,
-            // never past everything.
-            (900 * ms, 1.0, 0.4),
-            (900 * ms, 10.0, 1.0),
-            (0, 2.0, 0.8),
+        for (lag, target, share) in [
+            (0, 10 * ms, 0.0),
+            (10 * ms, 10 * ms, 0.0),
+            (20 * ms, 10 * ms, 0.25),
+            (30 * ms, 10 * ms, 0.5),
+            (50 * ms, 10 * ms, 1.0),
+            (900 * ms, 10 * ms, 1.0),
+            // Off.
+            (900 * ms, 0, 0.0),
         ] {
-            let got = hold(&mut c, lag, target, seconds);
-            assert!(
-                (got - want).abs() < 1e-9,
-                "after {lag} µs for {seconds} s: share {got}, want {want}"
+            assert_eq!(
+                shed_share(lag, target),
+                share,
+                "lag {lag} µs, target {target} µs"
             );
         }
-        // Off: nothing, whatever the lag, and nothing kept for later.
-        assert_eq!(hold(&mut c, 900 * ms, 0, 1.0), 0.0);
-        assert_eq!(c.update(0, target, Duration::from_millis(5)), 0.0);
     }
 
     #[tokio::test]
