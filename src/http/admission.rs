@@ -61,7 +61,9 @@ pub struct Admission {
     terminals_tracked_max: usize,
     /// `onecard_requests_in_flight`, resolved once: it moves twice per request.
     in_flight_gauge: metrics::Gauge,
-    /// The runtime's smoothed lag, in microseconds ([`Admission::watch_lag`]).
+    /// The runtime's smoothed lag, in microseconds ([`Admission::watch_lag`]):
+    /// the probe's last reading, from which `shed_share` is set (its test
+    /// reads it; admission decides on the share).
     lag_us: AtomicU64,
     /// The share of terminals' requests refused now, an `f64`'s bits
     /// ([`shed_share`] of the smoothed lag, set with each lag sample).

@@ -181,12 +181,14 @@ pub async fn cleanup_step(
     Ok(passed)
 }
 
-/// The idempotency keys of up to [`CLEANUP_STEP_RECORDS_MAX`] journal
-/// records after `cursor` older than `cutoff_ms`: the keys, how many
+/// What one clean-up step found: the expired keys, how many journal
 /// records were passed, the last one's sequence, and why the scan stopped
 /// on a corrupt record, if it did.
 type Expiry = (Vec<Expired>, usize, u64, Option<&'static str>);
 
+/// The idempotency keys of up to [`CLEANUP_STEP_RECORDS_MAX`] journal
+/// records after `cursor` older than `cutoff_ms`. Blocking: called on the
+/// blocking pool.
 fn expired_after(store: &Store, cursor: u64, cutoff_ms: i64) -> Result<Expiry, StoreError> {
     let mut expired = Vec::new();
     // Journal records passed (a reversal adds two keys to `expired`).
