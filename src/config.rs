@@ -36,7 +36,15 @@ pub const TERMINAL_RATE_PER_S_DEFAULT: u32 = 50;
 pub const TERMINAL_BURST_DEFAULT: u32 = 100;
 pub const TERMINALS_TRACKED_MAX_DEFAULT: usize = 200_000;
 pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 10_000;
-pub const OVERLOAD_LAG_MS_DEFAULT: u64 = 40;
+/// The runtime lag past which terminals' requests are shed: CoDel's
+/// order of target, a run queue a few milliseconds deep. The decided p99
+/// at twice the knee follows it steeply (`loadtest/overload 4000 15`, the
+/// gateway on one CPU and the generator on the other, Dec 2026): 2 ms
+/// 30-36 ms at 82-93 % of the knee decided, 3 ms 43-44 ms at 87-98 %,
+/// 4 ms 46-59 ms at 102-108 % (the gateway's own p99 30-35 ms; the knee's
+/// 18-19 ms), 5 ms 58-83 ms, 10 ms 225-246 ms, 40 ms (the first default)
+/// 690 ms. At the knee the lag averages 1.3-1.9 ms.
+pub const OVERLOAD_LAG_MS_DEFAULT: u64 = 4;
 /// How long a terminal refused by load shedding stays away. Each refusal
 /// takes this many seconds of one terminal's load away, so the longer it
 /// is, the fewer refusals (each costing nearly what a decision costs: the
