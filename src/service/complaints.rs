@@ -114,7 +114,7 @@ impl Gateway {
         };
         let mut out = Vec::new();
         for c in &chain {
-            let (records, _) = tokio::task::block_in_place(|| self.card_records(c, w))?;
+            let (records, _) = self.card_records(c, w).await?;
             out.extend(records);
         }
         out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));

@@ -19,7 +19,7 @@ use crate::service::gateway::Gateway;
 use crate::service::settle;
 use crate::store::durable::Commit;
 use crate::store::journal::card_tx_key;
-use crate::store::{profiles, Cf, StoreError};
+use crate::store::{profiles, Cf, Store, StoreError};
 
 /// Records per look-up at most, and by default.
 pub const LOOKUP_LIMIT_MAX: usize = 500;
@@ -150,10 +150,10 @@ impl Gateway {
         let mut found: Vec<(u64, CardNo, DecisionRecord)> = Vec::new();
         let mut more = false;
         for card in &chain {
-            // A scan of the card's index and a read per record: on this
-            // thread, with the runtime told it blocks (a terminal's request
-            // is not left waiting behind it).
-            let (records, card_more) = tokio::task::block_in_place(|| self.card_records(card, w))?;
+            // A scan of the card's index and a read per record, on the
+            // blocking pool (a terminal's request is not left waiting
+            // behind it).
+            let (records, card_more) = self.card_records(card, w).await?;
             more |= card_more;
             found.extend(records.into_iter().map(|(seq, r)| (seq, card.clone(), r)));
         }
@@ -244,58 +244,19 @@ impl Gateway {
     }
 
     /// One card's records in the window, newest first, at most
-    /// `w.limit`, and whether there are more. Reads the index backwards
-    /// and stops as soon as it can: a busy card's old history is not read.
+    /// `w.limit`, and whether there are more: [`card_records`] on the
+    /// blocking pool (a scan of the card's index and a read per record
+    /// may wait for the disk; a worker is not held by it, nor handed over
+    /// to it as `block_in_place` would, starting a new worker thread).
     #[allow(clippy::type_complexity)]
-    pub(crate) fn card_records(
+    pub(crate) async fn card_records(
         &self,
         card: &CardNo,
         w: Window,
     ) -> Result<(Vec<(u64, DecisionRecord)>, bool), StoreError> {
-        let start = card_tx_key(card.as_str(), u64::MAX);
-        let prefix = &start[..start.len() - 8];
-        let mut out = Vec::new();
-        let mut more = false;
-        let mut failed = None;
-        self.store.scan_back(Cf::CardTx, &start, |k, _| {
-            if !k.starts_with(prefix) || k.len() != prefix.len() + 8 {
-                return false;
-            }
-            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
-            let record = match self.store.get(Cf::Journal, &seq.to_be_bytes()) {
-                Ok(Some(v)) => {
-                    serde_json::from_slice::<DecisionRecord>(&v).map_err(|_| StoreError::Corrupt {
-                        cf: "journal",
-                        detail: format!("record {seq} does not decode"),
-                    })
-                }
-                Ok(None) => return true,
-                Err(e) => Err(e),
-            };
-            let r = match record {
-                Ok(r) => r,
-                Err(e) => {
-                    failed = Some(e);
-                    return false;
-                }
-            };
-            if r.at_ms >= w.to_ms {
-                return true;
-            }
-            if r.at_ms < w.from_ms {
-                return false;
-            }
-            if out.len() == w.limit {
-                more = true;
-                return false;
-            }
-            out.push((seq, r));
-            true
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok((out, more)),
-        }
+        let store = self.store.clone();
+        let card = card.clone();
+        crate::store::blocking(move || card_records(&store, &card, w)).await
     }
 
     /// Where journal record `seq` stands in settlement.
@@ -347,5 +308,60 @@ impl Gateway {
             return Ok(("parked", Some(b.id)));
         }
         Ok(("acknowledged", None))
+    }
+}
+
+/// One card's records in the window, newest first, at most `w.limit`, and
+/// whether there are more. Reads the index backwards and stops as soon as
+/// it can: a busy card's old history is not read. Blocks on the store.
+#[allow(clippy::type_complexity)]
+fn card_records(
+    store: &Store,
+    card: &CardNo,
+    w: Window,
+) -> Result<(Vec<(u64, DecisionRecord)>, bool), StoreError> {
+    let start = card_tx_key(card.as_str(), u64::MAX);
+    let prefix = &start[..start.len() - 8];
+    let mut out = Vec::new();
+    let mut more = false;
+    let mut failed = None;
+    store.scan_back(Cf::CardTx, &start, |k, _| {
+        if !k.starts_with(prefix) || k.len() != prefix.len() + 8 {
+            return false;
+        }
+        let seq = u64::from_be_bytes(k[prefix.len()..].try_into().expect("8 bytes"));
+        let record = match store.get(Cf::Journal, &seq.to_be_bytes()) {
+            Ok(Some(v)) => {
+                serde_json::from_slice::<DecisionRecord>(&v).map_err(|_| StoreError::Corrupt {
+                    cf: "journal",
+                    detail: format!("record {seq} does not decode"),
+                })
+            }
+            Ok(None) => return true,
+            Err(e) => Err(e),
+        };
+        let r = match record {
+            Ok(r) => r,
+            Err(e) => {
+                failed = Some(e);
+                return false;
+            }
+        };
+        if r.at_ms >= w.to_ms {
+            return true;
+        }
+        if r.at_ms < w.from_ms {
+            return false;
+        }
+        if out.len() == w.limit {
+            more = true;
+            return false;
+        }
+        out.push((seq, r));
+        true
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((out, more)),
     }
 }

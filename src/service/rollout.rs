@@ -90,7 +90,8 @@ impl Gateway {
     /// has not yet (up to [`ON_REQUEST_MAX`] records).
     pub async fn rollout_report(self: &Arc<Self>, day: i32) -> Result<Report, ServiceError> {
         self.count_rollout(ON_REQUEST_MAX).await?;
-        let kept = tokio::task::block_in_place(|| rollout::day(&self.store, day))?;
+        let store = self.store.clone();
+        let kept = crate::store::blocking(move || rollout::day(&store, day)).await?;
         Ok(Report {
             day,
             rows: rules::rows(
