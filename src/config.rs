@@ -37,13 +37,10 @@ pub const TERMINAL_BURST_DEFAULT: u32 = 100;
 pub const TERMINALS_TRACKED_MAX_DEFAULT: usize = 200_000;
 pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 10_000;
 /// The runtime lag past which terminals' requests are shed: CoDel's
-/// order of target, a run queue a few milliseconds deep. The decided p99
-/// at twice the knee follows it steeply (`loadtest/overload 4000 15`, the
-/// gateway on one CPU and the generator on the other, Dec 2026): 2 ms
-/// 30-36 ms at 82-93 % of the knee decided, 3 ms 43-44 ms at 87-98 %,
-/// 4 ms 34-62 ms at 96-117 % (the gateway's own p99 24-47 ms; nine
-/// runs), 5 ms 58-100 ms, 10 ms 225-246 ms, 40 ms (the first default)
-/// 690 ms. At the knee the lag averages 1.1-1.9 ms.
+/// order of target, a run queue a few milliseconds deep (at the knee the
+/// lag averages 1-2 ms). The decided p99 at twice the knee follows it
+/// steeply, from tens of milliseconds at 2-4 ms to 690 ms at 40 (the
+/// first default); README's "Overload" table has the runs.
 pub const OVERLOAD_LAG_MS_DEFAULT: u64 = 4;
 /// How long a terminal refused by load shedding stays away. Each refusal
 /// takes this many seconds of one terminal's load away, so the longer it
