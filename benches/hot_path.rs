@@ -313,19 +313,36 @@ fn bench_qr(c: &mut Criterion) {
         let key = SigningKey::generate(alg, &mut rand_core::OsRng);
         let public = IssuerKey::from_public_pem("k1", alg, &key.public_pem(), 0, None).unwrap();
         let keys = Keyring::new(vec![public]).unwrap();
-        let token = qr::issue(
-            &key,
-            "k1",
-            "essc-0001",
-            CredType::Essc,
-            now,
-            60,
-            "jti-00000001",
-        )
-        .unwrap();
+        let issue =
+            |jti: &str| qr::issue(&key, "k1", "essc-0001", CredType::Essc, now, 60, jti).unwrap();
+        let token = issue("jti-00000001");
         c.bench_function(&format!("qr/verify_{name}"), |b| {
             b.iter(|| qr::verify(black_box(&token), &keys, Rules::default(), now).unwrap())
         });
+        if alg != Alg::Ed25519 {
+            continue;
+        }
+        // Signatures only, as the gateway's batching point checks them: 1 is
+        // strict verification alone, more is one batch (issue 21, item 3).
+        let checks: Vec<qr::Ed25519Check> = (0..16)
+            .map(|i| {
+                let t = issue(&format!("jti-{i:08}"));
+                qr::open(&t, &keys, now).unwrap().ed25519_check().unwrap()
+            })
+            .collect();
+        let mut group = c.benchmark_group("qr/ed25519_signatures");
+        for n in [1usize, 2, 4, 8, 16] {
+            let batch: Vec<&qr::Ed25519Check> = checks[..n].iter().collect();
+            group.throughput(Throughput::Elements(n as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(n), &batch, |b, batch| {
+                b.iter(|| {
+                    assert!(qr::verify_ed25519_batch(black_box(batch))
+                        .iter()
+                        .all(|ok| *ok))
+                })
+            });
+        }
+        group.finish();
     }
     let cache = ReplayCache::new(2_000_000);
     let mut i = 0u64;

@@ -331,6 +331,9 @@ pub struct QrConfig {
     /// Codes remembered for single use at most; at about
     /// scans/s × (lifetime + 2 × skew) it is never full.
     pub replay_cache_max: usize,
+    /// Ed25519 scans that arrive together are verified as one batch
+    /// (`service::sigbatch`); off, each is verified strictly on its own.
+    pub batch_ed25519: bool,
     pub keys: Vec<QrKeyConfig>,
 }
 
@@ -340,6 +343,7 @@ impl Default for QrConfig {
             lifetime_max_s: QR_LIFETIME_MAX_S_DEFAULT,
             skew_s: QR_SKEW_S_DEFAULT,
             replay_cache_max: QR_REPLAY_CACHE_MAX_DEFAULT,
+            batch_ed25519: true,
             keys: Vec::new(),
         }
     }

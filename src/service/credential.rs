@@ -20,6 +20,7 @@ use crate::config::QrConfig;
 use crate::service::error::ServiceError;
 use crate::service::replay::ReplayCache;
 use crate::service::replay::Seen;
+use crate::service::sigbatch::SigBatch;
 use crate::store::profiles;
 use crate::store::Cf;
 use crate::store::Store;
@@ -37,6 +38,9 @@ pub struct Scanner {
     keys: Keyring,
     rules: Rules,
     replay: ReplayCache,
+    /// Ed25519 signatures of scans that arrive together, checked together
+    /// (`qr.batch_ed25519`; `None`: each strictly on its own).
+    sigs: Option<SigBatch>,
     /// Cluster mode: the codes whose scans this node has applied from the
     /// cluster's journal (any node's). A code in here is spent for good:
     /// it is never given back, and a decision about to record it again is
@@ -81,6 +85,7 @@ impl Scanner {
             keys,
             rules: c.rules(),
             replay: ReplayCache::new(c.replay_cache_max),
+            sigs: c.batch_ed25519.then(SigBatch::new),
             recorded: ReplayCache::new(c.replay_cache_max),
         })
     }
@@ -176,7 +181,7 @@ pub async fn resolve<'a>(
     };
     let scanner = scanner.ok_or_else(not_configured)?;
     let now = now_ms.div_euclid(1000);
-    let claims = match qr::verify(token, &scanner.keys, scanner.rules, now) {
+    let claims = match verify(scanner, token, now).await {
         Ok(c) => c,
         Err(reject) => {
             metrics::counter!("onecard_qr_rejects_total", "why" => label_of(reject)).increment(1);
@@ -219,6 +224,21 @@ pub async fn resolve<'a>(
             "a credential binding is corrupt; tap the card",
         )),
     }
+}
+
+/// [`qr::verify`], with an Ed25519 signature checked in a batch with the
+/// scans that arrived alongside (SM2 on its own, where it stands).
+async fn verify(scanner: &Scanner, token: &str, now: i64) -> Result<qr::Claims, qr::Reject> {
+    let opened = qr::open(token, &scanner.keys, now)?;
+    let batched = scanner
+        .sigs
+        .as_ref()
+        .and_then(|sigs| Some((sigs, opened.ed25519_check()?)));
+    let signature_ok = match batched {
+        Some((sigs, check)) => sigs.verify(check).await,
+        None => opened.verify_signature(),
+    };
+    opened.accept(signature_ok, scanner.rules, now)
 }
 
 /// `400` for a scan where no issuer key is configured: a configuration

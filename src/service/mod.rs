@@ -23,6 +23,7 @@ pub mod replay;
 pub mod reverse;
 pub mod rollout;
 pub mod settle;
+pub mod sigbatch;
 pub mod sinks;
 pub mod stats;
 pub mod terminals;

@@ -424,3 +424,79 @@ async fn codes_from_the_command_line_are_accepted() {
     }
     gw.shutdown().await;
 }
+
+/// Ed25519 scans that arrive together are verified in batches (the
+/// default, `qr.batch_ed25519`): each still gets its own verdict, a bad
+/// signature among good ones declines only its own scan, and every code
+/// is spent once. The same scans with batching off get the same verdicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_verified_together_each_get_their_own_verdict() {
+    const TERMINALS: usize = 8;
+    const EACH: usize = 4;
+    let k = keys();
+    let forger = TestKey::ed25519(99);
+    for batch in [true, false] {
+        let gw = TestGateway::start(|c| {
+            c.qr.keys = k.configs.clone();
+            c.qr.batch_ed25519 = batch;
+            c.terminal.dev_terminals = TERMINALS as u32;
+        })
+        .await;
+        let now = now_s();
+        // One card per scan, so that no transit rule (a re-tap, a cap)
+        // stands between a valid code and its approval.
+        let mut jobs = Vec::new();
+        for i in 0..TERMINALS * EACH {
+            let (card, sub) = (format!("500118Q{:08}", 100 + i), format!("essc-b{i:03}"));
+            gw.put_card(&card, json!({"status": "active", "functions": ["transit"]}))
+                .await;
+            gw.bind(&card, &sub, "essc").await;
+            let good = i % 3 != 1;
+            let signer = if good { &k.ed } else { &forger };
+            let code = signer.code(
+                "ed-1",
+                &sub,
+                "essc",
+                now,
+                60,
+                &format!("jti-b{batch}-{i:04}"),
+            );
+            jobs.push((format!("b-{i}"), code, good));
+        }
+        let mut tasks = Vec::new();
+        for (t, chunk) in jobs.chunks(EACH).enumerate() {
+            let mut conn = gw.terminal(t as u32 + 1, Protocol::Http1).await;
+            let chunk = chunk.to_vec();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for (event, code, good) in chunk {
+                    let a = conn
+                        .authorize(&scan(&event, &code, "transit", 200))
+                        .await
+                        .unwrap();
+                    got.push((event, good, decision(&a)));
+                }
+                got
+            }));
+        }
+        for task in tasks {
+            for (event, good, got) in task.await.unwrap() {
+                let want = if good {
+                    ("approve".to_string(), "OK".to_string())
+                } else {
+                    ("decline".to_string(), "QR_INVALID".to_string())
+                };
+                assert_eq!(got, want, "{event} (batch {batch})");
+            }
+        }
+        // Spent once: the first good code again is a replay.
+        let (event, code, _) = &jobs[0];
+        let mut t = gw.terminal(1, Protocol::Http1).await;
+        let a = t
+            .authorize(&scan(&format!("{event}-again"), code, "transit", 200))
+            .await
+            .unwrap();
+        assert_eq!(decision(&a), ("decline".into(), "QR_REPLAYED".into()));
+        gw.shutdown().await;
+    }
+}
