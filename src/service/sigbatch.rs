@@ -10,33 +10,52 @@
 //! own worker. At a low rate the batch is the leader alone (one yield, a
 //! few microseconds); under load it grows with what arrived meanwhile.
 //!
-//! Each round is one task's work, at most `BATCH_MAX` signatures (about
-//! 0.4 ms): when more are queued, the leader hands the lead to the oldest
-//! waiting scan instead of looping, so no request does others' work for
-//! long. A leader that is dropped (its client went away) still finishes
-//! its round in `Drop`, and a lead handed to a request that is gone passes
-//! on, so the queue is never left without one. The queue is bounded: past
-//! [`QUEUE_MAX`] a scan verifies its own signature where it stands.
+//! Each round is one task's work, at most `BATCH_MAX` signatures (under
+//! half a millisecond even checked one by one). A round takes its checks
+//! and hands the lead to the oldest scan still waiting before it verifies,
+//! so that rounds on other workers overlap with it and no request does
+//! others' work for long. A leader that is dropped (its client went away)
+//! still runs its round in `Drop`, and a lead handed to a request that is
+//! gone passes on, so the queue is never left without one. The queue is
+//! bounded: past [`QUEUE_MAX`] a scan verifies its own signature where it
+//! stands.
+//!
+//! A batch with one bad signature in it fails and is then checked one by
+//! one, which costs more than not batching. So that forged codes cannot
+//! make every batch pay that, after a failed batch the next
+//! [`ALONE_AFTER_FAILURE`] rounds check one by one.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use onecard_core::qr::{self, Ed25519Check};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-/// Signatures per round. The saving per signature flattens past about
-/// eight; sixteen keeps a round (the leader's poll) under half a
-/// millisecond on this machine's 26 µs per batched signature.
-pub const BATCH_MAX: usize = 16;
+/// Signatures per round. The saving per signature is flat from eight on
+/// (26.6 µs at 8, 26.1 at 16: `cargo bench --bench hot_path --
+/// qr/ed25519_signatures`), and eight checked one by one (56 µs each) keep
+/// a round under half a millisecond.
+pub const BATCH_MAX: usize = 8;
 
 /// Scans waiting for a round. It is bounded anyway by the requests in
 /// flight (admission); this is the cap of the queue itself.
 pub const QUEUE_MAX: usize = 1024;
 
+/// Rounds checked one by one after a batch failed: a steady stream of bad
+/// signatures then costs one failed batch per this many rounds.
+pub const ALONE_AFTER_FAILURE: u32 = 64;
+
 pub struct SigBatch {
     queue: Mutex<Queue>,
+    /// Rounds still to check one by one after a failed batch.
+    alone: AtomicU32,
     rounds: metrics::Counter,
     signatures: metrics::Counter,
+    failed: metrics::Counter,
+    /// The largest round so far, for the tests.
+    #[cfg(test)]
+    largest: std::sync::atomic::AtomicUsize,
 }
 
 struct Queue {
@@ -69,8 +88,12 @@ impl SigBatch {
                 jobs: VecDeque::new(),
                 leading: false,
             }),
+            alone: AtomicU32::new(0),
             rounds: metrics::counter!("onecard_qr_ed25519_rounds_total"),
             signatures: metrics::counter!("onecard_qr_ed25519_signatures_total"),
+            failed: metrics::counter!("onecard_qr_ed25519_failed_batches_total"),
+            #[cfg(test)]
+            largest: Default::default(),
         }
     }
 
@@ -115,39 +138,61 @@ impl SigBatch {
         }
     }
 
-    /// One round: the oldest queued checks, up to `BATCH_MAX`, verified
-    /// and answered; then the lead goes to the next waiting scan, or is
-    /// put down when none waits.
+    /// One round: the oldest queued checks, up to `BATCH_MAX`, taken; the
+    /// lead handed to the next waiting scan (or put down when none waits);
+    /// then the checks verified and answered. Handing on first lets the
+    /// next round run on another worker meanwhile, and leaves no queue
+    /// without a leader should verifying panic.
     fn round(&self) {
         let jobs: Vec<Job> = {
             let mut q = self.queue.lock();
             let n = q.jobs.len().min(BATCH_MAX);
-            q.jobs.drain(..n).collect()
+            let jobs = q.jobs.drain(..n).collect();
+            hand_on(&mut q);
+            jobs
         };
-        if !jobs.is_empty() {
-            let checks: Vec<&Ed25519Check> = jobs.iter().map(|j| &j.check).collect();
-            let verdicts = qr::verify_ed25519_batch(&checks);
-            self.count(jobs.len());
-            for (job, ok) in jobs.into_iter().zip(verdicts) {
-                // The requester may be gone; its verdict is then unwanted.
-                let _ = job.answer.send(Answer::Verdict(ok));
-            }
+        if jobs.is_empty() {
+            return;
         }
-        let mut q = self.queue.lock();
-        while let Some(job) = q.jobs.pop_front() {
-            match job.answer.send(Answer::Lead(job.check)) {
-                Ok(()) => return,
-                // Gone before it could lead: its check is dropped with it.
-                Err(_) => continue,
-            }
+        #[cfg(test)]
+        self.largest.fetch_max(jobs.len(), Ordering::Relaxed);
+        let checks: Vec<&Ed25519Check> = jobs.iter().map(|j| &j.check).collect();
+        let alone = self
+            .alone
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        let verdicts: Vec<bool> = if alone {
+            checks.iter().map(|c| c.verify_alone()).collect()
+        } else {
+            qr::verify_ed25519_batch(&checks)
+        };
+        if !alone && checks.len() > 1 && verdicts.contains(&false) {
+            self.alone.store(ALONE_AFTER_FAILURE, Ordering::Relaxed);
+            self.failed.increment(1);
         }
-        q.leading = false;
+        self.count(jobs.len());
+        for (job, ok) in jobs.into_iter().zip(verdicts) {
+            // The requester may be gone; its verdict is then unwanted.
+            let _ = job.answer.send(Answer::Verdict(ok));
+        }
     }
 
     fn count(&self, signatures: usize) {
         self.rounds.increment(1);
         self.signatures.increment(signatures as u64);
     }
+}
+
+/// The lead to the oldest waiting scan that is still there, or put down.
+fn hand_on(q: &mut Queue) {
+    while let Some(job) = q.jobs.pop_front() {
+        match job.answer.send(Answer::Lead(job.check)) {
+            Ok(()) => return,
+            // Gone before it could lead: its check is dropped with it.
+            Err(_) => continue,
+        }
+    }
+    q.leading = false;
 }
 
 /// The leader's round, run when it drops (after the yield, or when the
@@ -169,6 +214,10 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        // Closed first, so that a lead sent from another worker from here
+        // on fails to arrive (and `hand_on` passes it to the next scan)
+        // rather than landing in a receiver nobody reads.
+        self.rx.close();
         if let Ok(Answer::Lead(_)) = self.rx.try_recv() {
             self.batch.round();
         }
@@ -178,7 +227,6 @@ impl Drop for Waiting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future as _;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -234,7 +282,7 @@ mod tests {
     }
 
     /// Many scans at once on a two-worker runtime, some with bad
-    /// signatures: each gets its own verdict, and batches did form.
+    /// signatures: each gets its own verdict.
     #[test]
     fn concurrent_scans_get_their_own_verdicts() {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -243,9 +291,76 @@ mod tests {
             .expect("runtime");
         let (keys, toks) = tokens(400, 7);
         let batch = Arc::new(SigBatch::new());
+        for (got, want) in run_all(&rt, &batch, &keys, &toks) {
+            assert_eq!(got, want);
+        }
+        assert!(batch.queue.lock().jobs.is_empty());
+        assert!(!batch.queue.lock().leading, "the lead was put down");
+    }
+
+    /// A lead handed to a scan whose request is gone passes on to the
+    /// next one (the `Waiting` guard runs the round).
+    #[test]
+    fn a_lead_handed_to_a_dropped_waiter_passes_on() {
+        let rt = current_thread();
+        let (keys, toks) = tokens(BATCH_MAX + 2, 0);
+        let batch = SigBatch::new();
+        let answered = rt.block_on(within_a_minute(async {
+            let mut futs = polled_once(&batch, &keys, &toks);
+            // The leader's round answers BATCH_MAX and hands the lead to
+            // the next waiter, which is then dropped without being polled.
+            let mut leader = futs.remove(0);
+            let handed = futs.remove(BATCH_MAX - 1);
+            assert!(leader.as_mut().await);
+            drop(handed);
+            // The last one is answered by the round the dropped one ran.
+            let last = futs.pop().expect("last");
+            assert!(last.await);
+            for f in futs {
+                assert!(f.await);
+            }
+        }));
+        assert!(answered, "a scan was never answered");
+        assert!(!batch.queue.lock().leading);
+    }
+
+    /// Each check's `verify` polled once, in order, on the runtime: the
+    /// first leads (and yields), the rest queue.
+    fn polled_once<'a>(
+        batch: &'a SigBatch,
+        keys: &Keyring,
+        toks: &[(String, bool)],
+    ) -> Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>>> {
+        let mut futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>>> = toks
+            .iter()
+            .map(|(t, _)| Box::pin(batch.verify(check_of(keys, t))) as _)
+            .collect();
+        for f in futs.iter_mut() {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(f.as_mut().poll(&mut cx).is_pending());
+        }
+        futs
+    }
+
+    /// Whether `f` finished within a minute: a stranded queue would hang,
+    /// and the bound turns that into a failure.
+    async fn within_a_minute(f: impl std::future::Future<Output = ()>) -> bool {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .is_ok()
+    }
+
+    /// Spawns one task per check on `rt` and returns each verdict with the
+    /// one wanted, in order.
+    fn run_all(
+        rt: &tokio::runtime::Runtime,
+        batch: &Arc<SigBatch>,
+        keys: &Keyring,
+        toks: &[(String, bool)],
+    ) -> Vec<(bool, bool)> {
         let checks: Vec<(Ed25519Check, bool)> = toks
             .iter()
-            .map(|(t, ok)| (check_of(&keys, t), *ok))
+            .map(|(t, ok)| (check_of(keys, t), *ok))
             .collect();
         rt.block_on(async {
             let tasks: Vec<_> = checks
@@ -255,94 +370,126 @@ mod tests {
                     tokio::spawn(async move { (batch.verify(c).await, want) })
                 })
                 .collect();
+            let mut out = Vec::new();
             for t in tasks {
-                let (got, want) = t.await.expect("task");
-                assert_eq!(got, want);
+                out.push(t.await.expect("task"));
             }
-        });
-        assert!(batch.queue.lock().jobs.is_empty());
-        assert!(!batch.queue.lock().leading, "the lead was put down");
+            out
+        })
     }
 
-    /// Scans dropped while they lead or wait (clients that went away) do
-    /// not leave the others without a leader.
-    #[test]
-    fn dropped_scans_do_not_strand_the_queue() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .expect("runtime");
-        let (keys, toks) = tokens(64, 5);
+            .expect("runtime")
+    }
+
+    /// On one thread the order is fixed: the first scan leads and yields,
+    /// the other nineteen queue meanwhile, and rounds of `BATCH_MAX` follow.
+    #[test]
+    fn batches_form_from_what_queued_during_the_yield() {
+        let (keys, toks) = tokens(20, 0);
         let batch = Arc::new(SigBatch::new());
-        rt.block_on(async {
-            let mut tasks = Vec::new();
-            for (i, (t, want)) in toks.iter().enumerate() {
-                let (batch, c, want) = (batch.clone(), check_of(&keys, t), *want);
-                tasks.push((
-                    i,
-                    tokio::spawn(async move { (batch.verify(c).await, want) }),
-                ));
+        for (got, want) in run_all(&current_thread(), &batch, &keys, &toks) {
+            assert_eq!(got, want);
+        }
+        assert_eq!(batch.largest.load(Ordering::Relaxed), BATCH_MAX);
+        assert_eq!(batch.alone.load(Ordering::Relaxed), 0, "no batch failed");
+    }
+
+    /// One bad signature in a round: the batch fails, each scan still gets
+    /// its own verdict, and the rounds after it check one by one.
+    #[test]
+    fn after_a_failed_batch_rounds_check_one_by_one() {
+        let rt = current_thread();
+        let (keys, toks) = tokens(BATCH_MAX, BATCH_MAX);
+        assert!(!toks[0].1 && toks[1..].iter().all(|t| t.1));
+        let batch = Arc::new(SigBatch::new());
+        for (got, want) in run_all(&rt, &batch, &keys, &toks) {
+            assert_eq!(got, want);
+        }
+        assert_eq!(batch.alone.load(Ordering::Relaxed), ALONE_AFTER_FAILURE);
+        let (keys, toks) = tokens(BATCH_MAX, 0);
+        for (got, want) in run_all(&rt, &batch, &keys, &toks) {
+            assert_eq!(got, want);
+        }
+        assert_eq!(
+            batch.alone.load(Ordering::Relaxed),
+            ALONE_AFTER_FAILURE - 1,
+            "one round one by one"
+        );
+    }
+
+    /// A leader dropped while it yields (its client went away) still runs
+    /// its round: the scans queued behind it are answered.
+    #[test]
+    fn a_leader_dropped_while_it_yields_still_runs_its_round() {
+        let rt = current_thread();
+        let (keys, toks) = tokens(5, 0);
+        let batch = SigBatch::new();
+        let answered = rt.block_on(within_a_minute(async {
+            let mut futs = polled_once(&batch, &keys, &toks);
+            drop(futs.remove(0));
+            for f in futs {
+                assert!(f.await);
             }
-            // Let some queue, then abort every third, leaders included
-            // (the first of each round is one).
-            tokio::task::yield_now().await;
-            for (i, t) in &tasks {
-                if i % 3 == 0 {
-                    t.abort();
-                }
-            }
-            for (i, t) in tasks {
-                // A stranded queue would hang here; the bound only turns a
-                // hang into a failure.
-                match tokio::time::timeout(Duration::from_secs(60), t).await {
-                    Ok(Ok((got, want))) => assert_eq!(got, want, "scan {i}"),
-                    Ok(Err(e)) => assert!(e.is_cancelled() && i % 3 == 0, "scan {i}: {e}"),
-                    Err(_) => panic!("scan {i} was never answered"),
-                }
-            }
-        });
+        }));
+        assert!(answered, "a scan was never answered");
         assert!(!batch.queue.lock().leading);
     }
 
-    /// A lead handed to a scan whose request is gone passes on to the
-    /// next one (the `Waiting` guard runs the round).
+    /// Two workers, scans aborted at random points (leaders mid-yield,
+    /// heirs holding a lead, waiters): every scan not aborted is answered
+    /// with its own verdict and the lead is put down at the end. A seeded
+    /// stress run, since which abort meets which step depends on timing.
     #[test]
-    fn a_lead_handed_to_a_dropped_waiter_passes_on() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn random_aborts_on_two_workers_strand_nothing() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_time()
             .build()
             .expect("runtime");
-        let (keys, toks) = tokens(BATCH_MAX + 2, 0);
-        let batch = SigBatch::new();
-        // A stranded queue would hang; the bound turns that into a failure.
-        let answered = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(60), async {
-                let mut futs: Vec<_> = toks
-                    .iter()
-                    .map(|(t, _)| Box::pin(batch.verify(check_of(&keys, t))))
+        let (keys, toks) = tokens(96, 5);
+        let mut rng = onecard_core::rng::Rng::new(21);
+        for round in 0..20 {
+            let batch = Arc::new(SigBatch::new());
+            let checks: Vec<(Ed25519Check, bool)> = toks
+                .iter()
+                .map(|(t, ok)| (check_of(&keys, t), *ok))
+                .collect();
+            let aborts: Vec<(bool, u64)> = (0..checks.len())
+                .map(|_| (rng.next_u64() % 3 == 0, rng.next_u64() % 4))
+                .collect();
+            let stranded = rt.block_on(async {
+                let tasks: Vec<_> = checks
+                    .into_iter()
+                    .map(|(c, want)| {
+                        let batch = batch.clone();
+                        tokio::spawn(async move { (batch.verify(c).await, want) })
+                    })
                     .collect();
-                // Poll each once: the first leads (and yields), the rest queue.
-                for f in futs.iter_mut() {
-                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                    assert!(f.as_mut().poll(&mut cx).is_pending());
+                for ((abort, yields), t) in aborts.iter().zip(&tasks) {
+                    for _ in 0..*yields {
+                        tokio::task::yield_now().await;
+                    }
+                    if *abort {
+                        t.abort();
+                    }
                 }
-                // The leader's round answers BATCH_MAX and hands the lead to
-                // the next waiter, which is then dropped without being polled.
-                let leader = futs.remove(0);
-                let handed = futs.remove(BATCH_MAX - 1);
-                let mut leader = leader;
-                assert!(leader.as_mut().await);
-                drop(handed);
-                // The last one is answered by the round the dropped one ran.
-                let last = futs.pop().expect("last");
-                assert!(last.await);
-                for f in futs {
-                    assert!(f.await);
-                }
-            })
-            .await
-        });
-        assert!(answered.is_ok(), "a scan was never answered");
-        assert!(!batch.queue.lock().leading);
+                tokio::time::timeout(Duration::from_secs(60), async {
+                    for t in tasks {
+                        match t.await {
+                            Ok((got, want)) => assert_eq!(got, want),
+                            Err(e) => assert!(e.is_cancelled(), "{e}"),
+                        }
+                    }
+                })
+                .await
+                .is_err()
+            });
+            assert!(!stranded, "round {round}: a scan was never answered");
+            assert!(!batch.queue.lock().leading, "round {round}");
+        }
     }
 }

@@ -556,16 +556,21 @@ impl Ed25519Check {
 /// from eight on: `cargo bench --bench hot_path -- qr/ed25519_signatures`), and one by one,
 /// strictly, when the batch does not verify (to say which).
 ///
-/// A batch checks the cofactored equation, [8]([s]B − R − [k]A) = 0 for a random combination
-/// of the signatures, where [`verify`] checks [s]B = R + [k]A strictly. The two differ only on
-/// signatures whose R carries a small-order component. Issuer keys are refused unless they are
-/// of prime order ([`IssuerKey::from_public_pem`]), and then such a signature can only be made
-/// with the issuer's private key (anyone else would have to solve the discrete logarithm of A to
-/// make one, or to turn one valid signature into another: adding a small-order point to R
-/// changes the hash k), so batching admits no code an issuer did not sign. A non-canonical s is
-/// refused by both. What a batch may accept that strict verification refuses is a signature the
-/// issuer deliberately made odd; the replay cache keys on `(sub, jti)`, not the signature, so
-/// even that cannot be spent twice.
+/// A batch (ed25519-dalek's `verify_batch`) checks one equation for all of them,
+/// Σ zᵢ([sᵢ]B − Rᵢ − [kᵢ]Aᵢ) = 0, with 128-bit zᵢ drawn from a transcript of every
+/// signature and hash in the batch, where [`verify`] checks [s]B = R + [k]A for each, strictly.
+/// The two can differ only on a signature whose error term [s]B − R − [k]A is a nonzero point
+/// of small order: strict verification refuses it, a batch accepts it when the zᵢ happen to
+/// cancel it (about one chance in its order, and depending on which other scans share the
+/// batch). Issuer keys are refused unless they are of prime order
+/// ([`IssuerKey::from_public_pem`]), and then such a signature can only be made with the
+/// issuer's private key: anyone else would have to solve the discrete logarithm of A, whether to
+/// make one or to turn a valid signature into another (adding a small-order point to R changes
+/// the hash k). A non-canonical s is refused by both, as long as ed25519-dalek's
+/// `legacy_compatibility` feature stays off in the whole build (the s + ℓ test below would
+/// catch it). So batching admits no code an issuer did not sign; what it may accept that strict
+/// verification refuses is a signature the issuer deliberately made odd, and the replay cache
+/// keys on `(sub, jti)`, not on the signature, so even that cannot be spent twice.
 pub fn verify_ed25519_batch(checks: &[&Ed25519Check]) -> Vec<bool> {
     if let [one] = checks {
         return vec![one.verify_alone()];
