@@ -183,6 +183,18 @@ fn describe() {
         "Scans refused because the replay cache held only live codes (raise qr.replay_cache_max)"
     );
     describe_counter!(
+        "onecard_qr_ed25519_rounds_total",
+        "Rounds of Ed25519 signature checks of scans (qr.batch_ed25519): one batch each, or one signature when it arrived alone"
+    );
+    describe_counter!(
+        "onecard_qr_ed25519_signatures_total",
+        "Ed25519 signatures checked in those rounds; over onecard_qr_ed25519_rounds_total, the mean batch size"
+    );
+    describe_counter!(
+        "onecard_qr_ed25519_failed_batches_total",
+        "Batches with a bad signature in them (each then checked one by one, and the next 64 rounds too): a steady rise means forged or corrupted codes are being scanned"
+    );
+    describe_counter!(
         "onecard_card_life_total",
         "Card-life changes by op (report_loss, lift_loss, freeze, unfreeze, cancel, replace)"
     );
