@@ -350,28 +350,31 @@ mod tests {
             .is_ok()
     }
 
-    /// Spawns one task per check on `rt` and returns each verdict with the
-    /// one wanted, in order.
+    /// One task per token, each verifying its check through `batch` and
+    /// returning its verdict with the one wanted. Called on the runtime.
+    fn spawn_all(
+        batch: &Arc<SigBatch>,
+        keys: &Keyring,
+        toks: &[(String, bool)],
+    ) -> Vec<tokio::task::JoinHandle<(bool, bool)>> {
+        toks.iter()
+            .map(|(t, want)| {
+                let (batch, check, want) = (batch.clone(), check_of(keys, t), *want);
+                tokio::spawn(async move { (batch.verify(check).await, want) })
+            })
+            .collect()
+    }
+
+    /// [`spawn_all`] on `rt`, and each verdict with the one wanted, in order.
     fn run_all(
         rt: &tokio::runtime::Runtime,
         batch: &Arc<SigBatch>,
         keys: &Keyring,
         toks: &[(String, bool)],
     ) -> Vec<(bool, bool)> {
-        let checks: Vec<(Ed25519Check, bool)> = toks
-            .iter()
-            .map(|(t, ok)| (check_of(keys, t), *ok))
-            .collect();
         rt.block_on(async {
-            let tasks: Vec<_> = checks
-                .into_iter()
-                .map(|(c, want)| {
-                    let batch = batch.clone();
-                    tokio::spawn(async move { (batch.verify(c).await, want) })
-                })
-                .collect();
             let mut out = Vec::new();
-            for t in tasks {
+            for t in spawn_all(batch, keys, toks) {
                 out.push(t.await.expect("task"));
             }
             out
@@ -454,21 +457,11 @@ mod tests {
         let mut rng = onecard_core::rng::Rng::new(21);
         for round in 0..20 {
             let batch = Arc::new(SigBatch::new());
-            let checks: Vec<(Ed25519Check, bool)> = toks
-                .iter()
-                .map(|(t, ok)| (check_of(&keys, t), *ok))
-                .collect();
-            let aborts: Vec<(bool, u64)> = (0..checks.len())
+            let aborts: Vec<(bool, u64)> = (0..toks.len())
                 .map(|_| (rng.next_u64() % 3 == 0, rng.next_u64() % 4))
                 .collect();
             let stranded = rt.block_on(async {
-                let tasks: Vec<_> = checks
-                    .into_iter()
-                    .map(|(c, want)| {
-                        let batch = batch.clone();
-                        tokio::spawn(async move { (batch.verify(c).await, want) })
-                    })
-                    .collect();
+                let tasks = spawn_all(&batch, &keys, &toks);
                 for ((abort, yields), t) in aborts.iter().zip(&tasks) {
                     for _ in 0..*yields {
                         tokio::task::yield_now().await;
