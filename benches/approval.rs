@@ -13,11 +13,18 @@
 //! count is the gateway's Rust code, the part a change here can take down.
 //!
 //! `cargo bench --bench approval` (figures in docs/performance.md).
+//! `ALLOC_SITES=1 cargo bench --bench approval` also prints where the
+//! counted allocations come from: each site's allocations per approval,
+//! with the stack that made them (function names only: release builds
+//! keep symbols, not line tables).
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::backtrace::Backtrace;
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use onecard::config::Config;
@@ -32,19 +39,48 @@ struct Counting;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
 
+/// While set, every allocation also records its stack (`ALLOC_SITES=1`).
+static TRACING: AtomicBool = AtomicBool::new(false);
+/// The stacks recorded, with each allocation's size.
+static SITES: Mutex<Vec<(usize, Backtrace)>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// Set while this thread records a stack: recording allocates, and
+    /// those allocations are the tracer's, not the approval's.
+    static RECORDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records the stack of an allocation of `size` bytes when tracing.
+fn trace(size: usize) {
+    if !TRACING.load(Ordering::Relaxed) {
+        return;
+    }
+    let _ = RECORDING.try_with(|recording| {
+        if recording.replace(true) {
+            return;
+        }
+        let stack = Backtrace::force_capture();
+        SITES.lock().unwrap().push((size, stack));
+        recording.set(false);
+    });
+}
+
+/// Whether an allocation is the tracer's own (not counted).
+fn recording() -> bool {
+    RECORDING.try_with(Cell::get).unwrap_or(false)
+}
+
 // SAFETY: every call is passed on unchanged to the system allocator, which
 // upholds GlobalAlloc's contract; the counters are only added to.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        count(layout.size());
         // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        count(layout.size());
         // SAFETY: as above.
         unsafe { System.alloc_zeroed(layout) }
     }
@@ -55,11 +91,20 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        ALLOCATED_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        count(new_size);
         // SAFETY: `ptr` came from this allocator with `layout`.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
+}
+
+/// Counts one allocation of `size` bytes, unless it is the tracer's own.
+fn count(size: usize) {
+    if recording() {
+        return;
+    }
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    ALLOCATED_BYTES.fetch_add(size as u64, Ordering::Relaxed);
+    trace(size);
 }
 
 #[global_allocator]
@@ -140,6 +185,68 @@ fn allocations_per_approval(s: &Setup, first: u64, n: u64) -> (f64, f64) {
     ((a1 - a0) as f64 / n as f64, (b1 - b0) as f64 / n as f64)
 }
 
+/// Prints where the allocations of `n` approvals come from, most frequent
+/// first: allocations per approval, bytes, and the stack's first frames
+/// past the allocator.
+fn print_sites(s: &Setup, first: u64, n: u64) {
+    let requests: Vec<AuthorizeRequest> = (first..first + n).map(request).collect();
+    let now = s.gw.now_ms();
+    TRACING.store(true, Ordering::Relaxed);
+    s.rt.block_on(async {
+        for req in &requests {
+            black_box(s.gw.authorize("term-00001", req, now).await.unwrap());
+        }
+    });
+    TRACING.store(false, Ordering::Relaxed);
+    drop(requests);
+    let sites = std::mem::take(&mut *SITES.lock().unwrap());
+    // By stack and size: inlined frames do not show, and the size tells
+    // apart allocations whose stacks look alike.
+    let mut by_site: HashMap<(String, usize), u64> = HashMap::new();
+    for (size, stack) in &sites {
+        *by_site.entry((frames(stack), *size)).or_default() += 1;
+    }
+    let mut rows: Vec<_> = by_site.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    for ((stack, size), allocations) in rows {
+        println!(
+            "{:.2} per approval, {size} bytes:\n{stack}",
+            allocations as f64 / n as f64,
+        );
+    }
+}
+
+/// The first frames of an allocation's stack past the allocator and the
+/// tracer, one per line, without the symbols' hashes.
+fn frames(stack: &Backtrace) -> String {
+    const SKIP: [&str; 7] = [
+        "std::backtrace",
+        "approval::trace",
+        "approval::count",
+        "Counting",
+        "__rust_",
+        "__rg_",
+        "alloc::alloc::",
+    ];
+    format!("{stack}")
+        .lines()
+        .filter_map(|line| {
+            let (number, name) = line.trim().split_once(": ")?;
+            number.parse::<u32>().ok()?;
+            Some(name)
+        })
+        .filter(|name| !SKIP.iter().any(|skip| name.contains(skip)))
+        .take(10)
+        .map(|name| {
+            let name = match name.rfind("::h") {
+                Some(i) if name.len() - i == 19 => &name[..i],
+                _ => name,
+            };
+            format!("    {name}\n")
+        })
+        .collect()
+}
+
 fn bench_approval(c: &mut Criterion) {
     let s = setup();
     // Every answer is an approval: checked once here, where it is cheap.
@@ -157,6 +264,9 @@ fn bench_approval(c: &mut Criterion) {
     println!(
         "approval/transit_tap: {allocs:.1} heap allocations ({bytes:.0} bytes) per approval, decoded request to encoded answer"
     );
+    if std::env::var_os("ALLOC_SITES").is_some() {
+        print_sites(&s, 8_001, 200);
+    }
     // Every await moves nothing, but the future itself is moved whole
     // (into the route's future, the connection's dispatcher): its size is
     // what each move copies.
