@@ -10,14 +10,14 @@ use std::time::Instant;
 
 use onecard_core::authz::{self, Event, Facts, Outcome, Policy};
 use onecard_core::model::{Card, CardNo, Reason, Scenario};
-use onecard_core::record::DecisionRecord;
+use onecard_core::record::RecordView;
 use onecard_core::scenario::{self, access, health, identity, region};
 use onecard_core::wire::{AuthorizeAnswer, AuthorizeRequest, Credential};
 
 use crate::service::credential::Resolved;
 use crate::service::error::ServiceError;
 use crate::service::gateway::Gateway;
-use crate::service::pipeline::{Begun, Decided, Remember};
+use crate::service::pipeline::{Begun, Decided, Record, Remember};
 use crate::store::venues::Count;
 use crate::store::{idem, profiles};
 
@@ -150,12 +150,12 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     fn decide_authorize<'g>(
         &'g self,
-        terminal: &str,
-        req: &AuthorizeRequest,
+        terminal: &'g str,
+        req: &'g AuthorizeRequest,
         event: Event<'_>,
         snapshot: Option<Card>,
         mut gathered: Gathered<'_>,
-        resolved: &Resolved<'_>,
+        resolved: &'g Resolved<'_>,
         now_ms: i64,
     ) -> Result<Decided<'g>, ServiceError> {
         let now_s = now_ms.div_euclid(1000);
@@ -202,9 +202,9 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     fn authorized<'g>(
         &self,
-        terminal: &str,
-        req: &AuthorizeRequest,
-        resolved: &Resolved<'_>,
+        terminal: &'g str,
+        req: &'g AuthorizeRequest,
+        resolved: &'g Resolved<'_>,
         outcome: Outcome,
         venue_after: Option<(parking_lot::MutexGuard<'g, Count>, String, Count)>,
         gathered: &Gathered<'_>,
@@ -221,27 +221,31 @@ impl Gateway {
                 tracing::debug!(card = %card, reason = d.reason().code(), "declined");
             }
         }
-        let record = DecisionRecord {
+        let view = RecordView {
             at_ms: now_ms,
-            terminal: terminal.to_owned(),
-            event_id: req.event_id.clone(),
-            auth_id,
+            terminal,
+            event_id: &req.event_id,
+            auth_id: "",
             kind: req.kind(),
-            card_no: card_no.map(Into::into).unwrap_or_default(),
+            card_no: card_no.map_or("", |c| c.as_str()),
             scenario: Some(req.scenario),
             amount_fen: req.amount_fen,
-            decision: if d.is_approve() { "approve" } else { "decline" }.to_owned(),
+            decision: if d.is_approve() { "approve" } else { "decline" },
             reason: d.reason(),
             charged_fen: d.amount_fen(),
-            site: req.site.clone(),
-            occurred_at: req.occurred_at.clone(),
-            scan: resolved.scan.clone(),
+            site: req.site.as_deref(),
+            occurred_at: req.occurred_at.as_deref(),
+            reverses: None,
+            scan: resolved.scan.as_ref(),
+            offline: false,
             fare: outcome.fare.filter(|_| d.is_approve()),
-            bill_ref: req.bill_ref.clone(),
-            ..DecisionRecord::default()
+            bill_ref: req.bill_ref.as_deref(),
+            credit: None,
+            split: None,
+            hold_event_id: None,
         };
         Decided {
-            record,
+            record: Record::Borrowed { view, auth_id },
             answer,
             remember: Remember::Event {
                 approved: d.is_approve(),

@@ -257,7 +257,14 @@ fn prepare(
                 r.amount_fen.to_string().into_bytes(),
             ));
         }
-        let record = credit_record(event_id, batch_id, r, &c.card_no, gw.auth_ids.next(), now);
+        let record = credit_record(
+            event_id,
+            batch_id,
+            r,
+            &c.card_no,
+            String::from(gw.auth_ids.next()),
+            now,
+        );
         also.push((record.to_json(), c.card_no.as_str().into()));
     }
     let mut value = fp.to_vec();

@@ -56,19 +56,82 @@ impl AuthIds {
             ..AuthIds::new(boot)
         }
     }
-    pub fn next(&self) -> String {
+    pub fn next(&self) -> AuthId {
         use std::fmt::Write as _;
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        // Sized up front: `format!` would start empty and grow twice on
-        // every decision.
-        let node_len = self.node.as_ref().map_or(0, |node| node.len() + 1);
-        let mut id = String::with_capacity(node_len + 20);
+        let mut id = AuthId {
+            len: 0,
+            bytes: [0; AUTH_ID_LEN_MAX],
+        };
         if let Some(node) = &self.node {
-            id.push_str(node);
-            id.push('-');
+            id.push(node);
+            id.push("-");
         }
-        write!(id, "{:08x}{:012x}", self.boot & 0xffff_ffff, n).expect("writing to a String");
+        write!(id, "{:08x}{:012x}", self.boot & 0xffff_ffff, n).expect("an id fits its buffer");
         id
+    }
+}
+
+/// The longest authorization id: a node's name (at most 32, the config
+/// checks), a dash, 20 hex digits.
+const AUTH_ID_LEN_MAX: usize = 32 + 1 + 20;
+
+/// An authorization id, kept inline: every decision makes one, and a tap's
+/// goes into its answer, its record and its remembered answer without a
+/// heap allocation of its own.
+#[derive(Clone, Copy)]
+pub struct AuthId {
+    len: u8,
+    bytes: [u8; AUTH_ID_LEN_MAX],
+}
+
+impl AuthId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)])
+            .expect("only whole strs are pushed")
+    }
+
+    fn push(&mut self, s: &str) {
+        let at = usize::from(self.len);
+        let end = at + s.len();
+        assert!(
+            end <= AUTH_ID_LEN_MAX,
+            "an authorization id outgrew its buffer"
+        );
+        self.bytes[at..end].copy_from_slice(s.as_bytes());
+        self.len = end as u8;
+    }
+}
+
+impl std::fmt::Write for AuthId {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s);
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for AuthId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for AuthId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for AuthId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<AuthId> for String {
+    fn from(id: AuthId) -> String {
+        id.as_str().to_owned()
     }
 }
 
@@ -463,4 +526,22 @@ fn open_store(config: &Config) -> Result<(Store, u64), StoreError> {
         .db()
         .put_cf_opt(store.cf(Cf::Meta), meta::BOOT, boot.to_be_bytes(), &wo)?;
     Ok((store, boot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_ids_are_the_boot_and_a_counter_behind_the_node() {
+        let ids = AuthIds::new(0x1_0000_002a);
+        assert_eq!(ids.next().as_str(), "0000002a000000000001");
+        assert_eq!(ids.next().to_string(), "0000002a000000000002");
+        // The longest node name the config allows still fits inline.
+        let node = "n".repeat(32);
+        let ids = AuthIds::on_node(&node, 7);
+        let id = ids.next();
+        assert_eq!(&*id, format!("{node}-00000007000000000001"));
+        assert_eq!(String::from(id).len(), AUTH_ID_LEN_MAX);
+    }
 }

@@ -177,7 +177,7 @@ impl Gateway {
     ) -> Decided<'static> {
         let rules = &self.policy.medical;
         let approved = outcome.decision.is_approve();
-        let auth_id = self.auth_ids.next();
+        let auth_id = String::from(self.auth_ids.next());
         let expires_ms = now_ms.saturating_add(rules.hold_ttl_s.saturating_mul(1000));
         let year = medical::local_year(now_ms.div_euclid(1000), self.policy.day_offset_minutes);
         let amount_fen = req.auth.amount_fen.expect("checked by parse_hold");
@@ -208,7 +208,7 @@ impl Gateway {
         let mut record = hold_record(terminal, req, resolved, &outcome, auth_id, now_ms);
         record.split = split;
         Decided {
-            record,
+            record: record.into(),
             answer,
             remember: Remember::Event { approved },
             ops,
@@ -360,7 +360,7 @@ impl Gateway {
         snapshot: Option<Card>,
         now_ms: i64,
     ) -> Decided<'static> {
-        let step_id = self.auth_ids.next();
+        let step_id = String::from(self.auth_ids.next());
         let approved = step.reason == Reason::Ok;
         let answer = step_answer(req, &step_id, stored, &step);
         let mut ops = Vec::new();
@@ -399,7 +399,7 @@ impl Gateway {
         };
         let card_after = step.card_after.filter(|after| Some(*after) != snapshot);
         Decided {
-            record,
+            record: record.into(),
             answer,
             remember: Remember::Event { approved },
             ops,
@@ -543,7 +543,13 @@ impl Gateway {
                         cards::encode(&c),
                     ));
                 }
-                let record = expiry_record(key, &h, &card_no, self.auth_ids.next(), now_ms);
+                let record = expiry_record(
+                    key,
+                    &h,
+                    &card_no,
+                    String::from(self.auth_ids.next()),
+                    now_ms,
+                );
                 let pending = self.journal.submit(Commit {
                     record: Some(record.to_json()),
                     ops,

@@ -8,12 +8,12 @@
 //! `idempotency.retention_s` and then removed by [`run_cleanup`], which walks
 //! the journal in sequence order behind a durable cursor.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use onecard_core::record::DecisionRecord;
 use onecard_core::time::Clock;
@@ -39,33 +39,45 @@ pub enum Lookup {
     Reversed(InFlight),
 }
 
-/// Keys being decided, each shared by the table and its guard: one
-/// allocation per request, not a copy for each.
-type Table = Arc<DashMap<Arc<[u8]>, watch::Receiver<()>>>;
+/// Keys being decided, by a keyed hash of the key: a request holds its
+/// key's hash, and a copy finds it held and waits on the hash's stripe.
+/// Nothing is allocated per request. Two keys that share a hash (one in
+/// 2^64, and the hash's key is random per process) only make the second
+/// wait for the first to finish, which is what a copy would do anyway.
+struct Table {
+    held: DashMap<u64, ()>,
+    /// Woken when a hash of their stripe is let go; a waiter looks again.
+    stripes: Box<[Notify]>,
+    hasher: RandomState,
+}
+
+/// Stripes of waiters: a release wakes the copies waiting on its stripe
+/// (rarely more than the one), and each looks again.
+const STRIPES: usize = 64;
+
+impl Table {
+    fn stripe(&self, hash: u64) -> &Notify {
+        &self.stripes[(hash % STRIPES as u64) as usize]
+    }
+}
 
 pub struct Idempotency {
     store: Store,
-    inflight: Table,
+    inflight: Arc<Table>,
     retention_ms: i64,
 }
 
 /// Marks a key as being decided; dropping it lets waiting copies proceed.
 pub struct InFlight {
-    inflight: Table,
-    key: Arc<[u8]>,
-    _done: watch::Sender<()>,
-}
-
-impl InFlight {
-    pub fn key(&self) -> &[u8] {
-        &self.key
-    }
+    inflight: Arc<Table>,
+    hash: u64,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        // Removed before the sender drops, so a woken waiter finds the slot free.
-        self.inflight.remove(&self.key);
+        // Released before the wake-up, so a woken copy finds it free.
+        self.inflight.held.remove(&self.hash);
+        self.inflight.stripe(self.hash).notify_waiters();
     }
 }
 
@@ -73,7 +85,11 @@ impl Idempotency {
     pub fn new(store: Store, retention_s: u64) -> Idempotency {
         Idempotency {
             store,
-            inflight: Arc::new(DashMap::new()),
+            inflight: Arc::new(Table {
+                held: DashMap::new(),
+                stripes: (0..STRIPES).map(|_| Notify::new()).collect(),
+                hasher: RandomState::new(),
+            }),
             retention_ms: (retention_s as i64).saturating_mul(1000),
         }
     }
@@ -85,38 +101,33 @@ impl Idempotency {
         key: &[u8],
         now_ms: i64,
     ) -> Result<(InFlight, Option<Vec<u8>>), StoreError> {
-        let key: Arc<[u8]> = Arc::from(key);
+        let table = &self.inflight;
+        let hash = table.hasher.hash_one(key);
         loop {
-            let (done, waiter) = watch::channel(());
-            let busy = match self.inflight.entry(key.clone()) {
-                Entry::Occupied(e) => Some(e.get().clone()),
-                Entry::Vacant(e) => {
-                    e.insert(waiter);
-                    None
-                }
-            };
-            if let Some(mut other) = busy {
-                // The first copy ends by dropping its sender; either way, look again.
-                let _ = other.changed().await;
-                continue;
+            // Registered before the look, so a release between the look
+            // and the wait still wakes this copy (tokio's `notified`
+            // counts from its creation, polled or not).
+            let released = table.stripe(hash).notified();
+            if table.held.insert(hash, ()).is_none() {
+                break;
             }
-            let guard = InFlight {
-                inflight: self.inflight.clone(),
-                key: key.clone(),
-                _done: done,
-            };
-            let Some(value) = self.store.read(Cf::Idem, guard.key()).await? else {
-                return Ok((guard, None));
-            };
-            let stored = decode(&value).ok_or(StoreError::Corrupt {
-                cf: "idem",
-                detail: "bad record".into(),
-            })?;
-            if stored.created_ms.saturating_add(self.retention_ms) < now_ms {
-                return Ok((guard, None));
-            }
-            return Ok((guard, Some(value)));
+            released.await;
         }
+        let guard = InFlight {
+            inflight: table.clone(),
+            hash,
+        };
+        let Some(value) = self.store.read(Cf::Idem, key).await? else {
+            return Ok((guard, None));
+        };
+        let stored = decode(&value).ok_or(StoreError::Corrupt {
+            cf: "idem",
+            detail: "bad record".into(),
+        })?;
+        if stored.created_ms.saturating_add(self.retention_ms) < now_ms {
+            return Ok((guard, None));
+        }
+        Ok((guard, Some(value)))
     }
 
     pub async fn begin(
@@ -250,5 +261,39 @@ pub async fn run_cleanup(
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use super::*;
+
+    fn idempotency() -> (Idempotency, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &Default::default()).unwrap();
+        (Idempotency::new(store, 60), dir)
+    }
+
+    #[tokio::test]
+    async fn a_copy_waits_until_the_first_lets_go_and_other_keys_do_not() {
+        let (idem, _dir) = idempotency();
+        let (first, stored) = idem.hold(b"t\x1fe-1", 0).await.unwrap();
+        assert!(stored.is_none());
+        // Another key is held at once, the same key is not.
+        let (_other, _) = idem.hold(b"t\x1fe-2", 0).await.unwrap();
+        let copy = idem.hold(b"t\x1fe-1", 0);
+        tokio::pin!(copy);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..3 {
+            assert!(copy.as_mut().poll(&mut cx).is_pending());
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        let (again, _) = copy.await.unwrap();
+        drop(again);
+        // Let go on drop: held again at once.
+        let _ = idem.hold(b"t\x1fe-1", 0).await.unwrap();
     }
 }

@@ -504,7 +504,7 @@ impl Gateway {
                     .await?,
             );
         }
-        let auth_id = self.auth_ids.next();
+        let auth_id = String::from(self.auth_ids.next());
         // Dated by the tap, not the upload: a reversal gives the fare back
         // to the day it was counted in.
         let committed = self
@@ -585,7 +585,7 @@ impl Gateway {
             ..DecisionRecord::default()
         };
         Decided {
-            record,
+            record: record.into(),
             answer,
             remember: Remember::Event { approved },
             ops,

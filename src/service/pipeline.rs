@@ -29,12 +29,12 @@
 use std::time::Instant;
 
 use onecard_core::model::{Card, CardNo, Reason, Scenario};
-use onecard_core::record::DecisionRecord;
+use onecard_core::record::{DecisionRecord, RecordView};
 use onecard_core::wire::Credential;
 
 use crate::service::credential::{self, Resolved};
 use crate::service::error::ServiceError;
-use crate::service::gateway::Gateway;
+use crate::service::gateway::{AuthId, Gateway};
 use crate::service::idempotency::{InFlight, Lookup};
 use crate::service::timing::{self, Phase};
 use crate::store::durable::{Commit, CommitError, Fence, Op, Pending};
@@ -50,7 +50,10 @@ use crate::store::{cards, profiles, Cf, StoreError};
 pub(crate) struct Ticket {
     key: Vec<u8>,
     fingerprint: [u8; 32],
-    slots: Vec<InFlight>,
+    slot: InFlight,
+    /// More slots (a hold step's, a reversal's): a tap holds one, and its
+    /// ticket allocates nothing for them.
+    more_slots: Vec<InFlight>,
     /// A reversal of this event arrived first: it is declined `REVERSED`.
     pub reversed: bool,
 }
@@ -63,7 +66,7 @@ impl Ticket {
     /// Holds one more slot until the commit is durable (a hold step holds
     /// its hold's slot, a reversal its event's).
     pub fn also_holding(mut self, slot: InFlight) -> Ticket {
-        self.slots.push(slot);
+        self.more_slots.push(slot);
         self
     }
 }
@@ -85,10 +88,42 @@ pub(crate) enum Remember {
     Answer,
 }
 
+/// A decision's journal record, as its path has it.
+pub(crate) enum Record<'a> {
+    /// Built whole by the path (a reversal, a hold's step, an offline
+    /// event).
+    Owned(DecisionRecord),
+    /// A tap's or a scan's: its text borrowed from the request and the
+    /// terminal's name, its id inline (the view's `auth_id` is not read),
+    /// so the record costs no heap allocation of its own.
+    Borrowed {
+        view: RecordView<'a>,
+        auth_id: AuthId,
+    },
+}
+
+impl Record<'_> {
+    pub fn view(&self) -> RecordView<'_> {
+        match self {
+            Record::Owned(record) => record.view(),
+            Record::Borrowed { view, auth_id } => RecordView {
+                auth_id: auth_id.as_str(),
+                ..*view
+            },
+        }
+    }
+}
+
+impl From<DecisionRecord> for Record<'_> {
+    fn from(record: DecisionRecord) -> Self {
+        Record::Owned(record)
+    }
+}
+
 /// Everything one decision writes, built by a path's decision step under
 /// the card's lock; [`Gateway::decide_and_commit`] commits it whole.
 pub(crate) struct Decided<'g> {
-    pub record: DecisionRecord,
+    pub record: Record<'g>,
     /// The answer's bytes: sent, and replayed to a retry.
     pub answer: Vec<u8>,
     pub remember: Remember,
@@ -152,7 +187,8 @@ impl Gateway {
         Ok(Begun::Decide(Ticket {
             key,
             fingerprint,
-            slots: vec![slot],
+            slot,
+            more_slots: Vec::new(),
             reversed,
         }))
     }
@@ -195,10 +231,11 @@ impl Gateway {
             card_after,
             venue_after,
         } = step(snapshot)?;
+        let record = record.view();
         // Cluster mode: another node's scan of this code was applied since
         // this one resolved it. Deciding again finds it spent.
         if let (Some(s), Some(spent), Some(applied)) =
-            (&self.scanner, &record.scan, self.journal.applied_watch())
+            (&self.scanner, record.scan, self.journal.applied_watch())
         {
             if s.is_recorded(spent, remembered_ms) {
                 let after = *applied.borrow();
@@ -248,7 +285,7 @@ impl Gateway {
             pending,
             reason: record.reason,
             answer,
-            scan: record.scan.clone(),
+            scan: record.scan.cloned(),
             _gate: gate,
         })
     }
@@ -261,7 +298,7 @@ impl Gateway {
         &self,
         ticket: Ticket,
         remembered_ms: i64,
-        record: &DecisionRecord,
+        record: &RecordView<'_>,
         answer: &[u8],
         remember: Remember,
         mut ops: Vec<Op>,
@@ -274,15 +311,15 @@ impl Gateway {
                 scenario: record
                     .scenario
                     .expect("the record of a terminal's event names its scenario"),
-                card_no: record.card_no.as_str(),
-                site: record.site.as_deref(),
+                card_no: record.card_no,
+                site: record.site,
             }),
             Remember::Answer => Tail::Plain,
         };
         let remembered = idem::encode(
             &ticket.fingerprint,
             remembered_ms,
-            &record.auth_id,
+            record.auth_id,
             tail,
             answer,
         );
@@ -290,13 +327,13 @@ impl Gateway {
         let commit = Commit {
             record: Some(record.to_json()),
             ops,
-            hold_until_written: Some(Box::new(ticket.slots)),
-            card: (!record.card_no.is_empty()).then(|| record.card_no.as_str().into()),
+            hold_until_written: Some(Box::new((ticket.slot, ticket.more_slots))),
+            card: (!record.card_no.is_empty()).then(|| record.card_no.into()),
             also: Vec::new(),
             fences,
         };
         self.journal.submit(commit).map_err(|e| {
-            if let (Some(s), Some(spent)) = (&self.scanner, &record.scan) {
+            if let (Some(s), Some(spent)) = (&self.scanner, record.scan) {
                 s.unspend(spent);
             }
             ServiceError::from(e)

@@ -203,7 +203,7 @@ impl Gateway {
         snapshot: Option<Card>,
         now_ms: i64,
     ) -> Decided<'static> {
-        let reversal_id = self.auth_ids.next();
+        let reversal_id = String::from(self.auth_ids.next());
         let given_back = event.given_back();
         let mut ops = Vec::new();
         if event.status == ReverseStatus::UnknownEvent {
@@ -228,7 +228,7 @@ impl Gateway {
         let mut record = reversal_record(terminal, req, event, reversal_id, now_ms);
         record.split = split;
         Decided {
-            record,
+            record: record.into(),
             answer,
             remember: Remember::Answer,
             ops,

@@ -111,9 +111,17 @@ pub fn decode(bytes: &[u8]) -> Option<Card> {
         .map(|r| Card::from(&r))
 }
 
+/// A card record as stored (JSON), written into a buffer sized for a card
+/// that rides: `to_vec` would start at 128 bytes and grow on every tap.
 pub fn encode(card: &Card) -> Vec<u8> {
-    serde_json::to_vec(&CardRecord::from(card)).expect("a card record always serializes")
+    let mut v = Vec::with_capacity(CARD_RECORD_BYTES_TYPICAL);
+    serde_json::to_writer(&mut v, &CardRecord::from(card))
+        .expect("a card record always serializes");
+    v
 }
+
+/// A transit card's record with its journey and caps is some 250 bytes.
+const CARD_RECORD_BYTES_TYPICAL: usize = 384;
 
 /// Cards decoded per batch handed to the inserting thread at start, and
 /// batches in flight between the two (bounded: the reader waits).

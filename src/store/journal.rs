@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use onecard_core::model::CARD_NO_LEN_MAX;
 use onecard_core::record::DecisionRecord;
 use onecard_core::window::{first_of, Ring};
 use parking_lot::{Mutex, RwLock};
@@ -35,14 +36,18 @@ use super::durable::{Commit, CommitError, CommitFigures, Durable, Expired, Fault
 use super::{decode_u64, idem, meta, Cf, Store, StoreError};
 use crate::config::Durability;
 
-/// The `card_tx` key of a card's record: card_no, 0x00, sequence.
-pub fn card_tx_key(card_no: &str, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(card_no.len() + 9);
+/// The `card_tx` key of a card's record: card_no, 0x00, sequence. On the
+/// stack for any valid card number (the writer makes one per record).
+pub fn card_tx_key(card_no: &str, seq: u64) -> CardTxKey {
+    let mut k = CardTxKey::new();
     k.extend_from_slice(card_no.as_bytes());
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
+
+/// A `card_tx` key: inline up to the longest card number.
+pub type CardTxKey = smallvec::SmallVec<[u8; CARD_NO_LEN_MAX + 9]>;
 
 /// Reads up to `n` decision records from `from` on, with their sequence
 /// numbers: what follows the journal (settlement, the rollout report)
@@ -368,6 +373,9 @@ impl Writer {
         let _guard = PanicGuard(self.failed.clone());
         let mut carry: Option<Item> = None;
         let mut stopping = false;
+        // Reused from group to group: no allocation per commit.
+        let mut group = Vec::with_capacity(self.batch_events_max);
+        let mut seqs = Vec::with_capacity(self.batch_events_max);
         loop {
             let item = match carry.take() {
                 Some(item) => item,
@@ -396,7 +404,7 @@ impl Writer {
                     // The group's first commit is its oldest (the queue
                     // is in order): its wait is what the gauge shows.
                     self.watch.busy_since(queued);
-                    let mut group = vec![(commit, reply)];
+                    group.push((commit, reply));
                     while group.len() < self.batch_events_max {
                         match self.rx.try_recv() {
                             Ok(Item::Commit(c, r, _)) => group.push((c, r)),
@@ -407,7 +415,7 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    self.write_group(group);
+                    self.write_group(&mut group, &mut seqs);
                     self.watch.idle();
                 }
             }
@@ -423,9 +431,12 @@ impl Writer {
         wo
     }
 
-    fn write_group(&self, group: Vec<(Commit, Reply)>) {
+    /// Writes `group` as one batch and answers each commit; leaves both
+    /// vectors empty, for the next group.
+    fn write_group(&self, group: &mut Vec<(Commit, Reply)>, seqs: &mut Vec<Option<u64>>) {
+        seqs.clear();
         if self.failed.get().is_some() {
-            for (_, reply) in group {
+            for (_, reply) in group.drain(..) {
                 let _ = reply.send(Err(CommitError::Failed));
             }
             return;
@@ -433,9 +444,8 @@ impl Writer {
         let first_seq = self.next_seq.load(Ordering::Acquire);
         let mut seq = first_seq;
         let mut batch = WriteBatch::default();
-        let mut seqs = Vec::with_capacity(group.len());
         let mut records = 0u64;
-        for (commit, _) in &group {
+        for (commit, _) in group.iter() {
             let first = commit
                 .record
                 .as_deref()
@@ -469,7 +479,7 @@ impl Writer {
                 self.next_seq.store(seq, Ordering::Release);
                 metrics::counter!("onecard_journal_records_total").increment(records);
                 metrics::gauge!("onecard_journal_last_seq").set((seq - 1) as f64);
-                for ((_, reply), s) in group.into_iter().zip(seqs) {
+                for ((_, reply), s) in group.drain(..).zip(seqs.drain(..)) {
                     let _ = reply.send(Ok(s));
                 }
             }
@@ -478,7 +488,7 @@ impl Writer {
                 tracing::error!(error = %e, first_seq, fault = fault.label(), "journal: write failed; refusing further writes until a restart");
                 self.failed.set(fault);
                 metrics::counter!("onecard_journal_failures_total").increment(1);
-                for (_, reply) in group {
+                for (_, reply) in group.drain(..) {
                     let _ = reply.send(Err(CommitError::Failed));
                 }
             }

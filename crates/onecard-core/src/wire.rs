@@ -5,8 +5,6 @@
 //! quote the offending value, and a quoted card number in an error body would
 //! leak it. Every message here names the field and the rule, never the value.
 
-use std::fmt::Write as _;
-
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -156,23 +154,19 @@ impl AuthorizeRequest {
             }
         }
         field(self.scenario.as_str());
-        let mut amount = String::new();
-        if let Some(a) = self.amount_fen {
-            let _ = write!(amount, "{a}");
-        }
-        field(&amount);
+        // Numbers in decimal, as `Display` writes them, on the stack: no
+        // allocation on the hot path.
+        let mut digits = itoa::Buffer::new();
+        field(self.amount_fen.map_or("", |a| digits.format(a)));
         field(self.site.as_deref().unwrap_or("\u{0}"));
         field(self.occurred_at.as_deref().unwrap_or("\u{0}"));
         // Later fields only when present: the fingerprint of a request
         // without them is what it was before they existed, so a retry
         // across an upgrade still replays.
-        let mut n = String::new();
         for (name, v) in [("stops", self.stops), ("zones", self.zones)] {
             if let Some(v) = v {
-                n.clear();
-                let _ = write!(n, "{v}");
                 field(name);
-                field(&n);
+                field(digits.format(v));
             }
         }
         if let Some(b) = &self.bill_ref {
@@ -914,6 +908,30 @@ mod tests {
                 err.0
             );
         }
+    }
+
+    /// The fingerprint is stored with every remembered answer: a change to
+    /// how it is computed would turn every retry across an upgrade into a
+    /// `409`. This is its definition, written out the slow way.
+    #[test]
+    fn fingerprint_is_the_fields_joined_and_hashed() {
+        let r = parse_authorize(with("stops", "7").as_bytes()).unwrap();
+        let joined = format!(
+            "{}\x1ftap\x1f{}\x1f{}\x1f{}\x1f{}\x1f{}\x1fstops\x1f{}\x1f",
+            "bus-0042-000000123",
+            "500118A12345678",
+            "transit",
+            200,
+            "line-12",
+            "2026-11-28T07:45:12Z",
+            7
+        );
+        let want: [u8; 32] = Sha256::digest(joined.as_bytes()).into();
+        assert_eq!(r.fingerprint(), want);
+        let no_amount = parse_authorize(with("amount_fen", "<remove>").as_bytes()).unwrap();
+        let joined = "bus-0042-000000123\x1ftap\x1f500118A12345678\x1ftransit\x1f\x1fline-12\x1f2026-11-28T07:45:12Z\x1f";
+        let want: [u8; 32] = Sha256::digest(joined.as_bytes()).into();
+        assert_eq!(no_amount.fingerprint(), want);
     }
 
     #[test]
