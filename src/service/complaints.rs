@@ -23,7 +23,7 @@ use crate::service::gateway::Gateway;
 use crate::service::hotline::Window;
 use crate::store::complaints::{self as kept, Closing, Complaint, Step, TxRef, LISTED_MAX};
 use crate::store::durable::{Commit, Op};
-use crate::store::Cf;
+use crate::store::{Cf, Store};
 
 /// What a resident says, as written down: 1 to 500 characters.
 pub const SAYS_CHARS_MAX: usize = 500;
@@ -207,7 +207,7 @@ impl Gateway {
         metrics::counter!("onecard_complaints_total", "category" => f.category.as_str())
             .increment(1);
         tracing::info!(complaint = %id, card = %f.card_no, unit = %unit, who = %actor.name, "complaint filed");
-        self.count_open_complaints()?;
+        self.count_open_complaints().await?;
         self.viewed(c, true).await
     }
 
@@ -323,7 +323,7 @@ impl Gateway {
         metrics::counter!("onecard_complaints_closed_total", "outcome" => input.outcome.as_str())
             .increment(1);
         tracing::info!(complaint = %id, outcome = %input.outcome, who = %actor.name, "complaint closed");
-        self.count_open_complaints()?;
+        self.count_open_complaints().await?;
         self.viewed(c, true).await
     }
 
@@ -373,8 +373,11 @@ impl Gateway {
                             detail: format!("record {} of a complaint is missing", t.seq),
                         })
                     })?;
-                let (settlement, batch) =
-                    tokio::task::block_in_place(|| self.settlement_of(t.seq, &record))?;
+                let (settlement, batch) = self
+                    .settlement_of(&[(t.seq, &record)])
+                    .await?
+                    .pop()
+                    .expect("one state per record");
                 let card = CardNo::parse(c.card_no.as_str()).map_err(|_| {
                     ServiceError::invalid("the complaint's card number is not valid")
                 })?;
@@ -434,7 +437,7 @@ impl Gateway {
             })
             .collect();
         complaints.sort_by_key(|c| std::cmp::Reverse(c.age_hours));
-        self.count_open_complaints()?;
+        self.count_open_complaints().await?;
         let mut by_unit: Vec<UnitOpen> = self
             .complaints_open
             .iter()
@@ -455,10 +458,13 @@ impl Gateway {
         })
     }
 
-    /// [`Gateway::count_open_complaints_blocking`] from async code.
-    fn count_open_complaints(&self) -> Result<(), ServiceError> {
-        tokio::task::block_in_place(|| self.count_open_complaints_blocking())
-            .map_err(ServiceError::from)
+    /// [`Gateway::count_open_complaints_blocking`] from async code: the
+    /// open complaints read on the blocking pool.
+    async fn count_open_complaints(&self) -> Result<(), ServiceError> {
+        let store = self.store.clone();
+        let open = crate::store::blocking(move || open_complaints(&store)).await?;
+        self.set_open_counts(&open);
+        Ok(())
     }
 
     /// Counts the open complaints per unit into the gauges
@@ -466,7 +472,11 @@ impl Gateway {
     /// `onecard_complaints_oldest_open_time_seconds{unit}`. At start and
     /// after every filing and closing: complaints are few. Reads the disk.
     pub fn count_open_complaints_blocking(&self) -> Result<(), crate::store::StoreError> {
-        let open = kept::all_where(&self.store, LISTED_MAX, |c| c.state == ComplaintState::Open)?;
+        self.set_open_counts(&open_complaints(&self.store)?);
+        Ok(())
+    }
+
+    fn set_open_counts(&self, open: &[Complaint]) {
         let mut counts: std::collections::BTreeMap<String, (u64, i64)> = self
             .config
             .catalogue
@@ -474,7 +484,7 @@ impl Gateway {
             .into_iter()
             .map(|u| (u.to_owned(), (0, i64::MAX)))
             .collect();
-        for c in &open {
+        for c in open {
             let e = counts.entry(c.unit.clone()).or_insert((0, i64::MAX));
             e.0 += 1;
             e.1 = e.1.min(c.filed_ms);
@@ -486,8 +496,12 @@ impl Gateway {
                 .set(at);
             self.complaints_open.insert(unit, (n, oldest));
         }
-        Ok(())
     }
+}
+
+/// The open complaints (at most [`LISTED_MAX`]). Blocks on the store.
+fn open_complaints(store: &Store) -> Result<Vec<Complaint>, crate::store::StoreError> {
+    kept::all_where(store, LISTED_MAX, |c| c.state == ComplaintState::Open)
 }
 
 impl Actor {

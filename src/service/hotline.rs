@@ -162,9 +162,11 @@ impl Gateway {
             found.truncate(w.limit);
             more = true;
         }
+        let asked: Vec<(u64, &DecisionRecord)> =
+            found.iter().map(|(seq, _, r)| (*seq, r)).collect();
+        let settlements = self.settlement_of(&asked).await?;
         let mut transactions = Vec::with_capacity(found.len());
-        for (seq, card, r) in found {
-            let settlement = self.settlement_state(seq, &r).map_err(ServiceError::from)?;
+        for ((seq, card, r), (settlement, _)) in found.into_iter().zip(settlements) {
             transactions.push(Transaction {
                 seq,
                 at_ms: r.at_ms,
@@ -259,56 +261,81 @@ impl Gateway {
         crate::store::blocking(move || card_records(&store, &card, w)).await
     }
 
-    /// Where journal record `seq` stands in settlement.
-    fn settlement_state(&self, seq: u64, r: &DecisionRecord) -> Result<&'static str, StoreError> {
-        self.settlement_of(seq, r).map(|(state, _)| state)
+    /// Where each journal record (`seq`, record) stands in settlement,
+    /// with the id of the stored batch that holds it (sent or parked). The
+    /// sinks' cursors and batches are read on the blocking pool: they may
+    /// wait for the disk, and an async worker is not held by it (nor handed
+    /// over, as `block_in_place` would, starting a new worker thread).
+    pub(crate) async fn settlement_of(
+        &self,
+        records: &[(u64, &DecisionRecord)],
+    ) -> Result<Vec<(&'static str, Option<String>)>, StoreError> {
+        let asked: Vec<(u64, Result<String, &'static str>)> = records
+            .iter()
+            .map(|(seq, r)| (*seq, self.settling_sink(r).map(str::to_owned)))
+            .collect();
+        let store = self.store.clone();
+        crate::store::blocking(move || {
+            asked
+                .into_iter()
+                .map(|(seq, sink)| match sink {
+                    Ok(sink) => settled_by(&store, &sink, seq),
+                    Err(state) => Ok((state, None)),
+                })
+                .collect()
+        })
+        .await
     }
 
-    /// Where journal record `seq` stands in settlement, and the id of the
-    /// stored batch that holds it (sent or parked).
-    pub(crate) fn settlement_of(
-        &self,
-        seq: u64,
-        r: &DecisionRecord,
-    ) -> Result<(&'static str, Option<String>), StoreError> {
+    /// The sink that settles `r`: its scenario's, and of those the one
+    /// whose cards it is (a partner region's card goes to the partner's
+    /// sink, not the first that names the scenario). Or, where no sink
+    /// takes it, its state: `none` (nothing to settle) or `unsettled` (no
+    /// sink configured for it).
+    fn settling_sink(&self, r: &DecisionRecord) -> Result<&str, &'static str> {
         let settles =
             matches!(r.decision.as_str(), "approve" | "reverse" | "credit") && r.charged_fen > 0;
-        let Some(scenario) = r.scenario.filter(|_| settles) else {
-            return Ok(("none", None));
-        };
-        // The sink settlement gives it to: its scenario's, and of those the
-        // one whose cards it is (a partner region's card goes to the
-        // partner's sink, not the first that names the scenario).
-        let sink = self.config.settlement.sinks.iter().find(|s| {
-            s.scenario_list().is_ok_and(|l| l.contains(&scenario))
-                && onecard_core::settle::batch::Cards::of(&self.policy.regions, &s.partners)
-                    .takes(&r.card_no)
-        });
-        let Some(sink) = sink else {
-            return Ok(("unsettled", None));
-        };
-        // The durable cursor: it moves in the same write that stores a
-        // sealed batch, so a record before it is in a stored batch (sent or
-        // parked) or acknowledged, or was a charge withdrawn with its
-        // reversal before its batch sealed (then the receiver saw neither,
-        // and this says "acknowledged" of a net of nothing); one after it
-        // is still waiting (maybe in the open batch, read ahead of the
-        // durable cursor).
-        let cursor = self
-            .store
-            .get_u64(Cf::Settle, &settle::cursor_key(&sink.name))?
-            .unwrap_or(0);
-        if seq >= cursor {
-            return Ok(("pending", None));
-        }
-        if let Some(b) = settle::holding(&self.store, &settle::batch_prefix(&sink.name), seq)? {
-            return Ok(("sent", Some(b.id)));
-        }
-        if let Some(b) = settle::holding(&self.store, &settle::parked_prefix(&sink.name), seq)? {
-            return Ok(("parked", Some(b.id)));
-        }
-        Ok(("acknowledged", None))
+        let scenario = r.scenario.filter(|_| settles).ok_or("none")?;
+        self.config
+            .settlement
+            .sinks
+            .iter()
+            .find(|s| {
+                s.scenario_list().is_ok_and(|l| l.contains(&scenario))
+                    && onecard_core::settle::batch::Cards::of(&self.policy.regions, &s.partners)
+                        .takes(&r.card_no)
+            })
+            .map(|s| s.name.as_str())
+            .ok_or("unsettled")
     }
+}
+
+/// Where journal record `seq` stands at `sink`, and the stored batch that
+/// holds it. Blocks on the store.
+fn settled_by(
+    store: &Store,
+    sink: &str,
+    seq: u64,
+) -> Result<(&'static str, Option<String>), StoreError> {
+    // The durable cursor: it moves in the same write that stores a sealed
+    // batch, so a record before it is in a stored batch (sent or parked)
+    // or acknowledged, or was a charge withdrawn with its reversal before
+    // its batch sealed (then the receiver saw neither, and this says
+    // "acknowledged" of a net of nothing); one after it is still waiting
+    // (maybe in the open batch, read ahead of the durable cursor).
+    let cursor = store
+        .get_u64(Cf::Settle, &settle::cursor_key(sink))?
+        .unwrap_or(0);
+    if seq >= cursor {
+        return Ok(("pending", None));
+    }
+    if let Some(b) = settle::holding(store, &settle::batch_prefix(sink), seq)? {
+        return Ok(("sent", Some(b.id)));
+    }
+    if let Some(b) = settle::holding(store, &settle::parked_prefix(sink), seq)? {
+        return Ok(("parked", Some(b.id)));
+    }
+    Ok(("acknowledged", None))
 }
 
 /// One card's records in the window, newest first, at most `w.limit`, and
