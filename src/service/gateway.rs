@@ -51,6 +51,12 @@ impl AuthIds {
     /// Cluster mode: every node counts its own boots, so its name goes
     /// in front.
     pub fn on_node(node: &str, boot: u64) -> AuthIds {
+        // The config allows at most 32: checked here too, so that a name
+        // that got past it fails at start, not at the first decision.
+        assert!(
+            node.len() + 1 + 20 <= AUTH_ID_LEN_MAX,
+            "a node name longer than 32 bytes"
+        );
         AuthIds {
             node: Some(node.into()),
             ..AuthIds::new(boot)

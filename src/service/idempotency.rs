@@ -41,9 +41,12 @@ pub enum Lookup {
 
 /// Keys being decided, by a keyed hash of the key: a request holds its
 /// key's hash, and a copy finds it held and waits on the hash's stripe.
-/// Nothing is allocated per request. Two keys that share a hash (one in
-/// 2^64, and the hash's key is random per process) only make the second
-/// wait for the first to finish, which is what a copy would do anyway.
+/// Nothing is allocated per request. Two keys that share a hash are
+/// treated as one: the second waits for the first to finish, as a copy
+/// would. The hash is SipHash with a key drawn at each start, so a
+/// terminal cannot aim for a collision, and a given pair collides with
+/// odds of 2^-64. (A request that holds two keys, a reversal or a hold
+/// step, would wait for itself on such a pair until its client gave up.)
 struct Table {
     held: DashMap<u64, ()>,
     /// Woken when a hash of their stripe is let go; a waiter looks again.

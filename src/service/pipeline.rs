@@ -94,8 +94,9 @@ pub(crate) enum Record<'a> {
     /// event).
     Owned(DecisionRecord),
     /// A tap's or a scan's: its text borrowed from the request and the
-    /// terminal's name, its id inline (the view's `auth_id` is not read),
-    /// so the record costs no heap allocation of its own.
+    /// terminal's name, its id inline, so the record costs no heap
+    /// allocation of its own. The view's `auth_id` is left empty: read the
+    /// record only through [`Record::view`], which puts `auth_id` in.
     Borrowed {
         view: RecordView<'a>,
         auth_id: AuthId,

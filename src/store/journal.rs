@@ -373,9 +373,11 @@ impl Writer {
         let _guard = PanicGuard(self.failed.clone());
         let mut carry: Option<Item> = None;
         let mut stopping = false;
-        // Reused from group to group: no allocation per commit.
-        let mut group = Vec::with_capacity(self.batch_events_max);
-        let mut seqs = Vec::with_capacity(self.batch_events_max);
+        // Reused from group to group: no allocation per commit. (Sized
+        // for a usual group; a larger one grows them once.)
+        let usual = self.batch_events_max.min(1024);
+        let mut group = Vec::with_capacity(usual);
+        let mut seqs = Vec::with_capacity(usual);
         loop {
             let item = match carry.take() {
                 Some(item) => item,
