@@ -4,6 +4,7 @@ use std::hash::BuildHasher;
 
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use onecard_core::model::{Card, CardNo, CardStatus, Concession, Function, Health, TransitState};
 
@@ -18,8 +19,10 @@ pub const CARD_LOCK_STRIPES: usize = 4_096;
 #[serde(deny_unknown_fields)]
 pub struct CardRecord {
     pub status: CardStatus,
-    pub functions: Vec<Function>,
-    pub concessions: Vec<Concession>,
+    /// Inline: there are 7 functions and 5 concessions, so encoding a
+    /// card on every tap allocates no list.
+    pub functions: SmallVec<[Function; 7]>,
+    pub concessions: SmallVec<[Concession; 5]>,
     pub spent_day: i32,
     pub spent_fen: i64,
     /// Transit state (last boarding, journey, fare caps); absent until
@@ -53,8 +56,16 @@ impl From<&Card> for CardRecord {
     fn from(c: &Card) -> CardRecord {
         CardRecord {
             status: c.status,
-            functions: c.function_list(),
-            concessions: c.concession_list(),
+            functions: Function::ALL
+                .iter()
+                .copied()
+                .filter(|f| c.has_function(*f))
+                .collect(),
+            concessions: Concession::ALL
+                .iter()
+                .copied()
+                .filter(|k| c.concessions.contains(k.bit()))
+                .collect(),
             spent_day: c.spent_day,
             spent_fen: c.spent_fen,
             transit: (c.transit != TransitState::default()).then_some(c.transit),
@@ -259,6 +270,21 @@ impl Default for CardTable {
 mod tests {
     use super::*;
     use onecard_core::model::HealthColour;
+
+    #[test]
+    fn the_lists_are_written_as_before() {
+        let card = Card::new(
+            CardStatus::Active,
+            &Function::ALL,
+            &[Concession::Student, Concession::Elderly],
+        );
+        // Every function and two concessions, in their declared order, as
+        // the `Vec`s before the lists were inline wrote them.
+        assert_eq!(
+            String::from_utf8(encode(&card)).unwrap(),
+            r#"{"status":"active","functions":["transit","medical","financial","culture","access","identity","health"],"concessions":["elderly","student"],"spent_day":0,"spent_fen":0}"#
+        );
+    }
 
     #[test]
     fn a_record_keeps_transit_visits_and_health_and_old_records_decode() {

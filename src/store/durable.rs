@@ -22,6 +22,8 @@
 //! - **Fail closed**: after a failed write, every later submission is
 //!   refused ([`CommitError::Failed`]) until a restart.
 
+use onecard_core::model::CARD_NO_LEN_MAX;
+use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
 use super::Cf;
@@ -47,7 +49,7 @@ pub struct Commit {
     pub hold_until_written: Option<Box<dyn Send>>,
     /// The card the record is about: the writer indexes the record's
     /// sequence number under it (`card_tx`), for the hotline's look-up.
-    pub card: Option<Box<str>>,
+    pub card: Option<CommitCard>,
     /// Further decision records, each with its card, numbered after
     /// `record` in this order and written in the same batch: a
     /// disbursement batch is all its credits or none of them, whatever
@@ -58,6 +60,25 @@ pub struct Commit {
     /// (a venue's count). One node's journal orders everything already
     /// and ignores them.
     pub fences: Vec<Fence>,
+}
+
+/// A commit's card number, inline up to the longest valid one (longer
+/// spills to the heap): every tap's commit names its card, and copying it
+/// into a box of its own was an allocation per decision.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CommitCard(SmallVec<[u8; CARD_NO_LEN_MAX]>);
+
+impl From<&str> for CommitCard {
+    fn from(card: &str) -> CommitCard {
+        CommitCard(SmallVec::from_slice(card.as_bytes()))
+    }
+}
+
+impl std::ops::Deref for CommitCard {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("made from a str")
+    }
 }
 
 /// Something besides the card a decision read, which another node could
