@@ -16,7 +16,7 @@ use onecard_core::wire::{AuthorizeAnswer, AuthorizeRequest, Credential};
 
 use crate::service::credential::Resolved;
 use crate::service::error::ServiceError;
-use crate::service::gateway::Gateway;
+use crate::service::gateway::{AuthId, Gateway};
 use crate::service::pipeline::{Begun, Decided, Record, Remember};
 use crate::store::venues::Count;
 use crate::store::{idem, profiles};
@@ -67,6 +67,9 @@ impl Gateway {
         let gathered = self.gather(terminal, req, &resolved).await?;
         let reversed = ticket.reversed;
         let card = resolved.card.as_deref();
+        // Made here, not in the decision step, so that the record can
+        // borrow it like the request's fields.
+        let auth_id = self.auth_ids.next();
         let committed = self
             .decide_and_commit(ticket, card, now_ms, |snapshot| {
                 let outcome = match (card, resolved.early) {
@@ -82,12 +85,12 @@ impl Gateway {
                             amount_fen,
                         };
                         return self.decide_authorize(
-                            terminal, req, event, snapshot, gathered, &resolved, now_ms,
+                            terminal, req, &auth_id, event, snapshot, gathered, &resolved, now_ms,
                         );
                     }
                 };
                 Ok(self.authorized(
-                    terminal, req, &resolved, outcome, None, &gathered, snapshot, now_ms,
+                    terminal, req, &auth_id, &resolved, outcome, None, &gathered, snapshot, now_ms,
                 ))
             })
             .await?;
@@ -152,6 +155,7 @@ impl Gateway {
         &'g self,
         terminal: &'g str,
         req: &'g AuthorizeRequest,
+        auth_id: &'g AuthId,
         event: Event<'_>,
         snapshot: Option<Card>,
         mut gathered: Gathered<'_>,
@@ -188,6 +192,7 @@ impl Gateway {
         Ok(self.authorized(
             terminal,
             req,
+            auth_id,
             resolved,
             outcome,
             venue_after,
@@ -204,6 +209,7 @@ impl Gateway {
         &self,
         terminal: &'g str,
         req: &'g AuthorizeRequest,
+        auth_id: &'g AuthId,
         resolved: &'g Resolved<'_>,
         outcome: Outcome,
         venue_after: Option<(parking_lot::MutexGuard<'g, Count>, String, Count)>,
@@ -212,10 +218,9 @@ impl Gateway {
         now_ms: i64,
     ) -> Decided<'g> {
         let d = outcome.decision;
-        let auth_id = self.auth_ids.next();
         let card_no = resolved.card.as_deref();
         let approved_card = outcome.card_after.or(snapshot).filter(|_| d.is_approve());
-        let answer = authorize_answer(req, &auth_id, &outcome, card_no, approved_card, gathered);
+        let answer = authorize_answer(req, auth_id, &outcome, card_no, approved_card, gathered);
         if !d.is_approve() {
             if let Some(card) = card_no {
                 tracing::debug!(card = %card, reason = d.reason().code(), "declined");
@@ -225,7 +230,7 @@ impl Gateway {
             at_ms: now_ms,
             terminal,
             event_id: &req.event_id,
-            auth_id: "",
+            auth_id: auth_id.as_str(),
             kind: req.kind(),
             card_no: card_no.map_or("", |c| c.as_str()),
             scenario: Some(req.scenario),
@@ -245,7 +250,7 @@ impl Gateway {
             hold_event_id: None,
         };
         Decided {
-            record: Record::Borrowed { view, auth_id },
+            record: Record::Borrowed(view),
             answer,
             remember: Remember::Event {
                 approved: d.is_approve(),

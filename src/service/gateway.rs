@@ -11,6 +11,7 @@ use std::sync::Arc;
 use onecard_core::authz::Policy;
 use onecard_core::model::{Card, CardNo};
 use onecard_core::time::Clock;
+use smallvec::SmallVec;
 
 use crate::config::Config;
 use crate::service::credential;
@@ -51,12 +52,6 @@ impl AuthIds {
     /// Cluster mode: every node counts its own boots, so its name goes
     /// in front.
     pub fn on_node(node: &str, boot: u64) -> AuthIds {
-        // The config allows at most 32: checked here too, so that a name
-        // that got past it fails at start, not at the first decision.
-        assert!(
-            node.len() + 1 + 20 <= AUTH_ID_LEN_MAX,
-            "a node name longer than 32 bytes"
-        );
         AuthIds {
             node: Some(node.into()),
             ..AuthIds::new(boot)
@@ -65,15 +60,11 @@ impl AuthIds {
     pub fn next(&self) -> AuthId {
         use std::fmt::Write as _;
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut id = AuthId {
-            len: 0,
-            bytes: [0; AUTH_ID_LEN_MAX],
-        };
+        let mut id = AuthId(SmallVec::new());
         if let Some(node) = &self.node {
-            id.push(node);
-            id.push("-");
+            write!(id, "{node}-").expect("writing to memory");
         }
-        write!(id, "{:08x}{:012x}", self.boot & 0xffff_ffff, n).expect("an id fits its buffer");
+        write!(id, "{:08x}{:012x}", self.boot & 0xffff_ffff, n).expect("writing to memory");
         id
     }
 }
@@ -82,36 +73,21 @@ impl AuthIds {
 /// checks), a dash, 20 hex digits.
 const AUTH_ID_LEN_MAX: usize = 32 + 1 + 20;
 
-/// An authorization id, kept inline: every decision makes one, and a tap's
-/// goes into its answer, its record and its remembered answer without a
-/// heap allocation of its own.
-#[derive(Clone, Copy)]
-pub struct AuthId {
-    len: u8,
-    bytes: [u8; AUTH_ID_LEN_MAX],
-}
+/// An authorization id, kept inline (any the config allows fits): every
+/// decision makes one, and a tap's goes into its answer, its record and
+/// its remembered answer without a heap allocation of its own.
+#[derive(Clone)]
+pub struct AuthId(SmallVec<[u8; AUTH_ID_LEN_MAX]>);
 
 impl AuthId {
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)])
-            .expect("only whole strs are pushed")
-    }
-
-    fn push(&mut self, s: &str) {
-        let at = usize::from(self.len);
-        let end = at + s.len();
-        assert!(
-            end <= AUTH_ID_LEN_MAX,
-            "an authorization id outgrew its buffer"
-        );
-        self.bytes[at..end].copy_from_slice(s.as_bytes());
-        self.len = end as u8;
+        std::str::from_utf8(&self.0).expect("only strs are written")
     }
 }
 
 impl std::fmt::Write for AuthId {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.push(s);
+        self.0.extend_from_slice(s.as_bytes());
         Ok(())
     }
 }

@@ -34,7 +34,7 @@ use onecard_core::wire::Credential;
 
 use crate::service::credential::{self, Resolved};
 use crate::service::error::ServiceError;
-use crate::service::gateway::{AuthId, Gateway};
+use crate::service::gateway::Gateway;
 use crate::service::idempotency::{InFlight, Lookup};
 use crate::service::timing::{self, Phase};
 use crate::store::durable::{Commit, CommitError, Fence, Op, Pending};
@@ -93,24 +93,17 @@ pub(crate) enum Record<'a> {
     /// Built whole by the path (a reversal, a hold's step, an offline
     /// event).
     Owned(DecisionRecord),
-    /// A tap's or a scan's: its text borrowed from the request and the
-    /// terminal's name, its id inline, so the record costs no heap
-    /// allocation of its own. The view's `auth_id` is left empty: read the
-    /// record only through [`Record::view`], which puts `auth_id` in.
-    Borrowed {
-        view: RecordView<'a>,
-        auth_id: AuthId,
-    },
+    /// A tap's or a scan's: borrowed from the request, the terminal's name
+    /// and its inline id, so the record costs no heap allocation of its
+    /// own.
+    Borrowed(RecordView<'a>),
 }
 
 impl Record<'_> {
     pub fn view(&self) -> RecordView<'_> {
         match self {
             Record::Owned(record) => record.view(),
-            Record::Borrowed { view, auth_id } => RecordView {
-                auth_id: auth_id.as_str(),
-                ..*view
-            },
+            Record::Borrowed(view) => *view,
         }
     }
 }

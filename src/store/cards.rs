@@ -56,16 +56,8 @@ impl From<&Card> for CardRecord {
     fn from(c: &Card) -> CardRecord {
         CardRecord {
             status: c.status,
-            functions: Function::ALL
-                .iter()
-                .copied()
-                .filter(|f| c.has_function(*f))
-                .collect(),
-            concessions: Concession::ALL
-                .iter()
-                .copied()
-                .filter(|k| c.concessions.contains(k.bit()))
-                .collect(),
+            functions: c.function_iter().collect(),
+            concessions: c.concession_iter().collect(),
             spent_day: c.spent_day,
             spent_fen: c.spent_fen,
             transit: (c.transit != TransitState::default()).then_some(c.transit),

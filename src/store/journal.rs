@@ -433,8 +433,8 @@ impl Writer {
         wo
     }
 
-    /// Writes `group` as one batch and answers each commit; leaves both
-    /// vectors empty, for the next group.
+    /// Writes `group` as one batch and answers each commit, leaving
+    /// `group` empty for the next one; `seqs` is scratch, cleared here.
     fn write_group(&self, group: &mut Vec<(Commit, Reply)>, seqs: &mut Vec<Option<u64>>) {
         seqs.clear();
         if self.failed.get().is_some() {

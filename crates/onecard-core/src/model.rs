@@ -393,20 +393,28 @@ impl Card {
         self.functions.contains(f.bit())
     }
 
-    pub fn function_list(&self) -> Vec<Function> {
+    /// The card's functions, in their declared order.
+    pub fn function_iter(&self) -> impl Iterator<Item = Function> + '_ {
         Function::ALL
             .iter()
             .copied()
             .filter(|f| self.has_function(*f))
-            .collect()
     }
 
-    pub fn concession_list(&self) -> Vec<Concession> {
+    /// The card's concessions, in their declared order.
+    pub fn concession_iter(&self) -> impl Iterator<Item = Concession> + '_ {
         Concession::ALL
             .iter()
             .copied()
             .filter(|c| self.concessions.contains(c.bit()))
-            .collect()
+    }
+
+    pub fn function_list(&self) -> Vec<Function> {
+        self.function_iter().collect()
+    }
+
+    pub fn concession_list(&self) -> Vec<Concession> {
+        self.concession_iter().collect()
     }
 
     /// The card with `fen` given back to the spend of `day`, if the counter
